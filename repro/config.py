@@ -1,0 +1,266 @@
+"""Typed config in the official LightningDiT YAML schema, defaults in one place.
+
+Official configs (hustvl/LightningDiT `configs/*.yaml`) load unchanged: every
+section is a dataclass whose fields are the upstream keys, plus a few of the
+kit's own (marked "kit:"). Unknown keys and wrong types raise a ConfigError that
+names the key and the nearest valid one (after nanoGPT's configurator.py).
+
+    cfg = load_config("configs/lightningdit_xl_800ep.yaml", overrides=["sample.cfg_scale=4.0"])
+    cfg.sample.cfg_scale            # 4.0
+    save_config(cfg, "runs/x/config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from repro.errors import ConfigError
+from repro.utils.io import atomic_write_text
+
+
+@dataclass
+class DataConfig:
+    data_path: Optional[str] = None  # folder with latent shards and/or latents_stats.pt
+    fid_reference_file: Optional[str] = None  # ADM reference batch (VIRTUAL_imagenet256_labeled.npz)
+    image_size: int = 256
+    num_classes: int = 1000
+    num_workers: int = 8
+    latent_norm: bool = True
+    latent_multiplier: float = 1.0
+    raw_data_dir: Optional[str] = None  # kit: image folder / tar shards for step 6 extraction
+    stats_subset: int = 10000  # kit: latents used for latents_stats.pt (upstream: 10,000)
+
+
+@dataclass
+class VAEConfig:
+    model_name: str = "vavae_f16d32"
+    downsample_ratio: int = 16
+    ckpt_path: Optional[str] = None  # kit: the VA-VAE weights file
+    ch: int = 128  # kit: base width (128 official; 32 for CPU tests)
+    precision: str = "fp32"  # kit: decode precision: fp32 keeps images within 1 level of upstream
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "LightningDiT-XL/1"
+    use_qknorm: bool = False
+    use_swiglu: bool = True
+    use_rope: bool = True
+    use_rmsnorm: bool = True
+    wo_shift: bool = False
+    in_chans: int = 32
+    use_checkpoint: bool = False  # gradient checkpointing per block (upstream key)
+    class_dropout_prob: float = 0.1  # kit: upstream constructor default
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 80000
+    global_batch_size: int = 1024
+    global_seed: int = 0
+    output_dir: str = "output"
+    exp_name: str = "lightningdit_xl_vavae_f16d32"
+    ckpt: Optional[str] = None  # checkpoint to initialise from (stage 1 continues stage 0)
+    log_every: int = 100
+    ckpt_every: int = 20000
+    resume: bool = True  # kit: resume from the newest complete checkpoint in the run folder
+    micro_batch_size: Optional[int] = None  # kit: per-process batch; None = chosen for the hardware
+    precision: str = "auto"  # kit: auto | fp32 | bf16 | fp16
+    ema_decay: float = 0.9999
+    keep_last: int = 3  # kit: checkpoints kept
+    compile: bool = False  # kit: torch.compile the model
+    sample_every: int = 0  # kit: EMA sample grid every N steps (0 = off)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 2e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    fused: Optional[bool] = None  # kit: fused AdamW (None = when on CUDA)
+    max_grad_norm: Optional[float] = None  # gradient clipping (upstream key; None = off)
+
+
+@dataclass
+class TransportConfig:
+    path_type: str = "Linear"
+    prediction: str = "velocity"
+    loss_weight: Optional[str] = None
+    sample_eps: Optional[float] = None
+    train_eps: Optional[float] = None
+    use_cosine_loss: bool = True
+    use_lognorm: bool = True
+
+
+@dataclass
+class SampleConfig:
+    mode: str = "ODE"
+    sampling_method: str = "euler"
+    atol: float = 1e-6
+    rtol: float = 1e-3
+    reverse: bool = False
+    likelihood: bool = False
+    num_sampling_steps: int = 250
+    cfg_scale: float = 1.0
+    per_proc_batch_size: int = 4
+    fid_num: int = 50000
+    cfg_interval_start: float = 0.0
+    timestep_shift: float = 0.0
+    cfg_channels: Optional[int] = 3  # kit: guided channels; 3 = upstream quirk, null = all
+    precision: str = "auto"  # kit: auto | fp32 | bf16 | fp16
+    seed: int = 0  # kit: global sampling seed
+
+
+@dataclass
+class Config:
+    ckpt_path: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and checking
+
+
+def _nearest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats. Raise naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': expected {_tp_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads '1e-6' as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key '{key}': expected {_tp_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _tp_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if args:
+        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {raw!r}")
+    hints = _type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{full}'{_nearest(str(key), names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "")
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 4.0, true, null, 'text'."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """Apply dotted `key=value` overrides (`sample.cfg_scale=4.0`) in place; returns cfg."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. sample.cfg_scale=4.0)")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        obj: Any = cfg
+        for i, part in enumerate(parts):
+            names = [f.name for f in dataclasses.fields(obj)]
+            full = ".".join(parts[: i + 1])
+            if part not in names:
+                raise ConfigError(f"unknown config key '{full}' in override '{item}'{_nearest(part, names)}")
+            tp = _type_hints(type(obj))[part]
+            if i < len(parts) - 1:
+                if not dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"config key '{full}' is a value, not a section (override '{item}')")
+                obj = getattr(obj, part)
+            else:
+                if dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"config key '{full}' is a section; set one of its keys (override '{item}')")
+                setattr(obj, part, _coerce(_parse_value(text), tp, full))
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (official schema) and apply overrides. `path=None` gives the defaults."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (pass --config with an existing YAML, e.g. configs/tiny.yaml)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    try:
+        cfg = config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    return apply_overrides(cfg, overrides)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config (atomically) so every run records what it ran with."""
+    return atomic_write_text(path, config_to_yaml(cfg))

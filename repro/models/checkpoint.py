@@ -1,0 +1,113 @@
+"""Safe, exact checkpoint loading for LightningDiT (official releases and our training checkpoints).
+
+- `.safetensors` is read directly; `.pt`/`.pth`/`.ckpt` only with `torch.load(weights_only=True)`,
+  so a pickle that would run code is refused, never executed.
+- Official and training checkpoints are a bare state dict or a dict with `ema` (preferred) and/or
+  `model`; DDP's `module.` and torch.compile's `_orig_mod.` prefixes are stripped.
+- Loading is strict: a missing/unexpected key or a shape mismatch raises CheckpointError naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from repro.errors import CheckpointError
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """Read a checkpoint file safely; returns whatever it holds (dict of tensors, or nested dicts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (run `python -m steps.step2_download` or fix the path)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); delete it and download again") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds Python objects that a weights-only load refuses ({str(e).splitlines()[0]}); "
+            "this file is not a plain checkpoint and is not executed. Use the official file or a safetensors export"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({str(e).splitlines()[0][:200]}); delete it and download/save it again"
+        ) from None
+
+
+def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def select_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>", prefer: str = "ema") -> tuple[dict, str]:
+    """Pick the weights inside a checkpoint: `ema` (default) or `model`, else a bare state dict."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a dict with 'ema'/'model'")
+    order = [prefer] + [k for k in ("ema", "model", "state_dict") if k != prefer]
+    for key in order:
+        if key in obj and isinstance(obj[key], dict):
+            return strip_prefixes(obj[key]), key
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if tensors and len(tensors) == len(obj):
+        return strip_prefixes(tensors), "state_dict"
+    raise CheckpointError(
+        f"{path} has neither 'ema' nor 'model' weights and is not a bare state dict (top-level keys: "
+        f"{', '.join(sorted(map(str, obj))[:8])})"
+    )
+
+
+def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> dict[str, torch.Tensor]:
+    """The weights inside `path` (see `select_state_dict`), prefixes stripped."""
+    return select_state_dict(read_checkpoint(path), path, prefer)[0]
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Raise CheckpointError naming missing/unexpected keys or the first shape mismatch."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:5])}"
+                         f"{' ...' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(f"{path} does not match the model: {'; '.join(parts)} "
+                              "(is model.model_type / the config right for this checkpoint?)")
+    for k, v in expected.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{path}: '{k}' has shape {tuple(state_dict[k].shape)} but the model expects {tuple(v.shape)} "
+                "(check model.model_type, model.in_chans, data.image_size / vae.downsample_ratio and num_classes)"
+            )
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, prefer: str = "ema") -> dict[str, Any]:
+    """Load official or training weights into `model` with strict=True. Returns {'path', 'source'}."""
+    state_dict, source = select_state_dict(read_checkpoint(path), path, prefer)
+    check_state_dict(model, state_dict, path)
+    model.load_state_dict(state_dict, strict=True)
+    return {"path": str(path), "source": source}
