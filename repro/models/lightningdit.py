@@ -101,7 +101,8 @@ class VisionRotaryEmbeddingFast(nn.Module):
         return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.freqs_cos + self.rotate_half(x) * self.freqs_sin
+        # Keep q/k in their compute dtype under autocast so SDPA can pick the fused bf16/fp16 kernels.
+        return (x * self.freqs_cos + self.rotate_half(x) * self.freqs_sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -136,6 +137,10 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        # Cached sinusoid frequencies (not in the state dict), so no host-to-device copy per call.
+        half = frequency_embedding_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
@@ -151,7 +156,8 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        args = t[:, None].float() * self.freqs.float()[None]
+        t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, frequency_embedding_size)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
