@@ -8,10 +8,18 @@ names the key and the nearest valid one (after nanoGPT's configurator.py).
     cfg = load_config("configs/lightningdit_xl_800ep.yaml", overrides=["sample.cfg_scale=4.0"])
     cfg.sample.cfg_scale            # 4.0
     save_config(cfg, "runs/x/config.yaml")
+
+Presets may hold `asset:NAME` / `asset-dir:NAME` / `runs:REL` paths and `auto` precision and
+batch sizes; `repro.resolve.resolve_config` (step 3) makes them concrete. A resolved config
+loads back with load_config unchanged, and resolving it again changes nothing.
+Also accepted, because upstream code reads them: train.weight_init, train.resume,
+train.use_checkpoint, train.grad_accum_steps, train.wandb_project (VFM-VAE), data.valid_path,
+optimizer.max_grad_norm, model.learn_sigma, model.use_checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -19,12 +27,18 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
 from repro.errors import ConfigError
 from repro.utils.io import atomic_write_text
+
+
+# Precision names the kit understands; "auto" is resolved from runs/env.json by step 3 (repro.resolve).
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# A per-process batch: a number, or "auto" (chosen for the GPU's memory by step 3).
+Batch = Union[int, Literal["auto"]]
 
 
 @dataclass
@@ -36,6 +50,7 @@ class DataConfig:
     num_workers: int = 8
     latent_norm: bool = True
     latent_multiplier: float = 1.0
+    valid_path: Optional[str] = None  # upstream train.py: latents for a validation loss at each checkpoint
     raw_data_dir: Optional[str] = None  # kit: image folder / tar shards for step 6 extraction
     stats_subset: int = 10000  # kit: latents used for latents_stats.pt (upstream: 10,000)
 
@@ -46,7 +61,7 @@ class VAEConfig:
     downsample_ratio: int = 16
     ckpt_path: Optional[str] = None  # kit: the VA-VAE weights file
     ch: int = 128  # kit: base width (128 official; 32 for CPU tests)
-    precision: str = "fp32"  # kit: decode precision: fp32 keeps images within 1 level of upstream
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # kit: decode precision: fp32 keeps images within 1 level of upstream
 
 
 @dataclass
@@ -60,6 +75,7 @@ class ModelConfig:
     in_chans: int = 32
     use_checkpoint: bool = False  # gradient checkpointing per block (upstream key)
     class_dropout_prob: float = 0.1  # kit: upstream constructor default
+    learn_sigma: bool = False  # upstream inference.py key (flow matching predicts velocity only)
 
 
 @dataclass
@@ -72,13 +88,21 @@ class TrainConfig:
     ckpt: Optional[str] = None  # checkpoint to initialise from (stage 1 continues stage 0)
     log_every: int = 100
     ckpt_every: int = 20000
-    resume: bool = True  # kit: resume from the newest complete checkpoint in the run folder
-    micro_batch_size: Optional[int] = None  # kit: per-process batch; None = chosen for the hardware
-    precision: str = "auto"  # kit: auto | fp32 | bf16 | fp16
+    resume: bool = True  # resume from the newest complete checkpoint (upstream key, upstream default false)
+    weight_init: Optional[str] = None  # upstream train.py: pretrained weights to start from (not a resume)
+    use_checkpoint: bool = True  # upstream train.py reads and logs it (VFM-VAE: save checkpoints); see model.use_checkpoint
+    grad_accum_steps: int = 1  # VFM-VAE train.py: global batch = micro batch x processes x this
+    wandb_project: Optional[str] = "lightningdit"  # VFM-VAE key; the kit logs to files and ignores it
+    micro_batch_size: Optional[Batch] = None  # kit: per-process batch; None or "auto" = chosen for the hardware
+    precision: Precision = "auto"  # kit: auto | fp32 | bf16 | fp16
     ema_decay: float = 0.9999
     keep_last: int = 3  # kit: checkpoints kept
     compile: bool = False  # kit: torch.compile the model
     sample_every: int = 0  # kit: EMA sample grid every N steps (0 = off)
+    time_budget: Optional[float] = None  # kit: seconds; save a checkpoint and exit cleanly before this (--time-budget)
+    ema_on_cpu: bool = False  # kit: keep the EMA in host memory (saves 4 bytes/parameter of GPU memory)
+    deterministic: bool = False  # kit: torch.use_deterministic_algorithms for bitwise-repeatable runs
+    sample_num: int = 8  # kit: images in the periodic EMA sample grid
 
 
 @dataclass
@@ -112,12 +136,12 @@ class SampleConfig:
     likelihood: bool = False
     num_sampling_steps: int = 250
     cfg_scale: float = 1.0
-    per_proc_batch_size: int = 4
+    per_proc_batch_size: Batch = 4  # "auto" = chosen for the GPU by step 3
     fid_num: int = 50000
     cfg_interval_start: float = 0.0
     timestep_shift: float = 0.0
     cfg_channels: Optional[int] = 3  # kit: guided channels; 3 = upstream quirk, null = all
-    precision: str = "auto"  # kit: auto | fp32 | bf16 | fp16
+    precision: Precision = "auto"  # kit: auto | fp32 | bf16 | fp16
     seed: int = 0  # kit: global sampling seed
 
 
@@ -140,9 +164,21 @@ class Config:
 # Building and checking
 
 
-def _nearest(name: str, valid: list[str]) -> str:
+def _nearest(name: str, valid: list[str], prefix: str = "") -> str:
+    if not prefix:  # a section key written at the top level ('cfg_scale: 4'): point at its section
+        owners = [f"{section}.{name}" for section, keys in _section_keys().items() if name in keys]
+        if owners:
+            return f"; did you mean '{owners[0]}'?"
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys: {', '.join(prefix + v for v in sorted(valid))}"
+
+
+def _section_keys() -> dict[str, tuple[str, ...]]:
+    hints = typing.get_type_hints(Config)
+    return {name: tuple(f.name for f in dataclasses.fields(tp)) for name, tp in hints.items()
+            if dataclasses.is_dataclass(tp)}
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
@@ -163,7 +199,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"config key '{key}': expected {_tp_name(tp)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"config key '{key}': expected {_tp_name(tp)}, got {value!r} ({type(value).__name__})"
+                          + _nearest_choice(value, tp))
+    if origin is Literal:
+        if any(value == choice and type(value) is type(choice) for choice in typing.get_args(tp)):
+            return value
+        raise ConfigError(f"config key '{key}': expected {_tp_name(tp)}, got {value!r}" + _nearest_choice(value, tp))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads '1e-6' as a string
@@ -176,11 +217,49 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': expected {_tp_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+def _literal_choices(tp: Any) -> list[str]:
+    if typing.get_origin(tp) is Literal:
+        return [str(c) for c in typing.get_args(tp)]
+    return [c for arg in typing.get_args(tp) for c in _literal_choices(arg)]
+
+
+def _nearest_choice(value: Any, tp: Any) -> str:
+    choices = _literal_choices(tp)
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5) if isinstance(value, str) else []
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _tp_name(tp: Any) -> str:
-    args = typing.get_args(tp)
-    if args:
-        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(c) for c in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _tp_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
+
+
+def _validate(cfg: "Config") -> "Config":
+    """Range checks that types cannot express; each names the key and a valid value."""
+    positive = {"sample.per_proc_batch_size": cfg.sample.per_proc_batch_size,
+                "sample.num_sampling_steps": cfg.sample.num_sampling_steps,
+                "train.micro_batch_size": cfg.train.micro_batch_size,
+                "train.global_batch_size": cfg.train.global_batch_size,
+                "train.grad_accum_steps": cfg.train.grad_accum_steps,
+                "vae.downsample_ratio": cfg.vae.downsample_ratio,
+                "data.image_size": cfg.data.image_size,
+                "data.num_classes": cfg.data.num_classes}
+    for key, value in positive.items():
+        if isinstance(value, int) and value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if cfg.data.image_size % cfg.vae.downsample_ratio:
+        # upstream train.py asserts the same: the latent grid is image_size / downsample_ratio
+        raise ConfigError(f"config key 'data.image_size' ({cfg.data.image_size}) must be divisible by "
+                          f"'vae.downsample_ratio' ({cfg.vae.downsample_ratio})")
+    if not 0.0 <= cfg.sample.cfg_interval_start <= 1.0:
+        raise ConfigError(f"config key 'sample.cfg_interval_start' must be in [0, 1], got {cfg.sample.cfg_interval_start}")
+    if cfg.sample.timestep_shift < 0:
+        raise ConfigError(f"config key 'sample.timestep_shift' must be >= 0 (0 = no shift), got {cfg.sample.timestep_shift}")
+    return cfg
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -194,7 +273,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(f"unknown config key '{full}'{_nearest(str(key), names)}")
+            raise ConfigError(f"unknown config key '{full}'{_nearest(str(key), names, prefix)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{full}.")
@@ -204,7 +283,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    return _build(Config, raw, "")
+    return _validate(_build(Config, raw, ""))
 
 
 def _parse_value(text: str) -> Any:
@@ -213,18 +292,23 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
-    """Apply dotted `key=value` overrides (`sample.cfg_scale=4.0`) in place; returns cfg."""
+    """Apply dotted `key=value` overrides (`sample.cfg_scale=4.0`) in place; returns cfg.
+
+    All or nothing: the overrides go to a copy first, so a bad one leaves `cfg` untouched.
+    """
+    work = copy.deepcopy(cfg)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value (e.g. sample.cfg_scale=4.0)")
         dotted, text = item.split("=", 1)
         parts = dotted.strip().split(".")
-        obj: Any = cfg
+        obj: Any = work
         for i, part in enumerate(parts):
             names = [f.name for f in dataclasses.fields(obj)]
             full = ".".join(parts[: i + 1])
             if part not in names:
-                raise ConfigError(f"unknown config key '{full}' in override '{item}'{_nearest(part, names)}")
+                raise ConfigError(f"unknown config key '{full}' in override '{item}'"
+                                  f"{_nearest(part, names, '.'.join(parts[:i]) + '.' if i else '')}")
             tp = _type_hints(type(obj))[part]
             if i < len(parts) - 1:
                 if not dataclasses.is_dataclass(tp):
@@ -234,7 +318,32 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
                 if dataclasses.is_dataclass(tp):
                     raise ConfigError(f"config key '{full}' is a section; set one of its keys (override '{item}')")
                 setattr(obj, part, _coerce(_parse_value(text), tp, full))
+    _validate(work)
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, getattr(work, f.name))
     return cfg
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{'sample.cfg_scale': 6.7, 'ckpt_path': ..., ...}: dotted keys in schema order."""
+    out: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = value
+
+    walk(cfg, "")
+    return out
+
+
+def config_diff(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every key that differs."""
+    a, b = flatten(old), flatten(new)
+    return [(k, a[k], b[k]) for k in a if a[k] != b[k] or type(a[k]) is not type(b[k])]
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
@@ -257,10 +366,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return apply_overrides(cfg, overrides)
 
 
-def config_to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def config_to_yaml(cfg: Config, header: str | list[str] | None = None) -> str:
+    """YAML in the official schema; `header` lines become leading comments (they survive load_config)."""
+    lines = header.splitlines() if isinstance(header, str) else list(header or [])
+    comments = "".join(f"# {line}".rstrip() + "\n" for line in lines)
+    return comments + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+def save_config(cfg: Config, path: str | os.PathLike, header: str | list[str] | None = None) -> Path:
     """Write the resolved config (atomically) so every run records what it ran with."""
-    return atomic_write_text(path, config_to_yaml(cfg))
+    return atomic_write_text(path, config_to_yaml(cfg, header))

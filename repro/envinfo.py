@@ -1,0 +1,322 @@
+"""Environment doctor: what this machine can run, and the traps it would fall into.
+
+Step 1 writes the report to `runs/env.json`; step 3 reads its `recommended` block to turn
+`precision: auto` and `per_proc_batch_size: auto` into concrete values. The decisions
+(architecture support, bf16, batch sizes) are pure functions of a `GPUInfo` list so they
+can be tested on a CPU machine with fabricated GPUs (a P100, a T4, an A100).
+
+    report = collect_env()              # dict, JSON-ready
+    print(format_report(report))
+    write_env_json(report)              # runs/env.json, atomically
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform as _platform
+import re
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from repro import paths
+from repro.utils.io import atomic_write_json
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class GPUInfo:
+    """One GPU as torch sees it (or as a test fabricates it)."""
+
+    name: str
+    capability: tuple[int, int]
+    total_memory: int  # bytes
+    index: int = 0
+
+    @property
+    def sm(self) -> str:
+        return f"sm_{self.capability[0]}{self.capability[1]}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure decisions (no torch calls): testable with fabricated GPUs
+
+_ARCH_RE = re.compile(r"^(sm|compute)_(\d+)(\d)([a-z]?)$")
+
+
+def parse_arch(entry: str) -> Optional[tuple[str, tuple[int, int], str]]:
+    """'sm_86' -> ('sm', (8, 6), ''); 'sm_90a' -> ('sm', (9, 0), 'a'); 'compute_120' -> ('compute', (12, 0), '')."""
+    m = _ARCH_RE.match(entry.strip())
+    if not m:
+        return None
+    return m.group(1), (int(m.group(2)), int(m.group(3))), m.group(4)
+
+
+def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch compiled for `arch_list` has kernels that run on a GPU of `capability`.
+
+    CUDA binary compatibility: a cubin for sm_XY runs on X.Z with Z >= Y (same major);
+    'a' (arch-specific) cubins run only on exactly X.Y; PTX (compute_XY) JIT-compiles for any
+    newer GPU.
+    """
+    for entry in arch_list:
+        parsed = parse_arch(entry)
+        if parsed is None:
+            continue
+        kind, (major, minor), suffix = parsed
+        if kind == "compute" and tuple(capability) >= (major, minor):
+            return True
+        if kind == "sm":
+            if suffix == "a" and tuple(capability) == (major, minor):
+                return True
+            if suffix != "a" and capability[0] == major and capability[1] >= minor:
+                return True
+    return False
+
+
+def arch_trap(gpu: GPUInfo, arch_list: list[str], *, torch_version: str = "?", cuda_version: Optional[str] = None,
+              platform: str = "local") -> Optional[str]:
+    """A message with the fix when the installed torch has no kernels for this GPU, else None."""
+    if not arch_list or arch_supported(gpu.capability, arch_list):
+        return None
+    parsed = [p[1] for p in map(parse_arch, arch_list) if p is not None]
+    gpu_is_older = bool(parsed) and all(cap > tuple(gpu.capability) for cap in parsed)
+    head = (f"GPU {gpu.index} ({gpu.name}) is {gpu.sm} (compute capability {gpu.capability[0]}.{gpu.capability[1]}), "
+            f"but the installed torch {torch_version} (CUDA {cuda_version}) has kernels only for {', '.join(arch_list)}: "
+            f"every CUDA op would fail with 'no kernel image is available for execution on the device'.")
+    if gpu_is_older:
+        # PyTorch's CUDA 12.8+ wheels dropped Maxwell/Pascal/Volta (sm_50-sm_70); the cu126 wheels kept them.
+        fix = (f" Fix: install a torch built with {gpu.sm} kernels and restart the kernel, e.g. "
+               "`pip install 'torch==2.8.*' 'torchvision==0.23.*' --index-url https://download.pytorch.org/whl/cu126` "
+               "(check with `python -c \"import torch; print(torch.cuda.get_arch_list())\"`)")
+        if platform == "kaggle":
+            fix += "; or switch the notebook to Settings > Accelerator > 'GPU T4 x2' (sm_75), which Kaggle's torch supports."
+        elif platform == "colab":
+            fix += "; or change the Colab runtime to a T4/L4/A100 GPU."
+        else:
+            fix += "."
+    else:
+        fix = (f" Fix: install a torch built for a newer CUDA that includes {gpu.sm}, e.g. "
+               "`pip install torch torchvision --index-url https://download.pytorch.org/whl/cu128` (or newer), "
+               "then restart the kernel.")
+    return head + fix
+
+
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 tensor cores exist from Ampere (sm_80) on; older GPUs only emulate bf16 (slow or failing)."""
+    return tuple(capability) >= (8, 0)
+
+
+def choose_precision(gpus: list[GPUInfo], bf16_runtime: Optional[bool] = None) -> tuple[str, str]:
+    """(precision, why): bf16 with native bf16 everywhere, fp16 on older GPUs, fp32 on CPU."""
+    if not gpus:
+        return "fp32", "no CUDA GPU: fp32 on CPU"
+    lacking = [g for g in gpus if not native_bf16(g.capability)]
+    if lacking or bf16_runtime is False:
+        g = lacking[0] if lacking else gpus[0]
+        return "fp16", f"{g.name} ({g.sm}) has no native bf16: fp16 instead of upstream's bf16"
+    return "bf16", f"native bf16 on {gpus[0].name} ({gpus[0].sm}), as upstream"
+
+
+def _pow2_floor(x: float) -> int:
+    n = 1
+    while n * 2 <= x:
+        n *= 2
+    return n
+
+
+# Rough memory model for LightningDiT-XL/1 at 256 px (16x16 latents, 256 tokens) with the VA-VAE decoder;
+# it only picks a safe power of two: measured numbers live in benchmarks/.
+_XL_TRAIN_STATE_GIB = 675e6 * 20 / GiB  # fp32 weights + grads + AdamW moments + EMA, 20 bytes per parameter
+_SAMPLE_FIXED_GIB, _TRAIN_FIXED_GIB = 4.0, 2.0  # weights for sampling / CUDA context, allocator slack
+_SAMPLE_PER_ITEM_GIB = {"half": 0.25, "fp32": 0.5}  # one sample with its CFG twin + VAE decode
+_TRAIN_PER_ITEM_GIB = {"half": 0.35, "fp32": 0.7}  # activations of one sample, no gradient checkpointing
+
+
+def recommend_batches(gpus: list[GPUInfo], precision: str) -> dict[str, Any]:
+    """Per-process batch sizes for LightningDiT-XL/1 at 256 px, each with a one-line reason."""
+    if not gpus:
+        return {"sample": 4, "train": 8, "sample_reason": "CPU: upstream's sampling batch 4",
+                "train_reason": "CPU: a small micro batch"}
+    mem_gib = min(g.total_memory for g in gpus) / GiB
+    kind = "fp32" if precision == "fp32" else "half"
+    sample = min(256, _pow2_floor(max(1.0, (mem_gib - _SAMPLE_FIXED_GIB) / _SAMPLE_PER_ITEM_GIB[kind])))
+    room = mem_gib - _XL_TRAIN_STATE_GIB - _TRAIN_FIXED_GIB
+    train = min(128, _pow2_floor(max(1.0, room / _TRAIN_PER_ITEM_GIB[kind])))  # 128 = upstream 1024 over 8 GPUs
+    where = f"{mem_gib:.0f} GiB GPU, {precision}, XL/1 at 256 px"
+    train_why = where
+    if room < _TRAIN_PER_ITEM_GIB[kind] * 4:
+        train_why += "; XL/1 training barely fits: set model.use_checkpoint=true or use a smaller model"
+    return {"sample": sample, "train": train, "sample_reason": where, "train_reason": train_why}
+
+
+def sdpa_kernels(capability: Optional[tuple[int, int]], enabled: Mapping[str, bool]) -> dict[str, bool]:
+    """Which scaled_dot_product_attention back-ends can run: enabled in torch and supported by the device."""
+    if capability is None:  # CPU: torch has a flash-style CPU kernel and the math fallback
+        return {"flash": bool(enabled.get("flash")), "mem_efficient": False, "cudnn": False,
+                "math": bool(enabled.get("math"))}
+    cap = tuple(capability)
+    return {
+        "flash": bool(enabled.get("flash")) and cap >= (8, 0),  # FlashAttention-2 kernels need sm_80+
+        "mem_efficient": bool(enabled.get("mem_efficient")) and cap >= (5, 0),
+        "cudnn": bool(enabled.get("cudnn")) and cap >= (8, 0),
+        "math": bool(enabled.get("math")),
+    }
+
+
+def detect_platform(environ: Optional[Mapping[str, str]] = None, colab_importable: Optional[bool] = None) -> str:
+    """'kaggle', 'colab' or 'local' from the environment variables these services set."""
+    env = os.environ if environ is None else environ
+    if env.get("KAGGLE_KERNEL_RUN_TYPE") or env.get("KAGGLE_URL_BASE"):
+        return "kaggle"
+    if "COLAB_GPU" in env or "COLAB_RELEASE_TAG" in env:
+        return "colab"
+    if colab_importable is None:
+        try:
+            colab_importable = importlib.util.find_spec("google.colab") is not None
+        except (ImportError, ValueError):
+            colab_importable = False
+    return "colab" if colab_importable else "local"
+
+
+def recommend(gpus: list[GPUInfo], bf16_runtime: Optional[bool] = None) -> dict[str, Any]:
+    """The `recommended` block of env.json for these GPUs (step 3 reads it)."""
+    precision, why = choose_precision(gpus, bf16_runtime)
+    batches = recommend_batches(gpus, precision)
+    return {"device": "cuda" if gpus else "cpu", "precision": precision, "precision_reason": why,
+            "sample_per_proc_batch_size": batches["sample"], "sample_batch_reason": batches["sample_reason"],
+            "train_micro_batch_size": batches["train"], "train_batch_reason": batches["train_reason"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading this machine
+
+
+def detect_gpus() -> list[GPUInfo]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append(GPUInfo(name=p.name, capability=(p.major, p.minor), total_memory=int(p.total_memory), index=i))
+    return out
+
+
+def _ram() -> dict[str, Optional[int]]:
+    info: dict[str, int] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("MemTotal", "MemAvailable"):
+                info[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    if "MemTotal" not in info:
+        try:
+            info["MemTotal"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            pass
+    return {"total_bytes": info.get("MemTotal"), "available_bytes": info.get("MemAvailable")}
+
+
+def _disk(folder: Path) -> dict[str, Any]:
+    probe = folder.resolve()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # the outputs folder may not exist yet: measure the disk it will live on
+    usage = shutil.disk_usage(probe)
+    return {"path": str(folder.resolve()), "free_bytes": usage.free, "total_bytes": usage.total}
+
+
+def collect_env(outputs_dir: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+    """Everything step 1 reports, as a JSON-ready dict."""
+    import torch
+
+    outputs = Path(outputs_dir) if outputs_dir is not None else paths.runs_dir()
+    where = detect_platform()
+    arch_list = list(torch.cuda.get_arch_list()) if torch.backends.cuda.is_built() else []
+    gpus = detect_gpus()
+    bf16_runtime = None
+    if gpus:
+        try:
+            bf16_runtime = bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # older torch without the keyword
+            bf16_runtime = bool(torch.cuda.is_bf16_supported())
+        except RuntimeError:  # e.g. a GPU this torch has no kernels for
+            bf16_runtime = None
+    with warnings.catch_warnings():  # torch >= 2.9 warns that allow_tf32 is superseded by fp32_precision
+        warnings.simplefilter("ignore")
+        tf32 = {"capable": bool(gpus) and all(g.capability >= (8, 0) for g in gpus),
+                "matmul_allowed": bool(torch.backends.cuda.matmul.allow_tf32),
+                "cudnn_allowed": bool(torch.backends.cudnn.allow_tf32),
+                "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    enabled = {"flash": torch.backends.cuda.flash_sdp_enabled(),
+               "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+               "math": torch.backends.cuda.math_sdp_enabled(),
+               "cudnn": getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)()}
+    problems = [m for m in (arch_trap(g, arch_list, torch_version=torch.__version__, cuda_version=torch.version.cuda,
+                                      platform=where) for g in gpus) if m]
+    return {
+        "schema": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": {"version": _platform.python_version(), "executable": sys.executable},
+        "platform": {"kind": where, "os": _platform.platform(), "cpu_count": os.cpu_count()},
+        "torch": {"version": torch.__version__, "cuda": torch.version.cuda, "arch_list": arch_list,
+                  "cuda_available": bool(gpus), "device_count": len(gpus)},
+        "gpus": [{"index": g.index, "name": g.name, "capability": list(g.capability), "sm": g.sm,
+                  "total_memory_bytes": g.total_memory, "native_bf16": native_bf16(g.capability),
+                  "tf32": g.capability >= (8, 0), "arch_supported": arch_supported(g.capability, arch_list)
+                  if arch_list else None} for g in gpus],
+        "bf16": {"native": bool(gpus) and all(native_bf16(g.capability) for g in gpus) and bf16_runtime is not False,
+                 "torch_is_bf16_supported": bf16_runtime},
+        "tf32": tf32,
+        "sdpa": sdpa_kernels(min((g.capability for g in gpus), default=None), enabled),
+        "ram": _ram(),
+        "disk": _disk(outputs),
+        "recommended": recommend(gpus, bf16_runtime),
+        "problems": problems,
+    }
+
+
+def _gib(n: Optional[int]) -> str:
+    return "?" if n is None else f"{n / GiB:.1f} GiB"
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """Human-readable lines for the notebook / terminal."""
+    t, rec = report["torch"], report["recommended"]
+    lines = [
+        f"python     {report['python']['version']} ({report['python']['executable']})",
+        f"platform   {report['platform']['kind']} ({report['platform']['os']}, {report['platform']['cpu_count']} CPUs)",
+        f"torch      {t['version']}, CUDA build {t['cuda']}, GPU archs {' '.join(t['arch_list']) or '-'}",
+    ]
+    for g in report["gpus"]:
+        lines.append(f"gpu {g['index']}      {g['name']}, {g['sm']}, {_gib(g['total_memory_bytes'])}, "
+                     f"native bf16 {'yes' if g['native_bf16'] else 'no'}, TF32 {'yes' if g['tf32'] else 'no'}")
+    if not report["gpus"]:
+        lines.append("gpu        none (CPU only)")
+    sdpa = [k for k, v in report["sdpa"].items() if v]
+    lines += [
+        f"bf16       native: {'yes' if report['bf16']['native'] else 'no'}; TF32 capable: "
+        f"{'yes' if report['tf32']['capable'] else 'no'}",
+        f"attention  SDPA kernels: {', '.join(sdpa) or 'none'}",
+        f"ram        {_gib(report['ram']['total_bytes'])} total, {_gib(report['ram']['available_bytes'])} available",
+        f"disk       {_gib(report['disk']['free_bytes'])} free at {report['disk']['path']}",
+        f"precision  {rec['precision']} ({rec['precision_reason']})",
+        f"batch      sample {rec['sample_per_proc_batch_size']} per process ({rec['sample_batch_reason']}), "
+        f"train micro batch {rec['train_micro_batch_size']} ({rec['train_batch_reason']})",
+    ]
+    lines += [f"PROBLEM    {p}" for p in report["problems"]]
+    return "\n".join(lines)
+
+
+def write_env_json(report: Mapping[str, Any], path: Optional[str | os.PathLike] = None) -> Path:
+    """Write the report (atomically) to `path` or `runs/env.json`."""
+    return atomic_write_json(path if path is not None else paths.env_json(), dict(report))

@@ -1,0 +1,230 @@
+"""Turn a preset into the config a run actually uses: asset paths filled, `auto` made concrete.
+
+Presets never hold `path/to/...` placeholders. A path value is one of:
+
+    asset:NAME          the file of asset NAME      (ckpt_path: asset:lightningdit-xl-800ep)
+    asset-dir:NAME      the folder holding it       (data.data_path: asset-dir:latents-stats)
+    runs:REL            REL under the runs folder   (train.output_dir: runs:output)
+    anything else       used as written
+
+Asset files come from `runs/assets.json` (step 2: `{"assets": {NAME: {"path": ...}}}`).
+`precision: auto`, `per_proc_batch_size: auto` and `micro_batch_size: auto|null` come from the
+`recommended` block of `runs/env.json` (step 1), or from a named hardware profile. Values set
+explicitly (in the file or with --set) are never changed. Every change is returned as a line
+"key: old -> new (why)".
+
+    cfg, changes = resolve_file("configs/lightningdit_xl_800ep.yaml", ["sample.cfg_scale=4.0"])
+    write_resolved(cfg, default_resolved_path("configs/lightningdit_xl_800ep.yaml"), base=..., changes=changes)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from repro import envinfo, paths
+from repro.config import Config, apply_overrides, config_diff, flatten, load_config, save_config
+from repro.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ASSET, ASSET_DIR, RUNS = "asset:", "asset-dir:", "runs:"
+
+_G = envinfo.GiB
+# Hardware a user may plan for without being on it (`--profile t4`): same decisions as step 1 makes.
+HARDWARE_PROFILES: dict[str, list[envinfo.GPUInfo]] = {
+    "cpu": [],
+    "p100": [envinfo.GPUInfo("Tesla P100-PCIE-16GB", (6, 0), 16 * _G)],
+    "t4": [envinfo.GPUInfo("Tesla T4", (7, 5), 15 * _G)],
+    "l4": [envinfo.GPUInfo("NVIDIA L4", (8, 9), 22 * _G)],
+    "a100-40gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-40GB", (8, 0), 40 * _G)],
+    "a100-80gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-80GB", (8, 0), 80 * _G)],
+    "h100-80gb": [envinfo.GPUInfo("NVIDIA H100 80GB HBM3", (9, 0), 80 * _G)],
+}
+
+
+def find_config(base: str | os.PathLike) -> Path:
+    """A config path, or a preset name: 'tiny' -> configs/tiny.yaml."""
+    p = Path(base)
+    for candidate in (p, PROJECT_ROOT / "configs" / p, PROJECT_ROOT / "configs" / f"{p}.yaml"):
+        if candidate.is_file():
+            return candidate
+    presets = sorted(q.stem for q in (PROJECT_ROOT / "configs").glob("*.yaml") if q.stem != "assets")
+    raise ConfigError(f"config not found: {base} (give a YAML path or a preset name: {', '.join(presets)})")
+
+
+def default_resolved_path(base: str | os.PathLike) -> Path:
+    return paths.runs_dir() / "configs" / f"{Path(base).stem}.resolved.yaml"
+
+
+def _read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist: {fix}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{what} {path} is unreadable ({e}): {fix}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a JSON object: {fix}")
+    return data
+
+
+def _download_hint(*names: str) -> str:
+    return f"run `python -m steps.step2_download --only {' '.join(names)}`"
+
+
+class MissingAssetError(ConfigError):
+    """An `asset:` marker whose file is not in the asset table (or no longer on disk)."""
+
+    def __init__(self, message: str, name: str, key: str, detail: str):
+        super().__init__(message)
+        self.name, self.key, self.detail = name, key, detail
+
+
+def _asset_path(name: str, assets: Any, key: str) -> tuple[Path, str]:
+    """(file path of asset `name`, where it was found) or a ConfigError that says how to get it."""
+    if isinstance(assets, Mapping):
+        table, origin, folder = assets, "the given assets table", Path.cwd()
+    else:
+        src = Path(assets) if assets is not None else paths.assets_json()
+        origin, folder = str(src), src.parent
+        if not src.exists():
+            detail = f"{src} does not exist yet"
+            raise MissingAssetError(f"config key '{key}' needs asset '{name}', but {detail}: {_download_hint(name)}",
+                                    name, key, detail)
+        table = _read_json(src, "asset table", f"config key '{key}' needs asset '{name}': {_download_hint(name)}")
+    entries = table.get("assets", {})
+    entry = entries.get(name) if isinstance(entries, Mapping) else None
+    if not isinstance(entry, Mapping) or not entry.get("path"):
+        detail = f"{origin} does not list it"
+        raise MissingAssetError(f"config key '{key}' needs asset '{name}', but {detail}: {_download_hint(name)}",
+                                name, key, detail)
+    p = Path(str(entry["path"])).expanduser()
+    if not p.is_absolute():  # relative paths: as seen from here, else from the table's folder
+        p = p if p.exists() else folder / p
+    if not p.exists():
+        detail = f"{origin} points to {p}, which is gone"
+        raise MissingAssetError(f"config key '{key}' needs asset '{name}', but {detail}: {_download_hint(name)}",
+                                name, key, detail)
+    return p.resolve(), origin
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    obj: Any = cfg
+    *sections, leaf = dotted.split(".")
+    for s in sections:
+        obj = getattr(obj, s)
+    setattr(obj, leaf, value)
+
+
+def _recommendation(env: Any, profile: Optional[str]) -> tuple[dict[str, Any], str]:
+    """(recommended block, where it came from): a profile, env.json, or this machine detected now."""
+    if profile is not None:
+        if profile not in HARDWARE_PROFILES:
+            raise ConfigError(f"unknown hardware profile '{profile}' (choose one of {', '.join(HARDWARE_PROFILES)})")
+        return envinfo.recommend(HARDWARE_PROFILES[profile]), f"profile {profile}"
+    if isinstance(env, Mapping):
+        report, origin = env, "the given env report"
+    else:
+        src = Path(env) if env is not None else paths.env_json()
+        if env is None and not src.exists():
+            return envinfo.recommend(envinfo.detect_gpus()), \
+                f"this machine, detected now ({src} missing: run `python -m steps.step1_install` to record it)"
+        report = _read_json(src, "environment report", "run `python -m steps.step1_install` to write it")
+        origin = str(src)
+    rec = report.get("recommended")
+    needed = ("precision", "sample_per_proc_batch_size", "train_micro_batch_size")  # what step 1 writes
+    if not isinstance(rec, Mapping) or any(k not in rec for k in needed):
+        raise ConfigError(f"{origin} has no complete 'recommended' block ({', '.join(needed)}): "
+                          "run `python -m steps.step1_install` again to rewrite it")
+    return dict(rec), origin
+
+
+def resolve_config(cfg: Config, assets: Any = None, env: Any = None,
+                   profile: Optional[str] = None) -> tuple[Config, list[str]]:
+    """A resolved copy of `cfg` and the list of changes, "key: old -> new (why)".
+
+    assets: path of assets.json or its parsed dict (default runs/assets.json), read only when a
+    marker needs it. env: path of env.json or its parsed dict (default runs/env.json; when that is
+    missing this machine is detected now). profile: a HARDWARE_PROFILES name, instead of env.
+    """
+    out = copy.deepcopy(cfg)
+    changes: list[str] = []
+    missing: list[MissingAssetError] = []
+    for key, value in flatten(out).items():
+        if not isinstance(value, str):
+            continue
+        if value.startswith((ASSET, ASSET_DIR)):
+            kind, name = value.split(":", 1)
+            if not name.strip():
+                raise ConfigError(f"config key '{key}': '{value}' names no asset (write e.g. asset:vavae-f16d32)")
+            try:
+                path, origin = _asset_path(name.strip(), assets, key)
+            except MissingAssetError as e:
+                missing.append(e)  # report every missing asset at once, with one command that fetches them all
+                continue
+            new = str(path.parent if kind == "asset-dir" else path)
+            changes.append(f"{key}: {value} -> {new} ({origin})")
+            _set(out, key, new)
+        elif value.startswith(RUNS):
+            new = str((paths.runs_dir() / value[len(RUNS):].lstrip("/")).resolve())
+            changes.append(f"{key}: {value} -> {new} (runs folder)")
+            _set(out, key, new)
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        names = list(dict.fromkeys(e.name for e in missing))
+        raise ConfigError(f"{len(names)} assets this config needs are not downloaded: "
+                          + "; ".join(f"'{e.name}' for '{e.key}' ({e.detail})" for e in missing)
+                          + f" -- {_download_hint(*names)}")
+
+    auto_keys = ("train.micro_batch_size", "train.precision", "sample.per_proc_batch_size", "sample.precision")
+    auto = {k: v for k, v in flatten(out).items() if k in auto_keys and v == "auto"}
+    if out.train.micro_batch_size is None:  # null keeps its old meaning: chosen for the hardware
+        auto["train.micro_batch_size"] = None
+    explicit_half = {k: v for k, v in (("sample.precision", out.sample.precision),
+                                       ("train.precision", out.train.precision)) if v in ("bf16", "fp16")}
+    if auto or explicit_half:
+        rec, origin = _recommendation(env, profile)
+        picks = {"sample.precision": (rec["precision"], rec.get("precision_reason", "")),
+                 "train.precision": (rec["precision"], rec.get("precision_reason", "")),
+                 "sample.per_proc_batch_size": (int(rec["sample_per_proc_batch_size"]), rec.get("sample_batch_reason", "")),
+                 "train.micro_batch_size": (int(rec["train_micro_batch_size"]), rec.get("train_batch_reason", ""))}
+        for key in sorted(auto, key=auto_keys.index):
+            new, why = picks[key]
+            if key == "train.micro_batch_size" and new > out.train.global_batch_size:
+                new, why = out.train.global_batch_size, f"capped at train.global_batch_size; {why}"
+            _set(out, key, new)
+            changes.append(f"{key}: {auto[key]} -> {new} ({why}; from {origin})")
+        for key, value in explicit_half.items():
+            if value != rec["precision"] and not (value == "fp16" and rec["precision"] == "bf16"):
+                changes.append(f"warning: {key}: {value} kept as set, but {origin} recommends {rec['precision']} "
+                               f"({rec.get('precision_reason', '')}); set {key}=auto to follow it")
+    return out, changes
+
+
+def resolve_file(base: str | os.PathLike, overrides: Optional[list[str]] = None, assets: Any = None,
+                 env: Any = None, profile: Optional[str] = None) -> tuple[Config, list[str], Path]:
+    """Load a preset (path or name), apply --set overrides, resolve. Returns (config, changes, base path).
+
+    Overrides go in before resolving, so a value given with --set is explicit and wins over `auto`
+    (and an `asset:` marker given with --set is filled like any other).
+    """
+    path = find_config(base)
+    loaded = load_config(path)
+    overridden = apply_overrides(copy.deepcopy(loaded), overrides)
+    changes = [f"{k}: {old} -> {new} (--set)" for k, old, new in config_diff(loaded, overridden)]
+    cfg, resolved = resolve_config(overridden, assets=assets, env=env, profile=profile)
+    return cfg, changes + resolved, path
+
+
+def write_resolved(cfg: Config, path: str | os.PathLike, base: str | os.PathLike | None = None,
+                   changes: Optional[list[str]] = None) -> Path:
+    """Write the resolved config atomically, headed by where it came from and what changed."""
+    header = [f"Resolved config written by repro.resolve on {time.strftime('%Y-%m-%d %H:%M:%S')}",
+              f"base: {Path(base).resolve() if base is not None else '(in memory)'}",
+              "changes:" if changes else "changes: none", *(f"  {c}" for c in changes or [])]
+    return save_config(cfg, path, header=header)
