@@ -1,0 +1,221 @@
+"""Latent extraction (step 6): images -> VA-VAE posterior -> safetensors shards + latents_stats.pt.
+
+Follows upstream `extract_features.py` (ADM center crop, `encode(...).sample()`, the horizontal flip
+encoded too, `latents` / `latents_flip` / `labels` shards, statistics at the end) and adds what a
+notebook needs to survive:
+
+- Fixed shards: shard k holds images [k*shard_size, (k+1)*shard_size) of the listing; process r
+  handles the shards with k % world == r. A shard's name depends only on k
+  (`latents_rank00_shard{k:03d}`), so 1 or N processes write the same folder and a restart with
+  another process count still finds finished shards.
+- Deterministic: the posterior noise of image i comes from its own generator seeded by
+  `image_seed(seed, i)`, never from batch composition or process count. Batches never cross a shard.
+  Shards are byte-identical across restarts and process counts on the same hardware and CPU thread
+  count (torchrun sets OMP_NUM_THREADS=1; other thread counts round convolutions differently, ~1e-6).
+- Resumable: each shard is written atomically; a rerun skips shards already on disk (after checking
+  their header says they came from the same source size, seed, image size, store and shard size).
+- Corrupt images are recorded in the shard header (index, path, error), skipped and counted; the
+  final JSON report `extract_report.json` gathers them from all shards.
+- `store="moments"` keeps posterior mean/logvar (kit-only; upstream's dataset cannot read it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from repro.data.images import ImageLoadError, ImageSource, list_images
+from repro.data.latents import STATS_NAME, image_seed, list_shards, read_shard_info, shard_name, write_shard
+from repro.data.stats import compute_stats, validate_stats, write_stats
+from repro.errors import ReproError
+from repro.utils import distributed as dist
+from repro.utils.io import atomic_write_json, remove_stale_temps
+
+FORMAT_TAG = "repro-latents/1"
+REPORT_NAME = "extract_report.json"
+# header fields a finished shard must share with the current run to be reused on restart
+_RESUME_KEYS = ("store", "num_images_total", "image_size", "seed", "shard_size", "first_index")
+
+
+def _encode_batch(vae, images: list[torch.Tensor], indices: list[int], *, seed: int, store: str,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """Encode images and their horizontal flips; per-image seeded noise for `store="sample"`."""
+    x = torch.stack(images)
+    # upstream flips the cropped PIL image (RandomHorizontalFlip(p=1)); flipping the tensor is identical
+    x = torch.cat([x, x.flip(-1)]).to(device)
+    with torch.inference_mode():
+        post = vae.encode(x)
+        mean = post.mean.to("cpu", torch.float32)
+        logvar = post.logvar.to("cpu", torch.float32)
+        std = post.std.to("cpu", torch.float32)
+    n = len(images)
+    if store == "moments":
+        return {"mean": mean[:n], "logvar": logvar[:n], "mean_flip": mean[n:], "logvar_flip": logvar[n:]}
+    noise = torch.empty_like(mean)
+    for j, i in enumerate(indices):
+        g = torch.Generator().manual_seed(image_seed(seed, i))
+        noise[j] = torch.randn(mean.shape[1:], generator=g)
+        noise[n + j] = torch.randn(mean.shape[1:], generator=g)
+    z = mean + std * noise  # = posterior.sample() with the image's own noise
+    return {"latents": z[:n], "latents_flip": z[n:]}
+
+
+def _latent_shape(vae, image_size: int, device: torch.device) -> tuple[int, int, int]:
+    with torch.inference_mode():
+        m = vae.encode(torch.zeros(1, 3, image_size, image_size, device=device)).mean
+    return tuple(m.shape[1:])
+
+
+def _extract_shard(vae, src: ImageSource, k: int, lo: int, hi: int, out: Path, meta: dict, *, image_size: int,
+                   batch_size: int, seed: int, store: str, device: torch.device, progress) -> tuple[int, list]:
+    from repro.tokenizer.images import center_crop_arr, pil_to_tensor
+
+    parts: dict[str, list[torch.Tensor]] = {}
+    labels, corrupt = [], []
+    for start in range(lo, hi, batch_size):
+        images, idx = [], []
+        for i in range(start, min(start + batch_size, hi)):
+            try:
+                img, label = src.load(i)
+                images.append(pil_to_tensor(center_crop_arr(img, image_size)))
+            except ImageLoadError as e:
+                corrupt.append([i, src.items[i].ref, str(e)])
+                continue
+            except Exception as e:  # a crop/convert failure of one image must not end the run
+                corrupt.append([i, src.items[i].ref, f"{type(e).__name__}: {e}"])
+                continue
+            idx.append(i)
+            labels.append(label)
+        if images:
+            for key, t in _encode_batch(vae, images, idx, seed=seed, store=store, device=device).items():
+                parts.setdefault(key, []).append(t)
+        progress(min(start + batch_size, hi) - start)
+    if labels:
+        tensors = {key: torch.cat(ts) for key, ts in parts.items()}
+    else:  # every image of this shard was corrupt: an empty shard keeps the index ranges fixed
+        shape = (0, *_latent_shape(vae, image_size, device))
+        keys = ("mean", "logvar", "mean_flip", "logvar_flip") if store == "moments" else ("latents", "latents_flip")
+        tensors = {key: torch.zeros(shape) for key in keys}
+    header = dict(meta, first_index=lo, num_indices=hi - lo, corrupt=corrupt)
+    write_shard(out / shard_name(0, k), tensors.get("latents"), tensors.get("latents_flip"),
+                torch.tensor(labels, dtype=torch.int64), mean=tensors.get("mean"), logvar=tensors.get("logvar"),
+                mean_flip=tensors.get("mean_flip"), logvar_flip=tensors.get("logvar_flip"), metadata=header)
+    return len(labels), corrupt
+
+
+def _check_out_dir(out: Path, expected: set[str]) -> None:
+    foreign = [p.name for p in list_shards(out) if p.name not in expected]
+    if foreign:
+        raise ReproError(f"output folder {out} holds shards this extraction would not write ({foreign[0]}"
+                         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}): they would be mixed into "
+                         f"training; use an empty --out folder or remove them")
+
+
+def _sum_across_processes(values: list[int]) -> list[int]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        import torch.distributed as tdist
+
+        tdist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
+def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: int = 32, shard_size: int = 10000,
+                    seed: int = 0, store: str = "sample", device: str | torch.device | None = None,
+                    stats_subset: int = 10000, labels_file: str | os.PathLike | None = None) -> dict:
+    """Encode every image of `source` into shards under `out_dir`, then write `latents_stats.pt` and
+    `extract_report.json`. Runs on this process's share of shards (`repro.utils.distributed`).
+    Returns the report (the same dict on every process)."""
+    if store not in ("sample", "moments"):
+        raise ReproError(f"store={store!r}: choose 'sample' (upstream shards) or 'moments' (posterior mean/logvar)")
+    if batch_size < 1 or shard_size < 1:
+        raise ReproError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
+    device = torch.device(device) if device is not None else next(vae.parameters()).device
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(out_dir)
+    src = list_images(source, labels_file)
+    n = len(src)
+    if n == 0:
+        raise ReproError(f"image source {src.root} lists no images ({len(src.problems)} problem(s), "
+                         f"{src.ignored} other file(s)): check --source")
+    num_shards = math.ceil(n / shard_size)
+    names = {shard_name(0, k) for k in range(num_shards)}
+    meta = {"kit": FORMAT_TAG, "store": store, "num_images_total": n, "image_size": image_size,
+            "seed": seed, "shard_size": shard_size, "source_kind": src.kind}
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # temp files of a killed run; before any process starts writing
+        _check_out_dir(out, names)
+        dist.print0(f"extracting {n} images ({src.kind}: {src.root}) into {num_shards} shard(s) of {shard_size} "
+                    f"in {out} with {world} process(es), store={store}, image size {image_size}, seed {seed}")
+    dist.barrier()
+
+    mine = [k for k in range(num_shards) if k % world == rank]
+    todo, skipped = [], 0
+    for k in mine:
+        header = read_shard_info(out / shard_name(0, k))
+        if header is None:
+            todo.append(k)
+            continue
+        want = dict(meta, first_index=k * shard_size)
+        diff = [f"{key}={header.get(key)!r} (now {want[key]!r})" for key in _RESUME_KEYS if header.get(key) != want[key]]
+        if header.get("kit") != FORMAT_TAG or diff:
+            raise ReproError(f"{out / shard_name(0, k)} comes from a different extraction ({', '.join(diff) or 'not made by this kit'}); "
+                             f"use a new --out folder, or delete the old shards to start over")
+        skipped += 1
+
+    from tqdm.auto import tqdm
+
+    total = sum(min((k + 1) * shard_size, n) - k * shard_size for k in todo)
+    bar = tqdm(total=total, disable=not dist.is_main() or total == 0, desc="encode", unit="img", mininterval=5)
+    written, t0 = 0, time.time()
+    for k in todo:
+        lo, hi = k * shard_size, min((k + 1) * shard_size, n)
+        count, corrupt = _extract_shard(vae, src, k, lo, hi, out, meta, image_size=image_size, batch_size=batch_size,
+                                        seed=seed, store=store, device=device, progress=bar.update)
+        written += 1
+        bar.write(f"[rank {rank}] wrote {shard_name(0, k)}: images {lo}..{hi - 1}, {count} encoded, "
+                  f"{len(corrupt)} corrupt ({time.time() - t0:.0f}s)")
+    bar.close()
+    written, skipped = _sum_across_processes([written, skipped])
+    dist.barrier()
+    if dist.is_main():
+        _finish(out, src, num_shards, meta, stats_subset=stats_subset, seed=seed, written=written, skipped=skipped)
+    dist.barrier()
+    return json.loads((out / REPORT_NAME).read_text())
+
+
+def _finish(out: Path, src: ImageSource, num_shards: int, meta: dict, *, stats_subset: int, seed: int,
+            written: int, skipped: int) -> None:
+    """Rank 0: gather counts and corrupt files from every shard header, write stats and the report."""
+    encoded, corrupt = 0, []
+    for k in range(num_shards):
+        header = read_shard_info(out / shard_name(0, k))
+        if header is None:
+            raise ReproError(f"{out / shard_name(0, k)} is missing after extraction; run the same command again")
+        encoded += int(header["total_size"])
+        corrupt += [{"index": i, "path": p, "error": e} for i, p, e in header.get("corrupt", [])]
+    stats_path = out / STATS_NAME
+    stats = compute_stats(out, subset=stats_subset, seed=seed)  # the same code as step 5 --recompute
+    old = validate_stats(stats_path, stats["mean"].shape[1])
+    if not (old.ok and torch.equal(old.mean, stats["mean"]) and torch.equal(old.std, stats["std"])):
+        write_stats(stats_path, stats, backup=True)
+    report = {
+        "out_dir": str(out), "source": src.root, "source_kind": src.kind, "store": meta["store"],
+        "image_size": meta["image_size"], "seed": seed, "shard_size": meta["shard_size"],
+        "num_images_listed": len(src), "num_encoded": encoded, "num_corrupt": len(corrupt), "corrupt": corrupt,
+        "num_listing_problems": len(src.problems), "listing_problems": src.problems, "num_ignored_files": src.ignored,
+        "num_classes": len(src.class_names) if src.class_names else None, "class_names": src.class_names,
+        "num_shards": num_shards, "shards_written": written, "shards_reused": skipped,
+        "stats_path": str(stats_path), "stats_subset": min(stats_subset, encoded),
+        "latent_channels": int(stats["mean"].shape[1]),
+    }
+    atomic_write_json(out / REPORT_NAME, report)
+    dist.print0(f"done: {encoded} latents in {num_shards} shard(s) ({written} written now, {skipped} reused), "
+                f"{len(corrupt)} corrupt and {len(src.problems)} unlabelled/incomplete skipped "
+                f"(listed in {out / REPORT_NAME}); statistics in {stats_path}")

@@ -1,0 +1,231 @@
+"""Image sources for latent extraction (step 6): class folders, a flat folder with labels, WebDataset tars.
+
+Three layouts, each listed in a fixed order so that image index i (and so shard k's contents) is the
+same on every process and every restart:
+
+- ImageNet-style folder (what upstream's torchvision `ImageFolder` reads): one sub-folder per class,
+  label = position of the folder name in sorted order; images found recursively inside each class
+  folder, sorted (the torchvision order). Other files are counted as ignored.
+- Flat folder with a labels file `labels.txt` or `labels.csv` (or `labels_file=`): one image per line,
+  `relative/path.jpg,3` or `relative/path.jpg 3` (comma or whitespace), integer label >= 0; blank lines
+  and `#` comments are skipped, a first line whose label is not an integer is a header. Images are
+  taken in the labels file's order. Images in the folder without a line are reported, not encoded.
+- WebDataset `.tar` shards (uncompressed; one file, several, or a folder of them, sorted by name):
+  members grouped by key (path up to the first dot of the file name); a sample is one image
+  (`.jpg`/`.jpeg`/`.png`/`.webp`) plus its `.cls` label (text integer). Incomplete samples are reported.
+
+Loading (JPEG, PNG, WebP, ...) decodes the whole file, then converts grayscale, CMYK, palette and alpha
+images to RGB as upstream's loader does (`repro.tokenizer.images.ensure_rgb`). EXIF orientation is not
+applied (upstream does not). A file that cannot be read raises `ImageLoadError`; extraction records it
+and moves on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from repro.errors import ReproError
+
+# torchvision's IMG_EXTENSIONS (what upstream's ImageFolder accepts)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+LABEL_FILE_NAMES = ("labels.txt", "labels.csv")
+
+
+class ImageLoadError(Exception):
+    """One unreadable image (corrupt, truncated, missing, bad label); extraction skips and reports it."""
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    ref: str  # a path, or "archive.tar::member" for WebDataset samples
+    label: int | None = None  # None: read from `label_member` of the tar at load time
+    tar: str | None = None
+    offset: int = 0  # byte range of the image inside the tar
+    size: int = 0
+    label_offset: int = 0
+    label_size: int = 0
+
+
+@dataclass
+class ImageSource:
+    kind: str  # "imagefolder" | "flat" | "webdataset"
+    root: str
+    items: list[ImageItem]
+    class_names: list[str] | None = None
+    problems: list[dict] = field(default_factory=list)  # found while listing: {"path", "error"}, not encoded
+    ignored: int = 0  # non-image files (class folders) or non-sample members (tars)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        """(RGB PIL image, label) of item `index`; ImageLoadError when it cannot be read."""
+        from repro.tokenizer.images import ensure_rgb
+
+        item = self.items[index]
+        try:
+            if item.tar is None:
+                with open(item.ref, "rb") as f:
+                    data = f.read()
+                label = item.label
+            else:
+                with open(item.tar, "rb") as f:
+                    f.seek(item.offset)
+                    data = f.read(item.size)
+                    f.seek(item.label_offset)
+                    text = f.read(item.label_size).decode("utf-8", "replace").strip()
+                try:
+                    label = int(text)
+                except ValueError:
+                    raise ImageLoadError(f"label file (.cls) holds {text[:40]!r}, not an integer") from None
+                if label < 0:
+                    raise ImageLoadError(f"label {label} is negative")
+            img = Image.open(io.BytesIO(data))
+            img.load()  # decode now: a truncated or corrupt file fails here, not later
+            return ensure_rgb(img), label
+        except ImageLoadError:
+            raise
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            # drop object addresses ("<_io.BytesIO object at 0x7f..>"): the report and shard headers
+            # must be byte-identical between runs
+            msg = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image data", str(e))
+            raise ImageLoadError(f"{type(e).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', msg)}") from None
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_image_folder(root: Path) -> ImageSource:
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    items, ignored = [], 0
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in sorted(os.walk(root / name, followlinks=True)):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if _is_image(fname):
+                    items.append(ImageItem(os.path.join(dirpath, fname), label))
+                else:
+                    ignored += 1
+    return ImageSource("imagefolder", str(root), items, class_names=classes, ignored=ignored)
+
+
+def _parse_labels_file(path: Path) -> list[tuple[str, int]]:
+    entries, seen, first = [], {}, True
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        header_allowed, first = first, False
+        parts = [p.strip() for p in (line.rsplit(",", 1) if "," in line else line.rsplit(None, 1))]
+        if len(parts) != 2 or not parts[0]:
+            raise ReproError(f"{path} line {lineno}: {raw!r} is not 'filename,label'")
+        try:
+            label = int(parts[1])
+        except ValueError:
+            if header_allowed:  # a header such as "filename,label"
+                continue
+            raise ReproError(f"{path} line {lineno}: label {parts[1]!r} is not an integer") from None
+        if label < 0:
+            raise ReproError(f"{path} line {lineno}: label {label} is negative")
+        if parts[0] in seen:
+            raise ReproError(f"{path} line {lineno}: {parts[0]!r} is listed twice (first on line {seen[parts[0]]})")
+        seen[parts[0]] = lineno
+        entries.append((parts[0], label))
+    if not entries:
+        raise ReproError(f"labels file {path} lists no images ('filename,label' per line)")
+    return entries
+
+
+def _list_flat(root: Path, labels_file: Path) -> ImageSource:
+    entries = _parse_labels_file(labels_file)
+    listed = {os.path.normpath(name) for name, _ in entries}
+    items = [ImageItem(str(root / name), label) for name, label in entries]
+    problems, ignored = [], 0
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for fname in sorted(filenames):
+            rel = os.path.normpath(os.path.relpath(os.path.join(dirpath, fname), root))
+            if rel in listed:
+                continue
+            if _is_image(fname):
+                problems.append({"path": os.path.join(dirpath, fname), "error": f"no label in {labels_file.name}"})
+            elif Path(dirpath, fname) != labels_file:
+                ignored += 1
+    return ImageSource("flat", str(root), items, problems=problems, ignored=ignored)
+
+
+def _list_tars(tars: list[Path]) -> ImageSource:
+    items, problems, ignored = [], [], 0
+    for tar_path in tars:
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with tarfile.open(tar_path, mode="r:") as tf:  # uncompressed: members can be read by offset
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    head, base = os.path.split(m.name)
+                    if "." not in base or base.startswith("."):
+                        ignored += 1
+                        continue
+                    stem, ext = base.split(".", 1)
+                    samples.setdefault(os.path.join(head, stem), {})[ext.lower()] = m
+        except (tarfile.TarError, OSError) as e:
+            raise ReproError(f"cannot read WebDataset shard {tar_path} ({e}); only uncompressed .tar is "
+                             f"supported: re-download it or unpack .tar.gz to .tar") from None
+        for key, members in samples.items():  # insertion order = order in the tar
+            ref = f"{tar_path}::{key}"
+            images = [e for e in TAR_IMAGE_EXTENSIONS if e in members]
+            ignored += len([e for e in members if e not in TAR_IMAGE_EXTENSIONS and e != "cls"])
+            if not images or "cls" not in members:
+                what = "no image (.jpg/.jpeg/.png/.webp)" if not images else "no .cls label"
+                problems.append({"path": ref, "error": f"incomplete sample: {what} (has {sorted(members)})"})
+                continue
+            if len(images) > 1:
+                problems.append({"path": ref, "error": f"ambiguous sample: several images {images}"})
+                continue
+            img, cls = members[images[0]], members["cls"]
+            items.append(ImageItem(f"{ref}.{images[0]}", None, str(tar_path), img.offset_data, img.size,
+                                   cls.offset_data, cls.size))
+    return ImageSource("webdataset", ",".join(str(t) for t in tars), items, problems=problems, ignored=ignored)
+
+
+def list_images(source: str | os.PathLike | list, labels_file: str | os.PathLike | None = None) -> ImageSource:
+    """List an image source (see the module docstring for the three layouts) in a fixed order."""
+    paths = [Path(p) for p in (source if isinstance(source, (list, tuple)) else [source])]
+    if not paths:
+        raise ReproError("no image source given: pass --source with an image folder or .tar shards")
+    for p in paths:
+        if not p.exists():
+            raise ReproError(f"image source {p} does not exist: check --source (or data.raw_data_dir)")
+    if any(p.is_file() for p in paths):
+        bad = [str(p) for p in paths if not (p.is_file() and p.name.endswith(".tar"))]
+        if bad:
+            raise ReproError(f"image source {bad[0]} is not a .tar shard; pass one folder, or .tar files only")
+        return _list_tars(sorted(paths))
+    if len(paths) > 1:
+        raise ReproError(f"pass one image folder as --source, not {len(paths)}")
+    root = paths[0]
+    if labels_file is not None:
+        lf = Path(labels_file)
+        if not lf.is_file():
+            raise ReproError(f"labels file {lf} not found")
+        return _list_flat(root, lf)
+    for name in LABEL_FILE_NAMES:
+        if (root / name).is_file():
+            return _list_flat(root, root / name)
+    if any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root)):
+        return _list_image_folder(root)
+    tars = sorted(root.glob("*.tar"))
+    if tars:
+        return _list_tars(tars)
+    raise ReproError(f"image folder {root} has no class sub-folders, no {' / '.join(LABEL_FILE_NAMES)} and no "
+                     f".tar shards: put images in one sub-folder per class, or add labels.txt ('filename,label')")

@@ -1,0 +1,99 @@
+"""Step 5: validate and repair `latents_stats.pt` (the file behind upstream's `torch.cat` crash).
+
+Checks `<data.data_path>/latents_stats.pt` (weights-only load; keys `mean`, `std`; each (1, C, 1, 1)
+with C = model.in_chans; finite; std > 0) and prints a verdict. Repairs, keeping the old file as
+`latents_stats.pt.bak-<timestamp>` and writing atomically:
+  --refetch    the official file (step 2, asset `latents-stats`; the statistics of VA-VAE f16d32 on ImageNet)
+  --recompute  from the latent shards in data.data_path (seeded subset of data.stats_subset latents,
+               the same code as step 6)
+
+    python -m steps.step5_fix_stats --config configs/tiny.yaml
+    python -m steps.step5_fix_stats --config C --recompute --set data.data_path=data/latents
+    python -m steps.step5_fix_stats --config C --refetch
+    # notebook:  from steps.step5_fix_stats import main; main("configs/tiny.yaml", recompute=True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+from repro.config import Config, apply_overrides, load_config
+from repro.data.latents import STATS_NAME
+from repro.data.stats import install_stats_file, recompute_stats_file, repair_advice, validate_stats
+from repro.errors import ConfigError, ReproError
+
+
+def _fetched_path(result) -> Path:
+    """The local path of asset `latents-stats` from step 2's result, else from runs/assets.json."""
+    import json
+
+    from repro.paths import assets_json
+
+    tables = [result if isinstance(result, dict) else getattr(result, "__dict__", {})]
+    if assets_json().is_file():
+        tables.append(json.loads(assets_json().read_text()))
+    for table in tables:
+        for entry in (table.get("latents-stats"), (table.get("assets") or {}).get("latents-stats")):
+            entry = entry.get("path") if isinstance(entry, dict) else getattr(entry, "path", entry)
+            if isinstance(entry, (str, Path)) and Path(entry).is_file():
+                return Path(entry)
+    raise ReproError("step 2 finished but reported no local file for asset 'latents-stats'; "
+                     "run python -m steps.step2_download --only latents-stats and check runs/assets.json")
+
+
+def main(config: str | Config | None = None, recompute: bool = False, refetch: bool = False,
+         set: list[str] | None = None, seed: int = 0) -> dict:
+    """Validate (and with `recompute` / `refetch`, repair) the stats; returns dict(verdict, action, path)."""
+    if recompute and refetch:
+        raise ConfigError("choose one repair: --recompute (from shards) or --refetch (official file), not both")
+    cfg = apply_overrides(copy.deepcopy(config), set) if isinstance(config, Config) else load_config(config, set)
+    data_path = cfg.data.data_path
+    if not data_path or str(data_path).startswith("asset"):
+        raise ConfigError(f"data.data_path is {data_path!r}, not a folder: run step 3 first "
+                          f"(python -m steps.step3_configs --base C) or pass --set data.data_path=DIR")
+    data_dir, channels = Path(data_path), cfg.model.in_chans
+    path = data_dir / STATS_NAME
+    verdict = validate_stats(path, channels)
+    print(f"{STATS_NAME} verdict: {verdict}", flush=True)
+    if not recompute and not refetch:
+        if not verdict.ok:
+            print(repair_advice(data_dir), flush=True)
+        return {"verdict": verdict, "action": "none", "path": str(path)}
+    if recompute:
+        action = recompute_stats_file(data_dir, channels, subset=cfg.data.stats_subset, seed=seed)
+    else:
+        from steps import step2_download  # imported only when a refetch is asked for
+
+        fetched = _fetched_path(step2_download.main(only=["latents-stats"]))
+        install_stats_file(fetched, path, channels)  # the official bytes, unchanged
+        action = f"refetched from {fetched}"
+    verdict = validate_stats(path, channels)
+    print(f"{action}; {STATS_NAME} verdict now: {verdict}", flush=True)
+    return {"verdict": verdict, "action": action, "path": str(path)}
+
+
+def cli(argv: list[str] | None = None) -> dict:
+    from repro.utils.cli import run_cli
+
+    p = argparse.ArgumentParser(prog="python -m steps.step5_fix_stats", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="YAML config (data.data_path, model.in_chans)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--recompute", action="store_true", help="recompute from the latent shards")
+    group.add_argument("--refetch", action="store_true", help="download the official file (step 2)")
+    p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent subset (--recompute)")
+    args = p.parse_args(argv)
+
+    def body():
+        result = main(args.config, recompute=args.recompute, refetch=args.refetch, set=args.set, seed=args.seed)
+        if not result["verdict"].ok:
+            raise ReproError(f"{result['path']} is not usable: {result['verdict'].reason}")
+        return result
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,249 @@
+"""Step 6 extraction on real image files: upstream-readable shards, corrupt files, SIGKILL resume, torchrun.
+
+Images are made here: crops of matplotlib's bundled photo (grace_hopper.jpg) plus drawn shapes, in the
+awkward formats users have (grayscale JPEG, CMYK JPEG, palette PNG with transparency, RGBA PNG, WebP)
+and one truncated JPEG. The VA-VAE is the official layout at width 32 with seeded random weights.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from glob import glob
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from repro.data.extract import extract_latents
+from repro.data.images import list_images
+from repro.data.latents import LatentShardDataset, image_seed
+from repro.errors import ReproError
+from repro.tokenizer.images import center_crop_arr, pil_to_tensor
+from repro.tokenizer.vavae import AutoencoderKL, load_vavae
+from tests.conftest import PROJECT_ROOT
+
+SHARD_SIZE, BATCH = 5, 3
+
+
+def _photo() -> Image.Image:
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        return Image.open(f).convert("RGB")
+
+
+def _make_images(root: Path) -> None:
+    """3 classes, 24 files: 23 images in six formats/modes, 1 truncated JPEG, plus a stray text file."""
+    photo = _photo()  # 512 x 600
+    a, b, c = (root / n for n in ("class_a", "class_b", "class_c"))
+    for d in (a, b, c):
+        d.mkdir(parents=True)
+    for i in range(8):  # photo crops of several sizes and aspect ratios
+        box = (i * 30, i * 20, i * 30 + 90 + 25 * i, i * 20 + 120 + 10 * (i % 3))
+        photo.crop(box).save(a / f"photo_{i}.jpg", quality=90)
+    for i in range(6):  # drawn shapes
+        img = Image.new("RGB", (96 + 8 * i, 72), (20 * i, 120, 240 - 30 * i))
+        ImageDraw.Draw(img).ellipse((10 + i, 8, 60 + 4 * i, 64), fill=(250, 30 * i, 10))
+        img.save(b / f"shape_{i}.png")
+    photo.crop((100, 100, 260, 220)).convert("L").save(b / "gray.jpg")
+    photo.crop((50, 200, 170, 300)).convert("CMYK").save(b / "cmyk.jpg")
+    pal = photo.crop((0, 300, 128, 400)).convert("P", palette=Image.ADAPTIVE, colors=32)
+    pal.save(b / "palette_transparent.png", transparency=0)
+    rgba = photo.crop((200, 50, 300, 150)).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    rgba.save(c / "rgba.png")
+    for i in range(5):
+        photo.crop((300 - 20 * i, 300, 400, 420 + 10 * i)).save(c / f"web_{i}.webp", quality=80)
+    good = io.BytesIO()
+    photo.crop((0, 0, 100, 100)).save(good, format="JPEG")
+    (c / "truncated.jpg").write_bytes(good.getvalue()[:300])
+    (c / "notes.txt").write_text("not an image")
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract")
+    _make_images(root / "images")
+    torch.manual_seed(0)
+    save_file(AutoencoderKL(ch=32).state_dict(), str(root / "vae.safetensors"))
+    cfg = root / "tiny.yaml"
+    cfg.write_text(f"data:\n  data_path: {root / 'latents'}\n  image_size: 64\n  stats_subset: 16\n"
+                   f"vae:\n  ch: 32\n  ckpt_path: {root / 'vae.safetensors'}\nmodel:\n  in_chans: 32\n")
+    vae = load_vavae(root / "vae.safetensors", ch=32)
+    # the reference run: one process, one thread (torchrun also sets OMP_NUM_THREADS=1; CPU float
+    # rounding of convolutions depends on the thread count, ~1e-6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = extract_latents(vae, root / "images", root / "ref", image_size=64, batch_size=BATCH,
+                                 shard_size=SHARD_SIZE, seed=0, stats_subset=16)
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, "cfg": cfg, "vae": vae, "images": root / "images", "ref": root / "ref", "report": report}
+
+
+def _upstream_style_read(folder: Path) -> dict[str, torch.Tensor]:
+    """What upstream ImgLatentDataset does: sorted glob, safe_open each shard, concatenate."""
+    parts: dict[str, list] = {"latents": [], "latents_flip": [], "labels": []}
+    for f in sorted(glob(os.path.join(folder, "*.safetensors"))):
+        with safe_open(f, framework="pt", device="cpu") as h:
+            for key in parts:
+                parts[key].append(h.get_tensor(key))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT))
+
+
+def test_shards_read_by_upstream_conventions(kit):
+    report, ref = kit["report"], kit["ref"]
+    data = _upstream_style_read(ref)
+    assert report["num_images_listed"] == 24 and report["num_encoded"] == 23
+    assert data["latents"].shape == (23, 32, 4, 4) and data["latents"].dtype == torch.float32
+    assert data["latents_flip"].shape == data["latents"].shape and data["labels"].dtype == torch.int64
+    assert data["labels"].tolist() == [0] * 8 + [1] * 9 + [2] * 6  # sorted class folders -> labels
+    assert not torch.equal(data["latents"], data["latents_flip"])
+    # the corrupt file is reported (path + error) and counted, the stray text file counted as ignored
+    assert report["num_corrupt"] == 1 and report["corrupt"][0]["path"].endswith("truncated.jpg")
+    assert "truncated" in report["corrupt"][0]["error"].lower() and report["num_ignored_files"] == 1
+    assert report["num_shards"] == 5 and sorted(p.name for p in ref.glob("*.safetensors"))[0] == \
+        "latents_rank00_shard000.safetensors"
+
+    # image 0 by hand: ADM crop, encode, own seeded noise (latents then flip from one generator)
+    src = list_images(kit["images"])
+    img, label = src.load(0)
+    x = pil_to_tensor(center_crop_arr(img, 64))
+    with torch.inference_mode():
+        post = kit["vae"].encode(torch.stack([x, x.flip(-1)]))
+    g = torch.Generator().manual_seed(image_seed(0, 0))
+    eps = torch.randn(32, 4, 4, generator=g), torch.randn(32, 4, 4, generator=g)
+    torch.testing.assert_close(data["latents"][0], post.mean[0] + post.std[0] * eps[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(data["latents_flip"][0], post.mean[1] + post.std[1] * eps[1], rtol=1e-5, atol=1e-5)
+
+    # latents_stats.pt: upstream's formula over all 23 (subset 16 -> seeded subset; check shape/finite)
+    stats = torch.load(ref / "latents_stats.pt", weights_only=True)
+    assert stats["mean"].shape == (1, 32, 1, 1) and (stats["std"] > 0).all()
+    ds = LatentShardDataset(ref)
+    assert len(ds) == 23 and ds.channels == 32 and ds.latent_size == 4 and ds.num_classes_seen == 3
+    xn, y = ds.get(3, flip=True)
+    torch.testing.assert_close(xn, ((data["latents_flip"][3:4] - stats["mean"]) / stats["std"])[0])
+    assert y == 0
+
+
+def test_image_modes_convert_to_rgb(kit):
+    expected = {"class_b/gray.jpg": "L", "class_b/cmyk.jpg": "CMYK", "class_b/palette_transparent.png": "P",
+                "class_c/rgba.png": "RGBA", "class_c/web_0.webp": "RGB"}
+    for rel, mode in expected.items():
+        with Image.open(kit["images"] / rel) as im:
+            assert im.mode == mode, rel
+    src = list_images(kit["images"])
+    for i, item in enumerate(src.items):
+        if not item.ref.endswith("truncated.jpg"):
+            assert src.load(i)[0].mode == "RGB"
+
+
+def test_flat_folder_and_webdataset_tars_match_class_folder(kit, tmp_path):
+    """The same images listed three ways give the same latents (noise follows the image index)."""
+    src = list_images(kit["images"])
+    names = [Path(it.ref) for it in src.items[:7]]  # 7 images of class_a
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    lines = ["filename,label"]
+    for i, p in enumerate(names):
+        (flat / f"img{i:02d}{p.suffix}").write_bytes(p.read_bytes())
+        lines.append(f"img{i:02d}{p.suffix},{src.items[i].label}")
+    (flat / "labels.csv").write_text("\n".join(lines) + "\n")
+    (flat / "unlisted.png").write_bytes((kit["images"] / "class_b" / "shape_0.png").read_bytes())
+    tars = [tmp_path / "shard-000000.tar", tmp_path / "shard-000001.tar"]
+    for t, part in zip(tars, (range(0, 4), range(4, 7))):
+        with tarfile.open(t, "w") as tf:
+            for i in part:
+                for name, data in ((f"s{i:04d}.jpg", names[i].read_bytes()), (f"s{i:04d}.cls", b"0\n")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo("orphan.cls")  # a sample without an image: reported
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"1\n"))
+    ref = _upstream_style_read(kit["ref"])
+    for source, out in ((flat, tmp_path / "out_flat"), (tars, tmp_path / "out_tar")):
+        rep = extract_latents(kit["vae"], source, out, image_size=64, batch_size=BATCH, shard_size=SHARD_SIZE,
+                              seed=0, stats_subset=16)
+        got = _upstream_style_read(out)
+        assert rep["num_encoded"] == 7 and got["labels"].tolist() == [0] * 7
+        torch.testing.assert_close(got["latents"], ref["latents"][:7], rtol=1e-5, atol=1e-5)
+        assert rep["num_listing_problems"] == (1 if source is flat else 2)
+    assert rep["source_kind"] == "webdataset" and "orphan" in rep["listing_problems"][0]["path"]
+
+
+def test_moments_store_draws_samples_at_train_time(kit, tmp_path):
+    rep = extract_latents(kit["vae"], kit["images"], tmp_path / "mom", image_size=64, batch_size=BATCH,
+                          shard_size=SHARD_SIZE, seed=0, store="moments", stats_subset=16)
+    ds = LatentShardDataset(tmp_path / "mom")
+    assert ds.store == "moments" and len(ds) == rep["num_encoded"] == 23
+    a = ds.get(2, flip=False, generator=torch.Generator().manual_seed(5))[0]
+    b = ds.get(2, flip=False, generator=torch.Generator().manual_seed(5))[0]
+    c = ds.get(2, flip=False, generator=torch.Generator().manual_seed(6))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with safe_open(str(tmp_path / "mom" / "latents_rank00_shard000.safetensors"), "pt") as h:
+        assert set(h.keys()) == {"mean", "logvar", "mean_flip", "logvar_flip", "labels"}
+
+
+def test_rerun_with_other_settings_is_refused(kit, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, data in _shard_bytes(kit["ref"]).items():
+        (out / name).write_bytes(data)
+    with pytest.raises(ReproError, match="different extraction.*seed"):
+        extract_latents(kit["vae"], kit["images"], out, image_size=64, batch_size=BATCH, shard_size=SHARD_SIZE,
+                        seed=1, stats_subset=16)
+
+
+def test_restart_after_sigkill_gives_identical_shards(kit, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "steps.step6_extract", "--config", str(kit["cfg"]), "--source", str(kit["images"]),
+           "--out", str(out), "--batch-size", str(BATCH), "--shard-size", str(SHARD_SIZE), "--device", "cpu"]
+    # the child runs niced so that this poller wins the CPU and kills it between shards on a busy machine
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.nice(19))
+    deadline = time.time() + 60
+    while not list(out.glob("latents_rank*.safetensors")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list(out.glob("latents_rank*.safetensors")))
+    assert 1 <= done_at_kill < 5 and not (out / "extract_report.json").exists()
+
+    rerun = subprocess.run(cmd, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    report = __import__("json").loads((out / "extract_report.json").read_text())
+    assert report["shards_reused"] == done_at_kill and report["shards_written"] == 5 - done_at_kill
+    assert _shard_bytes(out) == _shard_bytes(kit["ref"])
+    assert (out / "latents_stats.pt").read_bytes() == (kit["ref"] / "latents_stats.pt").read_bytes()
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]  # no temp files left behind
+
+
+def test_torchrun_two_processes_match_one(kit, tmp_path):
+    out = tmp_path / "out2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "steps.step6_extract", "--config", str(kit["cfg"]), "--source", str(kit["images"]),
+           "--out", str(out), "--batch-size", str(BATCH), "--shard-size", str(SHARD_SIZE)]
+    run = subprocess.run(cmd, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "with 2 process(es)" in run.stdout
+    assert _shard_bytes(out) == _shard_bytes(kit["ref"])
+    assert (out / "latents_stats.pt").read_bytes() == (kit["ref"] / "latents_stats.pt").read_bytes()
