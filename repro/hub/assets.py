@@ -1,0 +1,291 @@
+"""Fetch the kit's assets: use what is already on disk (verified), download the rest, record where.
+
+    records = fetch_assets()                                  # everything in configs/assets.yaml
+    records = fetch_assets(["vavae-f16d32"], dest="weights")  # one file, placed under weights/
+
+Order per asset: the HF cache (or the plain-URL cache), then `dest`, then the manifest's search
+folders (Kaggle's /kaggle/input on Kaggle): a file there whose sha256 matches is used as it is, with
+no GET. Missing Hugging Face files are resolved first (one HEAD each, so a wrong repo/file or a gated
+repo fails within seconds, before any byte moves), free disk is checked, then files are fetched one
+by one with resume. The result goes to `runs/assets.json`:
+
+    {"assets": {"vavae-f16d32": {"path": ..., "size": ..., "sha256": ..., "source": "fetched",
+                                 "verified_by": "hub sha256", "repo_id": ..., "revision": ...,
+                                 "filename": ...}, ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from repro import paths
+from repro.hub.download import (DiskFullError, DownloadError, OfflineError, download_url, human_size, sha256_file)
+from repro.hub.hf import RemoteFile, cached_file, download_hf, hub_settings, partial_path, resolve_remote
+from repro.hub.manifest import AssetSpec, Manifest, load_manifest
+from repro.utils.io import atomic_write_json
+
+SEARCH_DEPTH = 6  # /kaggle/input/<model>/<framework>/<variation>/<version>/<file> is 5 deep
+
+
+@dataclass
+class AssetRecord:
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    source: str  # "fetched" | "found" (under --dest or a search folder) | "cache" (HF or plain-URL cache)
+    verified_by: str  # "pinned sha256" | "hub sha256" | "cache blob sha256" | "size" | "unverified"
+    spec: AssetSpec = field(repr=False)
+    resumed_from: int = 0
+
+    def to_json(self) -> dict:
+        out = {"path": os.path.abspath(self.path), "size": self.size, "sha256": self.sha256, "source": self.source,
+               "verified_by": self.verified_by, "filename": self.spec.filename}
+        if self.spec.is_hf:
+            out.update(repo_id=self.spec.repo_id, revision=self.spec.revision)
+        else:
+            out["url"] = self.spec.url
+        return out
+
+
+def plain_cache_dir() -> Path:
+    """Plain-URL files without --dest: `$HF_ASSETS_CACHE/repro` (huggingface_hub's folder for libraries' assets)."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return Path(os.environ.get("HF_ASSETS_CACHE") or os.path.join(home, "assets")).expanduser() / "repro"
+
+
+class _HashStamps:
+    """sha256 of files hashed before, keyed by (size, mtime, inode): a second run does not re-read 7 GB."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.stamps = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            print(f"note: unreadable hash stamps {path}; files will be re-hashed", flush=True)
+            self.stamps = {}
+        self.dirty = False
+
+    @staticmethod
+    def _key(p: Path) -> tuple[str, list]:
+        st = os.stat(p)
+        return os.path.realpath(p), [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def sha256(self, p: Path) -> str:
+        real, stamp = self._key(p)
+        entry = self.stamps.get(real)
+        if entry and entry[0] == stamp:
+            return entry[1]
+        digest = sha256_file(p)
+        self.remember(p, digest)
+        return digest
+
+    def remember(self, p: Path, digest: str) -> None:
+        real, stamp = self._key(p)
+        self.stamps[real] = [stamp, digest]
+        self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            atomic_write_json(self.path, self.stamps)
+
+
+def _find_named(root: Path, filename: str, depth: int = SEARCH_DEPTH) -> list[Path]:
+    """Files called `filename` under `root`, at most `depth` levels down, skipping hidden folders."""
+    out, stack = [], [(root, 1)]
+    while stack:
+        folder, level = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            if e.name == filename and e.is_file():
+                out.append(Path(e.path))
+            elif level < depth and not e.name.startswith(".") and e.is_dir():
+                stack.append((Path(e.path), level + 1))
+    return sorted(out)
+
+
+def _local_candidates(spec: AssetSpec, dest: Path | None, search_dirs: list[Path]) -> list[tuple[Path, str]]:
+    cands: list[tuple[Path, str]] = []
+    if not spec.is_hf:
+        cands.append((plain_cache_dir() / spec.filename, "cache"))
+    if dest is not None:
+        cands.append((dest / spec.filename, "found"))
+        cands += [(p, "found") for p in _find_named(dest, spec.filename)]
+    for folder in search_dirs:
+        cands += [(p, "found") for p in _find_named(folder, spec.filename)]
+    seen, out = set(), []
+    for p, src in cands:
+        if p.is_file() and os.path.realpath(p) not in seen:
+            seen.add(os.path.realpath(p))
+            out.append((p, src))
+    return out
+
+
+def _note(notes: list[str], msg: str) -> None:
+    """Say why a file on disk was not used, once (the same file can be looked at twice)."""
+    if msg not in notes:
+        notes.append(msg)
+        print(f"note: {msg}", flush=True)
+
+
+def _check(spec, path, source, sha, size, how, stamps, notes) -> AssetRecord | None:
+    """A record if the file at `path` matches `sha`/`size`; a note (not an error) if it does not."""
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        _note(notes, f"{spec.name}: ignoring {path}: {actual_size} bytes, expected {size}")
+        return None
+    digest = stamps.sha256(path)
+    if sha is not None and digest != sha:
+        _note(notes, f"{spec.name}: ignoring {path}: sha256 {digest[:12]}… differs from expected {sha[:12]}…")
+        return None
+    verified = how if sha is not None else ("size" if size is not None else "unverified")
+    return AssetRecord(spec.name, path, actual_size, digest, source, verified, spec)
+
+
+def _find_local(spec, dest, search_dirs, settings, stamps, notes, remote: RemoteFile | None = None,
+                accept_unverified: bool = False) -> AssetRecord | None:
+    pinned = spec.sha256
+    sha = pinned or (remote.sha256 if remote else None)
+    size = spec.size or (remote.size if remote else None)
+    how = "pinned sha256" if pinned else "hub sha256"
+    if spec.is_hf and (hit := cached_file(spec, settings)) is not None:
+        path, blob_sha = hit
+        rec = _check(spec, path, "cache", pinned or blob_sha or sha, size,
+                     how if (pinned or not blob_sha) else "cache blob sha256", stamps, notes)
+        if rec and (rec.verified_by != "unverified" or accept_unverified):
+            return rec
+    for path, source in _local_candidates(spec, dest, search_dirs):
+        if sha is None and not accept_unverified:
+            continue  # decided after the Hub tells us the sha256
+        rec = _check(spec, path, source, sha, size, how, stamps, notes)
+        if rec:
+            return rec
+    return None
+
+
+def _free_disk_check(plans: list[tuple[AssetSpec, RemoteFile | None, Path, Path]]) -> None:
+    """Fail before fetching anything if a target disk cannot hold what is still missing."""
+    need: dict[int, list] = {}
+    for spec, remote, folder, part in plans:
+        probe = folder
+        while not probe.exists():
+            probe = probe.parent
+        total = (remote.size if remote and remote.size is not None else None) or spec.size or spec.approx_size
+        have = part.stat().st_size if part.is_file() else 0
+        entry = need.setdefault(os.stat(probe).st_dev, [probe, 0, []])
+        entry[1] += max(total - have, 0)
+        entry[2].append(spec.name)
+    for probe, nbytes, names in need.values():
+        free = shutil.disk_usage(probe).free
+        if nbytes > free:
+            raise DiskFullError(f"not enough disk space for {', '.join(names)}: need {human_size(nbytes)} under "
+                                f"{probe}, only {human_size(free)} free; free some space or pass --dest on a "
+                                f"bigger disk")
+
+
+def _fetch(spec: AssetSpec, remote: RemoteFile | None, folder: Path, settings, dest: Path | None) -> AssetRecord:
+    print(f"fetching {spec.name}: {spec.where} ({human_size((remote and remote.size) or spec.size)})", flush=True)
+    if remote is not None:
+        got = download_hf(spec, remote, settings, dest, expected_sha256=spec.sha256)
+        how = "pinned sha256" if spec.sha256 else ("hub sha256" if remote.sha256 else "size")
+    else:
+        got = download_url(spec.url, folder / spec.filename, expected_size=spec.size, expected_sha256=spec.sha256,
+                           what=f"{spec.name} ({spec.url}, file {spec.filename})", label=spec.name,
+                           connect_timeout=settings.etag_timeout, read_timeout=max(settings.download_timeout, 10.0))
+        how = "pinned sha256" if spec.sha256 else ("size" if spec.size else "unverified")
+    if got.resumed_from:
+        print(f"{spec.name}: resumed from {human_size(got.resumed_from)} already on disk", flush=True)
+    return AssetRecord(spec.name, got.path, got.size, got.sha256, "fetched", how, spec, got.resumed_from)
+
+
+def print_table(records: Iterable[AssetRecord]) -> None:
+    rows = [("asset", "source", "size", "sha256", "verified", "path")]
+    rows += [(r.name, r.source, human_size(r.size), r.sha256[:16], r.verified_by, str(r.path)) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[5], flush=True)
+
+
+def write_assets_json(records: Iterable[AssetRecord]) -> Path:
+    """Merge these records into runs/assets.json (other assets' entries are kept), atomically."""
+    out = paths.assets_json()
+    data: dict = {"assets": {}}
+    if out.is_file():
+        try:
+            data = json.loads(out.read_text())
+            data.setdefault("assets", {})
+        except (OSError, ValueError):
+            print(f"note: {out} was unreadable and is rewritten", flush=True)
+            data = {"assets": {}}
+    data["assets"].update({r.name: r.to_json() for r in records})
+    return atomic_write_json(out, data)
+
+
+def fetch_assets(names: list[str] | None = None, dest: str | os.PathLike | None = None, offline: bool = False,
+                 manifest: str | os.PathLike | Manifest | None = None) -> list[AssetRecord]:
+    """Make every selected asset present and verified; print a table; write runs/assets.json."""
+    m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    specs = m.select(names)
+    settings = hub_settings(offline)
+    dest = Path(dest).expanduser() if dest is not None else None
+    search_dirs = m.active_search_dirs()
+    for d in m.search_dirs:
+        if d.when is None and not d.path.is_dir():
+            print(f"note: search folder {d.path} does not exist; skipped", flush=True)
+    stamps = _HashStamps(paths.runs_dir() / "sha256_stamps.json")
+    notes: list[str] = []
+    records: dict[str, AssetRecord] = {}
+    try:
+        missing = []
+        for spec in specs:
+            # Without a hash to check against, a plain-URL file (or any file offline) is taken by name.
+            lenient = not spec.is_hf or settings.offline
+            rec = _find_local(spec, dest, search_dirs, settings, stamps, notes, accept_unverified=lenient)
+            if rec:
+                records[spec.name] = rec
+            else:
+                missing.append(spec)
+        if missing and settings.offline:
+            raise OfflineError("offline mode (--offline or HF_HUB_OFFLINE=1) and not on disk: " + "; ".join(
+                f"{s.name} ({s.where})" for s in missing) + "; run once with network, or put the files under "
+                "--dest or a search folder")
+        plans = []
+        for spec in missing:
+            remote = resolve_remote(spec, settings) if spec.is_hf else None
+            if remote and spec.sha256 and remote.sha256 and remote.sha256 != spec.sha256:
+                raise DownloadError(f"{spec.name} ({spec.where}): the Hub serves sha256 {remote.sha256}, the manifest "
+                                    f"pins {spec.sha256}; the upstream file changed, check the manifest")
+            if remote and (rec := _find_local(spec, dest, search_dirs, settings, stamps, notes, remote)):
+                records[spec.name] = rec
+                continue
+            if spec.is_hf:
+                folder = dest or settings.cache_dir
+                part = partial_path(spec, remote, settings, dest)
+            else:
+                folder = dest or plain_cache_dir()
+                part = folder / (spec.filename + ".part")
+            plans.append((spec, remote, folder, part))
+        _free_disk_check(plans)
+        for spec, remote, folder, _ in plans:
+            records[spec.name] = rec = _fetch(spec, remote, folder, settings, dest)
+            stamps.remember(rec.path, rec.sha256)
+    finally:
+        stamps.save()
+        if records:
+            write_assets_json(records.values())
+    ordered = [records[s.name] for s in specs]
+    print_table(ordered)
+    unverified = [r.name for r in ordered if r.verified_by == "unverified"]
+    if unverified:
+        print(f"warning: {len(unverified)} file(s) could not be checked (no known sha256 or size): "
+              f"{', '.join(unverified)}", flush=True)
+    return ordered

@@ -1,0 +1,227 @@
+"""One small resumable HTTP downloader, used for plain URLs and for Hugging Face LFS blobs.
+
+    download_url(url, dest, expected_size=..., expected_sha256=..., what="fid-inception")
+
+Bytes go to a partial file next to the destination (`dest.part`, or the caller's `part_path`); a
+later run (even after SIGKILL) continues it with an HTTP Range request. Only a complete file whose
+size and sha256 check out is renamed onto `dest`, so `dest` is never a half file. A wrong sha256
+deletes the partial file and raises HashMismatchError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlparse
+
+import requests
+from filelock import FileLock
+
+from repro.errors import ReproError
+
+CHUNK_SIZE = 1 << 20  # bytes per read/write; at most this much is lost when a process is killed
+MAX_RESUMES = 3  # reconnects within one run after a dropped stream that had made progress
+
+
+class DownloadError(ReproError):
+    """A file could not be fetched or verified."""
+
+
+class NotFoundError(DownloadError):
+    """The repo, revision or file does not exist on the server (404)."""
+
+
+class AuthError(DownloadError):
+    """Gated or private: the server wants a (different) token (401/403)."""
+
+
+class NetworkError(DownloadError):
+    """The server cannot be reached (DNS, refused, timeout)."""
+
+
+class OfflineError(DownloadError):
+    """Offline mode is on and the file is not on disk."""
+
+
+class DiskFullError(DownloadError):
+    """Not enough free disk space, before or during a download."""
+
+
+class HashMismatchError(DownloadError):
+    """The downloaded bytes do not match the expected sha256 (the file was deleted)."""
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    path: Path
+    size: int
+    sha256: str
+    resumed_from: int  # bytes that were already on disk when this run started
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = CHUNK_SIZE) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            h.update(block)
+    return h.hexdigest()
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def progress_bar(total: int | None, initial: int, desc: str):
+    """tqdm (notebook-aware), off when HF_HUB_DISABLE_PROGRESS_BARS is set like the HF client's own bars."""
+    from tqdm.auto import tqdm
+
+    disabled = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in ("1", "ON", "YES", "TRUE")
+    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=disabled, leave=False)
+
+
+def _hash_prefix(part: Path) -> tuple["hashlib._Hash", int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(part, "rb") as f:
+        while block := f.read(CHUNK_SIZE):
+            h.update(block)
+            n += len(block)
+    return h, n
+
+
+def _host(url: str) -> str:
+    return urlparse(url).netloc or url
+
+
+def _status_error(status: int, url: str, what: str) -> DownloadError:
+    if status == 404:
+        return NotFoundError(f"{what}: not found (HTTP 404 from {_host(url)}); check the URL in the asset manifest")
+    if status in (401, 403):
+        return AuthError(f"{what}: access denied (HTTP {status} from {_host(url)}); the server wants credentials")
+    return DownloadError(f"{what}: HTTP {status} from {_host(url)}; try again later")
+
+
+def _range_start(content_range: str | None) -> int:
+    """First byte of a `Content-Range: bytes START-END/TOTAL` header, -1 if unreadable."""
+    m = re.match(r"\s*bytes\s+(\d+)-", content_range or "")
+    return int(m.group(1)) if m else -1
+
+
+def _stream_once(url: str, part: Path, hasher, have: int, headers: Mapping[str, str], what: str,
+                 timeout: tuple[float, float], bar) -> tuple[object, int]:
+    """One GET (with Range when `have` > 0) appended to `part`. Returns (hasher, bytes on disk)."""
+    req_headers = {"Accept-Encoding": "identity", **headers}
+    if have:
+        req_headers["Range"] = f"bytes={have}-"
+    try:
+        resp = requests.get(url, headers=req_headers, stream=True, timeout=timeout)
+    except requests.exceptions.RequestException as e:
+        raise NetworkError(f"{what}: cannot reach {_host(url)} ({type(e).__name__}); check the network, "
+                           f"or run with --offline using files already on disk") from None
+    with contextlib.closing(resp):
+        if resp.status_code == 416 and have:
+            # Range starts past the end: the partial file is already whole (or stale); the caller checks it.
+            return hasher, have
+        if resp.status_code >= 400:
+            raise _status_error(resp.status_code, url, what)
+        if resp.status_code == 206:
+            if _range_start(resp.headers.get("Content-Range")) != have:
+                part.unlink(missing_ok=True)
+                raise DownloadError(f"{what}: {_host(url)} answered a different byte range than asked for; "
+                                    f"the partial file was deleted, run again")
+        elif have:  # 200: the server ignored the Range header, so the body is the whole file
+            hasher, have = hashlib.sha256(), 0
+            bar.reset(total=bar.total)
+        try:
+            with open(part, "ab" if have else "wb") as f:
+                try:
+                    for block in resp.iter_content(chunk_size=CHUNK_SIZE):
+                        f.write(block)
+                        hasher.update(block)
+                        have += len(block)
+                        bar.update(len(block))
+                finally:
+                    f.flush()
+                    os.fsync(f.fileno())
+        except requests.exceptions.RequestException as e:
+            raise NetworkError(f"{what}: connection to {_host(url)} dropped after {have} bytes ({type(e).__name__}); "
+                               f"run the same command again to resume") from None
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFullError(f"{what}: disk full while writing {part}; free space and run again "
+                                    f"(the bytes already written are kept and resumed)") from None
+            raise
+    return hasher, have
+
+
+def download_url(url: str, dest: str | os.PathLike, *, expected_size: int | None = None,
+                 expected_sha256: str | None = None, headers: Mapping[str, str] | None = None,
+                 part_path: str | os.PathLike | None = None, lock_path: str | os.PathLike | None = None,
+                 what: str | None = None, label: str | None = None,
+                 connect_timeout: float = 10.0, read_timeout: float = 30.0) -> Downloaded:
+    """Fetch `url` to `dest`, resuming `part_path` (default `dest.part`); verify; rename atomically.
+
+    `what` names the asset (and its source) in error messages, `label` the progress bar. Raises NetworkError (unreachable, dropped), NotFoundError,
+    AuthError, DiskFullError (ENOSPC) and HashMismatchError (partial file deleted).
+    """
+    dest = Path(dest)
+    part = Path(part_path) if part_path is not None else dest.with_name(dest.name + ".part")
+    what = what or dest.name
+    part.parent.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes fetching the same file (a second notebook, a forgotten terminal) must not
+    # interleave their bytes in one partial file. The lock file is left in place on purpose:
+    # deleting it while another process waits on it would let a third one in.
+    lock = FileLock(str(lock_path or part.with_name(f".{part.name}.lock")))
+    with lock:
+        have = part.stat().st_size if part.exists() else 0
+        if expected_size is not None and have > expected_size:
+            part.unlink()  # longer than the real file: cannot be a prefix of it
+            have = 0
+        resumed_from = have
+        hasher, have = _hash_prefix(part) if have else (hashlib.sha256(), 0)
+        with progress_bar(expected_size, have, label or dest.name) as bar:
+            for attempt in range(MAX_RESUMES + 1):
+                if expected_size is not None and have == expected_size:
+                    break
+                before = have
+                try:
+                    hasher, have = _stream_once(url, part, hasher, have, headers or {}, what,
+                                                (connect_timeout, read_timeout), bar)
+                except NetworkError:
+                    # A dropped stream that had made progress is resumed a few times; a dead server is not.
+                    have = part.stat().st_size if part.exists() else 0
+                    if attempt == MAX_RESUMES or have <= before:
+                        raise
+                    hasher, have = _hash_prefix(part)
+                    continue
+                if expected_size is None or have >= expected_size:
+                    break
+        if expected_size is not None and have != expected_size:
+            if have > expected_size:
+                part.unlink(missing_ok=True)
+                raise DownloadError(f"{what}: {_host(url)} sent {have} bytes, expected {expected_size}; "
+                                    f"the partial file was deleted, run again")
+            raise NetworkError(f"{what}: download stopped at {have} of {expected_size} bytes from {_host(url)}; "
+                               f"run the same command again to resume")
+        digest = hasher.hexdigest()
+        if expected_sha256 is not None and digest != expected_sha256.lower():
+            part.unlink(missing_ok=True)
+            raise HashMismatchError(f"{what}: sha256 mismatch: expected {expected_sha256}, got {digest}; "
+                                    f"the downloaded file was deleted, run again (if it repeats, the upstream "
+                                    f"file changed: check the manifest)")
+        os.replace(part, dest)
+    return Downloaded(path=dest, size=have, sha256=digest, resumed_from=resumed_from)

@@ -1,0 +1,275 @@
+"""A local fake Hugging Face Hub for tests: real HTTP on 127.0.0.1, spoken the way huggingface_hub reads it.
+
+    from tests.fakehub import FakeHub, serve_manifest
+
+    with FakeHub.for_assets({"vavae-f16d32": vae_bytes, "fid-inception": b"..."}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)       # huggingface_hub / repro.hub talk to it
+        manifest = serve_manifest(tmp_path, hub)              # configs/assets.yaml, pointed at the hub
+        steps.step2_download.main(manifest=str(manifest))
+        assert hub.count("GET") == 2
+
+    FakeHub(files={("hustvl/repo", "file.pt"): b"bytes"}, plain={"ref.npz": b"..."},
+            revision_sha="a" * 40, gated={"hustvl/repo": "hf_token"}, corrupt={("hustvl/repo", "file.pt")},
+            throttle={("hustvl/repo", "file.pt"): 1_000_000}, non_lfs={("hustvl/repo", "config.json")})
+
+Two origins, like the real Hub and its CDN: `endpoint` answers HEAD/GET `/{repo}/resolve/{rev}/{file}`
+with `X-Repo-Commit` and `ETag`; an LFS file (the default) gets a 302 to the second origin with
+`X-Linked-Etag` (its sha256) and `X-Linked-Size`, a non-LFS file is served directly. Errors carry
+`X-Error-Code`: 404 RepoNotFound / RevisionNotFound / EntryNotFound, 401 (no token) or 403 (wrong
+token) GatedRepo. Both origins honour `Range` (206 + Content-Range). `plain_url(name)` serves `plain`
+files. Options (all may be changed while running): `throttle` (key or plain name -> bytes/second),
+`corrupt` (served bytes differ from the advertised sha256). `requests` lists every request as
+(method, path, headers), path including the query, headers a dict with lower-case names;
+`count(method, contains)` and `ranges()` summarise them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import quote, unquote, urlsplit
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+Key = tuple  # (repo_id, filename)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _git_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _lfs_pointer(data: bytes) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{_sha256(data)}\nsize {len(data)}\n".encode()
+
+
+def _corrupted(data: bytes) -> bytes:
+    if not data:
+        return b"\0"
+    i = len(data) // 2
+    return data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
+
+
+class FakeHub:
+    """See the module docstring. Use as a context manager (or call start()/stop())."""
+
+    def __init__(self, files: Mapping[Key, bytes] | None = None, *, plain: Mapping[str, bytes] | None = None,
+                 revision_sha: str = "0123456789abcdef0123456789abcdef01234567",
+                 gated: Mapping[str, str] | None = None, corrupt=(), throttle: Mapping | None = None,
+                 non_lfs=()):
+        self.files = dict(files or {})
+        self.plain = dict(plain or {})
+        self.revision_sha = revision_sha
+        self.gated = dict(gated or {})  # repo_id -> the one token that may read it
+        self.corrupt = set(corrupt)
+        self.throttle = dict(throttle or {})
+        self.non_lfs = set(non_lfs)
+        self.requests: list[tuple[str, str, dict]] = []
+        self._servers: list[ThreadingHTTPServer] = []
+        self.endpoint = self.cdn = ""
+
+    @classmethod
+    def for_assets(cls, content: Mapping[str, bytes], manifest: str | Path | None = None, **kwargs) -> "FakeHub":
+        """Serve `{asset name: bytes}` under the official repo/file names (HF) or as plain files."""
+        from repro.hub.manifest import load_manifest
+
+        m = load_manifest(manifest)
+        files, plain = dict(kwargs.pop("files", {})), dict(kwargs.pop("plain", {}))
+        for name, data in content.items():
+            spec = m.assets[name]
+            if spec.is_hf:
+                files[(spec.repo_id, spec.filename)] = data
+            else:
+                plain[spec.filename] = data
+        return cls(files, plain=plain, **kwargs)
+
+    # -- what tests look at -------------------------------------------------------------------------
+    def sha256(self, key) -> str:
+        """The advertised sha256 of a served file (key: (repo_id, filename) or a plain name)."""
+        return _sha256(self.files[key] if isinstance(key, tuple) else self.plain[key])
+
+    def plain_url(self, name: str) -> str:
+        return f"{self.endpoint}/plain/{quote(name)}"
+
+    def count(self, method: str | None = None, contains: str = "") -> int:
+        return sum(1 for m, p, _ in self.requests if (method is None or m == method) and contains in p)
+
+    def ranges(self) -> list[str]:
+        """The Range headers of every GET so far (to see that a download resumed)."""
+        return [h["range"] for m, _, h in self.requests if m == "GET" and "range" in h]
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> "FakeHub":
+        for role in ("hub", "cdn"):
+            handler = type(f"FakeHub{role.title()}Handler", (_Handler,), {"hub": self, "role": role})
+            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+            self._servers.append(server)
+        self.endpoint = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
+        self.cdn = f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+        return self
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers.clear()
+
+    def __enter__(self) -> "FakeHub":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: FakeHub
+    role: str
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def do_HEAD(self) -> None:
+        self._handle(body=False)
+
+    def do_GET(self) -> None:
+        self._handle(body=True)
+
+    # -- routing -----------------------------------------------------------------------------------
+    def _handle(self, body: bool) -> None:
+        hub = self.hub
+        hub.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+        path = urlsplit(self.path).path
+        try:
+            if self.role == "cdn" and path.startswith("/lfs/"):
+                return self._serve_lfs(unquote(path[len("/lfs/"):]), body)
+            if self.role == "hub" and path.startswith("/plain/"):
+                name = unquote(path[len("/plain/"):])
+                if name not in hub.plain:
+                    return self._reply(404, {"X-Error-Code": "EntryNotFound"}, b"not found", body)
+                data = hub.plain[name]
+                served = _corrupted(data) if name in hub.corrupt else data
+                return self._send_bytes(served, {"ETag": f'"{_sha256(data)}"'}, body, name)
+            if self.role == "hub" and "/resolve/" in path:
+                return self._resolve(path, body)
+            self._reply(404, {}, b"unknown route", body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away (e.g. a SIGKILLed downloader)
+
+    def _resolve(self, path: str, body: bool) -> None:
+        hub = self.hub
+        repo_id, _, rest = path.lstrip("/").partition("/resolve/")
+        revision, _, filename = rest.partition("/")
+        repo_id, revision, filename = unquote(repo_id), unquote(revision), unquote(filename)
+        repos = {r for r, _ in hub.files}
+        if repo_id not in repos:
+            return self._reply(404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},
+                               b"Repository not found", body)
+        if repo_id in hub.gated:
+            auth = self.headers.get("Authorization")
+            if auth != f"Bearer {hub.gated[repo_id]}":
+                status = 401 if auth is None else 403
+                msg = f"Access to model {repo_id} is restricted. You must have access to it and be authenticated."
+                return self._reply(status, {"X-Error-Code": "GatedRepo", "X-Error-Message": msg}, msg.encode(), body)
+        if revision not in ("main", hub.revision_sha):
+            return self._reply(404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"},
+                               b"Invalid rev id", body)
+        key = (repo_id, filename)
+        commit = {"X-Repo-Commit": hub.revision_sha}
+        if key not in hub.files:
+            return self._reply(404, {**commit, "X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"},
+                               b"Entry not found", body)
+        data = hub.files[key]
+        if key in hub.non_lfs:
+            served = _corrupted(data) if key in hub.corrupt else data
+            return self._send_bytes(served, {**commit, "ETag": f'"{_git_sha1(data)}"'}, body, key)
+        sha = _sha256(data)
+        location = f"{hub.cdn}/lfs/{sha}?repo={quote(repo_id, safe='')}&file={quote(filename, safe='')}"
+        self._reply(302, {**commit, "Location": location, "ETag": f'"{_git_sha1(_lfs_pointer(data))}"',
+                          "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))}, b"", body)
+
+    def _serve_lfs(self, sha: str, body: bool) -> None:
+        hub = self.hub
+        for key, data in list(hub.files.items()):
+            if key not in hub.non_lfs and _sha256(data) == sha:
+                served = _corrupted(data) if key in hub.corrupt else data
+                return self._send_bytes(served, {"ETag": f'"{sha}"'}, body, key)
+        self._reply(404, {}, b"no such object", body)
+
+    # -- responses ---------------------------------------------------------------------------------
+    def _reply(self, status: int, headers: Mapping[str, str], payload: bytes, body: bool) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if body and payload:
+            self.wfile.write(payload)
+
+    def _send_bytes(self, data: bytes, headers: Mapping[str, str], body: bool, throttle_key) -> None:
+        total, start = len(data), 0
+        rng = self.headers.get("Range")
+        status = 200
+        extra = {"Accept-Ranges": "bytes", **headers}
+        if rng and rng.startswith("bytes="):
+            first, _, last = rng[len("bytes="):].partition("-")
+            start = int(first or 0)
+            end = int(last) if last else total - 1
+            if start >= total:
+                return self._reply(416, {"Content-Range": f"bytes */{total}"}, b"", body)
+            data = data[start:end + 1]
+            status = 206
+            extra["Content-Range"] = f"bytes {start}-{start + len(data) - 1}/{total}"
+        self.send_response(status)
+        for k, v in extra.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if not body:
+            return
+        step = 16384
+        for i in range(0, len(data), step):
+            self.wfile.write(data[i:i + step])
+            rate = self.hub.throttle.get(throttle_key)  # live: a test may lift it mid-transfer
+            if rate:
+                time.sleep(step / rate)
+
+
+def serve_manifest(tmp_path: str | Path, hub: FakeHub, *, search_dirs=(), pin_hf: bool = False,
+                   base: str | Path | None = None) -> Path:
+    """Write `tmp_path/assets.yaml`: the kit's manifest, limited to the assets `hub` serves.
+
+    HF entries keep their official repo/file (the hub answers them through HF_ENDPOINT) with size and
+    sha256 null like the real manifest, unless `pin_hf`; plain-URL entries point at `hub.plain_url`
+    with size and sha256 pinned from the served bytes. `search_dirs` replaces the manifest's list.
+    """
+    base = Path(base) if base else PROJECT_ROOT / "configs" / "assets.yaml"
+    data = yaml.safe_load(base.read_text())
+    kept = {}
+    for name, entry in data["assets"].items():
+        entry = dict(entry)
+        if "repo_id" in entry and (entry["repo_id"], entry["filename"]) in hub.files:
+            blob = hub.files[(entry["repo_id"], entry["filename"])]
+            if pin_hf:
+                entry.update(size=len(blob), sha256=_sha256(blob))
+        elif "url" in entry and entry.get("filename") in hub.plain:
+            blob = hub.plain[entry["filename"]]
+            entry.update(url=hub.plain_url(entry["filename"]), size=len(blob), sha256=_sha256(blob))
+        else:
+            continue
+        kept[name] = entry
+    data["assets"] = kept
+    data["search_dirs"] = [str(d) for d in search_dirs]
+    out = Path(tmp_path) / "assets.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
