@@ -1,0 +1,140 @@
+"""Training cost on paper: FLOPs per image and the memory a training step needs.
+
+FLOPs (for MFU): 2 x multiply-adds of every linear layer (per token or per image) plus attention's
+QK^T and AV (4 T^2 D per block). For XL/1 at 16x16 latents that is ~354 GFLOP per image-forward
+(675M parameters x 256 tokens x 2, plus 8.5 GFLOP of attention); a training step costs 3 forwards
+(forward + backward), 4 with gradient checkpointing (the forward is recomputed).
+
+Memory (for "does XL/1 train on a 16 GB T4?"): fp32 weights, fp32 gradients, AdamW's two fp32
+moments, the EMA (on the GPU or the CPU), and activations. The activations of one transformer block
+are measured, not guessed: one block of the real model runs forward on the CPU under autocast while
+`saved_tensors_hooks` records every tensor autograd keeps (bf16 stands in for fp16: same sizes).
+With gradient checkpointing only each block's fp32 input is kept, plus one block recomputed at a
+time in the backward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from repro.models.lightningdit import build_model
+
+GiB = 1024 ** 3
+
+
+def _meta_model(model_cfg, latent_size: int, num_classes: int) -> nn.Module:
+    with torch.device("meta"):
+        return build_model(model_cfg, latent_size, num_classes)
+
+
+def forward_flops(model_cfg, latent_size: int, num_classes: int = 1000) -> float:
+    """Analytic FLOPs of one image's forward pass (multiply-add = 2 FLOPs)."""
+    m = _meta_model(model_cfg, latent_size, num_classes)
+    tokens = m.x_embedder.num_patches
+    per_token = 0  # weights applied to every token
+    per_image = 0  # weights applied once per image (conditioning path)
+    for name, mod in m.named_modules():
+        if isinstance(mod, nn.Linear):
+            if "adaLN_modulation" in name or name.startswith("t_embedder"):
+                per_image += mod.weight.numel()
+            else:
+                per_token += mod.weight.numel()
+        elif isinstance(mod, nn.Conv2d):  # patch embedding: one kernel application per token
+            per_token += mod.weight.numel()
+    attention = 4 * tokens * tokens * m.hidden_size * len(m.blocks)  # QK^T and AV
+    return float(2 * tokens * per_token + 2 * per_image + attention)
+
+
+def step_flops(model_cfg, latent_size: int, batch: int, checkpointing: bool, num_classes: int = 1000) -> dict:
+    """Model FLOPs (3 x forward, for MFU) and hardware FLOPs (+1 forward recomputed with checkpointing)."""
+    fwd = forward_flops(model_cfg, latent_size, num_classes) * batch
+    return {"forward": fwd, "model": 3 * fwd, "hardware": (4 if checkpointing else 3) * fwd}
+
+
+def measure_block_saved_bytes(model_cfg, latent_size: int, micro_batch: int, precision: str,
+                              num_classes: int = 1000) -> int:
+    """Bytes autograd keeps for the backward of one transformer block (real forward on the CPU)."""
+    cfg = copy.deepcopy(model_cfg)
+    cfg.use_checkpoint = False
+    meta = _meta_model(cfg, latent_size, num_classes)
+    # a one-block model of the same width: only its first block runs
+    from repro.models.lightningdit import LightningDiT
+
+    m = LightningDiT(input_size=latent_size, patch_size=meta.patch_size, in_channels=meta.in_channels,
+                     hidden_size=meta.hidden_size, depth=1, num_heads=meta.num_heads, num_classes=num_classes,
+                     use_qknorm=cfg.use_qknorm, use_swiglu=cfg.use_swiglu, use_rope=cfg.use_rope,
+                     use_rmsnorm=cfg.use_rmsnorm, wo_shift=cfg.wo_shift)
+    block = m.blocks[0]
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    x = torch.randn(micro_batch, m.x_embedder.num_patches, m.hidden_size, requires_grad=True)
+    c = torch.randn(micro_batch, m.hidden_size, requires_grad=True)
+    kept: dict[int, int] = {}
+    alive: list[torch.Tensor] = []  # hold every saved tensor so no storage address is reused meanwhile
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        alive.append(t)
+        if s.data_ptr() not in params:  # fp32 master weights are counted once, in the static part
+            kept[s.data_ptr()] = s.nbytes()
+        return t
+
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.bfloat16}[precision]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+            block(x, c, m.feat_rope)
+    return sum(kept.values())
+
+
+@dataclass
+class MemoryBudget:
+    items: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b in self.items)
+
+    def table(self, limit_gib: float | None = None) -> str:
+        lines = [f"  {name:<58} {b / GiB:8.3f} GiB" for name, b in self.items]
+        lines.append(f"  {'total (allocated tensors)':<58} {self.total / GiB:8.3f} GiB")
+        if limit_gib is not None:
+            verdict = "fits" if self.total / GiB <= limit_gib else "does NOT fit"
+            lines.append(f"  -> {verdict} in {limit_gib:g} GiB (CUDA context, ~0.3-0.5 GiB, comes on top)")
+        return "\n".join(lines)
+
+
+def training_memory_budget(model_cfg, latent_size: int, micro_batch: int, precision: str, checkpointing: bool, *,
+                           ema_on_device: bool = True, fused_adam: bool = True, num_classes: int = 1000,
+                           block_saved: int | None = None) -> MemoryBudget:
+    """Peak allocated bytes of a training step (static state + activations at the start of backward)."""
+    m = _meta_model(model_cfg, latent_size, num_classes)
+    n_all = sum(p.numel() for p in m.parameters())
+    n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    depth, d, tokens = len(m.blocks), m.hidden_size, m.x_embedder.num_patches
+    if block_saved is None:
+        block_saved = measure_block_saved_bytes(model_cfg, latent_size, micro_batch, precision, num_classes)
+    residual = micro_batch * tokens * d * 4  # the fp32 residual stream between blocks
+    widest = max(mod.weight.shape[0] for name, mod in m.blocks[0].named_modules()
+                 if isinstance(mod, nn.Linear) and "adaLN" not in name)  # per-token layers only
+    b = MemoryBudget()
+    b.items.append((f"weights fp32 ({n_all / 1e6:.1f}M parameters)", 4 * n_all))
+    b.items.append(("gradients fp32", 4 * n_train))
+    b.items.append(("AdamW exp_avg + exp_avg_sq fp32", 8 * n_train))
+    if not fused_adam:
+        b.items.append(("AdamW foreach temporaries (fused AdamW has none)", 4 * n_train))
+    b.items.append(("EMA fp32 " + ("on the GPU" if ema_on_device else "(on the CPU: 0 on the GPU)"),
+                    4 * n_all if ema_on_device else 0))
+    if checkpointing:
+        b.items.append((f"activations: {depth} block inputs kept (checkpointing), micro-batch {micro_batch}",
+                        depth * residual))
+        b.items.append(("activations: one block recomputed in backward (measured)", block_saved))
+    else:
+        b.items.append((f"activations: {depth} blocks x {block_saved / 2**20:.0f} MiB (measured), "
+                        f"micro-batch {micro_batch}", depth * block_saved))
+    b.items.append(("activations: embedding + final layer + loss", 4 * residual))
+    b.items.append(("backward transients (gradients of the widest layer output)",
+                    2 * micro_batch * tokens * widest * 4))
+    return b

@@ -1,0 +1,122 @@
+"""Training logs in the run folder: console lines, `log.txt`, `log.jsonl` and a refreshed `loss.png`.
+
+Upstream (hustvl/LightningDiT train.py) logs `(step=NNNNNNN) Train Loss: x, Train Steps/Sec: y` to
+the console, `log.txt` and TensorBoard. The kit logs loss (= mse + cos, and each part), gradient
+norm, images/s and learning rate every `train.log_every` steps, one JSON object per line in
+`log.jsonl` (append-only; a line torn by a kill is dropped on resume, and rows past the resumed
+step are removed, so the file always describes one consistent run) and a loss plot refreshed at most
+every `plot_interval` seconds (matplotlib's Agg canvas directly: a notebook's backend is untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from repro.utils.io import atomic_path, atomic_write_text
+
+
+def read_log_rows(path: Path) -> list[dict[str, Any]]:
+    """The complete JSON lines of `path` (a torn last line is ignored)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "step" in row:
+                rows.append(row)
+    return rows
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: Optional[int] = None,
+                 plot_interval: float = 60.0):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.jsonl = self.run_dir / "log.jsonl"
+        self.txt = self.run_dir / "log.txt"
+        self.plot_path = self.run_dir / "loss.png"
+        self.plot_interval = plot_interval
+        self._last_plot = 0.0
+        self._dirty = False
+        self.rows: list[dict[str, Any]] = []
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            rows = read_log_rows(self.jsonl)
+            keep = [r for r in rows if resume_step is not None and r["step"] <= resume_step]
+            if self.jsonl.exists():
+                # drop a torn last line and the rows of steps being redone after a resume (or of a run
+                # started over), so each step appears once
+                atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in keep))
+            self.rows = keep
+
+    def info(self, message: str, echo: bool = True) -> None:
+        """Print `message` (unless echo is False: already printed) and append it to log.txt."""
+        if not self.enabled:
+            return
+        if echo:
+            print(message, flush=True)
+        with open(self.txt, "a") as f:
+            f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}\n")
+
+    def metrics(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "time": round(time.time(), 3), **values}
+        self.rows.append(row)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        self.info(format_row(row))
+        self._dirty = True
+        if time.time() - self._last_plot >= self.plot_interval:
+            self.plot()
+
+    def plot(self) -> Optional[Path]:
+        """Redraw `loss.png` from every logged row (atomic write)."""
+        if not self.enabled or not self.rows:
+            return None
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        steps = [r["step"] for r in self.rows]
+        for key, style in (("loss", "-"), ("mse", "--"), ("cos", ":")):
+            ys = [r.get(key) for r in self.rows]
+            if any(isinstance(v, (int, float)) and math.isfinite(v) for v in ys):
+                ax.plot(steps, [v if v is not None else math.nan for v in ys], style, label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title(self.run_dir.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(self.plot_path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png")
+        self._last_plot = time.time()
+        self._dirty = False
+        return self.plot_path
+
+    def close(self) -> None:
+        if self._dirty:
+            self.plot()
+
+
+def format_row(row: dict[str, Any]) -> str:
+    parts = [f"(step={row['step']:07d})", f"loss {row['loss']:.4f}"]
+    if row.get("cos") is not None:
+        parts[-1] += f" (mse {row['mse']:.4f} + cos {row['cos']:.4f})"
+    if row.get("grad_norm") is not None:
+        parts.append(f"grad norm {row['grad_norm']:.3g}")
+    parts.append(f"{row.get('images_per_sec', 0.0):.1f} img/s")
+    parts.append(f"lr {row.get('lr', 0.0):.2e}")
+    if row.get("loss_scale") is not None:
+        parts.append(f"loss scale {row['loss_scale']:.0f}")
+    return " | ".join(parts)
