@@ -109,7 +109,7 @@ def _asset_path(name: str, assets: Any, key: str) -> tuple[Path, str]:
         detail = f"{origin} points to {p}, which is gone"
         raise MissingAssetError(f"config key '{key}' needs asset '{name}', but {detail}: {_download_hint(name)}",
                                 name, key, detail)
-    return p.resolve(), origin
+    return p.absolute(), origin  # keep the snapshot folder: resolve() would follow the HF cache link into blobs/
 
 
 def _set(cfg: Config, dotted: str, value: Any) -> None:

@@ -1,0 +1,288 @@
+"""The sampling engine: model + VA-VAE + latent statistics from a resolved Config, precision for the
+hardware, one batch of latents, decoding to pixels, batch size from free memory, peak memory.
+
+    setup = build_sampler(cfg)                       # checks every path first, loads strictly
+    x = sample_latents(setup, noise, labels)         # the core ODE sampler, under autocast
+    pixels = decode_to_uint8(setup, x)               # (B, H, W, 3) uint8, as upstream decode_to_images
+
+Precision (issue 7): the transformer runs under bf16 autocast where the GPU has native bf16, else
+fp16, fp32 on CPU; `sample.precision` / --precision override. The ODE state stays fp32. The VA-VAE
+decodes in `vae.precision` (fp32 by default: the images then match an fp32 decode within 1 level).
+TF32 matmuls are enabled on Ampere and newer, as upstream inference.py does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from repro.config import Config
+from repro.errors import ReproError
+from repro.transport import METHODS, sample_ode
+from repro.utils.distributed import default_device, print0
+
+GiB = 1024**3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STATS_FILE = "latents_stats.pt"  # upstream name, inside data.data_path
+DECODE_CHUNK = 16  # VA-VAE decode sub-batch: bounds decoder activations (~0.2 GB per 256 px image in fp32)
+MAX_AUTO_BATCH = 1024
+
+
+@dataclass
+class SamplerSetup:
+    cfg: Config
+    model: torch.nn.Module  # what sampling calls (compiled when asked)
+    eager_model: torch.nn.Module
+    vae: torch.nn.Module
+    mean: torch.Tensor  # (1, C, 1, 1) on device
+    std: torch.Tensor
+    device: torch.device
+    precision: str  # transformer autocast: fp32 | bf16 | fp16
+    vae_precision: str
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+    num_classes: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware: device, precision, backends
+
+
+def native_bf16(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True  # CPU autocast supports bf16 (slowly on CPUs without AVX512-BF16/AMX)
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no including_emulation
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def resolve_precision(requested: Optional[str], device: torch.device, key: str = "sample.precision") -> str:
+    """'auto'/None -> fp32 on CPU, bf16 on GPUs with native bf16, fp16 on older GPUs (T4, P100)."""
+    if requested in (None, "auto"):
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if native_bf16(device) else "fp16"
+    if requested not in DTYPES:
+        raise ReproError(f"{key}={requested!r} is not a precision; choose auto, fp32, bf16 or fp16")
+    if requested == "bf16" and not native_bf16(device):
+        name = torch.cuda.get_device_name(device)
+        raise ReproError(f"{key}=bf16 but this GPU ({name}) has no native bf16: use fp16 or fp32")
+    return requested
+
+
+def autocast(precision: str, device: torch.device):
+    """A context running matmuls/convs in `precision` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def configure_backends(device: torch.device) -> None:
+    # upstream inference.py: torch.backends.cuda.matmul.allow_tf32 = True (TF32 exists from Ampere, sm_80)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def stats_path(cfg: Config) -> Path:
+    """`data.data_path/latents_stats.pt` (upstream), or data.data_path itself if it names a .pt file."""
+    if not cfg.data.data_path:
+        raise ReproError("config key 'data.data_path' is not set: point it at the folder holding "
+                         f"{STATS_FILE} (python -m steps.step2_download --only latents-stats)")
+    p = Path(cfg.data.data_path).expanduser()
+    return p if p.suffix == ".pt" else p / STATS_FILE
+
+
+def check_inputs(cfg: Config) -> None:
+    """Every file and sampler setting the run needs, checked before anything heavy is loaded."""
+    files = {"ckpt_path": cfg.ckpt_path, "vae.ckpt_path": cfg.vae.ckpt_path}
+    hints = {"ckpt_path": "lightningdit-xl-800ep", "vae.ckpt_path": "vavae-f16d32"}
+    for key, value in files.items():
+        if not value:
+            raise ReproError(f"config key '{key}' is not set: give the file, or run "
+                             f"`python -m steps.step2_download --only {hints[key]}` and step 3")
+        if not Path(value).expanduser().is_file():
+            raise ReproError(f"{key} not found: {value} (config key '{key}'); fix the path or run "
+                             f"`python -m steps.step2_download --only {hints[key]}`")
+    sp = stats_path(cfg)
+    if not sp.is_file():
+        raise ReproError(f"latent statistics not found: {sp} (config key 'data.data_path'); run "
+                         "`python -m steps.step2_download --only latents-stats` or step 5 to compute them")
+    s = cfg.sample
+    if s.mode != "ODE":
+        raise ReproError(f"config key 'sample.mode' is {s.mode!r}: only 'ODE' sampling exists (as upstream)")
+    if s.sampling_method not in METHODS:
+        raise ReproError(f"config key 'sample.sampling_method' is {s.sampling_method!r}; choose one of "
+                         f"{', '.join(METHODS)}")
+    if s.reverse or s.likelihood:
+        raise ReproError("config keys 'sample.reverse' / 'sample.likelihood' must be false to generate images")
+    if s.sampling_method != "dopri5" and s.num_sampling_steps < 2:
+        raise ReproError(f"config key 'sample.num_sampling_steps' must be >= 2, got {s.num_sampling_steps}")
+    if s.cfg_channels is not None and not 1 <= s.cfg_channels <= cfg.model.in_chans:
+        raise ReproError(f"config key 'sample.cfg_channels' must be in [1, {cfg.model.in_chans}] or null, "
+                         f"got {s.cfg_channels}")
+
+
+def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, precision: Optional[str] = None,
+                  compile: Optional[str | bool] = None) -> SamplerSetup:
+    """Load the LightningDiT checkpoint (EMA, strict), the VA-VAE and the latent statistics."""
+    from repro.data.latents import load_latent_stats
+    from repro.models.checkpoint import load_checkpoint
+    from repro.models.lightningdit import build_model
+    from repro.tokenizer.vavae import load_vavae
+
+    check_inputs(cfg)
+    device = torch.device(device) if device is not None else default_device()
+    prec = resolve_precision(precision or cfg.sample.precision, device,
+                             "--precision" if precision else "sample.precision")
+    vae_prec = resolve_precision(cfg.vae.precision, device, "vae.precision")
+    configure_backends(device)
+    latent = cfg.data.image_size // cfg.vae.downsample_ratio
+    mean, std = load_latent_stats(stats_path(cfg), cfg.model.in_chans)
+    model = build_model(cfg.model, input_size=latent, num_classes=cfg.data.num_classes)
+    load_checkpoint(model, cfg.ckpt_path)
+    model = model.eval().requires_grad_(False).to(device)
+    vae = load_vavae(cfg.vae.ckpt_path, ch=cfg.vae.ch, device=device)
+    if getattr(vae, "embed_dim", cfg.model.in_chans) != cfg.model.in_chans:
+        raise ReproError(f"the VA-VAE {cfg.vae.ckpt_path} makes {vae.embed_dim}-channel latents but "
+                         f"model.in_chans is {cfg.model.in_chans}")
+    runner = model
+    if compile:
+        mode = None if compile is True or compile == "default" else str(compile)
+        runner = torch.compile(model, mode=mode)
+    return SamplerSetup(cfg=cfg, model=runner, eager_model=model, vae=vae, mean=mean.to(device),
+                        std=std.to(device), device=device, precision=prec, vae_precision=vae_prec,
+                        latent_shape=(cfg.model.in_chans, latent, latent), num_classes=cfg.data.num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and decoding
+
+
+def sample_latents(setup: SamplerSetup, noise: torch.Tensor, labels: torch.Tensor,
+                   stats: Optional[dict] = None, model: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    """Run the config's ODE sampler from `noise` (B, C, h, w) with `labels` (B,); fp32 latents on device."""
+    s = setup.cfg.sample
+    z = noise.to(setup.device, torch.float32, non_blocking=True)
+    y = labels.to(setup.device, torch.int64, non_blocking=True)
+    with torch.inference_mode(), autocast(setup.precision, setup.device):
+        x = sample_ode(model or setup.model, z, y, method=s.sampling_method, num_steps=s.num_sampling_steps,
+                       timestep_shift=s.timestep_shift, cfg_scale=s.cfg_scale,
+                       cfg_interval_start=s.cfg_interval_start, null_class=setup.num_classes,
+                       cfg_channels=s.cfg_channels, atol=s.atol, rtol=s.rtol, stats=stats)
+    return x.float()
+
+
+def denormalize(setup: SamplerSetup, x: torch.Tensor) -> torch.Tensor:
+    """Model latents -> VA-VAE latents: upstream `(x * std) / latent_multiplier + mean`."""
+    d = setup.cfg.data
+    if d.latent_norm:
+        return (x * setup.std) / d.latent_multiplier + setup.mean
+    return x / d.latent_multiplier  # training scaled by the multiplier only
+
+
+def decode_to_uint8(setup: SamplerSetup, x: torch.Tensor, chunk: int = DECODE_CHUNK) -> np.ndarray:
+    """Latents (B, C, h, w) -> (B, H, W, 3) uint8 pixels (upstream decode_to_images), `chunk` at a time."""
+    from repro.tokenizer.images import to_uint8
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, x.shape[0], chunk):
+            z = denormalize(setup, x[start:start + chunk].to(setup.device, torch.float32))
+            with autocast(setup.vae_precision, setup.device):
+                images = setup.vae.decode(z)
+            out.append(to_uint8(images).numpy())
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def is_oom(exc: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    if oom_types and isinstance(exc, oom_types):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text)
+
+
+def oom_error(batch_size: int, setup: SamplerSetup, exc: BaseException) -> ReproError:
+    where = "GPU" if setup.device.type == "cuda" else "CPU RAM"
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    lower = max(1, batch_size // 2)
+    extra = "" if setup.precision != "fp32" or setup.device.type != "cuda" else ", or --precision bf16/fp16"
+    return ReproError(f"a batch of {batch_size} images per process does not fit in {where} ({first}): "
+                      f"lower --batch-size (e.g. --batch-size {lower}){extra}")
+
+
+def auto_batch_size(setup: SamplerSetup, limit: int) -> tuple[int, str]:
+    """The largest batch that fits the GPU's free memory (measured with a probe), capped at `limit`."""
+    if setup.device.type != "cuda":
+        return max(1, min(4, limit)), "CPU: upstream's per-process batch 4"
+    dev = setup.device
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(dev)
+    c, h, w = setup.latent_shape
+    rows = 8
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    with torch.inference_mode(), autocast(setup.precision, dev):
+        setup.eager_model(torch.zeros(rows, c, h, w, device=dev), torch.zeros(rows, device=dev),
+                          torch.zeros(rows, dtype=torch.int64, device=dev))
+    per_row = (torch.cuda.max_memory_allocated(dev) - base) / rows
+    torch.cuda.reset_peak_memory_stats(dev)
+    decode_to_uint8(setup, torch.zeros(1, c, h, w, device=dev))
+    decode = (torch.cuda.max_memory_allocated(dev) - base) * DECODE_CHUNK  # one decode chunk runs alongside
+    torch.cuda.empty_cache()
+    rows_per_image = 2 if setup.cfg.sample.cfg_scale > 1.0 else 1
+    budget = 0.85 * free - decode  # headroom for fragmentation and the writer's queued latents
+    batch = int(budget // max(per_row * rows_per_image, 1))
+    batch = max(1, min(batch, MAX_AUTO_BATCH))
+    if batch >= 16:
+        batch = batch // 8 * 8
+    why = (f"{free / GiB:.1f} GiB free: {per_row * rows_per_image / 2**20:.0f} MiB per image, "
+           f"decode {decode / GiB:.1f} GiB")
+    return max(1, min(batch, limit)), why
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what): torch.cuda.max_memory_allocated on GPU; the process's peak RSS (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "GPU max allocated"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "process peak RSS"
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def log(*args: Any) -> None:
+    print0(*args)

@@ -1,0 +1,229 @@
+"""A whole sampling run: plan, resume, sample on every process, write PNGs, pack the npz or the grid.
+
+    result = run_sampling(cfg, out_dir="runs/samples/x", num_samples=50_000, batch_size=64)
+    result["npz"], result["summary"]
+
+Layout of `out_dir`: `images/{index:06d}.png`, `samples.npz` (FID mode) or `demo_samples.png`
+(demo), `config.yaml` (the resolved config the run used) and `run.json` (what fixes the pixels:
+seed, batch size, labels, precision, sampler settings, checkpoint). Running the same command again
+finishes only the missing batches; a run that asks for different pixels in the same folder is
+refused with the setting that differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from repro import paths
+from repro.config import Config, save_config
+from repro.errors import ReproError
+from repro.sampling import generate as gen
+from repro.sampling import plan
+from repro.sampling.grid import grid_shape, load_images, save_grid, save_preview
+from repro.sampling.writer import ImageWriter, npz_count, pack_npz
+from repro.utils import distributed as du
+from repro.utils.io import atomic_write_json, remove_stale_temps
+
+# Settings that change pixels; a resumed run must match them (the batch size too: see plan.py).
+_SAMPLE_KEYS = ("mode", "sampling_method", "atol", "rtol", "num_sampling_steps", "cfg_scale",
+                "cfg_interval_start", "timestep_shift", "cfg_channels")
+
+
+def default_out_dir(cfg: Config, demo: bool) -> Path:
+    """runs/demo, or runs/samples/<upstream-style folder name> (inference.py's naming)."""
+    if demo:
+        return paths.runs_dir() / "demo"
+    s = cfg.sample
+    ckpt = Path(cfg.ckpt_path or "model").stem
+    name = f"{cfg.model.model_type.replace('/', '-')}-ckpt-{ckpt}-{s.sampling_method}-{s.num_sampling_steps}"
+    if s.cfg_scale > 1.0:
+        name += f"-interval{s.cfg_interval_start:.2f}-cfg{s.cfg_scale:.2f}-shift{s.timestep_shift:.2f}"
+    return paths.runs_dir() / "samples" / name.lower()
+
+
+def _reduce(value: float, op: str) -> float:
+    if not du.is_initialized():
+        return value
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return float(t.item())
+
+
+def _record(cfg: Config, seed: int, batch: int, n: int, mode: str, labels: Optional[Sequence[int]],
+            setup: gen.SamplerSetup) -> dict:
+    s = dataclasses.asdict(cfg.sample)
+    return {"seed": seed, "batch_size": batch, "num_samples": n, "label_mode": mode,
+            "labels": list(labels) if labels else None, "precision": setup.precision,
+            "vae_precision": setup.vae_precision, "sample": {k: s[k] for k in _SAMPLE_KEYS},
+            "ckpt": Path(cfg.ckpt_path).name, "model_type": cfg.model.model_type,
+            "image_size": cfg.data.image_size, "num_classes": cfg.data.num_classes}
+
+
+def _mismatch(old: dict, new: dict) -> Optional[tuple[str, object, object]]:
+    """The first pixel-relevant setting that differs between a folder's record and this run, if any."""
+    def flat(d: dict) -> dict:
+        return {**{k: v for k, v in d.items() if k != "sample"},
+                **{f"sample.{k}": v for k, v in d.get("sample", {}).items()}}
+    before, now = flat(old), flat(new)
+    for key, value in now.items():
+        if key == "num_samples" and new["label_mode"] != "balanced":
+            continue  # uniform/fixed labels: image i is the same whatever N is, so a run may be extended
+        if key in before and before[key] != value:
+            return key, before[key], value
+    return None
+
+
+def _read_record(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReproError(f"{path} is unreadable ({e}): delete it (the PNGs stay) and run again") from None
+
+
+def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Optional[int] = None,
+                 batch_size: Optional[int | str] = None, seed: Optional[int] = None, class_balanced: bool = False,
+                 labels: Optional[Sequence[int]] = None, precision: Optional[str] = None,
+                 compile: Optional[str | bool] = None, demo: bool = False, device: Optional[str] = None,
+                 progress: bool = True, threaded_writer: bool = True, config_header: Sequence[str] = ()) -> dict:
+    """Sample (or finish sampling) `num_samples` images on this process's share of the batches."""
+    rank, world = du.get_rank(), du.get_world_size()
+    seed = cfg.sample.seed if seed is None else int(seed)
+    num_classes = cfg.data.num_classes
+    if demo and not labels:
+        labels, why = plan.demo_labels(num_classes)
+        gen.log(f"demo labels: {labels} ({why})")
+    if labels:
+        plan.check_labels(labels, num_classes)
+        if class_balanced:
+            raise ReproError("--labels and --class-balanced exclude each other: give one")
+    n = int(num_samples if num_samples is not None else (len(labels) if demo else cfg.sample.fid_num))
+    mode = "fixed" if labels else ("balanced" if class_balanced else "uniform")
+    all_labels = plan.plan_labels(n, num_classes, seed, "balanced" if class_balanced else "uniform", labels)
+
+    out = Path(out_dir) if out_dir else default_out_dir(cfg, demo)
+    images_dir, record_path = out / "images", out / "run.json"
+    old = _read_record(record_path)
+    setup = gen.build_sampler(cfg, device=device, precision=precision, compile=compile)
+
+    # Batch: --batch-size, else the one this folder was started with (resume), else the config's.
+    chosen = batch_size if batch_size is not None else (old["batch_size"] if old else cfg.sample.per_proc_batch_size)
+    limit = -(-n // world)
+    if chosen == "auto":
+        chosen, why = gen.auto_batch_size(setup, limit)
+        chosen = int(_reduce(chosen, "min"))  # every process must use the same batches
+        gen.log(f"batch size {chosen} per process ({why})")
+    batch = int(chosen)
+    if batch < 1:
+        raise ReproError(f"--batch-size must be >= 1, got {batch}")
+    record = _record(cfg, seed, batch, n, mode, labels, setup)
+    diff = _mismatch(old, record) if old else None
+    if diff and not demo:
+        key, was, now = diff
+        raise ReproError(f"{out} holds samples made with {key}={was!r} ({record_path}); this run asks for "
+                         f"{key}={now!r}: run with the old value to resume, or choose a new --out")
+    if diff:  # a demo is 8 images: other settings replace it rather than stop the run
+        gen.log(f"note: replacing the demo in {out}, made with {diff[0]}={diff[1]!r}")
+        du.barrier()
+        if du.is_main():
+            for i in plan.existing_indices(images_dir):
+                plan.image_path(images_dir, i).unlink(missing_ok=True)
+
+    if du.is_main():
+        images_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temps(images_dir) + remove_stale_temps(out)
+        if stale:
+            gen.log(f"removed {stale} half-written file(s) left by an interrupted run")
+        save_config(cfg, out / "config.yaml", header=["Resolved config of this sampling run (step 4)",
+                                                       *config_header])
+        atomic_write_json(record_path, record)
+    du.barrier()
+
+    total = plan.num_batches(n, batch)
+    done = plan.existing_indices(images_dir)
+    mine = plan.pending_batches(plan.my_batches(total, rank, world), batch, n, done)
+    already = sum(1 for i in range(n) if i in done)
+    todo = sum(len(plan.batch_indices(k, batch, n)) for k in mine)
+    gen.log(f"sampling {n} images into {out}: {already} already there; batch {batch} x {world} process(es), "
+            f"{setup.precision} on {gen.describe_device(setup.device)}, VA-VAE decode {setup.vae_precision}")
+
+    stats: dict = {}
+    gen.reset_peak_memory(setup.device)
+    start = time.perf_counter()
+    bar = _progress(todo, progress and du.is_main(), world)
+    try:
+        with ImageWriter(lambda x: gen.decode_to_uint8(setup, x), threaded=threaded_writer) as writer:
+            for k in mine:
+                idx = plan.batch_indices(k, batch, n)
+                noise = plan.batch_noise(seed, idx, setup.latent_shape)
+                x = gen.sample_latents(setup, noise, all_labels[idx.start:idx.stop], stats)
+                writer.submit(x, [plan.image_path(images_dir, i) for i in idx])
+                if bar is not None:
+                    bar.update(len(idx))
+    except (RuntimeError, MemoryError) as e:
+        if gen.is_oom(e):
+            raise gen.oom_error(batch, setup, e) from None
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize(setup.device)
+    elapsed = time.perf_counter() - start
+    peak, peak_what = gen.peak_memory(setup.device)
+    new = int(_reduce(todo, "sum"))
+    elapsed = _reduce(elapsed, "max")
+    peak = int(_reduce(peak, "max"))
+    du.barrier()
+
+    result = {"out_dir": str(out), "images_dir": str(images_dir), "config": str(out / "config.yaml"),
+              "record": str(record_path), "num_samples": n, "new_images": new, "existing_images": already,
+              "batch_size": batch, "world_size": world, "precision": setup.precision, "seed": seed,
+              "labels": all_labels.tolist() if n <= 64 else None, "npz": None, "grid": None,
+              "preview": None}
+    if du.is_main():
+        first = load_images([plan.image_path(images_dir, i) for i in range(min(n, 8))])
+        title = f"{cfg.model.model_type}, cfg {cfg.sample.cfg_scale:g}, {cfg.sample.num_sampling_steps} steps"
+        result["preview"] = str(save_preview(first, all_labels[:8].tolist(), out / "preview.png", title))
+        if demo:
+            rows, cols = grid_shape(n, 4)
+            images = first if n <= 8 else load_images([plan.image_path(images_dir, i) for i in range(n)])
+            result["grid"] = str(save_grid(images, out / "demo_samples.png", rows, cols))
+        else:
+            npz = out / "samples.npz"
+            if new or npz_count(npz) != n:
+                pack_npz(images_dir, n, npz, labels=all_labels.numpy())
+            result["npz"] = str(npz)
+    du.barrier()
+
+    batches_run = _reduce(len(mine), "sum")
+    nfe = _reduce(stats.get("nfe", 0), "sum") / batches_run if batches_run else None  # calls per batch = per image
+    rows = _reduce(stats.get("model_rows", 0), "sum") / new if new else None
+    rate = new / elapsed if new and elapsed > 0 else None
+    result.update(nfe_per_image=nfe, model_rows_per_image=rows, images_per_s=rate, seconds=elapsed,
+                  peak_memory_bytes=peak, peak_memory_kind=peak_what)
+    result["summary"] = (f"{n} images ({new} new) in {out}: "
+                         f"{'-' if nfe is None else f'{nfe:g}'} NFE per image, "
+                         f"{'-' if rate is None else f'{rate:.3g}'} images/s, "
+                         f"peak memory {peak / gen.GiB:.2f} GiB ({peak_what}), {setup.precision}, "
+                         f"batch {batch} x {world} process(es)")
+    gen.log(result["summary"])
+    return result
+
+
+def _progress(total: int, enabled: bool, world: int):
+    if not enabled or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    desc = "sampling" if world == 1 else f"sampling (rank 0 of {world})"
+    return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1)
