@@ -7,27 +7,13 @@ Edit the cells here, not in the .ipynb files, and rebuild.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
-HERE = Path(__file__).resolve().parent
+from nbbuild import find_root_source, notebook, write
 
-FIND_ROOT = '''\
-# Make the kit importable wherever the kernel started (papermill starts it in notebooks/ unless told):
-# walk up from the working directory to the folder that holds steps/ and repro/, and work from there.
-import os, sys
-from pathlib import Path
-
-root = Path.cwd().resolve()
-while not ((root / "steps" / "step4_inference.py").is_file() and (root / "repro").is_dir()):
-    if root == root.parent:
-        raise RuntimeError("run this notebook inside the kit's folder (git clone it, then open notebooks/)")
-    root = root.parent
-os.chdir(root)
-sys.path.insert(0, str(root))
-print("kit root:", root)'''
+FIND_ROOT = find_root_source("step4_inference.py", '\nprint("kit root:", root)')
 
 ASSETS = '["lightningdit-xl-800ep", "vavae-f16d32", "latents-stats"]'
 
@@ -83,7 +69,7 @@ def quickstart() -> nbformat.NotebookNode:
                       "fig = show_samples(images, demo[\"labels\"], title=\"LightningDiT samples\")\n"
                       "display(fig)"),
     ]
-    return _notebook(cells)
+    return notebook(cells)
 
 
 def sample_fid() -> nbformat.NotebookNode:
@@ -144,24 +130,12 @@ def sample_fid() -> nbformat.NotebookNode:
                       "print(\"arr_0\", shape, dtype, \"| class counts min/max:\", np.bincount(labels).min(), np.bincount(labels).max())\n"
                       "display(show_samples(first, labels[:8], title=\"first samples\"))"),
     ]
-    return _notebook(cells)
-
-
-def _notebook(cells) -> nbformat.NotebookNode:
-    nb = new_notebook(cells=cells)
-    for i, cell in enumerate(nb.cells):
-        cell.id = f"cell-{i:02d}"  # stable ids: rebuilding gives the same file
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
+    return notebook(cells)
 
 
 def main() -> None:
     for name, build in (("00_quickstart.ipynb", quickstart), ("01_sample_fid.ipynb", sample_fid)):
-        nb = build()
-        nbformat.validate(nb)
-        nbformat.write(nb, HERE / name)
-        print("wrote", HERE / name)
+        write(build(), name)
 
 
 if __name__ == "__main__":

@@ -7,28 +7,13 @@ Edit the cells here, not in the .ipynb file, and rebuild.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
-HERE = Path(__file__).resolve().parent
+from nbbuild import find_root_source, notebook, write
 
-FIND_ROOT = '''\
-# Make the kit importable wherever the kernel started (papermill starts it in notebooks/ unless told):
-# walk up from the working directory to the folder that holds steps/ and repro/, and work from there.
-import os, sys
-from pathlib import Path
-
-root = Path.cwd().resolve()
-while not ((root / "steps" / "step7_train.py").is_file() and (root / "repro").is_dir()):
-    if root == root.parent:
-        raise RuntimeError("run this notebook inside the kit's folder (git clone it, then open notebooks/)")
-    root = root.parent
-os.chdir(root)
-sys.path.insert(0, str(root))
-work = Path(workdir or "runs/nb02_train").resolve()
-print("kit root:", root, "| work folder:", work)'''
+FIND_ROOT = find_root_source("step7_train.py", '\nwork = Path(workdir or "runs/nb02_train").resolve()\nprint("kit root:", root, "| work folder:", work)')
 
 
 def train_notebook() -> nbformat.NotebookNode:
@@ -96,19 +81,11 @@ def train_notebook() -> nbformat.NotebookNode:
                       "assert Path(grid[\"grid\"]).is_file() and grid[\"images\"].shape == (8, image_size, image_size, 3)\n"
                       "display(Image(filename=str(grid[\"grid\"])))"),
     ]
-    nb = new_notebook(cells=cells)
-    for i, cell in enumerate(nb.cells):
-        cell.id = f"cell-{i:02d}"  # stable ids: rebuilding gives the same file
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
+    return notebook(cells)
 
 
 def main() -> None:
-    nb = train_notebook()
-    nbformat.validate(nb)
-    nbformat.write(nb, HERE / "02_train.ipynb")
-    print("wrote", HERE / "02_train.ipynb")
+    write(train_notebook(), "02_train.ipynb")
 
 
 if __name__ == "__main__":
