@@ -17,6 +17,7 @@ import time
 from glob import glob
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -247,3 +248,29 @@ def test_torchrun_two_processes_match_one(kit, tmp_path):
     assert "with 2 process(es)" in run.stdout
     assert _shard_bytes(out) == _shard_bytes(kit["ref"])
     assert (out / "latents_stats.pt").read_bytes() == (kit["ref"] / "latents_stats.pt").read_bytes()
+
+
+def test_a_few_hundred_real_photo_crops(kit, tmp_path):
+    """Scale check on real pixels: 300 crops of matplotlib's bundled photos, 10 classes, 5 shards."""
+    from matplotlib import cbook
+
+    photos = [_photo()]
+    with cbook.get_sample_data("Minduka_Present_Blue_Pack.png") as f:
+        photos.append(Image.open(f).convert("RGB"))
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        photo = photos[i % 2]
+        w, h = photo.size
+        side = int(rng.integers(48, min(w, h)))
+        x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        folder = tmp_path / "images" / f"class_{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        photo.crop((x0, y0, x0 + side, y0 + side + int(rng.integers(0, 16)))).save(folder / f"{i:03d}.jpg")
+    report = extract_latents(kit["vae"], tmp_path / "images", tmp_path / "latents", image_size=64,
+                             batch_size=32, shard_size=64, seed=0, stats_subset=256)
+    data = _upstream_style_read(tmp_path / "latents")
+    assert report["num_encoded"] == 300 and report["num_corrupt"] == 0 and report["num_shards"] == 5
+    assert data["latents"].shape == (300, 32, 4, 4) and torch.isfinite(data["latents"]).all()
+    assert torch.bincount(data["labels"]).tolist() == [30] * 10
+    stats = torch.load(tmp_path / "latents" / "latents_stats.pt", weights_only=True)
+    assert stats["mean"].shape == stats["std"].shape == (1, 32, 1, 1) and (stats["std"] > 0).all()

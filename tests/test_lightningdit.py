@@ -120,3 +120,14 @@ def test_nonswiglu_layout_keys():
             "blocks.0.attn.q_norm.bias"} <= keys
     assert model.blocks[0].adaLN_modulation[1].weight.shape == (4 * 32, 32)
     assert "feat_rope.freqs_cos" not in keys
+
+
+def test_rope_fast_path_equals_upstream_formula():
+    """The three-kernel rotation equals upstream's x * cos + rotate_half(x) * sin."""
+    from repro.models.lightningdit import VisionRotaryEmbeddingFast
+
+    rope = VisionRotaryEmbeddingFast(36, 16)
+    q = torch.randn(2, 3, 16, 256, 72)
+    ref = q * rope.freqs_cos + VisionRotaryEmbeddingFast.rotate_half(q) * rope.freqs_sin
+    assert torch.allclose(rope(q), ref, atol=1e-6, rtol=0)
+    assert "pair_sign" not in rope.state_dict()

@@ -36,9 +36,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _FUSED_RMS_NORM and x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one kernel, same float32 math
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
+
+
+_FUSED_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 
 
 # SwiGLU feed-forward (Shazeer 2020) with a fused w12 projection, as DINOv2's SwiGLUFFN used upstream.
@@ -50,7 +55,7 @@ class SwiGLUFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(x1) * x2)
+        return self.w3(F.silu(x1).mul_(x2))  # in place: one hidden-size buffer fewer
 
 
 class Mlp(nn.Module):
@@ -94,15 +99,21 @@ class VisionRotaryEmbeddingFast(nn.Module):
         )  # (S, S, 2*dim)
         self.register_buffer("freqs_cos", grid.cos().reshape(-1, 2 * dim))
         self.register_buffer("freqs_sin", grid.sin().reshape(-1, 2 * dim))
+        # rotate_half(x) * sin == swap_pairs(x) * (sin with every even entry negated); not in the state dict.
+        self.register_buffer("pair_sign", torch.tensor([-1.0, 1.0]).repeat(dim), persistent=False)
 
     @staticmethod
     def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...), upstream's interleaved rotation."""
         pairs = x.unflatten(-1, (-1, 2))
         return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x * cos + rotate_half(x) * sin in three kernels (flip, mul, addcmul) instead of six.
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        out = torch.addcmul(x * self.freqs_cos, swapped, self.freqs_sin * self.pair_sign)
         # Keep q/k in their compute dtype under autocast so SDPA can pick the fused bf16/fp16 kernels.
-        return (x * self.freqs_cos + self.rotate_half(x) * self.freqs_sin).to(x.dtype)
+        return out.to(x.dtype)
 
 
 class Attention(nn.Module):
