@@ -3,7 +3,7 @@
 Network: torch-fidelity's `FeatureExtractorInceptionV3`, a port of the TensorFlow 2015-12-05 graph that
 the ADM evaluator runs (TF1-style bilinear resize to 299, (x - 128) / 128, TF padding/pooling quirks),
 with weights only from a local file (`weights-inception-2015-12-05-6726825d.pth`, fetched by step 2).
-torch-fidelity calls `torch.load(path, weights_only=False)`; we never hand it the user's file: we load
+torch-fidelity unpickles its weights file with arbitrary objects allowed; we never hand it the user's file: we load
 it with `weights_only=True`, then pass it an in-memory copy of those verified tensors.
 
 Features (TF graph name -> torch-fidelity module):
