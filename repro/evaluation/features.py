@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from repro.errors import ReproError
-from repro.evaluation.images import ImageSource, prefetch
+from repro.evaluation.images import ImageSource
+from repro.utils.prefetch import prefetch
 from repro.utils import distributed as du
 
 SPATIAL_MODULE = "Mixed_6d.branch1x1"  # TF `mixed_6/conv` (see module docstring)

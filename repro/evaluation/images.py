@@ -14,14 +14,12 @@ lossless PNG is read: the protocol's numbers depend on exact pixels.
 from __future__ import annotations
 
 import os
-import queue
 import struct
-import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -193,43 +191,3 @@ def _probe_png(path: Path) -> tuple[int, int]:
             return im.size[1], im.size[0]
     except OSError as e:
         raise ReproError(f"{path}: unreadable image ({e})") from None
-
-
-def prefetch(items: Iterable, depth: int = 2) -> Iterator:
-    """Produce `items` in a background thread, `depth` ahead (reading/decoding overlaps the network).
-    Exceptions are re-raised in the consumer; leaving the loop early stops the producer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work():
-        try:
-            for item in items:
-                if not put(("item", item)):
-                    return
-            put(("done", None))
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            put(("error", e))
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "item":
-                yield value
-            elif kind == "done":
-                return
-            else:
-                raise value
-    finally:
-        stop.set()
-        thread.join(timeout=5)

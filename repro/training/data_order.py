@@ -18,7 +18,6 @@ and any split of the global batch over processes and accumulation steps trains o
 from __future__ import annotations
 
 import hashlib
-import queue
 import threading
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
@@ -27,6 +26,7 @@ import torch
 
 from repro.errors import ReproError
 from repro.transport import sample_timesteps
+from repro.utils.prefetch import prefetch
 
 
 def derived_seed(*parts) -> int:
@@ -156,40 +156,10 @@ class MicroBatchStream:
         if self.prefetch <= 0:
             yield from self._produce()
             return
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        done = object()
-
-        def put(item) -> bool:
-            while not self._stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def worker():
-            try:
-                for item in self._produce():
-                    if not put(item):
-                        return
-                put(done)
-            except BaseException as e:  # handed to the training loop, raised there
-                put(e)
-
-        thread = threading.Thread(target=worker, name="latent-prefetch", daemon=True)
-        thread.start()
         try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from prefetch(self._produce(), self.prefetch)
         finally:
             self.close()
-            thread.join(timeout=5)
 
     def close(self) -> None:
         self._stop.set()
