@@ -34,15 +34,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import append_results, datasheet_peak, measured_matmul_rate, sync  # noqa: E402
 from repro.config import Config  # noqa: E402
+from repro.models.flops import forward_flops  # noqa: E402
 from repro.models.lightningdit import create_model  # noqa: E402
 from repro.sampling import generate as gen  # noqa: E402
 from repro.transport import combine_cfg, guidance_active, model_rows_per_sample, sample_ode  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-# Dense tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA datasheets: (name substring, bf16/fp16, fp32)
-GPU_PEAKS = [("H200", 989.0, 67.0), ("H100 PCIe", 756.0, 51.0), ("H100", 989.0, 67.0), ("A100", 312.0, 19.5),
-             ("L4", 121.0, 30.3), ("T4", 65.0, 8.1), ("P100", 18.7, 9.3)]
 
 
 def build(name: str, latent: int, num_classes: int = 1000, seed: int = 0) -> torch.nn.Module:
@@ -54,34 +51,6 @@ def build(name: str, latent: int, num_classes: int = 1000, seed: int = 0) -> tor
             if n != "pos_embed":
                 p.add_(torch.randn_like(p) * 0.02)
     return model.eval().requires_grad_(False)
-
-
-def flops_per_row(model) -> float:
-    tokens = model.x_embedder.num_patches
-    per_row = sum(m.weight.numel() for n, m in model.named_modules()
-                  if isinstance(m, torch.nn.Linear) and ("adaLN" in n or n.startswith("t_embedder")))
-    per_token = sum(m.weight.numel() for n, m in model.named_modules()
-                    if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not ("adaLN" in n or n.startswith("t_embedder")))
-    attention = 4 * tokens * tokens * model.hidden_size * model.depth  # QK^T and AV
-    return 2.0 * per_token * tokens + 2.0 * per_row + attention
-
-
-def measured_matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        sync(device)
-        t = time.perf_counter()
-        (a @ b).sum()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -198,15 +167,13 @@ def main(argv=None) -> dict:
     matmul_rate = max(rate_before, rate_after)  # the best of two, taken around the timed runs
 
     ours, theirs = model_rows_per_sample(a.steps, a.method, a.shift, a.cfg_scale, a.interval_start)
-    per_row = flops_per_row(model)
+    per_row = forward_flops(model)
     if device.type == "cpu":
         peak_rate, peak_src = matmul_rate, "measured fp32 matmul 2048^3, best of before/after"
     else:
-        name = torch.cuda.get_device_name(device)
-        entry = next((e for e in GPU_PEAKS if e[0] in name), None)
-        half = precision in ("bf16", "fp16")
-        peak_rate = (entry[1] if half else entry[2]) * 1e12 if entry else matmul_rate
-        peak_src = f"{name} datasheet dense {'bf16/fp16' if half else 'fp32'}" if entry else "measured matmul"
+        peak_rate, peak_src = datasheet_peak(device, precision)
+        if peak_rate is None:
+            peak_rate, peak_src = matmul_rate, f"measured matmul ({peak_src})"
     rows = []
     for r in results:
         nfe = r["stats"].get("nfe", 0)
@@ -221,9 +188,7 @@ def main(argv=None) -> dict:
                          load)
     print("\n".join(lines))
     if not a.no_record:
-        with open(RESULTS, "a") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
-        print(f"appended to {RESULTS}")
+        append_results(lines)
     return {"rows": rows, "work_ratio": ours / theirs}
 
 

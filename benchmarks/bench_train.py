@@ -34,13 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import append_results, datasheet_peak, measured_matmul_rate  # noqa: E402
 from repro.config import load_config  # noqa: E402
 from repro.training.budget import GiB, step_flops, training_memory_budget  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-# Dense tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA datasheets: (name substring, bf16/fp16, fp32)
-GPU_PEAKS = [("H200", 989.0, 67.0), ("H100 PCIe", 756.0, 51.0), ("H100", 989.0, 67.0), ("A100", 312.0, 19.5),
-             ("L4", 121.0, 30.3), ("T4", 65.0, 8.1), ("P100", 18.7, 9.3)]
 
 
 def model_cfg(name: str, checkpointing: bool):
@@ -118,22 +114,6 @@ def child(spec: dict) -> dict:
     return {"seconds": seconds, "peak": peak, "peak_kind": kind}
 
 
-def measured_matmul_rate(device: torch.device, dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
 def run_child(spec: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], cwd=ROOT, env=env,
@@ -198,12 +178,11 @@ def main(argv=None) -> dict:
     if device.type == "cpu":
         peak_rate, peak_src = measured_matmul_rate(device, n=2048), "measured 2048^3 fp32 matmul"
     else:
-        name = torch.cuda.get_device_name(device)
-        entry = next((e for e in GPU_PEAKS if e[0] in name), None)
-        half = precision in ("bf16", "fp16")
-        peak_rate = ((entry[1] if half else entry[2]) * 1e12 if entry else
-                     measured_matmul_rate(device, torch.bfloat16 if half else torch.float32, n=8192))
-        peak_src = f"{name} datasheet dense {'bf16/fp16' if half else 'fp32'}" if entry else "measured matmul"
+        peak_rate, peak_src = datasheet_peak(device, precision)
+        if peak_rate is None:
+            half = precision in ("bf16", "fp16")
+            peak_rate = measured_matmul_rate(device, torch.bfloat16 if half else torch.float32, n=8192)
+            peak_src = f"measured matmul ({peak_src})"
     configs = [(precision, c) for c in ({"off": [False], "on": [True], "both": [False, True]}[a.checkpointing])]
     if not a.no_t4_row and ("fp16", True) not in configs:
         configs.append(("fp16", True))
@@ -241,9 +220,7 @@ def main(argv=None) -> dict:
     lines += t4_budget_lines()
     print("\n".join(lines))
     if not a.no_record:
-        with open(RESULTS, "a") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
-        print(f"appended to {RESULTS}")
+        append_results(lines)
     return {"rows": rows}
 
 

@@ -21,7 +21,6 @@ Features (TF graph name -> torch-fidelity module):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -32,21 +31,14 @@ import torch
 
 from repro.errors import ReproError
 from repro.evaluation.images import ImageSource
-from repro.utils.prefetch import prefetch
 from repro.utils import distributed as du
+from repro.utils.io import sha256_file
+from repro.utils.prefetch import prefetch
 
 SPATIAL_MODULE = "Mixed_6d.branch1x1"  # TF `mixed_6/conv` (see module docstring)
 SPATIAL_CHANNELS = 7
 FEATURE_DIMS = {"pool": 2048, "spatial": SPATIAL_CHANNELS * 17 * 17, "logits": 1008}
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_sha256(path: str | os.PathLike, expected: Optional[str]) -> str:

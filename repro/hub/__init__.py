@@ -10,8 +10,9 @@ check disk, fetch, record).
 
 from repro.hub.assets import AssetRecord, fetch_assets, plain_cache_dir, write_assets_json
 from repro.hub.download import (AuthError, DiskFullError, DownloadError, HashMismatchError, NetworkError,
-                                NotFoundError, OfflineError, download_url, sha256_file)
+                                NotFoundError, OfflineError, download_url)
 from repro.hub.manifest import DEFAULT_MANIFEST, AssetSpec, Manifest, load_manifest
+from repro.utils.io import sha256_file
 
 __all__ = [
     "AssetRecord", "AssetSpec", "AuthError", "DEFAULT_MANIFEST", "DiskFullError", "DownloadError",

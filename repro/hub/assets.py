@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Iterable
 
 from repro import paths
-from repro.hub.download import (DiskFullError, DownloadError, OfflineError, download_url, human_size, sha256_file)
+from repro.hub.download import DiskFullError, DownloadError, OfflineError, download_url, human_size
 from repro.hub.hf import RemoteFile, cached_file, download_hf, hub_settings, partial_path, resolve_remote
 from repro.hub.manifest import AssetSpec, Manifest, load_manifest
+from repro.utils.io import sha256_file
 from repro.utils.io import atomic_write_json
 
 SEARCH_DEPTH = 6  # /kaggle/input/<model>/<framework>/<variation>/<version>/<file> is 5 deep

@@ -65,14 +65,6 @@ class Downloaded:
     resumed_from: int  # bytes that were already on disk when this run started
 
 
-def sha256_file(path: str | os.PathLike, chunk_size: int = CHUNK_SIZE) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_size):
-            h.update(block)
-    return h.hexdigest()
-
-
 def human_size(n: int | None) -> str:
     if n is None:
         return "?"

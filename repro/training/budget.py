@@ -1,8 +1,7 @@
 """Training cost on paper: FLOPs per image and the memory a training step needs.
 
-FLOPs (for MFU): 2 x multiply-adds of every linear layer (per token or per image) plus attention's
-QK^T and AV (4 T^2 D per block). For XL/1 at 16x16 latents that is ~354 GFLOP per image-forward
-(675M parameters x 256 tokens x 2, plus 8.5 GFLOP of attention); a training step costs 3 forwards
+FLOPs (for MFU): `repro.models.flops.forward_flops` per image-forward (~237 GFLOP for XL/1 at 16x16
+latents: the adaLN weights act once per image, not per token); a training step costs 3 forwards
 (forward + backward), 4 with gradient checkpointing (the forward is recomputed).
 
 Memory (for "does XL/1 train on a 16 GB T4?"): fp32 weights, fp32 gradients, AdamW's two fp32
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from repro.models.flops import forward_flops as model_forward_flops
 from repro.models.lightningdit import build_model
 
 GiB = 1024 ** 3
@@ -32,21 +32,8 @@ def _meta_model(model_cfg, latent_size: int, num_classes: int) -> nn.Module:
 
 
 def forward_flops(model_cfg, latent_size: int, num_classes: int = 1000) -> float:
-    """Analytic FLOPs of one image's forward pass (multiply-add = 2 FLOPs)."""
-    m = _meta_model(model_cfg, latent_size, num_classes)
-    tokens = m.x_embedder.num_patches
-    per_token = 0  # weights applied to every token
-    per_image = 0  # weights applied once per image (conditioning path)
-    for name, mod in m.named_modules():
-        if isinstance(mod, nn.Linear):
-            if "adaLN_modulation" in name or name.startswith("t_embedder"):
-                per_image += mod.weight.numel()
-            else:
-                per_token += mod.weight.numel()
-        elif isinstance(mod, nn.Conv2d):  # patch embedding: one kernel application per token
-            per_token += mod.weight.numel()
-    attention = 4 * tokens * tokens * m.hidden_size * len(m.blocks)  # QK^T and AV
-    return float(2 * tokens * per_token + 2 * per_image + attention)
+    """Analytic FLOPs of one image's forward pass (see repro.models.flops)."""
+    return model_forward_flops(_meta_model(model_cfg, latent_size, num_classes))
 
 
 def step_flops(model_cfg, latent_size: int, batch: int, checkpointing: bool, num_classes: int = 1000) -> dict:

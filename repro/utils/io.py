@@ -7,13 +7,15 @@ complete file, never a half-written one, even if the process is SIGKILLed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @contextlib.contextmanager
@@ -56,12 +58,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    import torch  # imported here so that light users of this module (downloads) start fast
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+def atomic_save_safetensors(tensors: dict[str, "torch.Tensor"], path: str | os.PathLike,
                             metadata: dict[str, str] | None = None) -> Path:
     from safetensors.torch import save_file
 
@@ -80,3 +84,12 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
                 p.unlink()
                 n += 1
     return n
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (multi-GB checkpoints never sit in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            h.update(block)
+    return h.hexdigest()
