@@ -107,3 +107,48 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 def test_missing_file_says_what_to_do(tmp_path):
     with pytest.raises(CheckpointError, match="step2_download"):
         load_checkpoint(tiny(), tmp_path / "nope.pt")
+
+
+def _fake_lightning_metadata(monkeypatch):
+    """A class pickled as omegaconf.dictconfig.DictConfig, as a Lightning checkpoint's hyper-parameters are."""
+    import sys
+    import types
+
+    module = types.ModuleType("omegaconf.dictconfig")
+
+    class DictConfig:
+        def __init__(self, content):
+            self.content = content
+
+    DictConfig.__module__ = "omegaconf.dictconfig"
+    DictConfig.__qualname__ = "DictConfig"
+    module.DictConfig = DictConfig
+    monkeypatch.setitem(sys.modules, "omegaconf", types.ModuleType("omegaconf"))
+    monkeypatch.setitem(sys.modules, "omegaconf.dictconfig", module)
+    return DictConfig
+
+
+def test_framework_metadata_read_as_placeholders_only_when_asked(tmp_path, monkeypatch):
+    import pathlib
+    import sys
+
+    DictConfig = _fake_lightning_metadata(monkeypatch)
+    src = tiny(1)
+    ckpt = {"state_dict": src.state_dict(), "hyper_parameters": DictConfig({"lr": 1e-4}),
+            "callbacks": {"ModelCheckpoint": {"dirpath": pathlib.PurePosixPath("/ckpt")}}}
+    torch.save(ckpt, tmp_path / "lightning.ckpt")
+    monkeypatch.delitem(sys.modules, "omegaconf.dictconfig")  # the loader must not need the real package
+    with pytest.raises(CheckpointError, match="lightning.ckpt.*refuses"):
+        read_state_dict(tmp_path / "lightning.ckpt")
+    sd = read_state_dict(tmp_path / "lightning.ckpt", metadata_placeholders=True)
+    dst = tiny(2)
+    dst.load_state_dict(sd, strict=True)
+    assert same(src, dst)
+
+
+def test_placeholders_never_admit_callables(tmp_path):
+    _Evil.marker = str(tmp_path / "pwned")
+    torch.save({"state_dict": tiny().state_dict(), "payload": _Evil()}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="evil.ckpt.*refuses.*not executed"):
+        read_state_dict(tmp_path / "evil.ckpt", metadata_placeholders=True)
+    assert not (tmp_path / "pwned").exists()

@@ -18,12 +18,62 @@ from typing import Any
 import torch
 
 from repro.errors import CheckpointError
+from repro.utils.distributed import print0
 
 _PREFIXES = ("module.", "_orig_mod.")
+# Training frameworks pickle run metadata next to the weights (Lightning callbacks and hyper-parameters,
+# OmegaConf configs, paths). Classes from these modules may be read as inert placeholders (see below).
+METADATA_MODULES = ("omegaconf.", "pytorch_lightning.", "lightning.", "lightning_fabric.", "pathlib.", "argparse.")
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """Read a checkpoint file safely; returns whatever it holds (dict of tensors, or nested dicts)."""
+class MetadataPlaceholder:
+    """Stands in for a run-metadata object of a checkpoint: keeps its arguments and state, runs nothing."""
+
+    original = "?"
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.state = args, kwargs, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<placeholder for {self.original}>"
+
+
+def _metadata_class_name(name: str) -> bool:
+    """A module-level class (CapWords, no nested attribute) of a known metadata module: never a function."""
+    last = name.rpartition(".")[2]  # "pathlib.Path.touch" -> "touch": a method, refused
+    return name.startswith(METADATA_MODULES) and last[:1].isupper()
+
+
+def _load_with_placeholders(path: Path, error: pickle.UnpicklingError) -> Any:
+    """Weights-only load where known metadata classes become MetadataPlaceholder subclasses.
+
+    Still `weights_only=True`: the restricted unpickler only ever calls our placeholder classes, so no
+    code from the file runs. Any other global (a function, an unknown class) is refused as before.
+    """
+    names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    refused = [n for n in names if not _metadata_class_name(n)]
+    if not names or refused:
+        raise CheckpointError(
+            f"{path} holds Python objects that a weights-only load refuses ({', '.join(refused[:5]) or error}); "
+            "they are not executed. Use the official file or a safetensors export of its weights"
+        ) from None
+    stubs = [(type(n.rpartition(".")[2], (MetadataPlaceholder,), {"original": n}), n) for n in names]
+    with torch.serialization.safe_globals(stubs):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    print0(f"{path.name}: {len(names)} run-metadata type(s) read as inert placeholders "
+           f"({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); only tensors are used")
+    return obj
+
+
+def read_checkpoint(path: str | os.PathLike, metadata_placeholders: bool = False) -> Any:
+    """Read a checkpoint file safely; returns whatever it holds (dict of tensors, or nested dicts).
+
+    `metadata_placeholders=True` (for framework checkpoints such as the official VA-VAE, a Lightning
+    file) reads run-metadata classes of METADATA_MODULES as inert placeholders instead of refusing.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (run `python -m steps.step2_download` or fix the path)")
@@ -38,6 +88,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if metadata_placeholders:
+            return _load_with_placeholders(path, e)
         raise CheckpointError(
             f"{path} holds Python objects that a weights-only load refuses ({str(e).splitlines()[0]}); "
             "this file is not a plain checkpoint and is not executed. Use the official file or a safetensors export"
@@ -78,9 +130,10 @@ def select_state_dict(obj: Any, path: str | os.PathLike = "<checkpoint>", prefer
     )
 
 
-def read_state_dict(path: str | os.PathLike, prefer: str = "ema") -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, prefer: str = "ema",
+                    metadata_placeholders: bool = False) -> dict[str, torch.Tensor]:
     """The weights inside `path` (see `select_state_dict`), prefixes stripped."""
-    return select_state_dict(read_checkpoint(path), path, prefer)[0]
+    return select_state_dict(read_checkpoint(path, metadata_placeholders), path, prefer)[0]
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

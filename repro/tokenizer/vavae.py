@@ -297,7 +297,9 @@ def load_vavae(path: str | os.PathLike, ch: int = 128, device: str | torch.devic
     Parameters are frozen (requires_grad False): the tokenizer is fixed while the DiT trains.
     """
     path = Path(path)
-    raw = read_state_dict(path)  # safe read (weights_only / safetensors), `state_dict` wrapper removed
+    # Safe read (weights_only / safetensors), `state_dict` wrapper removed; the official file is a
+    # Lightning-style checkpoint, so its run-metadata classes may be read as inert placeholders.
+    raw = read_state_dict(path, metadata_placeholders=True)
     kept, dropped = extract_inference_state_dict(raw)
     with torch.device("meta"):  # no random init of 70M parameters that are overwritten at once
         model = AutoencoderKL(ch=ch)
