@@ -25,22 +25,13 @@ from repro.data.stats import install_stats_file, recompute_stats_file, repair_ad
 from repro.errors import ConfigError, ReproError
 
 
-def _fetched_path(result) -> Path:
-    """The local path of asset `latents-stats` from step 2's result, else from runs/assets.json."""
-    import json
-
-    from repro.paths import assets_json
-
-    tables = [result if isinstance(result, dict) else getattr(result, "__dict__", {})]
-    if assets_json().is_file():
-        tables.append(json.loads(assets_json().read_text()))
-    for table in tables:
-        for entry in (table.get("latents-stats"), (table.get("assets") or {}).get("latents-stats")):
-            entry = entry.get("path") if isinstance(entry, dict) else getattr(entry, "path", entry)
-            if isinstance(entry, (str, Path)) and Path(entry).is_file():
-                return Path(entry)
-    raise ReproError("step 2 finished but reported no local file for asset 'latents-stats'; "
-                     "run python -m steps.step2_download --only latents-stats and check runs/assets.json")
+def _fetched_path(assets: dict) -> Path:
+    """The local file of asset `latents-stats` in step 2's result (the runs/assets.json content)."""
+    entry = (assets.get("assets") or {}).get("latents-stats") or {}
+    if not entry.get("path") or not Path(entry["path"]).is_file():
+        raise ReproError("step 2 finished but reported no local file for asset 'latents-stats'; "
+                         "run python -m steps.step2_download --only latents-stats and check runs/assets.json")
+    return Path(entry["path"])
 
 
 def main(config: str | Config | None = None, recompute: bool = False, refetch: bool = False,
