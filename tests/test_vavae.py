@@ -52,12 +52,19 @@ def test_official_layout_matches_manifest_key_for_key():
     assert sum(v.numel() for v in model.state_dict().values()) == manifest["num_params"] == 69_836_067
 
 
-def test_matches_upstream_encode_and_decode(fixture):
+def _fixture_posterior(fixture):
+    """The fixture's VA-VAE (strict load) and its posterior of `in.image`."""
     cfg, weights, tensors = fixture
     model = AutoencoderKL(**cfg).eval()
     model.load_state_dict(weights, strict=True)
     with torch.no_grad():
-        posterior = model.encode(tensors["in.image"])
+        return model, model.encode(tensors["in.image"])
+
+
+def test_matches_upstream_encode_and_decode(fixture):
+    tensors = fixture[2]
+    model, posterior = _fixture_posterior(fixture)
+    with torch.no_grad():
         decoded = model.decode(tensors["out.mean"])
     assert rel_err(posterior.mean, tensors["out.mean"]) < 1e-5
     assert rel_err(posterior.logvar, tensors["out.logvar"]) < 1e-5
@@ -79,11 +86,7 @@ def test_attention_matches_plain_computation():
 
 
 def test_posterior_clamps_logvar_and_samples_with_generator(fixture):
-    cfg, weights, tensors = fixture
-    model = AutoencoderKL(**cfg).eval()
-    model.load_state_dict(weights, strict=True)
-    with torch.no_grad():
-        posterior = model.encode(tensors["in.image"])
+    _, posterior = _fixture_posterior(fixture)
     extreme = DiagonalGaussian(torch.cat([torch.zeros(1, 2, 1, 1), torch.tensor([-100.0, 100.0]).view(1, 2, 1, 1)], 1))
     assert extreme.logvar.flatten().tolist() == [-30.0, 20.0]
     a = posterior.sample(generator=torch.Generator().manual_seed(3))
