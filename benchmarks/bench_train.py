@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import append_results, datasheet_peak, measured_matmul_rate  # noqa: E402
 from repro.config import load_config  # noqa: E402
+from repro.sampling.generate import describe_device, peak_memory  # noqa: E402
 from repro.training.budget import GiB, step_flops, training_memory_budget  # noqa: E402
 
 
@@ -49,12 +50,6 @@ def model_cfg(name: str, checkpointing: bool):
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def child(spec: dict) -> dict:
@@ -107,11 +102,8 @@ def child(spec: dict) -> dict:
         runner.step(spec["warmup"] + i + 1, [batch])
     sync()
     seconds = (time.perf_counter() - t0) / spec["steps"]
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device) - base, "allocated"
-    else:
-        peak, kind = peak_rss_bytes() - base, "RSS"
-    return {"seconds": seconds, "peak": peak, "peak_kind": kind}
+    peak, _ = peak_memory(device)  # GPU max allocated, or the process's peak RSS on CPU
+    return {"seconds": seconds, "peak": peak - base, "peak_kind": "allocated" if device.type == "cuda" else "RSS"}
 
 
 def run_child(spec: dict) -> dict:
@@ -121,14 +113,6 @@ def run_child(spec: dict) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"child failed for {spec}:\n{proc.stdout}\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def t4_budget_lines() -> list[str]:
