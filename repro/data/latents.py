@@ -17,7 +17,6 @@ keeps the posterior `mean`/`logvar` (and `mean_flip`/`logvar_flip`) and draws a 
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ import torch
 
 from repro.errors import ReproError
 from repro.utils.io import atomic_save_safetensors
+from repro.utils.seeding import seed_from
 
 SAMPLE_KEYS = ("latents", "latents_flip", "labels")
 MOMENT_KEYS = ("mean", "logvar", "mean_flip", "logvar_flip", "labels")
@@ -51,8 +51,7 @@ def image_seed(seed: int, index: int) -> int:
     Noise drawn from `torch.Generator().manual_seed(image_seed(seed, i))` depends only on the image,
     never on batch composition, process count or restarts (upstream draws from one global stream).
     """
-    digest = hashlib.sha256(f"repro-latents:{int(seed)}:{int(index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return seed_from("repro-latents", int(seed), int(index))
 
 
 def _natural_key(path: Path) -> list:

@@ -27,7 +27,6 @@ gives each process 1 thread, so compare it with a single process run under OMP_N
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +34,7 @@ from typing import Sequence
 import torch
 
 from repro.errors import ReproError
+from repro.utils.seeding import seed_from
 
 # The official demo (upstream inference.py --demo): one sample for each of these ImageNet classes.
 DEMO_LABELS = (975, 3, 207, 387, 388, 88, 979, 279)
@@ -42,8 +42,7 @@ LABEL_MODES = ("uniform", "balanced")
 
 
 def _hash64(tag: str, seed: int, index: int) -> int:
-    digest = hashlib.sha256(f"repro-sample:{tag}:{int(seed)}:{int(index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return seed_from("repro-sample", tag, int(seed), int(index))
 
 
 def noise_seed(seed: int, index: int) -> int:
