@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
     s = cfg.sample
     s.sampling_method, s.num_sampling_steps, s.cfg_scale = a.method, a.steps, a.cfg_scale
     s.cfg_interval_start, s.timestep_shift, s.cfg_channels = a.interval_start, a.shift, a.cfg_channels
-    runner = torch.compile(model, mode=None if a.compile == "default" else a.compile) if a.compile else model
+    runner = gen.compile_for_sampling(model, a.compile, device)
     setup = gen.SamplerSetup(cfg=cfg, model=runner, eager_model=model, vae=None, mean=torch.zeros(1, 32, 1, 1, device=device),
                              std=torch.ones(1, 32, 1, 1, device=device), device=device, precision=precision,
                              vae_precision="fp32", latent_shape=(32, a.latent, a.latent), num_classes=1000)

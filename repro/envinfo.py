@@ -12,6 +12,7 @@ can be tested on a CPU machine with fabricated GPUs (a P100, a T4, an A100).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import platform as _platform
@@ -45,7 +46,7 @@ class GPUInfo:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure decisions (no torch calls): testable with fabricated GPUs
+# Pure decisions: testable with fabricated GPUs (the training budget runs on the CPU and `meta`)
 
 _ARCH_RE = re.compile(r"^(sm|compute)_(\d+)(\d)([a-z]?)$")
 
@@ -131,29 +132,45 @@ def _pow2_floor(x: float) -> int:
     return n
 
 
-# Rough memory model for LightningDiT-XL/1 at 256 px (16x16 latents, 256 tokens) with the VA-VAE decoder;
-# it only picks a safe power of two: measured numbers live in benchmarks/.
-_XL_TRAIN_STATE_GIB = 675e6 * 20 / GiB  # fp32 weights + grads + AdamW moments + EMA, 20 bytes per parameter
-_SAMPLE_FIXED_GIB, _TRAIN_FIXED_GIB = 4.0, 2.0  # weights for sampling / CUDA context, allocator slack
+# Rough memory model for LightningDiT-XL/1 sampling at 256 px (16x16 latents) with the VA-VAE decoder; it only
+# picks a safe power of two (step 4 probes the real free memory when the batch is left to it).
+_SAMPLE_FIXED_GIB = 4.0  # weights for sampling, CUDA context, allocator slack
 _SAMPLE_PER_ITEM_GIB = {"half": 0.25, "fp32": 0.5}  # one sample with its CFG twin + VAE decode
-_TRAIN_PER_ITEM_GIB = {"half": 0.35, "fp32": 0.7}  # activations of one sample, no gradient checkpointing
+
+
+@functools.lru_cache(maxsize=None)
+def _xl_block_saved(precision: str):
+    from repro.config import ModelConfig
+    from repro.training.budget import block_saved_fn
+
+    return block_saved_fn(ModelConfig(), 16, precision)
+
+
+def recommend_training(gpus: list[GPUInfo], precision: str) -> dict[str, Any]:
+    """Micro-batch, checkpointing and EMA placement for LightningDiT-XL/1 at 256 px on the smallest GPU,
+    from the computed training budget (repro.training.budget; benchmarks/bench_train.py measures it)."""
+    if not gpus:
+        return {"train_micro_batch_size": 8, "train_use_checkpoint": False, "train_ema_on_cpu": False,
+                "train_batch_reason": "CPU: a small micro batch"}
+    from repro.config import ModelConfig
+    from repro.training.budget import choose_training_layout
+
+    gpu = min(gpus, key=lambda g: g.total_memory)
+    layout = choose_training_layout(ModelConfig(), 16, gpu.total_memory, precision,
+                                    block_saved=_xl_block_saved(precision))
+    why = f"{gpu.total_memory / GiB:.1f} GiB {gpu.name}, {precision}, XL/1 at 256 px: {layout.reason}"
+    return {"train_micro_batch_size": layout.micro_batch, "train_use_checkpoint": layout.checkpointing,
+            "train_ema_on_cpu": layout.ema_on_cpu, "train_batch_reason": why}
 
 
 def recommend_batches(gpus: list[GPUInfo], precision: str) -> dict[str, Any]:
-    """Per-process batch sizes for LightningDiT-XL/1 at 256 px, each with a one-line reason."""
+    """Per-process sampling batch for LightningDiT-XL/1 at 256 px, with a one-line reason."""
     if not gpus:
-        return {"sample": 4, "train": 8, "sample_reason": "CPU: upstream's sampling batch 4",
-                "train_reason": "CPU: a small micro batch"}
+        return {"sample": 4, "sample_reason": "CPU: upstream's sampling batch 4"}
     mem_gib = min(g.total_memory for g in gpus) / GiB
     kind = "fp32" if precision == "fp32" else "half"
     sample = min(256, _pow2_floor(max(1.0, (mem_gib - _SAMPLE_FIXED_GIB) / _SAMPLE_PER_ITEM_GIB[kind])))
-    room = mem_gib - _XL_TRAIN_STATE_GIB - _TRAIN_FIXED_GIB
-    train = min(128, _pow2_floor(max(1.0, room / _TRAIN_PER_ITEM_GIB[kind])))  # 128 = upstream 1024 over 8 GPUs
-    where = f"{mem_gib:.0f} GiB GPU, {precision}, XL/1 at 256 px"
-    train_why = where
-    if room < _TRAIN_PER_ITEM_GIB[kind] * 4:
-        train_why += "; XL/1 training barely fits: set model.use_checkpoint=true or use a smaller model"
-    return {"sample": sample, "train": train, "sample_reason": where, "train_reason": train_why}
+    return {"sample": sample, "sample_reason": f"{mem_gib:.0f} GiB GPU, {precision}, XL/1 at 256 px"}
 
 
 def sdpa_kernels(capability: Optional[tuple[int, int]], enabled: Mapping[str, bool]) -> dict[str, bool]:
@@ -191,7 +208,7 @@ def recommend(gpus: list[GPUInfo], bf16_runtime: Optional[bool] = None) -> dict[
     batches = recommend_batches(gpus, precision)
     return {"device": "cuda" if gpus else "cpu", "precision": precision, "precision_reason": why,
             "sample_per_proc_batch_size": batches["sample"], "sample_batch_reason": batches["sample_reason"],
-            "train_micro_batch_size": batches["train"], "train_batch_reason": batches["train_reason"]}
+            **recommend_training(gpus, precision)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ Presets never hold `path/to/...` placeholders. A path value is one of:
 
 Asset files come from `runs/assets.json` (step 2: `{"assets": {NAME: {"path": ...}}}`).
 `precision: auto`, `per_proc_batch_size: auto` and `micro_batch_size: auto|null` come from the
-`recommended` block of `runs/env.json` (step 1), or from a named hardware profile. Values set
-explicitly (in the file or with --set) are never changed. Every change is returned as a line
+`recommended` block of `runs/env.json` (step 1), or from a named hardware profile; an auto
+micro-batch also switches on `model.use_checkpoint` / `train.ema_on_cpu` where the computed memory
+budget needed them to reach that micro-batch (XL/1 on a 16 GB T4). Values set explicitly (in the file or with --set) are never changed. Every change is returned as a line
 "key: old -> new (why)".
 
     cfg, changes = resolve_file("configs/lightningdit_xl_800ep.yaml", ["sample.cfg_scale=4.0"])
@@ -37,8 +38,8 @@ _G = envinfo.GiB
 # Hardware a user may plan for without being on it (`--profile t4`): same decisions as step 1 makes.
 HARDWARE_PROFILES: dict[str, list[envinfo.GPUInfo]] = {
     "cpu": [],
-    "p100": [envinfo.GPUInfo("Tesla P100-PCIE-16GB", (6, 0), 16 * _G)],
-    "t4": [envinfo.GPUInfo("Tesla T4", (7, 5), 15 * _G)],
+    "p100": [envinfo.GPUInfo("Tesla P100-PCIE-16GB", (6, 0), 17_071_734_784)],
+    "t4": [envinfo.GPUInfo("Tesla T4", (7, 5), 15_835_398_144)],  # torch's total_memory on Kaggle/Colab
     "l4": [envinfo.GPUInfo("NVIDIA L4", (8, 9), 22 * _G)],
     "a100-40gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-40GB", (8, 0), 40 * _G)],
     "a100-80gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-80GB", (8, 0), 80 * _G)],
@@ -87,29 +88,20 @@ class MissingAssetError(ConfigError):
 def _asset_path(name: str, assets: Any, key: str) -> tuple[Path, str]:
     """(file path of asset `name`, where it was found) or a ConfigError that says how to get it."""
     if isinstance(assets, Mapping):
-        table, origin, folder = assets, "the given assets table", Path.cwd()
+        entries, origin, folder = assets.get("assets", {}), "the given assets table", Path.cwd()
     else:
-        src = Path(assets) if assets is not None else paths.assets_json()
+        entries, src = paths.read_asset_table(assets)
         origin, folder = str(src), src.parent
         if not src.exists():
             detail = f"{src} does not exist yet"
             raise MissingAssetError(f"config key '{key}' needs asset '{name}', but {detail}: {_download_hint(name)}",
                                     name, key, detail)
-        table = _read_json(src, "asset table", f"config key '{key}' needs asset '{name}': {_download_hint(name)}")
-    entries = table.get("assets", {})
-    entry = entries.get(name) if isinstance(entries, Mapping) else None
-    if not isinstance(entry, Mapping) or not entry.get("path"):
-        detail = f"{origin} does not list it"
+    p = paths.recorded_asset_path(entries if isinstance(entries, Mapping) else {}, name, folder)
+    if p is None or not p.exists():
+        detail = f"{origin} does not list it" if p is None else f"{origin} points to {p}, which is gone"
         raise MissingAssetError(f"config key '{key}' needs asset '{name}', but {detail}: {_download_hint(name)}",
                                 name, key, detail)
-    p = Path(str(entry["path"])).expanduser()
-    if not p.is_absolute():  # relative paths: as seen from here, else from the table's folder
-        p = p if p.exists() else folder / p
-    if not p.exists():
-        detail = f"{origin} points to {p}, which is gone"
-        raise MissingAssetError(f"config key '{key}' needs asset '{name}', but {detail}: {_download_hint(name)}",
-                                name, key, detail)
-    return p.absolute(), origin  # keep the snapshot folder: resolve() would follow the HF cache link into blobs/
+    return p, origin
 
 
 def _set(cfg: Config, dotted: str, value: Any) -> None:
@@ -136,7 +128,8 @@ def _recommendation(env: Any, profile: Optional[str]) -> tuple[dict[str, Any], s
         report = _read_json(src, "environment report", "run `python -m steps.step1_install` to write it")
         origin = str(src)
     rec = report.get("recommended")
-    needed = ("precision", "sample_per_proc_batch_size", "train_micro_batch_size")  # what step 1 writes
+    needed = ("precision", "sample_per_proc_batch_size", "train_micro_batch_size", "train_use_checkpoint",
+              "train_ema_on_cpu")  # what step 1 writes
     if not isinstance(rec, Mapping) or any(k not in rec for k in needed):
         raise ConfigError(f"{origin} has no complete 'recommended' block ({', '.join(needed)}): "
                           "run `python -m steps.step1_install` again to rewrite it")
@@ -199,6 +192,13 @@ def resolve_config(cfg: Config, assets: Any = None, env: Any = None,
                 new, why = out.train.global_batch_size, f"capped at train.global_batch_size; {why}"
             _set(out, key, new)
             changes.append(f"{key}: {auto[key]} -> {new} ({why}; from {origin})")
+        if "train.micro_batch_size" in auto:
+            # the micro-batch was chosen with these memory savers on: turn them on with it (never off)
+            for key, rec_key in (("model.use_checkpoint", "train_use_checkpoint"), ("train.ema_on_cpu", "train_ema_on_cpu")):
+                if rec[rec_key] and not flatten(out)[key]:
+                    _set(out, key, True)
+                    changes.append(f"{key}: False -> True (needed for train.micro_batch_size "
+                                   f"{out.train.micro_batch_size}; from {origin})")
         for key, value in explicit_half.items():
             if value != rec["precision"] and not (value == "fp16" and rec["precision"] == "bf16"):
                 changes.append(f"warning: {key}: {value} kept as set, but {origin} recommends {rec['precision']} "

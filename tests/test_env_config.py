@@ -139,6 +139,25 @@ def test_precision_and_batch_choices():
     assert envinfo.recommend([])["device"] == "cpu"
 
 
+def test_training_layout_follows_the_memory_budget(tmp_path):
+    # issue 7: XL/1 trains on a 16 GB T4 at micro-batch >= 8, with the savers the budget needs
+    t4 = envinfo.recommend(HARDWARE_PROFILES["t4"])
+    assert t4["train_micro_batch_size"] >= 8 and t4["train_use_checkpoint"]
+    assert "GiB computed" in t4["train_batch_reason"]
+    a100 = envinfo.recommend([A100])
+    assert not a100["train_use_checkpoint"] and not a100["train_ema_on_cpu"]  # 80 GB needs no saver
+    tiny = envinfo.recommend([GPUInfo("tiny", (8, 0), 8 * GiB)])  # the fp32 state alone is 12.6 GiB
+    assert tiny["train_micro_batch_size"] == 1 and "does not fit" in tiny["train_batch_reason"]
+    _fake_assets(tmp_path)
+    cfg, changes = resolve_config(load_config(find_config("lightningdit_xl_800ep")), profile="t4")
+    assert cfg.train.micro_batch_size == t4["train_micro_batch_size"] and cfg.model.use_checkpoint
+    assert cfg.train.ema_on_cpu == t4["train_ema_on_cpu"]
+    assert any(c.startswith("model.use_checkpoint: False -> True (needed for train.micro_batch_size") for c in changes)
+    fixed, _ = resolve_config(load_config(find_config("lightningdit_xl_800ep"), ["train.micro_batch_size=4"]),
+                              profile="t4")
+    assert not fixed.model.use_checkpoint and not fixed.train.ema_on_cpu  # an explicit micro-batch: untouched
+
+
 def test_sdpa_and_platform_detection():
     on = {"flash": True, "mem_efficient": True, "math": True, "cudnn": True}
     assert envinfo.sdpa_kernels((7, 5), on) == {"flash": False, "mem_efficient": True, "cudnn": False, "math": True}
@@ -254,6 +273,26 @@ def test_missing_asset_says_which_and_how_to_fetch(tmp_path):
     paths.assets_json().unlink()
     with pytest.raises(ConfigError, match=r"step2_download --only lightningdit-xl-800ep latents-stats"):
         step3_configs.main(base="tiny", dry_run=True)
+
+
+def test_a_broken_asset_table_is_one_error_everywhere(tmp_path):
+    """Steps 3, 4 and 8 read runs/assets.json through one function: a broken table is never 'no assets'."""
+    from repro.evaluation.evaluate import resolve_assets
+    from repro.sampling.prepare import prepare_config
+
+    _fake_assets(tmp_path)
+    for broken in ('{"assets": [1, 2', '["not", "an", "object"]', '{"assets": 3}'):
+        paths.assets_json().write_text(broken)
+        for call in (lambda: step3_configs.main(base="tiny", dry_run=True),
+                     lambda: prepare_config("tiny", demo=True),
+                     lambda: resolve_assets(None, None)):
+            with pytest.raises(ConfigError, match=r"asset table .*assets\.json .*step2_download"):
+                call()
+    paths.assets_json().write_text(json.dumps({"assets": {"fid-inception": {"path": "gone.pth"}}}))
+    with pytest.raises(ReproError, match=r"no --ref given and .*assets\.json does not list asset 'adm-ref-imagenet256'"):
+        resolve_assets(None, None)
+    with pytest.raises(ReproError, match=r"--weights given and .*'fid-inception' to .*gone\.pth, which is gone"):
+        resolve_assets("ref.npz", None)
 
 
 def test_env_adaptation_and_set_overrides_win(tmp_path):

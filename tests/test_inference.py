@@ -391,3 +391,13 @@ def test_gpu_half_precision_and_batch_from_free_memory(prepared, reference_run, 
         x, y = a["arr_0"].astype(np.int16), b["arr_0"].astype(np.int16)
         assert np.array_equal(a["arr_1"], b["arr_1"])
     assert np.abs(x - y).mean() < 8  # half-precision transformer, fp32 decode: close to the CPU fp32 images
+
+
+def test_vae_decode_precision_check_runs(prepared):
+    """benchmarks/check_vae_decode.py (the +-1 level check for a half-precision decode) on the tiny files."""
+    env, config = prepared
+    proc = subprocess.run([sys.executable, "benchmarks/check_vae_decode.py", "--config", config, "--num", "3",
+                           "--batch", "2", "--precision", "bf16", "--no-record"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "| bf16 |" in proc.stdout and "max level diff" in proc.stdout and "-> " in proc.stdout

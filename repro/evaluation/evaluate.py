@@ -16,7 +16,6 @@ Protocol (openai/guided-diffusion evaluations/evaluator.py):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -241,21 +240,20 @@ def _tf_version() -> str:
     return torch_fidelity.__version__
 
 
-def _assets_entry(name: str, flag: str) -> dict:
-    from repro.paths import assets_json
+def _asset_from_table(name: str, flag: str) -> tuple[Path, Optional[str]]:
+    """(path, recorded sha256) of asset `name` from step 2's table, or an error naming the flag to pass."""
+    from repro.paths import read_asset_table, recorded_asset_path
 
-    path = assets_json()
-    if not path.is_file():
-        raise ReproError(f"no {flag} given and {path} does not exist; run `python -m steps.step2_download` "
-                         f"(step 2) or pass {flag}")
-    try:
-        entry = json.loads(path.read_text())["assets"][name]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ReproError(f"no {flag} given and {path} has no asset '{name}' ({type(e).__name__}: {e}); run "
-                         f"`python -m steps.step2_download --only {name}` (step 2) or pass {flag}") from None
-    if not isinstance(entry, dict) or not entry.get("path"):
-        raise ReproError(f"{path}: asset '{name}' has no 'path'; run `python -m steps.step2_download --only {name}`")
-    return entry
+    entries, src = read_asset_table()
+    fix = f"run `python -m steps.step2_download --only {name}` (step 2) or pass {flag}"
+    if not src.exists():
+        raise ReproError(f"no {flag} given and {src} does not exist yet: {fix}")
+    path = recorded_asset_path(entries, name, src.parent)
+    if path is None:
+        raise ReproError(f"no {flag} given and {src} does not list asset '{name}': {fix}")
+    if not path.exists():
+        raise ReproError(f"no {flag} given and {src} points asset '{name}' to {path}, which is gone: {fix}")
+    return path, entries[name].get("sha256")
 
 
 def resolve_assets(ref: Optional[str | os.PathLike], weights: Optional[str | os.PathLike]
@@ -265,8 +263,7 @@ def resolve_assets(ref: Optional[str | os.PathLike], weights: Optional[str | os.
     the hash is the table's when the weights come from it, None for a path the caller gave."""
     weights_sha = None
     if ref is None:
-        ref = _assets_entry("adm-ref-imagenet256", "--ref")["path"]
+        ref, _ = _asset_from_table("adm-ref-imagenet256", "--ref")
     if weights is None:
-        entry = _assets_entry("fid-inception", "--weights")
-        weights, weights_sha = entry["path"], entry.get("sha256")
+        weights, weights_sha = _asset_from_table("fid-inception", "--weights")
     return Path(ref), Path(weights), weights_sha

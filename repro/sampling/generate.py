@@ -91,6 +91,38 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+class OwnedOutputs(torch.nn.Module):
+    """Copies each output of a CUDA-graph-compiled model out of the graph's memory pool.
+
+    With `reduce-overhead` / `max-autotune`, outputs live in a pool that the next replay overwrites;
+    two-stage solvers (heun2, midpoint, rk4) keep one velocity while computing the next, so each is
+    cloned (one latent-sized copy per call: ~1e-4 of the model's work).
+    """
+
+    def __init__(self, compiled: torch.nn.Module, model: torch.nn.Module):
+        super().__init__()
+        self.compiled = compiled
+        self.num_classes = getattr(model, "num_classes", None)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(x, t, y).clone()
+
+
+def compile_for_sampling(model: torch.nn.Module, compile: Optional[str | bool], device: torch.device):
+    """`model` itself (compile falsy), or torch.compile(model, mode); 'default'/True = torch's default mode.
+
+    `reduce-overhead` captures the fixed-shape step as CUDA graphs (two shapes: guided and not).
+    """
+    if not compile:
+        return model
+    mode = None if compile is True or compile == "default" else str(compile)
+    compiled = torch.compile(model, mode=mode)
+    if device.type == "cuda" and mode in ("reduce-overhead", "max-autotune"):
+        return OwnedOutputs(compiled, model)
+    return compiled
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
@@ -157,10 +189,7 @@ def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, prec
     if getattr(vae, "embed_dim", cfg.model.in_chans) != cfg.model.in_chans:
         raise ReproError(f"the VA-VAE {cfg.vae.ckpt_path} makes {vae.embed_dim}-channel latents but "
                          f"model.in_chans is {cfg.model.in_chans}")
-    runner = model
-    if compile:
-        mode = None if compile is True or compile == "default" else str(compile)
-        runner = torch.compile(model, mode=mode)
+    runner = compile_for_sampling(model, compile, device)
     return SamplerSetup(cfg=cfg, model=runner, eager_model=model, vae=vae, mean=mean.to(device),
                         std=std.to(device), device=device, precision=prec, vae_precision=vae_prec,
                         latent_shape=(cfg.model.in_chans, latent, latent), num_classes=cfg.data.num_classes)

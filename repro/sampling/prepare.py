@@ -8,7 +8,6 @@ asset table and every file it names exists. A concrete config (real paths) is us
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,16 +31,10 @@ def _is_preset(cfg: Config) -> bool:
     return bool(_markers(cfg)) or any(v == "auto" for v in flatten(cfg).values())
 
 
-def _asset_table() -> dict:
-    try:
-        return json.loads(paths.assets_json().read_text()).get("assets", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def _have(name: str, table: dict) -> bool:
-    entry = table.get(name)
-    return isinstance(entry, dict) and bool(entry.get("path")) and Path(str(entry["path"])).exists()
+def _have(name: str, table: tuple[dict, Path]) -> bool:
+    entries, src = table
+    p = paths.recorded_asset_path(entries, name, src.parent)
+    return p is not None and p.exists()
 
 
 def _reusable(resolved: Path, preset: Path, raw: Config) -> bool:
@@ -108,7 +101,7 @@ def _run_steps_2_and_3(preset: Path, raw: Config, resolved: Path) -> Config:
     from steps import step2_download, step3_configs
 
     markers = _markers(raw)
-    table = _asset_table()
+    table = paths.read_asset_table()
     needed = sorted({v.split(":", 1)[1] for k, v in markers.items()
                      if k in SAMPLING_PATH_KEYS and v.startswith((ASSET, ASSET_DIR))})
     missing = _agree([name for name in needed if not _have(name, table)])
@@ -118,7 +111,7 @@ def _run_steps_2_and_3(preset: Path, raw: Config, resolved: Path) -> Config:
         if du.is_main():
             step2_download.main(only=missing)
         du.barrier()
-        table = _asset_table()
+        table = paths.read_asset_table()
     # Asset paths sampling does not read (the FID reference batch) are left unset if absent.
     optional = _agree([f"{k}=null" for k, v in markers.items() if k not in SAMPLING_PATH_KEYS
                        and v.startswith((ASSET, ASSET_DIR)) and not _have(v.split(":", 1)[1], table)])

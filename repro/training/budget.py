@@ -89,7 +89,8 @@ class MemoryBudget:
         lines.append(f"  {'total (allocated tensors)':<58} {self.total / GiB:8.3f} GiB")
         if limit_gib is not None:
             verdict = "fits" if self.total / GiB <= limit_gib else "does NOT fit"
-            lines.append(f"  -> {verdict} in {limit_gib:g} GiB (CUDA context, ~0.3-0.5 GiB, comes on top)")
+            lines.append(f"  -> {verdict} in {limit_gib:.2f} GiB = {limit_gib * GiB / 1e9:.1f} GB "
+                         "(CUDA context, ~0.3-0.5 GiB, comes on top)")
         return "\n".join(lines)
 
 
@@ -125,3 +126,67 @@ def training_memory_budget(model_cfg, latent_size: int, micro_batch: int, precis
     b.items.append(("backward transients (gradients of the widest layer output)",
                     2 * micro_batch * tokens * widest * 4))
     return b
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing a layout that fits a GPU
+
+CUDA_CONTEXT = int(0.5 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, outside the allocator's count
+ALLOCATOR_HEADROOM = 0.92  # fraction of the card the allocated tensors may reach (fragmentation, caching)
+
+
+@dataclass(frozen=True)
+class TrainingLayout:
+    micro_batch: int
+    checkpointing: bool
+    ema_on_cpu: bool
+    peak: int  # computed bytes of allocated tensors
+    fits: bool
+    reason: str
+
+
+def block_saved_fn(model_cfg, latent_size: int, precision: str, num_classes: int = 1000):
+    """micro-batch -> bytes one block keeps for backward, from two real measurements (it is affine)."""
+    one = measure_block_saved_bytes(model_cfg, latent_size, 1, precision, num_classes)
+    two = measure_block_saved_bytes(model_cfg, latent_size, 2, precision, num_classes)
+    return lambda micro: one + (two - one) * (micro - 1)
+
+
+def usable_bytes(total_memory: int) -> int:
+    """What the allocated tensors of a training step may use on a card of `total_memory` bytes."""
+    return int(ALLOCATOR_HEADROOM * total_memory) - CUDA_CONTEXT
+
+
+def choose_training_layout(model_cfg, latent_size: int, total_memory: int, precision: str, *,
+                           max_micro: int = 128, num_classes: int = 1000, block_saved=None) -> TrainingLayout:
+    """The cheapest way to train on one card, by the computed budget, in this order of preference:
+
+    1. no checkpointing, EMA on the GPU, micro-batch >= 16 (no recomputation, no host work);
+    2. per-block checkpointing (+1/3 compute), EMA on the GPU, micro-batch >= 8;
+    3. checkpointing and the EMA in host memory (saves 4 bytes/parameter), any micro-batch >= 1.
+    Within an option the largest power-of-two micro-batch <= max_micro is taken.
+    """
+    block_saved = block_saved or block_saved_fn(model_cfg, latent_size, precision, num_classes)
+    limit = usable_bytes(total_memory)
+    options = ((False, False, 16), (True, False, 8), (True, True, 1))
+    for checkpointing, ema_on_cpu, least in options:
+        best = None
+        micro = 1
+        while micro <= max_micro:
+            peak = training_memory_budget(model_cfg, latent_size, micro, precision, checkpointing,
+                                          ema_on_device=not ema_on_cpu, num_classes=num_classes,
+                                          block_saved=block_saved(micro)).total
+            if peak > limit:
+                break
+            best = (micro, peak)
+            micro *= 2
+        if best is not None and best[0] >= least:
+            how = ("no checkpointing" if not checkpointing else
+                   "per-block checkpointing" + (", EMA in host memory" if ema_on_cpu else ""))
+            return TrainingLayout(best[0], checkpointing, ema_on_cpu, best[1], True,
+                                  f"{how}: {best[1] / GiB:.1f} GiB computed of {limit / GiB:.1f} GiB usable")
+    peak = training_memory_budget(model_cfg, latent_size, 1, precision, True, ema_on_device=False,
+                                  num_classes=num_classes, block_saved=block_saved(1)).total
+    return TrainingLayout(1, True, True, peak, False,
+                          f"does not fit even at micro-batch 1 with checkpointing and the EMA in host memory "
+                          f"({peak / GiB:.1f} GiB computed of {limit / GiB:.1f} GiB usable): use a smaller model")

@@ -235,18 +235,16 @@ def _train(cfg: Config, budget, t_start, rank, world, device, main) -> dict:
 
 
 def _fits(cfg: Config, latent_size: int, precision: str, device: torch.device):
-    """For an "auto" micro-batch on a GPU: does the computed budget fit 90% of its memory?"""
+    """For an "auto" micro-batch on a GPU: does the computed budget fit the card (step 3's rule)?"""
     if device.type != "cuda":
         return None
-    from repro.training.budget import measure_block_saved_bytes, training_memory_budget
+    from repro.training.budget import block_saved_fn, training_memory_budget, usable_bytes
 
-    one = measure_block_saved_bytes(cfg.model, latent_size, 1, precision, cfg.data.num_classes)
-    two = measure_block_saved_bytes(cfg.model, latent_size, 2, precision, cfg.data.num_classes)
-    limit = 0.9 * torch.cuda.get_device_properties(device).total_memory
+    block_saved = block_saved_fn(cfg.model, latent_size, precision, cfg.data.num_classes)
+    limit = usable_bytes(torch.cuda.get_device_properties(device).total_memory)
 
     def fits(micro: int) -> bool:
-        block = one + (two - one) * (micro - 1)
         return training_memory_budget(cfg.model, latent_size, micro, precision, cfg.model.use_checkpoint,
                                       ema_on_device=not cfg.train.ema_on_cpu, num_classes=cfg.data.num_classes,
-                                      block_saved=block).total <= limit
+                                      block_saved=block_saved(micro)).total <= limit
     return fits
