@@ -148,6 +148,51 @@ def test_ema_update_is_upstreams_arithmetic():
         assert torch.equal(ema.state_dict()[k], ref[k].mul_(0.9).add_(v, alpha=1 - 0.9))
 
 
+def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_writing(tmp_path):
+    """A full disk is a clear error naming the folder, the fix and the last good checkpoint; nothing is written."""
+    import shutil
+
+    from repro.errors import CheckpointError
+    from repro.training.state import ensure_room, save_training_checkpoint, tensor_bytes
+
+    state = {"w": torch.zeros(10, 10), "nested": [{"m": torch.zeros(5, dtype=torch.float16)}], "n": 3}
+    assert tensor_bytes(state) == 400 + 10
+    too_big = shutil.disk_usage(tmp_path).free + 10**12  # larger than this disk's free space, measured now
+    good = tmp_path / "ckpts" / "0000010.pt"
+    with pytest.raises(CheckpointError, match=r"checkpoint of ~\d+\.\d GB does not fit in .*ckpts \(.* free\).*"
+                                              r"train\.keep_last \(now 3.*0000010\.pt"):
+        ensure_room(tmp_path / "ckpts", too_big, 3, good)
+    ensure_room(tmp_path / "ckpts", 10**6, 3, good)  # a megabyte fits
+    path = save_training_checkpoint(tmp_path / "ckpts" / "0000020.pt", model_state={"w": torch.ones(3)},
+                                    ema_state={"w": torch.ones(3)}, opt_state={}, scaler_state={}, step=20,
+                                    data_order={}, rng=[], config={}, kit={})
+    assert [p.name for p in (tmp_path / "ckpts").iterdir()] == [path.name]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 80 MB filesystem (tmpfs); skipped where this user may not mount one."""
+    where = tmp_path / "small_disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_disk_that_fills_during_the_write_is_the_same_clear_error(small_disk):
+    from repro.errors import CheckpointError
+    from repro.training.state import save_training_checkpoint
+
+    good = small_disk / "ckpts" / "0000010.pt"
+    big_config = {"notes": "x" * (90 * 2**20)}  # not a tensor: the pre-write estimate misses it, the disk does not
+    with pytest.raises(CheckpointError, match=r"does not fit in .*ckpts .*train\.keep_last \(now 2.*0000010\.pt"):
+        save_training_checkpoint(small_disk / "ckpts" / "0000020.pt", model_state={}, ema_state={}, opt_state={},
+                                 scaler_state={}, step=20, data_order={}, rng=[], config=big_config, kit={},
+                                 keep_last=2, last_good=good)
+    assert list((small_disk / "ckpts").iterdir()) == []  # the temp file is gone, nothing half-written
+
+
 def test_flops_match_the_flop_counter_and_xl_fits_16gb():
     from torch.utils.flop_counter import FlopCounterMode
 

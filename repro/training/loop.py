@@ -8,6 +8,7 @@ session continues from there), and checks the loss for NaN/inf before every log 
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -48,6 +49,8 @@ class TrainLoop:
         if step >= max_steps:
             self.log.info(f"nothing to do: step {step} already reaches train.max_steps={max_steps}")
             return self._result(step, "already_done", did_steps=False)
+        if self.main:
+            self._disk_note(existing, step)
         stopped = "max_steps"
         it = iter(stream)
         window_start, window_steps = time.perf_counter(), 0
@@ -111,6 +114,28 @@ class TrainLoop:
 
     # -- checks, logs, grids, checkpoints ------------------------------------------------------
 
+    def _newest_checkpoint(self) -> Optional[Path]:
+        found = ckpt.list_checkpoints(self.ckpt_dir)
+        return found[-1][1] if found else None
+
+    def _disk_note(self, existing, step: int) -> None:
+        """Say at the start, not after hours, when the disk cannot hold the checkpoints this run will keep."""
+        n_all = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        n_train = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        need = 2 * n_all + 2 * n_train  # model + EMA + AdamW's two moments
+        t = self.cfg.train
+        saves_left = len(range(step // t.ckpt_every + 1, t.max_steps // t.ckpt_every + 1)) + 1  # + the final save
+        keep = t.keep_last
+        # the newest is written before older ones are removed: keep_last + 1 files at once
+        wanted = min(keep + 1, len(existing) + saves_left) if keep > 0 else len(existing) + saves_left
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        room = shutil.disk_usage(self.ckpt_dir).free + sum(p.stat().st_size for _, p in existing if p.exists())
+        fits = int(room // need)
+        if fits < wanted:
+            self.log.info(f"note: {self.ckpt_dir} has room for ~{fits} checkpoint(s) of ~{need / 1e9:.1f} GB, "
+                          f"this run wants {wanted} on disk at once (train.keep_last={keep}): lower "
+                          f"train.keep_last or set train.output_dir on a larger disk, or a save will stop the run")
+
     def _check_finite(self) -> None:
         first = self.runner.first_bad.clone()
         if self.world > 1:
@@ -170,7 +195,8 @@ class TrainLoop:
                 config=self.cfg.to_dict(),
                 kit={"world_size": self.world, "micro_batch": self.plan.micro_batch,
                      "accum_steps": self.plan.accum_steps, "global_batch": self.plan.global_batch,
-                     "precision": self.precision, "device": self.device.type, "torch": str(torch.__version__)})
+                     "precision": self.precision, "device": self.device.type, "torch": str(torch.__version__)},
+                keep_last=self.cfg.train.keep_last, last_good=self.last_saved or self._newest_checkpoint())
             removed = ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
             extra = f"; removed {len(removed)} older (train.keep_last={self.cfg.train.keep_last})" if removed else ""
             self.log.info(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f}s){extra}")

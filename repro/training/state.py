@@ -24,7 +24,7 @@ import torch
 
 from repro.errors import CheckpointError
 from repro.models.checkpoint import read_checkpoint
-from repro.utils.io import atomic_torch_save, remove_stale_temps
+from repro.utils.io import atomic_torch_save, disk_full, remove_stale_temps
 
 FORMAT = "repro-train/1"
 REQUIRED_KEYS = ("model", "ema", "opt", "step")
@@ -88,15 +88,59 @@ def restore_rng(state: dict[str, Any]) -> None:
 # Writing
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside nested dicts/lists (what torch.save will write, give or take ~1%)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def no_room_message(folder: Path, need: int, free: int, keep_last: int, last_good: Optional[Path]) -> str:
+    def size(n: int) -> str:
+        return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+
+    return (f"a training checkpoint of ~{size(need)} does not fit in {folder} ({size(free)} free): "
+            f"free some space, lower train.keep_last (now {keep_last}; the newest is written before older ones "
+            f"are removed), or set train.output_dir on a larger disk, then run again to resume from the last "
+            f"good checkpoint, {last_good or 'none yet'}")
+
+
+def ensure_room(folder: str | os.PathLike, need: int, keep_last: int, last_good: Optional[Path]) -> None:
+    """Refuse to start a checkpoint write that the disk cannot hold (a clear error instead of ENOSPC)."""
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need + 64 * 2**20:  # + the pickle framing and some air
+        raise CheckpointError(no_room_message(folder, need, free, keep_last, last_good))
+
+
 def save_training_checkpoint(path: str | os.PathLike, *, model_state: dict, ema_state: dict, opt_state: dict,
                              scaler_state: dict, step: int, data_order: dict, rng: list[dict], config: dict,
-                             kit: dict) -> Path:
+                             kit: dict, keep_last: int = 0, last_good: Optional[Path] = None) -> Path:
+    """Write atomically after checking the disk has room; a full disk is a CheckpointError, the old files intact."""
     state = {
         "model": model_state, "ema": ema_state, "opt": opt_state, "config": config,
         "scaler": scaler_state, "step": int(step), "data_order": data_order, "rng": rng,
         "kit": dict(kit, format=FORMAT),
     }
-    return atomic_torch_save(state, path)
+    folder = Path(path).parent
+    need = tensor_bytes(state)
+    ensure_room(folder, need, keep_last, last_good)
+    try:
+        return atomic_torch_save(state, path)
+    except (OSError, RuntimeError) as e:  # torch.save wraps the writer's OSError in a RuntimeError
+        if not disk_full(e):
+            raise
+        import shutil
+
+        raise CheckpointError(no_room_message(folder, need, shutil.disk_usage(folder).free, keep_last,
+                                              last_good)) from None
 
 
 def prune_checkpoints(folder: str | os.PathLike, keep_last: int) -> list[Path]:

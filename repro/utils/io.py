@@ -61,8 +61,22 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch  # imported here so that light users of this module (downloads) start fast
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:  # through a Python file: a full disk then surfaces as OSError(ENOSPC) in the chain
+            torch.save(obj, f)
     return Path(path)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from or during) is 'No space left on device'."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def atomic_save_safetensors(tensors: dict[str, "torch.Tensor"], path: str | os.PathLike,
