@@ -259,6 +259,28 @@ def test_bad_input_is_one_line_and_exit_1(case, prepared, tmp_path, capsys, monk
     assert not out.exists()  # refused before anything was written
 
 
+def test_non_finite_latents_are_named_and_never_written(prepared, tmp_path, capsys, monkeypatch):
+    """NaN/inf latents (fp16 overflow on a T4, a broken checkpoint) stop the run instead of writing black PNGs."""
+    from tests.tiny_assets import tiny_model
+
+    env, config = prepared
+    for k in ("HF_ENDPOINT", "HF_HOME", "REPRO_RUNS_DIR"):
+        monkeypatch.setenv(k, env[k])
+    state = tiny_model().state_dict()
+    state["final_layer.linear.bias"][0] = float("nan")  # channel 0 of every token: every image
+    torch.save({"ema": state}, tmp_path / "nan.pt")
+    from steps.step4_inference import cli
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        cli(["--config", config, "--num-samples", "6", "--batch-size", "3", "--out", str(out), "--no-progress",
+             "--set", f"ckpt_path={tmp_path / 'nan.pt'}", *FAST])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "NaN/inf latents for image(s) 0, 1, 2 (fp32 transformer)" in err and "ckpt_path" in err, err
+    assert pngs(out) == []
+
+
 def test_batch_too_big_for_memory_says_what_to_lower(prepared, tmp_path):
     env, config = prepared
     # A real allocation failure: cap the address space at what importing the stack maps plus 1.5 GiB;

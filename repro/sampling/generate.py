@@ -221,10 +221,33 @@ def denormalize(setup: SamplerSetup, x: torch.Tensor) -> torch.Tensor:
     return x / d.latent_multiplier  # training scaled by the multiplier only
 
 
-def decode_to_uint8(setup: SamplerSetup, x: torch.Tensor, chunk: int = DECODE_CHUNK) -> np.ndarray:
-    """Latents (B, C, h, w) -> (B, H, W, 3) uint8 pixels (upstream decode_to_images), `chunk` at a time."""
+_NON_FINITE_HINTS = {
+    "fp16": "fp16 overflowed (GPUs without bf16, e.g. T4/P100): sample with --precision fp32 into a new --out",
+    "bf16": "sample with --precision fp32 into a new --out; if fp32 fails too, ckpt_path or the latent statistics "
+            "in data.data_path hold NaN/inf",
+    "fp32": "ckpt_path or the latent statistics in data.data_path hold NaN/inf values, or the sampler settings "
+            "diverge (sample.cfg_scale, sample.timestep_shift)",
+}
+
+
+def check_finite_latents(setup: SamplerSetup, x: torch.Tensor, first_index: int = 0) -> None:
+    """A ReproError naming the images whose latents hold NaN/inf (they would decode to garbage silently)."""
+    ok = torch.isfinite(x).flatten(1).all(dim=1)
+    if bool(ok.all()):
+        return
+    bad = [first_index + int(i) for i in (~ok).nonzero().flatten().tolist()]
+    shown = ", ".join(map(str, bad[:8])) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+    raise ReproError(f"the sampler produced NaN/inf latents for image(s) {shown} ({setup.precision} transformer); "
+                     f"nothing was written for them: {_NON_FINITE_HINTS.get(setup.precision, '')}")
+
+
+def decode_to_uint8(setup: SamplerSetup, x: torch.Tensor, chunk: int = DECODE_CHUNK, first_index: int = 0) -> np.ndarray:
+    """Latents (B, C, h, w) -> (B, H, W, 3) uint8 pixels (upstream decode_to_images), `chunk` at a time.
+
+    Non-finite latents are refused first (`first_index` numbers the batch's images in the message)."""
     from repro.tokenizer.images import to_uint8
 
+    check_finite_latents(setup, x, first_index)
     out = []
     with torch.inference_mode():
         for start in range(0, x.shape[0], chunk):

@@ -161,12 +161,15 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     start = time.perf_counter()
     bar = _progress(todo, progress and du.is_main(), world)
     try:
-        with ImageWriter(lambda x: gen.decode_to_uint8(setup, x), threaded=threaded_writer) as writer:
+        def decode(item):  # (latents, index of the batch's first image)
+            return gen.decode_to_uint8(setup, item[0], first_index=item[1])
+
+        with ImageWriter(decode, threaded=threaded_writer) as writer:
             for k in mine:
                 idx = plan.batch_indices(k, batch, n)
                 noise = plan.batch_noise(seed, idx, setup.latent_shape)
                 x = gen.sample_latents(setup, noise, all_labels[idx.start:idx.stop], stats)
-                writer.submit(x, [plan.image_path(images_dir, i) for i in idx])
+                writer.submit((x, idx.start), [plan.image_path(images_dir, i) for i in idx])
                 if bar is not None:
                     bar.update(len(idx))
     except (RuntimeError, MemoryError) as e:
