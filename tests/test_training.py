@@ -148,6 +148,21 @@ def test_ema_update_is_upstreams_arithmetic():
         assert torch.equal(ema.state_dict()[k], ref[k].mul_(0.9).add_(v, alpha=1 - 0.9))
 
 
+def test_host_memory_ema_is_the_same_arithmetic_off_the_training_thread():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    direct, staged = EMA(model, decay=0.9), EMA(model, decay=0.9, on_cpu=True)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))  # the model moves on while the worker applies the last update
+        direct.update()
+        staged.update()
+    assert staged._future is not None  # still pending: state_dict() waits for it
+    assert all(torch.equal(staged.state_dict()[k], v) for k, v in direct.state_dict().items())
+    staged.load_state_dict(direct.state_dict())  # waits for nothing pending, then loads strictly
+
+
 def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_writing(tmp_path):
     """A full disk is a clear error naming the folder, the fix and the last good checkpoint; nothing is written."""
     import shutil
@@ -282,7 +297,8 @@ def test_two_processes_match_one_with_twice_the_accumulation(latents, tmp_path):
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "micro-batch 4 x 2 process(es) x 2 accumulation step(s)" in proc.stdout
-    one = main(STAGE0, set=overrides(latents, tmp_path / "one", *common))
+    # the EMA kept in host memory and updated on a worker thread: the same values as on the device
+    one = main(STAGE0, set=overrides(latents, tmp_path / "one", *common, "train.ema_on_cpu=true"))
     assert "x 1 process(es) x 4 accumulation" in one["batch_plan"]
     a, b = load(ckpts(tmp_path / "two")[-1]), load(Path(one["checkpoint"]))
     assert a["kit"]["world_size"] == 2 and len(a["rng"]) == 2
@@ -330,6 +346,11 @@ def test_ema_sample_grid_without_a_vae_says_so_once(latents, tmp_path, capsys):
     assert out.count("vae.ckpt_path is not set, so sample grids show latent channels") == 1
     grids = sorted((tmp_path / "tiny_two_stage" / "samples").glob("*.png"))
     assert [p.name for p in grids] == ["0000002.png", "0000004.png"]
+    # an EMA held in host memory is swapped into the model for the grid: the same pixels
+    main(STAGE0, set=overrides(latents, tmp_path / "host", "train.max_steps=4", "train.sample_every=2",
+                               "sample.num_sampling_steps=4", "train.sample_num=4", "train.ema_on_cpu=true"))
+    host = sorted((tmp_path / "host" / "tiny_two_stage" / "samples").glob("*.png"))
+    assert [p.read_bytes() for p in host] == [p.read_bytes() for p in grids]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ NCCL on CUDA, gloo on CPU).
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -73,6 +74,12 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def shutdown() -> None:
-    """Destroy the process group if this process started one (safe to call always)."""
+    """Destroy the process group if this process started one (safe to call always).
+
+    Garbage is collected first: a DDP wrapper left in a reference cycle would otherwise be freed
+    during interpreter exit, after the group is gone, and gloo's worker threads then abort the
+    process ("terminate called without an active exception", pytorch/pytorch#179291).
+    """
     if is_initialized():
+        gc.collect()
         dist.destroy_process_group()
