@@ -163,7 +163,7 @@ def recommend_training(gpus: list[GPUInfo], precision: str) -> dict[str, Any]:
             "train_ema_on_cpu": layout.ema_on_cpu, "train_batch_reason": why}
 
 
-def recommend_batches(gpus: list[GPUInfo], precision: str) -> dict[str, Any]:
+def recommend_sampling(gpus: list[GPUInfo], precision: str) -> dict[str, Any]:
     """Per-process sampling batch for LightningDiT-XL/1 at 256 px, with a one-line reason."""
     if not gpus:
         return {"sample": 4, "sample_reason": "CPU: upstream's sampling batch 4"}
@@ -205,9 +205,9 @@ def detect_platform(environ: Optional[Mapping[str, str]] = None, colab_importabl
 def recommend(gpus: list[GPUInfo], bf16_runtime: Optional[bool] = None) -> dict[str, Any]:
     """The `recommended` block of env.json for these GPUs (step 3 reads it)."""
     precision, why = choose_precision(gpus, bf16_runtime)
-    batches = recommend_batches(gpus, precision)
+    sampling = recommend_sampling(gpus, precision)
     return {"device": "cuda" if gpus else "cpu", "precision": precision, "precision_reason": why,
-            "sample_per_proc_batch_size": batches["sample"], "sample_batch_reason": batches["sample_reason"],
+            "sample_per_proc_batch_size": sampling["sample"], "sample_batch_reason": sampling["sample_reason"],
             **recommend_training(gpus, precision)}
 
 
