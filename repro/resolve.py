@@ -11,8 +11,8 @@ Asset files come from `runs/assets.json` (step 2: `{"assets": {NAME: {"path": ..
 `precision: auto`, `per_proc_batch_size: auto` and `micro_batch_size: auto|null` come from the
 `recommended` block of `runs/env.json` (step 1), or from a named hardware profile; an auto
 micro-batch also switches on `model.use_checkpoint` / `train.ema_on_cpu` where the computed memory
-budget needed them to reach that micro-batch (XL/1 on a 16 GB T4). Values set explicitly (in the file or with --set) are never changed. Every change is returned as a line
-"key: old -> new (why)".
+budget needed them to reach that micro-batch (XL/1 on a 16 GB T4). Values set explicitly (in the
+file or with --set) are never changed. Every change is returned as a line "key: old -> new (why)".
 
     cfg, changes = resolve_file("configs/lightningdit_xl_800ep.yaml", ["sample.cfg_scale=4.0"])
     write_resolved(cfg, default_resolved_path("configs/lightningdit_xl_800ep.yaml"), base=..., changes=changes)

@@ -35,8 +35,10 @@ class TrainLoop:
         self.last_saved_step: Optional[int] = None
         self.step_time: Optional[float] = None
         self.save_time: Optional[float] = None
-        n = sum(p.numel() for p in model.parameters())
-        self.save_estimate = 16 * n / 100e6 + 0.5  # model + EMA + Adam moments at ~100 MB/s
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        self.checkpoint_bytes = 2 * weights + 2 * trained  # model + EMA + AdamW's two moments
+        self.save_estimate = self.checkpoint_bytes / 100e6 + 0.5  # seconds, at ~100 MB/s
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -120,9 +122,7 @@ class TrainLoop:
 
     def _disk_note(self, existing, step: int) -> None:
         """Say at the start, not after hours, when the disk cannot hold the checkpoints this run will keep."""
-        n_all = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        n_train = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
-        need = 2 * n_all + 2 * n_train  # model + EMA + AdamW's two moments
+        need = self.checkpoint_bytes
         t = self.cfg.train
         saves_left = len(range(step // t.ckpt_every + 1, t.max_steps // t.ckpt_every + 1)) + 1  # + the final save
         keep = t.keep_last

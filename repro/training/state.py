@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -111,8 +112,6 @@ def no_room_message(folder: Path, need: int, free: int, keep_last: int, last_goo
 
 def ensure_room(folder: str | os.PathLike, need: int, keep_last: int, last_good: Optional[Path]) -> None:
     """Refuse to start a checkpoint write that the disk cannot hold (a clear error instead of ENOSPC)."""
-    import shutil
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
@@ -137,8 +136,6 @@ def save_training_checkpoint(path: str | os.PathLike, *, model_state: dict, ema_
     except (OSError, RuntimeError) as e:  # torch.save wraps the writer's OSError in a RuntimeError
         if not disk_full(e):
             raise
-        import shutil
-
         raise CheckpointError(no_room_message(folder, need, shutil.disk_usage(folder).free, keep_last,
                                               last_good)) from None
 
