@@ -30,3 +30,16 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("REPRO_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     yield
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 80 MB filesystem (tmpfs) to fill; skipped where this user may not mount one."""
+    import subprocess
+
+    where = tmp_path / "small_disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", str(where)], check=True)

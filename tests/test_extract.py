@@ -274,3 +274,23 @@ def test_a_few_hundred_real_photo_crops(kit, tmp_path):
     assert torch.bincount(data["labels"]).tolist() == [30] * 10
     stats = torch.load(tmp_path / "latents" / "latents_stats.pt", weights_only=True)
     assert stats["mean"].shape == stats["std"].shape == (1, 32, 1, 1) and (stats["std"] > 0).all()
+
+
+def test_a_full_disk_is_one_clear_error_for_every_atomic_writer(small_disk):
+    """Shards (safetensors), torch files and plain bytes: the error names the file, nothing half-written stays."""
+    import re
+
+    import torch
+
+    from repro.errors import ReproError
+    from repro.utils.io import atomic_save_safetensors, atomic_torch_save, atomic_write_bytes
+
+    big = 90 * 2**20  # more than the 80 MB disk
+    writers = {"shard.safetensors": lambda p: atomic_save_safetensors({"x": torch.zeros(big // 4)}, p),
+               "stats.pt": lambda p: atomic_torch_save({"x": torch.zeros(big // 4)}, p),
+               "blob.bin": lambda p: atomic_write_bytes(p, b"x" * big)}
+    for name, write in writers.items():
+        with pytest.raises(ReproError, match=rf"disk holding .*small_disk is full \(\d+ MB free\) while writing "
+                                             rf"{re.escape(name)}: free some space"):
+            write(small_disk / name)
+    assert list(small_disk.iterdir()) == []

@@ -184,17 +184,6 @@ def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_writing(tmp_path):
     assert [p.name for p in (tmp_path / "ckpts").iterdir()] == [path.name]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 80 MB filesystem (tmpfs); skipped where this user may not mount one."""
-    where = tmp_path / "small_disk"
-    where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(where)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield where
-    subprocess.run(["umount", str(where)], check=True)
-
-
 def test_a_disk_that_fills_during_the_write_is_the_same_clear_error(small_disk):
     from repro.errors import CheckpointError
     from repro.training.state import save_training_checkpoint

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temp path next to `path`; on success rename it onto `path`.
 
-    On any exception the temp file is removed and `path` is untouched.
-    `suffix` keeps the extension for writers that look at it (PIL, numpy).
+    On any exception the temp file is removed and `path` is untouched; a full disk becomes a
+    ReproError naming the file and the free space (the writer's own error is its cause).
+    `suffix` keeps the extension for writers that look at it (PIL, numpy, safetensors).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,9 +38,18 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if disk_full(e):
+            import shutil
+
+            from repro.errors import ReproError
+
+            free = shutil.disk_usage(path.parent).free
+            raise ReproError(f"the disk holding {path.parent} is full ({free / 1e6:.0f} MB free) while writing "
+                                f"{path.name}: free some space or write to a larger disk, then run the same command "
+                                "again (finished files are kept)") from e
         raise
 
 
@@ -67,13 +77,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def disk_full(exc: BaseException) -> bool:
-    """Whether `exc` (or an exception it was raised from or during) is 'No space left on device'."""
+    """Whether `exc` (or an exception it was raised from or during) is 'No space left on device'.
+
+    Writers in other languages (safetensors' Rust core) report it only as text ("os error 28").
+    """
     import errno
 
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
