@@ -36,9 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from common import append_results, datasheet_peak, measured_matmul_rate, sync  # noqa: E402
 from repro.config import Config  # noqa: E402
-from repro.models.flops import forward_flops  # noqa: E402
+from repro.models.cost import model_forward_flops  # noqa: E402
 from repro.models.lightningdit import create_model  # noqa: E402
-from repro.sampling import generate as gen  # noqa: E402
+from repro.sampling import engine as gen  # noqa: E402
+from repro.utils import hardware  # noqa: E402
 from repro.transport import combine_cfg, guidance_active, model_rows_per_sample, sample_ode  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def build(name: str, latent: int, num_classes: int = 1000, seed: int = 0) -> tor
 
 
 def reset_peak(device: torch.device) -> None:
-    gen.reset_peak_memory(device)
+    hardware.reset_peak_memory(device)
     if device.type == "cpu":
         try:  # Linux: "5" resets VmHWM, so each path's peak is its own
             Path("/proc/self/clear_refs").write_text("5")
@@ -95,7 +96,7 @@ def run_paths(paths, device, repeats):
             r["seconds"] = min(r["seconds"], time.perf_counter() - t)
             # CPU seconds of this process (all threads): barely moved by other jobs on a shared machine
             r["cpu_seconds"] = min(r["cpu_seconds"], time.process_time() - c)
-            peak, r["peak_kind"] = gen.peak_memory(device)
+            peak, r["peak_kind"] = hardware.peak_memory(device)
             r["peak"], r["stats"] = max(r["peak"], peak), stats
     return res
 
@@ -124,9 +125,9 @@ def main(argv=None) -> dict:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(a.device) if a.device else gen.default_device()
-    precision = gen.resolve_precision(a.precision, device, "--precision")
-    gen.configure_backends(device)
+    device = torch.device(a.device) if a.device else hardware.default_device()
+    precision = hardware.resolve_precision(a.precision, device, "--precision")
+    hardware.configure_backends(device)
     model = build(a.model, a.latent).to(device)
     cfg = Config()
     s = cfg.sample
@@ -156,18 +157,18 @@ def main(argv=None) -> dict:
         tt, yy = torch.zeros(rows, device=device), torch.zeros(rows, dtype=torch.int64, device=device)
         with torch.inference_mode():
             model(zz, tt, yy)
-            with gen.autocast(precision, device):
+            with hardware.autocast(device, precision):
                 runner(zz, tt, yy)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    rate_before = measured_matmul_rate(device, gen.DTYPES[precision] if device.type == "cuda" else torch.float32,
+    rate_before = measured_matmul_rate(device, hardware.DTYPES[precision] if device.type == "cuda" else torch.float32,
                                        n=8192 if device.type == "cuda" else 2048)
     results = run_paths(paths, device, a.repeats)
-    rate_after = measured_matmul_rate(device, gen.DTYPES[precision] if device.type == "cuda" else torch.float32,
+    rate_after = measured_matmul_rate(device, hardware.DTYPES[precision] if device.type == "cuda" else torch.float32,
                                       n=8192 if device.type == "cuda" else 2048)
     matmul_rate = max(rate_before, rate_after)  # the best of two, taken around the timed runs
 
     ours, theirs = model_rows_per_sample(a.steps, a.method, a.shift, a.cfg_scale, a.interval_start)
-    per_row = forward_flops(model)
+    per_row = model_forward_flops(model)
     if device.type == "cpu":
         peak_rate, peak_src = matmul_rate, "measured fp32 matmul 2048^3, best of before/after"
     else:
@@ -209,7 +210,7 @@ def decode_path(a, setup, z, y, device):
 def format_table(a, device, precision, rows, per_row, peak_rate, peak_src, matmul_rate, ours, theirs, results,
                  load):
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    dev = gen.describe_device(device)
+    dev = hardware.describe_device(device)
     lines = [f"### bench_sampling: {a.model} @ {a.latent}x{a.latent} latents, batch {a.batch}, {a.method} "
              f"{a.steps} steps, cfg {a.cfg_scale} (interval {a.interval_start}, channels {a.cfg_channels}), "
              f"shift {a.shift}, {precision}{', compile ' + a.compile if a.compile else ''}",

@@ -12,7 +12,7 @@ peak resident set size minus the size before the model was built. A checkpointin
 the same micro-batch is always added ("T4 settings"), and the computed budget for the same settings
 is printed beside it, so the budget's model is checked against a measurement on any machine.
 
-FLOPs: analytic forward FLOPs (repro.training.budget.forward_flops, equal to torch's FlopCounterMode);
+FLOPs: analytic forward FLOPs (repro.models.cost.forward_flops, equal to torch's FlopCounterMode);
 a step is 3 forwards (MFU) and 4 with checkpointing, which recomputes the forward (HFU). Device peak:
 on CPU the measured rate of a large fp32 matmul; on GPU the datasheet dense bf16/fp16 (or fp32) peak.
 Prints a table and appends it to benchmarks/RESULTS.md with the device, torch version and date.
@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from common import append_results, datasheet_peak, measured_matmul_rate  # noqa: E402
 from repro.config import load_config  # noqa: E402
-from repro.sampling.generate import describe_device, peak_memory  # noqa: E402
-from repro.resolve import HARDWARE_PROFILES  # noqa: E402
-from repro.training.budget import GiB, choose_training_layout, step_flops, training_memory_budget  # noqa: E402
+from repro.models.cost import GiB, choose_training_layout, step_flops, training_memory_budget  # noqa: E402
+from repro.setup.resolve import HARDWARE_PROFILES  # noqa: E402
+from repro.utils.hardware import describe_device, peak_memory  # noqa: E402
 
 
 def model_cfg(name: str, checkpointing: bool):
@@ -57,7 +57,8 @@ def child(spec: dict) -> dict:
     """One configuration in this (fresh) process: build, warm up, time, measure peak memory."""
     from repro.training.data_order import MicroBatch
     from repro.training.ema import EMA
-    from repro.training.plan import BatchPlan, make_scaler
+    from repro.training.batches import BatchPlan
+    from repro.utils.hardware import make_scaler
     from repro.training.step import StepRunner, make_optimizer, take_over_label_dropout
     from repro.models.lightningdit import build_model
 
@@ -161,7 +162,7 @@ def main(argv=None) -> dict:
         print("\n".join(t4_budget_lines()))
         return {}
 
-    from repro.training.plan import resolve_precision
+    from repro.utils.hardware import resolve_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(a.precision, device)

@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from common import append_results, sync  # noqa: E402
 from repro.config import load_config  # noqa: E402
-from repro.sampling import generate as gen  # noqa: E402
+from repro.sampling import engine as gen  # noqa: E402
+from repro.utils import hardware  # noqa: E402
 
 
 def compare_levels(ref: np.ndarray, other: np.ndarray) -> dict:
@@ -51,7 +52,7 @@ def main(argv=None) -> dict:
 
     cfg = load_config(a.config)
     setup = gen.build_sampler(cfg, device=a.device)
-    half = gen.resolve_precision(a.precision, setup.device, "--precision")
+    half = hardware.resolve_precision(a.precision, setup.device, "--precision")
     if half == "fp32":  # 'auto' on a CPU
         half = "bf16"
     g = torch.Generator().manual_seed(a.seed)
@@ -78,7 +79,7 @@ def main(argv=None) -> dict:
 
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     lines = [f"### check_vae_decode: {half} vs fp32 VA-VAE decode, {len(x)} images",
-             f"{when} | {gen.describe_device(setup.device)} | torch {torch.__version__} | python "
+             f"{when} | {hardware.describe_device(setup.device)} | torch {torch.__version__} | python "
              f"benchmarks/check_vae_decode.py {' '.join(sys.argv[1:] if argv is None else argv)}", "",
              f"transformer {setup.precision}; vae {Path(cfg.vae.ckpt_path).name}", "",
              "| decode | seconds | images/s | max level diff | share > 1 level | mean abs diff |",

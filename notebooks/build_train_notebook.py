@@ -40,7 +40,7 @@ def train_notebook() -> nbformat.NotebookNode:
         new_code_cell(FIND_ROOT),
         new_markdown_cell("## Data: a small image folder and a narrow VA-VAE\n"
                           "One sub-folder per class (sorted names → labels), as ImageNet's train folder."),
-        new_code_cell("from repro.training.demo import make_demo_images, make_narrow_vavae\n"
+        new_code_cell("from repro.data.synthetic import make_demo_images, make_narrow_vavae\n"
                       "images = make_demo_images(work / \"images\", num_classes=num_classes, "
                       "per_class=images_per_class, size=image_size)\n"
                       "vae_path = make_narrow_vavae(work / \"vavae_ch32.safetensors\", ch=32)\n"
@@ -74,7 +74,7 @@ def train_notebook() -> nbformat.NotebookNode:
         new_markdown_cell("## Sample a grid from the EMA weights\nThe kit's sampling engine loads the checkpoint's "
                           "`ema` strictly, samples with Euler and decodes with the VA-VAE."),
         new_code_cell("from repro.config import load_config\n"
-                      "from repro.training.samples import grid_from_checkpoint\n"
+                      "from repro.training.grids import grid_from_checkpoint\n"
                       "cfg = load_config(\"configs/train/tiny_stage_1.yaml\", train_set + "
                       "[f\"sample.num_sampling_steps={grid_steps}\"])\n"
                       "grid = grid_from_checkpoint(cfg, stage1[\"checkpoint\"], work / \"ema_grid.png\", n=8)\n"

@@ -12,6 +12,16 @@ def runs_dir() -> Path:
     return Path(os.environ.get("REPRO_RUNS_DIR", "runs"))
 
 
+RUNS_MARKER = "runs:"
+
+
+def runs_path(value: str) -> Path:
+    """`runs:REL` -> REL under the runs folder (absolute); any other value is a path as written."""
+    if value.startswith(RUNS_MARKER):
+        return (runs_dir() / value[len(RUNS_MARKER):].lstrip("/")).resolve()
+    return Path(value)
+
+
 def env_json() -> Path:
     return runs_dir() / "env.json"
 

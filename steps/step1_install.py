@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
-from repro import envinfo, install_plan
+from repro.setup import envinfo, install_plan
 from repro.errors import ReproError
 from repro.utils.cli import run_cli
 

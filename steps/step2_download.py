@@ -20,7 +20,6 @@ step 3 reads to fill the config's paths; returns its content.
 from __future__ import annotations
 
 import argparse
-import json
 
 from repro import paths
 from repro.hub import fetch_assets
@@ -31,7 +30,7 @@ def main(only: list[str] | None = None, dest: str | None = None, offline: bool =
          manifest: str | None = None) -> dict:
     """Fetch (or find) the selected assets; returns the content of runs/assets.json."""
     fetch_assets(names=only, dest=dest, offline=offline, manifest=manifest)
-    return json.loads(paths.assets_json().read_text())
+    return {"assets": paths.read_asset_table()[0]}
 
 
 def cli(argv: list[str] | None = None) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from repro.resolve import HARDWARE_PROFILES, default_resolved_path, resolve_file, write_resolved
+from repro.setup.resolve import HARDWARE_PROFILES, default_resolved_path, resolve_file, write_resolved
 from repro.utils.cli import run_cli
 
 

@@ -20,9 +20,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from repro.sampling.prepare import prepare_config
 from repro.sampling.run import run_sampling
+from repro.setup.prepare import prepare_config
 from repro.utils import distributed
+from repro.utils.hardware import default_device
 from repro.utils.cli import run_cli
 
 
@@ -35,7 +36,7 @@ def main(config: Optional[str] = None, demo: Optional[bool] = None, num_samples:
     if demo is None:  # no arguments at all = the official demo
         demo = num_samples is None and config is None
     distributed.init(device)
-    dev = torch.device(device) if device else distributed.default_device()
+    dev = torch.device(device) if device else default_device()
     base = config or ("demo" if demo else "lightningdit_xl_800ep")
     cfg, header = prepare_config(base, overrides=set, demo=demo, cuda=dev.type == "cuda")
     return run_sampling(cfg, out_dir=out, num_samples=num_samples, batch_size=batch_size, seed=seed,

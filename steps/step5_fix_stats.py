@@ -20,18 +20,9 @@ import copy
 from pathlib import Path
 
 from repro.config import Config, apply_overrides, load_config
-from repro.data.latents import STATS_NAME
-from repro.data.stats import install_stats_file, recompute_stats_file, repair_advice, validate_stats
+from repro.data.stats import STATS_NAME, install_stats_file, validate_stats
+from repro.data.stats_recompute import recompute_stats_file, repair_advice
 from repro.errors import ConfigError, ReproError
-
-
-def _fetched_path(assets: dict) -> Path:
-    """The local file of asset `latents-stats` in step 2's result (the runs/assets.json content)."""
-    entry = (assets.get("assets") or {}).get("latents-stats") or {}
-    if not entry.get("path") or not Path(entry["path"]).is_file():
-        raise ReproError("step 2 finished but reported no local file for asset 'latents-stats'; "
-                         "run python -m steps.step2_download --only latents-stats and check runs/assets.json")
-    return Path(entry["path"])
 
 
 def main(config: str | Config | None = None, recompute: bool = False, refetch: bool = False,
@@ -55,9 +46,9 @@ def main(config: str | Config | None = None, recompute: bool = False, refetch: b
     if recompute:
         action = recompute_stats_file(data_dir, channels, subset=cfg.data.stats_subset, seed=seed)
     else:
-        from steps import step2_download  # imported only when a refetch is asked for
+        from repro.hub import fetch_assets  # imported only when a refetch is asked for
 
-        fetched = _fetched_path(step2_download.main(only=["latents-stats"]))
+        fetched = fetch_assets(["latents-stats"])[0].path  # step 2's verified download
         install_stats_file(fetched, path, channels)  # the official bytes, unchanged
         action = f"refetched from {fetched}"
     verdict = validate_stats(path, channels)

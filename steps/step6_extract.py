@@ -22,6 +22,7 @@ import torch
 from repro.config import Config, apply_overrides, load_config
 from repro.errors import ConfigError
 from repro.utils import distributed as dist
+from repro.utils.hardware import default_device
 
 
 def main(config: str | Config | None = None, *, source=None, out: str | None = None, batch_size: int = 32,
@@ -40,7 +41,7 @@ def main(config: str | Config | None = None, *, source=None, out: str | None = N
         if not value or str(value).startswith("asset"):
             raise ConfigError(f"{key} is {value!r}: run step 3 first (python -m steps.step3_configs) or set it")
     dist.init(device)
-    dev = dist.default_device() if device is None else torch.device(device)
+    dev = default_device() if device is None else torch.device(device)
     vae = load_vavae(cfg.vae.ckpt_path, ch=cfg.vae.ch, device=dev)
     return extract_latents(vae, source, Path(out), image_size=cfg.data.image_size, batch_size=batch_size,
                            shard_size=shard_size, seed=seed, store=store, device=dev,

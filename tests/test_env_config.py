@@ -12,11 +12,13 @@ import pytest
 import torch
 import yaml
 
-from repro import envinfo, install_plan, paths
+from repro import paths
+from repro.setup import envinfo, install_plan
 from repro.config import Config, flatten, load_config
-from repro.envinfo import GiB, GPUInfo
+from repro.setup.envinfo import GPUInfo
+from repro.utils.hardware import GiB
 from repro.errors import ConfigError, ReproError
-from repro.resolve import HARDWARE_PROFILES, find_config, resolve_config
+from repro.setup.resolve import HARDWARE_PROFILES, find_config, resolve_config
 from steps import step1_install, step3_configs
 from tests.conftest import FIXTURES, PROJECT_ROOT
 
@@ -278,7 +280,7 @@ def test_missing_asset_says_which_and_how_to_fetch(tmp_path):
 def test_a_broken_asset_table_is_one_error_everywhere(tmp_path):
     """Steps 3, 4 and 8 read runs/assets.json through one function: a broken table is never 'no assets'."""
     from repro.evaluation.evaluate import resolve_assets
-    from repro.sampling.prepare import prepare_config
+    from repro.setup.prepare import prepare_config
 
     _fake_assets(tmp_path)
     for broken in ('{"assets": [1, 2', '["not", "an", "object"]', '{"assets": 3}'):

@@ -24,7 +24,7 @@ from repro.errors import ReproError
 from repro.evaluation import feature_statistics, frechet_distance, inception_score, precision_recall
 from repro.evaluation.evaluate import check_reference, compare_to_paper, evaluate
 from repro.evaluation.features import InceptionExtractor, sha256_file
-from repro.evaluation.images import ImageSource
+from repro.evaluation.image_batches import ImageBatches
 from tests.conftest import PROJECT_ROOT
 
 N_IMAGES, SIZE = 8, 32
@@ -227,7 +227,7 @@ def test_sources_stream_the_same_pixels(tiny):
     """Stored npz (memory-mapped), compressed npz (zip stream) and PNG folder, any slice, any batch."""
     root, expected = tiny["root"], tiny["samples"]
     for name in ("samples.npz", "samples_compressed.npz", "folder"):
-        src = ImageSource.open(root / name)
+        src = ImageBatches.open(root / name)
         assert (src.num_images, src.height, src.width) == (N_IMAGES, SIZE, SIZE)
         if src.kind == "npz":  # stored members are memory-mapped, compressed ones streamed
             assert (src.member.data_offset is None) == (name == "samples_compressed.npz")
@@ -310,7 +310,7 @@ def test_wrong_inputs_give_clear_errors(tiny, tmp_path):
         evaluate(good, tmp_path / "nostats.npz", **kw)
     with np.load(ref) as z:
         np.savez(tmp_path / "fid_only.npz", arr_0=z["arr_0"], mu=z["mu"], sigma=z["sigma"])
-    check_reference(tmp_path / "fid_only.npz", ("fid", "prec"), ImageSource.open(good))  # no sFID: mu_s not needed
+    check_reference(tmp_path / "fid_only.npz", ("fid", "prec"), ImageBatches.open(good))  # no sFID: mu_s not needed
     with pytest.raises(ReproError, match=r"no 'mu_s' \(needed for sfid"):
         evaluate(good, tmp_path / "fid_only.npz", metrics="fid,sfid", **kw)
     with pytest.raises(ReproError, match=r"weights-inception-random.pth: sha256 [0-9a-f]{64} does not match the expected 0{64}"):

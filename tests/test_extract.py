@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from repro.data.extract import extract_latents
-from repro.data.images import list_images
+from repro.data.image_sources import list_images
 from repro.data.latents import LatentShardDataset, image_seed
 from repro.errors import ReproError
 from repro.tokenizer.images import center_crop_arr, pil_to_tensor

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from repro.config import Config
-from repro.sampling import generate as gen
+from repro.sampling import engine as gen
+from repro.utils import hardware
 from tests.tiny_assets import TINY_CHANNELS, TINY_CLASSES, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def _setup(model, precision: str, method: str = "euler") -> gen.SamplerSetup:
 
 
 def test_xl_training_peak_at_t4_settings_fits_15_gb():
-    from repro.training.budget import GiB, training_memory_budget
+    from repro.models.cost import GiB, training_memory_budget
 
     spec = dict(device="cuda", model="LightningDiT-XL/1", latent=16, micro_batch=8, precision="fp16",
                 checkpointing=True, ema_on_cpu=False, channels_last=False, compile=False, steps=2, warmup=2)
@@ -56,7 +57,7 @@ def test_xl_training_peak_at_t4_settings_fits_15_gb():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_sampling_close_to_fp32(precision):
-    if precision == "bf16" and not gen.native_bf16(CUDA):
+    if precision == "bf16" and not hardware.native_bf16(CUDA):
         pytest.skip("no native bf16 on this GPU")
     model = tiny_model().to(CUDA)
     z, y = torch.randn(8, TINY_CHANNELS, 4, 4), torch.arange(8) % TINY_CLASSES

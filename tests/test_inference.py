@@ -367,7 +367,7 @@ def test_writer_thread_equals_inline_and_reports_errors(tmp_path):
 def test_fp32_path_matches_plain_doubled_cfg():
     """The kit's path (unconditional half only where guided) equals upstream's always-doubled one."""
     from repro.config import Config
-    from repro.sampling import generate as gen
+    from repro.sampling import engine as gen
     from repro.transport import combine_cfg, sample_ode
     from tests.tiny_assets import tiny_model
 

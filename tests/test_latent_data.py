@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from repro.data.latents import LatentShardDataset, load_latent_stats, shard_name, write_shard
-from repro.data.stats import compute_stats, validate_stats, write_stats
+from repro.data.stats import validate_stats, write_stats
+from repro.data.stats_recompute import compute_stats
 from repro.errors import ConfigError, ReproError
 from steps import step5_fix_stats
 

@@ -25,12 +25,13 @@ import torch
 
 from repro.config import load_config
 from repro.data.latents import shard_name, write_shard
-from repro.data.stats import compute_stats, write_stats
+from repro.data.stats import write_stats
+from repro.data.stats_recompute import compute_stats
 from repro.errors import ConfigError, ReproError
 from repro.models.checkpoint import load_checkpoint
 from repro.models.lightningdit import build_model
 from repro.training import DataOrder, build_micro_batch, list_checkpoints, plan_batches
-from repro.training.budget import forward_flops, training_memory_budget
+from repro.models.cost import forward_flops, training_memory_budget
 from repro.training.ema import EMA
 from steps.step7_train import main
 from tests.conftest import PROJECT_ROOT
@@ -168,7 +169,7 @@ def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_writing(tmp_path):
     import shutil
 
     from repro.errors import CheckpointError
-    from repro.training.state import ensure_room, save_training_checkpoint, tensor_bytes
+    from repro.training.checkpoints import ensure_room, save_training_checkpoint, tensor_bytes
 
     state = {"w": torch.zeros(10, 10), "nested": [{"m": torch.zeros(5, dtype=torch.float16)}], "n": 3}
     assert tensor_bytes(state) == 400 + 10
@@ -186,7 +187,7 @@ def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_writing(tmp_path):
 
 def test_a_disk_that_fills_during_the_write_is_the_same_clear_error(small_disk):
     from repro.errors import CheckpointError
-    from repro.training.state import save_training_checkpoint
+    from repro.training.checkpoints import save_training_checkpoint
 
     good = small_disk / "ckpts" / "0000010.pt"
     big_config = {"notes": "x" * (90 * 2**20)}  # not a tensor: the pre-write estimate misses it, the disk does not

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from repro.data.images import ImageLoadError, ImageSource, list_images
-from repro.data.latents import STATS_NAME, image_seed, list_shards, read_shard_info, shard_name, write_shard
-from repro.data.stats import compute_stats, validate_stats, write_stats
+from repro.data.image_sources import ImageLoadError, ImageSource, list_images
+from repro.data.latents import image_seed, list_shards, read_shard_info, shard_name, write_shard
+from repro.data.stats import STATS_NAME, validate_stats, write_stats
+from repro.data.stats_recompute import compute_stats
 from repro.errors import ReproError
 from repro.utils import distributed as dist
 from repro.utils.io import atomic_write_json, remove_stale_temps
@@ -75,6 +76,7 @@ def _extract_shard(vae, src: ImageSource, k: int, lo: int, hi: int, out: Path, m
                    batch_size: int, seed: int, store: str, device: torch.device, progress) -> tuple[int, list]:
     from repro.tokenizer.images import center_crop_arr, pil_to_tensor
 
+    # Load and crop each image of the shard; an unreadable one is recorded, never silently dropped.
     parts: dict[str, list[torch.Tensor]] = {}
     labels, corrupt = [], []
     for start in range(lo, hi, batch_size):
@@ -91,10 +93,12 @@ def _extract_shard(vae, src: ImageSource, k: int, lo: int, hi: int, out: Path, m
                 continue
             idx.append(i)
             labels.append(label)
+        # Encode the batch (and its flips); batches never cross a shard.
         if images:
             for key, t in _encode_batch(vae, images, idx, seed=seed, store=store, device=device).items():
                 parts.setdefault(key, []).append(t)
         progress(min(start + batch_size, hi) - start)
+    # One shard file, written atomically; its header records the source and the corrupt images.
     if labels:
         tensors = {key: torch.cat(ts) for key, ts in parts.items()}
     else:  # every image of this shard was corrupt: an empty shard keeps the index ranges fixed
@@ -116,21 +120,13 @@ def _check_out_dir(out: Path, expected: set[str]) -> None:
                          f"training; use an empty --out folder or remove them")
 
 
-def _sum_across_processes(values: list[int]) -> list[int]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        import torch.distributed as tdist
-
-        tdist.all_reduce(t)
-    return [int(v) for v in t.tolist()]
-
-
 def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: int = 32, shard_size: int = 10000,
                     seed: int = 0, store: str = "sample", device: str | torch.device | None = None,
                     stats_subset: int = 10000, labels_file: str | os.PathLike | None = None) -> dict:
     """Encode every image of `source` into shards under `out_dir`, then write `latents_stats.pt` and
     `extract_report.json`. Runs on this process's share of shards (`repro.utils.distributed`).
     Returns the report (the same dict on every process)."""
+    # Arguments and the fixed listing of the source (the same on every process).
     if store not in ("sample", "moments"):
         raise ReproError(f"store={store!r}: choose 'sample' (upstream shards) or 'moments' (posterior mean/logvar)")
     if batch_size < 1 or shard_size < 1:
@@ -143,6 +139,7 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
     if n == 0:
         raise ReproError(f"image source {src.root} lists no images ({len(src.problems)} problem(s), "
                          f"{src.ignored} other file(s)): check --source")
+    # Rank 0 prepares the folder: stale temp files out, foreign shards refused.
     num_shards = math.ceil(n / shard_size)
     names = {shard_name(0, k) for k in range(num_shards)}
     meta = {"kit": FORMAT_TAG, "store": store, "num_images_total": n, "image_size": image_size,
@@ -155,6 +152,7 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
                     f"in {out} with {world} process(es), store={store}, image size {image_size}, seed {seed}")
     dist.barrier()
 
+    # This process's shards; finished ones are reused after checking they come from the same extraction.
     mine = [k for k in range(num_shards) if k % world == rank]
     todo, skipped = [], 0
     for k in mine:
@@ -169,6 +167,7 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
                              f"use a new --out folder, or delete the old shards to start over")
         skipped += 1
 
+    # Encode the remaining shards.
     from tqdm.auto import tqdm
 
     total = sum(min((k + 1) * shard_size, n) - k * shard_size for k in todo)
@@ -182,7 +181,8 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
         bar.write(f"[rank {rank}] wrote {shard_name(0, k)}: images {lo}..{hi - 1}, {count} encoded, "
                   f"{len(corrupt)} corrupt ({time.time() - t0:.0f}s)")
     bar.close()
-    written, skipped = _sum_across_processes([written, skipped])
+    # Rank 0 gathers the report and writes the statistics, once every shard exists.
+    written, skipped = (int(v) for v in dist.all_reduce_values([written, skipped], "sum"))
     dist.barrier()
     if dist.is_main():
         _finish(out, src, num_shards, meta, stats_subset=stats_subset, seed=seed, written=written, skipped=skipped)

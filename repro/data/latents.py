@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
+from repro.data.stats import STATS_NAME, load_latent_stats
 from repro.errors import ReproError
 from repro.utils.io import atomic_save_safetensors
 from repro.utils.seeding import seed_from
 
 SAMPLE_KEYS = ("latents", "latents_flip", "labels")
 MOMENT_KEYS = ("mean", "logvar", "mean_flip", "logvar_flip", "labels")
-STATS_NAME = "latents_stats.pt"
 INFO_KEY = "repro"  # safetensors header key of the kit's shard record
 
 # upstream's message when it finds no shards (ImgLatentDataset.compute_latent_stats -> torch.cat([]))
@@ -138,6 +138,7 @@ class LatentShardDataset(torch.utils.data.Dataset):
         self.data_dir = Path(data_dir)
         self.latent_norm = bool(latent_norm)
         self.latent_multiplier = float(latent_multiplier)
+        # Every shard of the folder, in upstream's sorted order; none is an error with the fix.
         self.files = list_shards(self.data_dir)
         if not self.files:
             where = "does not exist" if not self.data_dir.is_dir() else "holds no *.safetensors latent shards"
@@ -148,6 +149,7 @@ class LatentShardDataset(torch.utils.data.Dataset):
         self.store: str | None = None
         self._counts: list[int] = []
         shape = None
+        # Read each shard's header only: its kind (sample/moments), keys and shape must agree across the folder.
         for f in self.files:
             try:
                 with safe_open(str(f), framework="pt", device="cpu") as h:
@@ -180,6 +182,7 @@ class LatentShardDataset(torch.utils.data.Dataset):
                     f"{f.name} has {lat_shape[1:]} ({shape[0]} vs {lat_shape[1]} channels); keep shards of one "
                     f"tokenizer and image size per folder")
             self._counts.append(lat_shape[0])
+        # Global index -> (shard, row) through the running counts; file handles open lazily per process.
         self.channels, h_, w_ = shape
         self.latent_size = h_ if h_ == w_ else (h_, w_)
         self._starts = [0]
@@ -189,6 +192,7 @@ class LatentShardDataset(torch.utils.data.Dataset):
         self._pid = os.getpid()
         self._labels: torch.Tensor | None = None
 
+        # Normalisation statistics (upstream's latents_stats.pt), checked against the channel count.
         self.stats_path = Path(stats_path) if stats_path is not None else self.data_dir / STATS_NAME
         self._mean = self._std = None
         if self.latent_norm:
@@ -213,11 +217,6 @@ class LatentShardDataset(torch.utils.data.Dataset):
             raise IndexError(f"latent index {index} out of range for {n} latents in {self.data_dir}")
         k = bisect.bisect_right(self._starts, index) - 1
         return k, index - self._starts[k]
-
-    def locate(self, index: int) -> tuple[Path, int]:
-        """(shard file, row in that shard) of global image `index`."""
-        k, row = self._locate(index)
-        return self.files[k], row
 
     def _handle(self, k: int):
         from safetensors import safe_open
@@ -280,13 +279,3 @@ class LatentShardDataset(torch.utils.data.Dataset):
         """(mean, std), each (1, C, 1, 1), when latent_norm is on."""
         return (self._mean[None], self._std[None]) if self._mean is not None else None
 
-
-def load_latent_stats(path: str | os.PathLike, channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated (mean, std), each (1, C, 1, 1) float32; a ReproError with the reason otherwise."""
-    from repro.data.stats import validate_stats
-
-    verdict = validate_stats(path, channels)
-    if not verdict.ok:
-        raise ReproError(f"latent statistics {path}: {verdict.reason}. Repair with step 5 "
-                         f"(python -m steps.step5_fix_stats --config C --recompute, or --refetch)")
-    return verdict.mean, verdict.std

@@ -25,9 +25,9 @@ import numpy as np
 
 from repro.errors import ReproError
 from repro.evaluation import metrics as M
-from repro.evaluation.features import (FEATURE_DIMS, InceptionExtractor, broadcast, extract_features,
-                                       run_on_main, sha256_file)
-from repro.evaluation.images import IMAGE_KEY, ImageSource, npz_keys, read_npy_member
+from repro.evaluation.features import FEATURE_DIMS, InceptionExtractor, extract_features, sha256_file
+from repro.data.npz import IMAGE_KEY, npz_keys, read_npy_member
+from repro.evaluation.image_batches import ImageBatches
 from repro.paths import runs_dir
 from repro.utils import distributed as du
 from repro.utils.io import atomic_path, atomic_write_json
@@ -60,7 +60,7 @@ def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(m for m in METRICS if m in names)
 
 
-def check_reference(ref: Path, metrics: tuple[str, ...], samples: ImageSource) -> None:
+def check_reference(ref: Path, metrics: tuple[str, ...], samples: ImageBatches) -> None:
     """Every key the requested metrics need is there, with the right shape; image sizes agree."""
     if not ref.is_file():
         raise ReproError(f"reference batch not found: {ref}; run `python -m steps.step2_download --only adm-ref-imagenet256`")
@@ -77,7 +77,7 @@ def check_reference(ref: Path, metrics: tuple[str, ...], samples: ImageSource) -
             if got != shape:
                 raise ReproError(f"{ref}: '{key}' has shape {got}, expected {shape} ({feat} features)")
     if IMAGE_KEY in keys:
-        ref_images = ImageSource.open(ref, "reference batch")
+        ref_images = ImageBatches.open(ref, "reference batch")
         if (ref_images.height, ref_images.width) != (samples.height, samples.width):
             raise ReproError(f"{samples.path}: samples are {samples.height}x{samples.width} but the reference images "
                              f"in {ref} are {ref_images.height}x{ref_images.width}; use the reference of that resolution")
@@ -112,10 +112,10 @@ def _read_cache(path: Path, ref_sha: str, weights_sha: str, count: int) -> Optio
 def reference_pool_features(ref: Path, ref_sha: str, extractor: InceptionExtractor, batch_size: int,
                             cache_dir: Optional[Path] = None) -> Optional[np.ndarray]:
     """pool_3 features of the reference images (rank 0; None elsewhere), from the cache when valid."""
-    source = ImageSource.open(ref, "reference batch")
-    cache = run_on_main(_cache_file, ref, ref_sha, extractor.weights_sha256, cache_dir)
+    source = ImageBatches.open(ref, "reference batch")
+    cache = du.run_on_main(_cache_file, ref, ref_sha, extractor.weights_sha256, cache_dir)
     cached = _read_cache(cache, ref_sha, extractor.weights_sha256, source.num_images) if du.is_main() else None
-    if broadcast(cached is not None):
+    if du.broadcast_object(cached is not None):
         return cached
     feats = extract_features(source, extractor, batch_size, keys=("pool",), desc="reference")
     if du.is_main():
@@ -126,7 +126,7 @@ def reference_pool_features(ref: Path, ref_sha: str, extractor: InceptionExtract
     return feats["pool"] if du.is_main() else None
 
 
-def find_run_config(samples: ImageSource) -> Optional[Path]:
+def find_run_config(samples: ImageBatches) -> Optional[Path]:
     """The run's resolved `config.yaml`: in the sample folder, or next to the npz / folder."""
     base = samples.path if samples.kind == "folder" else samples.path.parent
     for folder in (base, base.parent) if samples.kind == "folder" else (base,):
@@ -135,7 +135,7 @@ def find_run_config(samples: ImageSource) -> Optional[Path]:
     return None
 
 
-def default_metrics_path(samples: ImageSource, config_path: Optional[Path]) -> Path:
+def default_metrics_path(samples: ImageBatches, config_path: Optional[Path]) -> Path:
     """`metrics.json` in the run folder (where config.yaml is), else in the PNG folder / next to the npz."""
     if config_path is not None:
         return config_path.parent / "metrics.json"
@@ -177,11 +177,12 @@ def evaluate(samples: str | os.PathLike, ref: str | os.PathLike, metrics: str | 
     Runs on one process or under torchrun (each rank extracts a contiguous slice; rank 0 computes the
     numbers and writes `metrics.json`); every rank returns the same dict.
     """
+    # Check the inputs before any feature is computed: metrics, samples, the reference batch.
     t0 = time.time()
     metrics = parse_metrics(metrics)
     if batch_size < 1:
         raise ReproError(f"batch_size must be >= 1, got {batch_size}")
-    source = ImageSource.open(samples, "samples")
+    source = ImageBatches.open(samples, "samples")
     ref = Path(ref)
     check_reference(ref, metrics, source)
     n = source.num_images
@@ -191,11 +192,13 @@ def evaluate(samples: str | os.PathLike, ref: str | os.PathLike, metrics: str | 
         raise ReproError(f"{source.path}: precision/recall (k={PR_K}) need more than {PR_K} samples, got {n}")
     if n != PROTOCOL_NUM_SAMPLES:
         du.print0(f"note: {n} samples; the paper's numbers use {PROTOCOL_NUM_SAMPLES} (FID is biased upward for fewer)")
+    # The sampler settings of the run (for the record), the extractor, the reference's identity.
     config_path = find_run_config(source)
-    sampler = run_on_main(sampler_settings, config_path)
+    sampler = du.run_on_main(sampler_settings, config_path)
     extractor = InceptionExtractor(weights_path, weights_sha256, device=device)
-    ref_sha = run_on_main(sha256_file, ref)
+    ref_sha = du.run_on_main(sha256_file, ref)
 
+    # Features: of the samples (every rank its slice), of the reference images when P/R need them.
     keys = [k for k, needed in (("pool", {"fid", "prec", "recall"}), ("spatial", {"sfid"}), ("logits", {"is"}))
             if needed & set(metrics)]
     feats = extract_features(source, extractor, batch_size, keys=tuple(keys), desc="samples")
@@ -203,8 +206,10 @@ def evaluate(samples: str | os.PathLike, ref: str | os.PathLike, metrics: str | 
                 if "prec" in metrics or "recall" in metrics else None)
     out_path = Path(out) if out is not None else default_metrics_path(source, config_path)
 
+    # The numbers and the record, on rank 0.
     def compute() -> dict:
         result: dict = {}
+        # Frechet distances against the reference's precomputed statistics, IS, precision/recall.
         with np.load(ref) as z:
             for metric, (mu_key, sigma_key, feat) in FRECHET.items():
                 if metric in metrics:
@@ -214,6 +219,7 @@ def evaluate(samples: str | os.PathLike, ref: str | os.PathLike, metrics: str | 
             result["is"] = M.inception_score(feats["logits"], split_size=IS_SPLIT_SIZE, inputs="logits")
         if "prec" in metrics or "recall" in metrics:
             prec, rec = M.precision_recall(ref_pool, feats["pool"], k=PR_K, batch_size=PR_BATCH, device=extractor.device)
+            # What the numbers were computed on and how (metrics.json).
             result.update({m: v for m, v in (("prec", prec), ("recall", rec)) if m in metrics})
         result.update({
             "num_samples": n, "image_size": [source.height, source.width], "samples": str(source.path),
@@ -231,7 +237,7 @@ def evaluate(samples: str | os.PathLike, ref: str | os.PathLike, metrics: str | 
         print(summary_line(result), flush=True)
         return result
 
-    return run_on_main(compute)
+    return du.run_on_main(compute)
 
 
 def _tf_version() -> str:

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from repro.errors import ReproError
-from repro.evaluation.images import ImageSource
+from repro.evaluation.image_batches import ImageBatches
 from repro.utils import distributed as du
+from repro.utils.hardware import default_device
 from repro.utils.io import sha256_file
 from repro.utils.prefetch import prefetch
 
@@ -108,7 +109,7 @@ class InceptionExtractor:
         except RuntimeError as e:  # strict load_state_dict: missing/unexpected keys or shapes
             raise ReproError(f"{self.weights_path}: not torch-fidelity's InceptionV3 weights "
                              f"({str(e).splitlines()[0][:300]})") from None
-        self.device = torch.device(device) if device is not None else du.default_device()
+        self.device = torch.device(device) if device is not None else default_device()
         self.net = net.to(self.device).eval()
         self._spatial: Optional[torch.Tensor] = None
         self.net.get_submodule(SPATIAL_MODULE).register_forward_hook(self._keep_spatial)
@@ -132,15 +133,11 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
-def _comm_device() -> torch.device:
-    return du.default_device() if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-
-
 def gather_rows(local: np.ndarray) -> Optional[np.ndarray]:
     """Concatenate every rank's rows (rank order) on rank 0; other ranks get None. One process: identity."""
     if du.get_world_size() == 1:
         return local
-    dev, world = _comm_device(), du.get_world_size()
+    dev, world = du.comm_device(), du.get_world_size()
     count = torch.tensor([local.shape[0]], dtype=torch.int64, device=dev)
     counts = [torch.zeros_like(count) for _ in range(world)]
     torch.distributed.all_gather(counts, count)
@@ -154,31 +151,7 @@ def gather_rows(local: np.ndarray) -> Optional[np.ndarray]:
     return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts)], axis=0)
 
 
-def broadcast(obj):
-    """Rank 0's `obj` on every rank (identity with one process)."""
-    if du.get_world_size() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0, device=_comm_device())
-    return box[0]
-
-
-def run_on_main(fn, *args, **kwargs):
-    """Run `fn` on rank 0 only and give its result to every rank; a ReproError there is raised on all
-    ranks (so no rank waits forever in a collective after rank 0 failed)."""
-    result, error = None, None
-    if du.is_main():
-        try:
-            result = fn(*args, **kwargs)
-        except ReproError as e:
-            error = str(e)
-    result, error = broadcast((result, error))
-    if error is not None:
-        raise ReproError(error)
-    return result
-
-
-def extract_features(source: ImageSource, extractor: InceptionExtractor, batch_size: int,
+def extract_features(source: ImageBatches, extractor: InceptionExtractor, batch_size: int,
                      keys: tuple[str, ...] = ("pool", "spatial", "logits"),
                      desc: str = "inception") -> Optional[dict[str, np.ndarray]]:
     """Features of every image of `source`; each rank reads only its contiguous slice, in batches.

@@ -19,16 +19,17 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from repro import paths
 from repro.config import Config, save_config
 from repro.errors import ReproError
-from repro.sampling import generate as gen
-from repro.sampling import plan
+from repro.data.npz import npz_count
+from repro.sampling import engine, plan
 from repro.sampling.grid import grid_shape, load_images, save_grid, save_preview
-from repro.sampling.writer import ImageWriter, npz_count, pack_npz
+from repro.sampling.writer import ImageWriter, pack_npz
 from repro.utils import distributed as du
+from repro.utils.distributed import print0
+from repro.utils.hardware import GiB, describe_device, is_oom, peak_memory, reset_peak_memory
 from repro.utils.io import atomic_write_json, remove_stale_temps
 
 # Settings that change pixels; a resumed run must match them (the batch size too: see plan.py).
@@ -48,17 +49,8 @@ def default_out_dir(cfg: Config, demo: bool) -> Path:
     return paths.runs_dir() / "samples" / name.lower()
 
 
-def _reduce(value: float, op: str) -> float:
-    if not du.is_initialized():
-        return value
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([value], dtype=torch.float64, device=dev)
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
-    return float(t.item())
-
-
 def _record(cfg: Config, seed: int, batch: int, n: int, mode: str, labels: Optional[Sequence[int]],
-            setup: gen.SamplerSetup) -> dict:
+            setup: engine.SamplerSetup) -> dict:
     s = dataclasses.asdict(cfg.sample)
     return {"seed": seed, "batch_size": batch, "num_samples": n, "label_mode": mode,
             "labels": list(labels) if labels else None, "precision": setup.precision,
@@ -97,11 +89,13 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
                  progress: bool = True, threaded_writer: bool = True, config_header: Sequence[str] = ()) -> dict:
     """Sample (or finish sampling) `num_samples` images on this process's share of the batches."""
     rank, world = du.get_rank(), du.get_world_size()
+
+    # --- What to sample: seed, labels, how many ---------------------------------------------------
     seed = cfg.sample.seed if seed is None else int(seed)
     num_classes = cfg.data.num_classes
     if demo and not labels:
         labels, why = plan.demo_labels(num_classes)
-        gen.log(f"demo labels: {labels} ({why})")
+        print0(f"demo labels: {labels} ({why})")
     if labels:
         plan.check_labels(labels, num_classes)
         if class_balanced:
@@ -110,21 +104,21 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     mode = "fixed" if labels else ("balanced" if class_balanced else "uniform")
     all_labels = plan.plan_labels(n, num_classes, seed, "balanced" if class_balanced else "uniform", labels)
 
+    # --- The models, and the batch size: --batch-size, else the folder's (resume), else the config's
     out = Path(out_dir) if out_dir else default_out_dir(cfg, demo)
     images_dir, record_path = out / "images", out / "run.json"
     old = _read_record(record_path)
-    setup = gen.build_sampler(cfg, device=device, precision=precision, compile=compile)
-
-    # Batch: --batch-size, else the one this folder was started with (resume), else the config's.
+    setup = engine.build_sampler(cfg, device=device, precision=precision, compile=compile)
     chosen = batch_size if batch_size is not None else (old["batch_size"] if old else cfg.sample.per_proc_batch_size)
-    limit = -(-n // world)
     if chosen == "auto":
-        chosen, why = gen.auto_batch_size(setup, limit)
-        chosen = int(_reduce(chosen, "min"))  # every process must use the same batches
-        gen.log(f"batch size {chosen} per process ({why})")
+        chosen, why = engine.auto_batch_size(setup, limit=-(-n // world))
+        chosen = int(du.all_reduce_values([chosen], "min")[0])  # every process must use the same batches
+        print0(f"batch size {chosen} per process ({why})")
     batch = int(chosen)
     if batch < 1:
         raise ReproError(f"--batch-size must be >= 1, got {batch}")
+
+    # --- The folder: refuse other pixels in it (a demo is replaced), record this run -------------
     record = _record(cfg, seed, batch, n, mode, labels, setup)
     diff = _mismatch(old, record) if old else None
     if diff and not demo:
@@ -132,49 +126,50 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
         raise ReproError(f"{out} holds samples made with {key}={was!r} ({record_path}); this run asks for "
                          f"{key}={now!r}: run with the old value to resume, or choose a new --out")
     if diff:  # a demo is 8 images: other settings replace it rather than stop the run
-        gen.log(f"note: replacing the demo in {out}, made with {diff[0]}={diff[1]!r}")
+        print0(f"note: replacing the demo in {out}, made with {diff[0]}={diff[1]!r}")
         du.barrier()
         if du.is_main():
             for i in plan.existing_indices(images_dir):
                 plan.image_path(images_dir, i).unlink(missing_ok=True)
-
     if du.is_main():
         images_dir.mkdir(parents=True, exist_ok=True)
         stale = remove_stale_temps(images_dir) + remove_stale_temps(out)
         if stale:
-            gen.log(f"removed {stale} half-written file(s) left by an interrupted run")
+            print0(f"removed {stale} half-written file(s) left by an interrupted run")
         save_config(cfg, out / "config.yaml", header=["Resolved config of this sampling run (step 4)",
                                                        *config_header])
         atomic_write_json(record_path, record)
     du.barrier()
 
+    # --- This process's unfinished batches -------------------------------------------------------
     total = plan.num_batches(n, batch)
     done = plan.existing_indices(images_dir)
     mine = plan.pending_batches(plan.my_batches(total, rank, world), batch, n, done)
     already = sum(1 for i in range(n) if i in done)
     todo = sum(len(plan.batch_indices(k, batch, n)) for k in mine)
-    gen.log(f"sampling {n} images into {out}: {already} already there; batch {batch} x {world} process(es), "
-            f"{setup.precision} on {gen.describe_device(setup.device)}, VA-VAE decode {setup.vae_precision}")
+    print0(f"sampling {n} images into {out}: {already} already there; batch {batch} x {world} process(es), "
+           f"{setup.precision} on {describe_device(setup.device)}, VA-VAE decode {setup.vae_precision}")
 
+    # --- Sample: the accelerator runs the ODE while a thread decodes and writes the last batch ----
     stats: dict = {}
-    gen.reset_peak_memory(setup.device)
+    reset_peak_memory(setup.device)
     start = time.perf_counter()
     bar = _progress(todo, progress and du.is_main(), world)
     try:
         def decode(item):  # (latents, index of the batch's first image)
-            return gen.decode_to_uint8(setup, item[0], first_index=item[1])
+            return engine.decode_to_uint8(setup, item[0], first_index=item[1])
 
         with ImageWriter(decode, threaded=threaded_writer) as writer:
             for k in mine:
                 idx = plan.batch_indices(k, batch, n)
                 noise = plan.batch_noise(seed, idx, setup.latent_shape)
-                x = gen.sample_latents(setup, noise, all_labels[idx.start:idx.stop], stats)
+                x = engine.sample_latents(setup, noise, all_labels[idx.start:idx.stop], stats)
                 writer.submit((x, idx.start), [plan.image_path(images_dir, i) for i in idx])
                 if bar is not None:
                     bar.update(len(idx))
     except (RuntimeError, MemoryError) as e:
-        if gen.is_oom(e):
-            raise gen.oom_error(batch, setup, e) from None
+        if is_oom(e):
+            raise engine.oom_error(batch, setup, e) from None
         raise
     finally:
         if bar is not None:
@@ -182,12 +177,13 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     if setup.device.type == "cuda":
         torch.cuda.synchronize(setup.device)
     elapsed = time.perf_counter() - start
-    peak, peak_what = gen.peak_memory(setup.device)
-    new = int(_reduce(todo, "sum"))
-    elapsed = _reduce(elapsed, "max")
-    peak = int(_reduce(peak, "max"))
+    peak, peak_what = peak_memory(setup.device)
+    new = int(du.all_reduce_values([todo], "sum")[0])
+    elapsed, peak = du.all_reduce_values([elapsed, peak], "max")
+    peak = int(peak)
     du.barrier()
 
+    # --- Outputs: the labelled preview, then the demo grid or samples.npz (rank 0) ----------------
     result = {"out_dir": str(out), "images_dir": str(images_dir), "config": str(out / "config.yaml"),
               "record": str(record_path), "num_samples": n, "new_images": new, "existing_images": already,
               "batch_size": batch, "world_size": world, "precision": setup.precision, "seed": seed,
@@ -208,18 +204,20 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
             result["npz"] = str(npz)
     du.barrier()
 
-    batches_run = _reduce(len(mine), "sum")
-    nfe = _reduce(stats.get("nfe", 0), "sum") / batches_run if batches_run else None  # calls per batch = per image
-    rows = _reduce(stats.get("model_rows", 0), "sum") / new if new else None
+    # --- Summary: model calls and rows per image, speed, peak memory -------------------------------
+    batches_run, nfe_sum, rows_sum = du.all_reduce_values(
+        [len(mine), stats.get("nfe", 0), stats.get("model_rows", 0)], "sum")
+    nfe = nfe_sum / batches_run if batches_run else None  # calls per batch = calls per image
+    rows = rows_sum / new if new else None
     rate = new / elapsed if new and elapsed > 0 else None
     result.update(nfe_per_image=nfe, model_rows_per_image=rows, images_per_s=rate, seconds=elapsed,
                   peak_memory_bytes=peak, peak_memory_kind=peak_what)
     result["summary"] = (f"{n} images ({new} new) in {out}: "
                          f"{'-' if nfe is None else f'{nfe:g}'} NFE per image, "
                          f"{'-' if rate is None else f'{rate:.3g}'} images/s, "
-                         f"peak memory {peak / gen.GiB:.2f} GiB ({peak_what}), {setup.precision}, "
+                         f"peak memory {peak / GiB:.2f} GiB ({peak_what}), {setup.precision}, "
                          f"batch {batch} x {world} process(es)")
-    gen.log(result["summary"])
+    print0(result["summary"])
     return result
 
 

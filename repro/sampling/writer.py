@@ -24,11 +24,11 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from repro.data.npz import write_npy_member
 from repro.errors import ReproError
 from repro.utils.io import atomic_path
 
 _STOP = object()
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: fixed, so reruns give the same bytes
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
@@ -150,26 +150,6 @@ class ImageWriter:
 # samples.npz in the ADM evaluator's format, streamed
 
 
-def _npy_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype,
-                chunks: Iterable[np.ndarray]) -> None:
-    """Write `name` (a .npy file) into the zip from row chunks; never holds more than one chunk."""
-    info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
-    info.compress_type = zipfile.ZIP_STORED  # as np.savez: uncompressed, so readers can stream it
-    info.external_attr = 0o644 << 16
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
-    rows = 0
-    with zf.open(info, "w", force_zip64=True) as f:  # zip64: arr_0 of 50,000 x 256 px is ~9.8 GB
-        np.lib.format.write_array_header_1_0(f, header)
-        for chunk in chunks:
-            chunk = np.ascontiguousarray(chunk, dtype=dtype)
-            if chunk.shape[1:] != shape[1:]:
-                raise ReproError(f"{name}: a chunk of shape {chunk.shape} does not match {shape}")
-            f.write(chunk.tobytes())
-            rows += chunk.shape[0]
-    if rows != shape[0]:
-        raise ReproError(f"{name}: wrote {rows} rows, expected {shape[0]}")
-
-
 def pack_npz(images_dir: str | os.PathLike, num_samples: int, out_path: str | os.PathLike,
              labels: Optional[Sequence[int] | np.ndarray] = None, chunk: int = 256, workers: int = 4) -> Path:
     """Pack `images_dir/{i:06d}.png`, i < num_samples, into `out_path` (arr_0 images, arr_1 labels).
@@ -196,19 +176,8 @@ def pack_npz(images_dir: str | os.PathLike, num_samples: int, out_path: str | os
     with atomic_path(out_path, suffix=".npz") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                _npy_member(zf, "arr_0.npy", (num_samples, *first.shape), np.uint8, chunks(pool))
+                write_npy_member(zf, "arr_0.npy", (num_samples, *first.shape), np.uint8, chunks(pool))
             if labels is not None:
                 arr = np.asarray(labels, dtype=np.int64)
-                _npy_member(zf, "arr_1.npy", (num_samples,), np.int64, [arr])
+                write_npy_member(zf, "arr_1.npy", (num_samples,), np.int64, [arr])
     return Path(out_path)
-
-
-def npz_count(path: str | os.PathLike) -> int | None:
-    """How many images `path`'s arr_0 holds (read from the .npy header only); None if absent or unreadable."""
-    try:
-        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            return int(read(f)[0][0])
-    except (OSError, KeyError, ValueError, IndexError, zipfile.BadZipFile):
-        return None

@@ -197,10 +197,6 @@ class DiagonalGaussian:
         self.logvar = torch.clamp(logvar, -30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
-    @property
-    def var(self) -> torch.Tensor:
-        return torch.exp(self.logvar)
-
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """mean + std * eps, eps drawn with `generator` (which must live on the posterior's device)."""
         device = self.mean.device

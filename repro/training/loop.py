@@ -1,205 +1,340 @@
-"""The training loop proper: steps, logs, EMA sample grids, checkpoints, time budget, non-finite stop.
+"""LightningDiT training that a notebook's death, a 16 GB GPU or eight GPUs do not change.
 
-Upstream (hustvl/LightningDiT train.py) logs every `log_every` steps and saves every `ckpt_every`
-steps; the kit also saves at `max_steps` and when the time budget is nearly used (so the next
-session continues from there), and checks the loss for NaN/inf before every log and every save
-(on the device in between: no host synchronisation per step).
+`train(cfg)` runs the upstream recipe (hustvl/LightningDiT train.py; the step itself is
+`repro.training.step`) on the latent shards of `data.data_path`, in one process or under torchrun
+(DDP; gloo on CPU). `training_loop` reads top to bottom (after NVlabs/edm2's training_loop): set up,
+pick where to start, build, restore, then the step loop with its logs, grids and checkpoints. It:
+
+- resumes from the newest complete checkpoint of `train.output_dir/train.exp_name/checkpoints/`
+  (upstream layout) with model, EMA, optimizer, scaler, step, data-order position and RNG states,
+  so the resumed run is the uninterrupted one (bitwise on CPU in fp32 with `train.deterministic`);
+- otherwise starts from `train.ckpt` (stage 1 continuing a stage-0 checkpoint) or
+  `train.weight_init` (weights only, step 0);
+- splits `train.global_batch_size` into micro-batch x processes x accumulation exactly;
+- logs every `log_every` and saves every `ckpt_every` steps as upstream, and also at `max_steps` and
+  when the time budget is nearly used (so the next session continues from there);
+- stops with an error naming the step at a non-finite loss (checked before every log and save, on
+  the device in between: no host synchronisation per step); the last good checkpoint is kept.
+
+    from repro.training import train
+    result = train(load_config("configs/train/tiny_stage_0.yaml"))   # {'step', 'checkpoint', 'loss', ...}
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from repro.errors import ReproError
-from repro.training import state as ckpt
-from repro.training.samples import weights_swapped_in
+from repro.config import Config, save_config
+from repro.errors import ConfigError, ReproError
+from repro.models.checkpoint import load_checkpoint
+from repro.models.lightningdit import build_model
+from repro.training import checkpoints as ckpt
+from repro.training.batches import plan_batches
+from repro.training.data_order import DataOrder, DataPosition, MicroBatchStream
+from repro.training.ema import EMA
+from repro.training.grids import GridSampler, weights_swapped_in
+from repro.training.logs import RunLogger
+from repro.training.step import StepRunner, make_optimizer, normalise_optimizer_state, take_over_label_dropout
 from repro.utils import distributed as dist
+from repro.utils.hardware import default_device, make_scaler, resolve_precision, set_determinism
 
+_MARKERS = ("asset:", "asset-dir:", "runs:")
 _NONE = 2 ** 62  # "no non-finite step" when taking the minimum over processes
 
 
-class TrainLoop:
-    def __init__(self, cfg, run_dir: Path, log, runner, ema, model, opt, scaler, order, plan, grids, precision: str,
-                 device: torch.device, rank: int, world: int, main: bool, budget: Optional[float], t_start: float):
-        self.cfg, self.run_dir, self.log, self.runner, self.ema = cfg, Path(run_dir), log, runner, ema
-        self.model, self.opt, self.scaler, self.order, self.plan, self.grids = model, opt, scaler, order, plan, grids
-        self.precision, self.device, self.rank, self.world, self.main = precision, device, rank, world, main
-        self.budget, self.t_start = budget, t_start
-        self.ckpt_dir = ckpt.checkpoint_dir(run_dir)
-        self.last_saved: Optional[Path] = None
-        self.last_saved_step: Optional[int] = None
-        self.step_time: Optional[float] = None
-        self.save_time: Optional[float] = None
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        self.checkpoint_bytes = 2 * weights + 2 * trained  # model + EMA + AdamW's two moments
-        self.save_estimate = self.checkpoint_bytes / 100e6 + 0.5  # seconds, at ~100 MB/s
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir) / cfg.train.exp_name
 
-    # -- the loop ---------------------------------------------------------------------------
 
-    def run(self, step: int, stream) -> dict:
-        cfg, plan = self.cfg, self.plan
-        max_steps = cfg.train.max_steps
-        existing = ckpt.list_checkpoints(self.ckpt_dir)
-        if existing and existing[-1][0] == step:
-            self.last_saved, self.last_saved_step = existing[-1][1], step
-        if step >= max_steps:
-            self.log.info(f"nothing to do: step {step} already reaches train.max_steps={max_steps}")
-            return self._result(step, "already_done", did_steps=False)
-        if self.main:
-            self._disk_note(existing, step)
-        stopped = "max_steps"
-        it = iter(stream)
-        window_start, window_steps = time.perf_counter(), 0
-        while step < max_steps:
-            if self._out_of_time():
-                stopped = "time_budget"
-                break
-            t0 = time.perf_counter()
-            batch, position = [], None
-            for _ in range(plan.accum_steps):
-                s, _k, mb, position = next(it)
-                if s != step + 1:
-                    raise RuntimeError(f"data stream is at step {s}, the loop at step {step + 1}")
-                batch.append(mb)
-            self.runner.step(step + 1, batch)
-            step += 1
-            self.order.position = position
-            dt = time.perf_counter() - t0
-            self.step_time = dt if self.step_time is None else 0.8 * self.step_time + 0.2 * dt
-            window_steps += 1
-            if step % cfg.train.log_every == 0 or step == max_steps:
-                self._log(step, window_steps, time.perf_counter() - window_start)
-                window_start, window_steps = time.perf_counter(), 0
-            if cfg.train.sample_every and step % cfg.train.sample_every == 0:
-                self._sample(step)
-            if step % cfg.train.ckpt_every == 0 or step == max_steps:
-                self._save(step)
-        if stopped == "time_budget":
-            elapsed = time.monotonic() - self.t_start
-            self.log.info(f"time budget of {self.budget:.0f}s nearly used ({elapsed:.0f}s elapsed) at step {step}: "
-                          "saving and stopping; run the same command again to continue")
-            if step != self.last_saved_step and step > 0:
-                self._save(step)
-        return self._result(step, stopped, did_steps=True)
+def check_resolved(cfg: Config) -> None:
+    """Refuse path markers that step 3 fills in (`runs:REL`, `asset:NAME`), naming the key."""
+    keys = {"data.data_path": cfg.data.data_path, "train.output_dir": cfg.train.output_dir,
+            "train.ckpt": cfg.train.ckpt, "train.weight_init": cfg.train.weight_init}
+    if cfg.train.sample_every:
+        keys["vae.ckpt_path"] = cfg.vae.ckpt_path
+    for key, value in keys.items():
+        if isinstance(value, str) and value.startswith(_MARKERS):
+            raise ConfigError(f"config key '{key}' is {value!r}, a marker that step 3 fills in: run "
+                              f"`python -m steps.step3_configs --base CONFIG` and train with the resolved config it "
+                              f"writes, or pass --set {key}=PATH")
 
-    def _result(self, step: int, stopped: str, did_steps: bool) -> dict:
+
+def open_latents(cfg: Config):
+    """The latent dataset of `data.data_path`, checked against the model it will train."""
+    from repro.data.latents import LatentShardDataset
+
+    if not cfg.data.data_path:
+        raise ConfigError("data.data_path is not set: point it at the latent shards written by step 6 "
+                          "(python -m steps.step6_extract --config C --source IMAGES --out FOLDER)")
+    ds = LatentShardDataset(cfg.data.data_path, latent_norm=cfg.data.latent_norm,
+                            latent_multiplier=cfg.data.latent_multiplier)
+    if ds.channels != cfg.model.in_chans:
+        raise ReproError(f"latent shards in {ds.data_dir} have {ds.channels} channels but model.in_chans is "
+                         f"{cfg.model.in_chans}: they come from another tokenizer; re-extract with the VA-VAE "
+                         f"f16d32 (32 channels) or set model.in_chans={ds.channels}")
+    size = cfg.data.image_size // cfg.vae.downsample_ratio
+    if ds.latent_size != size:
+        raise ReproError(f"latent shards in {ds.data_dir} are {ds.latent_size}x{ds.latent_size} but data.image_size "
+                         f"{cfg.data.image_size} / vae.downsample_ratio {cfg.vae.downsample_ratio} = {size}: fix "
+                         "data.image_size or re-extract at that size")
+    if ds.num_classes_seen > cfg.data.num_classes:
+        raise ReproError(f"latent shards in {ds.data_dir} have labels up to {ds.num_classes_seen - 1} but "
+                         f"data.num_classes is {cfg.data.num_classes}: set data.num_classes={ds.num_classes_seen}")
+    return ds
+
+
+def train(cfg: Config, *, time_budget: Optional[float] = None) -> dict:
+    """Train until `train.max_steps` (or the time budget); returns step, checkpoint, loss, run_dir, stopped."""
+    t_start = time.monotonic()
+    dist.init()
+    device = default_device()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    set_determinism(cfg.train.deterministic, device)
+    try:
+        budget = time_budget if time_budget is not None else cfg.train.time_budget
+        return training_loop(cfg, device=device, time_budget=budget, t_start=t_start)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[float], t_start: float) -> dict:
+    # --- Processes, precision, the run folder and the data ----------------------------------------
+    rank, world, main = dist.get_rank(), dist.get_world_size(), dist.is_main()
+    precision = resolve_precision(cfg.train.precision, device, "train.precision")
+    check_resolved(cfg)
+    run_dir = run_dir_of(cfg)
+    ckpt_dir = ckpt.checkpoint_dir(run_dir)
+    ds = open_latents(cfg)
+    latent_size = cfg.data.image_size // cfg.vae.downsample_ratio
+    notes: list[str] = []
+
+    def note(message: str) -> None:  # printed now (an error may follow), written to log.txt below
+        print(message, flush=True)
+        notes.append(message)
+
+    # --- Where to start: this run's newest checkpoint, train.ckpt (stage 1) or train.weight_init --
+    kind, path, state = ckpt.choose_start(cfg, ckpt_dir, note) if main else (None, None, None)
+    kind, path = dist.broadcast_object((kind, path))
+    if not main and kind in ("resume", "ckpt"):
+        state = ckpt.read_training_checkpoint(path)
+    log = RunLogger(run_dir, enabled=main, resume_step=int(state["step"]) if state else None)
+    for n in notes:
+        log.info(n, echo=False)
+
+    # --- Model, EMA, optimizer, scaler (the same initial weights on every process) ---------------
+    torch.manual_seed(cfg.train.global_seed)
+    model = build_model(cfg.model, latent_size, cfg.data.num_classes).to(device)
+    ema = EMA(model, cfg.train.ema_decay, on_cpu=cfg.train.ema_on_cpu)
+    dropout_prob = take_over_label_dropout(model)
+    opt = make_optimizer(model, cfg.optimizer, device)
+    scaler = make_scaler(device, precision)
+
+    # --- Restore the starting state --------------------------------------------------------------
+    step, position = 0, None
+    if state is not None:
+        step, saved_position = ckpt.restore_training_state(state, path, model=model, ema=ema, opt=opt,
+                                                           scaler=scaler, rank=rank, world=world, note=log.info)
+        normalise_optimizer_state(opt, cfg.optimizer, device)
+        position = DataPosition.from_dict(saved_position) if saved_position else None
+        log.info(f"{'resumed from' if kind == 'resume' else 'initialised from train.ckpt'} {path} at step {step}")
+        for line in ckpt.config_changes(state, cfg):
+            log.info(f"  config changed since that checkpoint: {line}")
+        del state
+    elif kind == "weight_init":
+        load_checkpoint(model, path, prefer="model")  # upstream: weight_init loads checkpoint['model']
+        ema.copy_from(model)
+        log.info(f"weights (not optimizer or step) initialised from train.weight_init {path}")
+
+    # --- Batch plan, data order, the step runner and the grid sampler ----------------------------
+    plan = plan_batches(cfg.train, world, fits=_fits_gpu(cfg, latent_size, precision, device))
+    order = DataOrder(len(ds), plan.global_batch, cfg.train.global_seed, position, data_dir=str(ds.data_dir))
+    if order.note:
+        log.info(f"note: {order.note}")
+    forward_model = torch.compile(model) if cfg.train.compile else model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        forward_model = DDP(forward_model, device_ids=[device.index] if device.type == "cuda" else None,
+                            broadcast_buffers=False, gradient_as_bucket_view=True)
+    runner = StepRunner(model, forward_model, opt, scaler, ema, plan=plan, precision=precision, device=device,
+                        max_grad_norm=cfg.optimizer.max_grad_norm, use_cosine_loss=cfg.transport.use_cosine_loss)
+    grids = GridSampler(cfg, stats=ds.stats, device=device, precision=precision, note=log.info)
+
+    # --- Record the run ---------------------------------------------------------------------------
+    if main:
+        save_config(cfg, run_dir / "config.yaml", header=f"resolved config of run {run_dir} (written by step 7)")
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(f"run folder {run_dir}; {cfg.model.model_type} ({n_params / 1e6:.2f}M parameters) on {len(ds)} latents "
+             f"{ds.channels}x{latent_size}x{latent_size} from {ds.data_dir} ({order.steps_per_epoch} steps per epoch)")
+    log.info(f"{plan.describe()}; precision {precision} on {device.type}; gradient checkpointing "
+             f"{'on' if cfg.model.use_checkpoint else 'off'}; EMA {cfg.train.ema_decay} on "
+             f"{'cpu' if cfg.train.ema_on_cpu else device.type}; lognorm {cfg.transport.use_lognorm}")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    checkpoint_bytes = 2 * weights + 2 * trained  # model + EMA + AdamW's two moments
+    existing = ckpt.list_checkpoints(ckpt_dir)
+    last_saved, last_saved_step = (existing[-1][1], step) if existing and existing[-1][0] == step else (None, None)
+    max_steps = cfg.train.max_steps
+
+    def result(stopped: str) -> dict:
         loss = None
-        if did_steps and self.runner.steps_done:
-            total = self.runner.last_loss_sum.clone()
-            if self.world > 1:
+        if runner.steps_done:
+            total = runner.last_loss_sum.clone()
+            if world > 1:
                 torch.distributed.all_reduce(total)
-            loss = float(total) / self.plan.global_batch
-        newest = ckpt.list_checkpoints(self.ckpt_dir)
-        path = self.last_saved or (newest[-1][1] if newest else None)
-        return {"step": step, "checkpoint": str(path) if path else None, "loss": loss, "run_dir": str(self.run_dir),
-                "stopped": stopped, "batch_plan": self.plan.describe(), "precision": self.precision}
+            loss = float(total) / plan.global_batch
+        newest = ckpt.list_checkpoints(ckpt_dir)
+        final = last_saved or (newest[-1][1] if newest else None)
+        return {"step": step, "checkpoint": str(final) if final else None, "loss": loss, "run_dir": str(run_dir),
+                "stopped": stopped, "batch_plan": plan.describe(), "precision": precision}
 
-    # -- time budget ---------------------------------------------------------------------------
-
-    def _out_of_time(self) -> bool:
-        if self.budget is None:
-            return False
-        elapsed = time.monotonic() - self.t_start
-        need = 2.0 * (self.step_time or 0.0) + (self.save_time if self.save_time is not None else self.save_estimate)
-        flag = elapsed + need >= self.budget
-        if self.world > 1:  # every process stops at the same step
-            t = torch.tensor([int(flag)], device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
-
-    # -- checks, logs, grids, checkpoints ------------------------------------------------------
-
-    def _newest_checkpoint(self) -> Optional[Path]:
-        found = ckpt.list_checkpoints(self.ckpt_dir)
-        return found[-1][1] if found else None
-
-    def _disk_note(self, existing, step: int) -> None:
-        """Say at the start, not after hours, when the disk cannot hold the checkpoints this run will keep."""
-        need = self.checkpoint_bytes
-        t = self.cfg.train
-        saves_left = len(range(step // t.ckpt_every + 1, t.max_steps // t.ckpt_every + 1)) + 1  # + the final save
-        keep = t.keep_last
-        # the newest is written before older ones are removed: keep_last + 1 files at once
-        wanted = min(keep + 1, len(existing) + saves_left) if keep > 0 else len(existing) + saves_left
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        room = shutil.disk_usage(self.ckpt_dir).free + sum(p.stat().st_size for _, p in existing if p.exists())
-        fits = int(room // need)
-        if fits < wanted:
-            self.log.info(f"note: {self.ckpt_dir} has room for ~{fits} checkpoint(s) of ~{need / 1e9:.1f} GB, "
-                          f"this run wants {wanted} on disk at once (train.keep_last={keep}): lower "
-                          f"train.keep_last or set train.output_dir on a larger disk, or a save will stop the run")
-
-    def _check_finite(self) -> None:
-        first = self.runner.first_bad.clone()
-        if self.world > 1:
+    def check_finite() -> None:
+        first = runner.first_bad.clone()
+        if world > 1:
             first = torch.where(first < 0, torch.full_like(first, _NONE), first)
             torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
             first = torch.where(first == _NONE, torch.full_like(first, -1), first)
         bad = int(first)
         if bad >= 0:
-            last = (f"{self.last_saved} (step {self.last_saved_step})" if self.last_saved
-                    else "none yet (no checkpoint was written)")
+            last = f"{last_saved} (step {last_saved_step})" if last_saved else "none yet (no checkpoint was written)"
             raise ReproError(
-                f"non-finite loss (NaN/inf) at step {bad} in run {self.run_dir}: training stopped without saving; "
+                f"non-finite loss (NaN/inf) at step {bad} in run {run_dir}: training stopped without saving; "
                 f"the last good checkpoint is {last}. Lower optimizer.lr, set optimizer.max_grad_norm (e.g. 1.0) or "
                 "model.use_qknorm=true (upstream's advice for NaN losses), or train in fp32, then run again")
 
-    def _log(self, step: int, steps: int, seconds: float) -> None:
-        self._check_finite()
-        sums = self.runner.sums.clone()
-        if self.world > 1:
-            torch.distributed.all_reduce(sums)
-        n = self.runner.samples * self.world
-        loss, mse, cos = (sums / max(n, 1)).tolist()  # the one host synchronisation of a log window
-        row = {"loss": loss, "mse": mse, "cos": cos if self.cfg.transport.use_cosine_loss else None,
-               "grad_norm": float(self.runner.grad_norm), "images_per_sec": steps * self.plan.global_batch / seconds,
-               "steps_per_sec": steps / seconds, "lr": float(self.opt.param_groups[0]["lr"]),
-               "epoch": self.order.position.epoch}
-        if self.scaler.is_enabled():
-            row["loss_scale"] = float(self.scaler.get_scale())
-        self.log.metrics(step, row)
-        self.runner.reset_sums()
-
-    def _sample(self, step: int) -> None:
-        self.ema.flush()
-        if self.main:
-            t0 = time.perf_counter()
-            if self.ema.offload:  # EMA held on the CPU: sample on the GPU with its values swapped in
-                with weights_swapped_in(self.model, self.ema.ema_params) as m:
-                    path = self.grids(m, step, self.run_dir)
-            else:
-                path = self.grids(self.ema.module, step, self.run_dir)
-            self.log.info(f"EMA sample grid {path} ({time.perf_counter() - t0:.1f}s)")
-        dist.barrier()
-
-    def _save(self, step: int) -> None:
-        self._check_finite()
+    def save(at_step: int) -> float:
+        """Write checkpoint `at_step` (rank 0), prune old ones; returns the seconds it took."""
+        nonlocal last_saved, last_saved_step
+        check_finite()
         t0 = time.perf_counter()
-        ema_state = self.ema.state_dict()
-        rng = [ckpt.capture_rng()]
-        if self.world > 1:
-            rng = [None] * self.world
-            torch.distributed.all_gather_object(rng, ckpt.capture_rng())
-        path = ckpt.checkpoint_path(self.run_dir, step)
-        if self.main:
+        ema_state = ema.state_dict()
+        rng = ckpt.rng_states_of_all_processes(world)
+        target = ckpt.checkpoint_path(run_dir, at_step)
+        if main:
             ckpt.save_training_checkpoint(
-                path, model_state=self.model.state_dict(), ema_state=ema_state, opt_state=self.opt.state_dict(),
-                scaler_state=self.scaler.state_dict(), step=step, data_order=self.order.position.to_dict(), rng=rng,
-                config=self.cfg.to_dict(),
-                kit={"world_size": self.world, "micro_batch": self.plan.micro_batch,
-                     "accum_steps": self.plan.accum_steps, "global_batch": self.plan.global_batch,
-                     "precision": self.precision, "device": self.device.type, "torch": str(torch.__version__)},
-                keep_last=self.cfg.train.keep_last, last_good=self.last_saved or self._newest_checkpoint())
-            removed = ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
-            extra = f"; removed {len(removed)} older (train.keep_last={self.cfg.train.keep_last})" if removed else ""
-            self.log.info(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f}s){extra}")
+                target, model_state=model.state_dict(), ema_state=ema_state, opt_state=opt.state_dict(),
+                scaler_state=scaler.state_dict(), step=at_step, data_order=order.position.to_dict(), rng=rng,
+                config=cfg.to_dict(),
+                kit={"world_size": world, "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
+                     "global_batch": plan.global_batch, "precision": precision, "device": device.type,
+                     "torch": str(torch.__version__)},
+                keep_last=cfg.train.keep_last, last_good=last_saved or _newest(ckpt_dir))
+            removed = ckpt.prune_checkpoints(ckpt_dir, cfg.train.keep_last)
+            extra = f"; removed {len(removed)} older (train.keep_last={cfg.train.keep_last})" if removed else ""
+            log.info(f"saved checkpoint {target} ({time.perf_counter() - t0:.1f}s){extra}")
         dist.barrier()
-        self.last_saved, self.last_saved_step = path, step
-        self.save_time = time.perf_counter() - t0
+        last_saved, last_saved_step = target, at_step
+        return time.perf_counter() - t0
+
+    if step >= max_steps:
+        log.info(f"nothing to do: step {step} already reaches train.max_steps={max_steps}")
+        log.close()
+        return result("already_done")
+    if main and (room := ckpt.disk_room_note(ckpt_dir, existing, step, cfg.train, checkpoint_bytes)):
+        log.info(room)
+
+    # --- The step loop --------------------------------------------------------------------------
+    stream = MicroBatchStream(ds, order, plan, rank, start_step=step, end_step=max_steps,
+                              seed=cfg.train.global_seed, lognorm=cfg.transport.use_lognorm,
+                              dropout_prob=dropout_prob, null_class=cfg.data.num_classes,
+                              prefetch=2 * plan.accum_steps if cfg.data.num_workers > 0 else 0,
+                              pin=device.type == "cuda")
+    stopped = "max_steps"
+    step_time: Optional[float] = None
+    save_time = checkpoint_bytes / 100e6 + 0.5  # seconds at ~100 MB/s, until a save is measured
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        batches = iter(stream)
+        while step < max_steps:
+            # Stop before the time budget runs out: two more steps and a save must still fit.
+            if time_budget is not None:
+                elapsed = time.monotonic() - t_start
+                flag = elapsed + 2.0 * (step_time or 0.0) + save_time >= time_budget
+                if dist.all_reduce_values([float(flag)], "max")[0]:  # every process stops at the same step
+                    stopped = "time_budget"
+                    break
+
+            # One optimizer step over this process's micro-batches.
+            t0 = time.perf_counter()
+            micro_batches, position = [], None
+            for _ in range(plan.accum_steps):
+                s, _k, mb, position = next(batches)
+                if s != step + 1:
+                    raise RuntimeError(f"data stream is at step {s}, the loop at step {step + 1}")
+                micro_batches.append(mb)
+            runner.step(step + 1, micro_batches)
+            step += 1
+            order.position = position
+            dt = time.perf_counter() - t0
+            step_time = dt if step_time is None else 0.8 * step_time + 0.2 * dt
+            window_steps += 1
+
+            # Log: the one host synchronisation of a log window.
+            if step % cfg.train.log_every == 0 or step == max_steps:
+                check_finite()
+                seconds = time.perf_counter() - window_start
+                sums = runner.sums.clone()
+                if world > 1:
+                    torch.distributed.all_reduce(sums)
+                loss, mse, cos = (sums / max(runner.samples * world, 1)).tolist()
+                row = {"loss": loss, "mse": mse, "cos": cos if cfg.transport.use_cosine_loss else None,
+                       "grad_norm": float(runner.grad_norm),
+                       "images_per_sec": window_steps * plan.global_batch / seconds,
+                       "steps_per_sec": window_steps / seconds, "lr": float(opt.param_groups[0]["lr"]),
+                       "epoch": order.position.epoch}
+                if scaler.is_enabled():
+                    row["loss_scale"] = float(scaler.get_scale())
+                log.metrics(step, row)
+                runner.reset_sums()
+                window_start, window_steps = time.perf_counter(), 0
+
+            # EMA sample grid (rank 0); a CPU-held EMA is swapped into the GPU model for it.
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+                ema.flush()
+                if main:
+                    t0 = time.perf_counter()
+                    if ema.offload:
+                        with weights_swapped_in(model, ema.ema_params) as m:
+                            grid = grids(m, step, run_dir)
+                    else:
+                        grid = grids(ema.module, step, run_dir)
+                    log.info(f"EMA sample grid {grid} ({time.perf_counter() - t0:.1f}s)")
+                dist.barrier()
+
+            # Checkpoint.
+            if step % cfg.train.ckpt_every == 0 or step == max_steps:
+                save_time = save(step)
+
+        # --- Finish: a time-budget stop saves where it stands --------------------------------------
+        if stopped == "time_budget":
+            log.info(f"time budget of {time_budget:.0f}s nearly used ({time.monotonic() - t_start:.0f}s elapsed) at "
+                     f"step {step}: saving and stopping; run the same command again to continue")
+            if step != last_saved_step and step > 0:
+                save(step)
+        return result(stopped)
+    finally:
+        stream.close()
+        log.close()
+
+
+def _newest(ckpt_dir: Path) -> Optional[Path]:
+    found = ckpt.list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def _fits_gpu(cfg: Config, latent_size: int, precision: str, device: torch.device):
+    """For an "auto" micro-batch on a GPU: does the computed budget fit the card (step 3's rule)?"""
+    if device.type != "cuda":
+        return None
+    from repro.models.cost import block_saved_fn, fits_on_card
+
+    block_saved = block_saved_fn(cfg.model, latent_size, precision, cfg.data.num_classes)
+    total = torch.cuda.get_device_properties(device).total_memory
+    return lambda micro: fits_on_card(cfg.model, latent_size, micro, precision, total,
+                                      checkpointing=cfg.model.use_checkpoint,
+                                      ema_on_device=not cfg.train.ema_on_cpu,
+                                      num_classes=cfg.data.num_classes, block_saved=block_saved)

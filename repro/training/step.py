@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 import torch
 
 from repro.training.data_order import MicroBatch
-from repro.training.plan import autocast
+from repro.utils.hardware import autocast
 from repro.transport import training_losses
 
 
@@ -88,6 +88,7 @@ class StepRunner:
         """One optimizer step over this process's micro-batches (exactly `plan.accum_steps` of them)."""
         step_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n = 0
+        # Forward and backward of each micro-batch; DDP syncs gradients on the last one only.
         for k, mb in enumerate(micro_batches):
             mb = mb.to(self.device, non_blocking=True)
             x1, x0 = mb.x1, mb.x0
@@ -99,6 +100,7 @@ class StepRunner:
                                           t=mb.t, x0=x0)
                 loss_sum = out["loss"].sum()
                 self.scaler.scale(loss_sum * self.loss_scale).backward()
+            # Running sums for the log, kept on the device (no host synchronisation).
             step_sum += loss_sum.detach().double()
             self.sums[0] += loss_sum.detach().double()
             self.sums[1] += out["mse"].detach().sum().double()
@@ -108,6 +110,7 @@ class StepRunner:
             n += 1
         if n != self.plan.accum_steps:
             raise RuntimeError(f"step {step}: got {n} micro-batches, expected {self.plan.accum_steps}")
+        # Unscale (fp16), clip or measure the gradient norm, AdamW, then the EMA (upstream's order).
         self.scaler.unscale_(self.opt)
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
@@ -118,6 +121,7 @@ class StepRunner:
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update()
+        # Remember the first step whose loss was not finite; checked at the next log or save.
         self.last_loss_sum = step_sum
         self.steps_done += 1
         bad = ~torch.isfinite(step_sum)

@@ -2,7 +2,7 @@
 
 from repro.transport.guidance import combine_cfg, guidance_active, guided_velocity
 from repro.transport.path import linear_path, mean_flat, sample_timesteps, training_losses
-from repro.transport.sampling import METHODS, model_rows_per_sample, sample_ode, time_grid
+from repro.transport.ode import METHODS, model_rows_per_sample, sample_ode, time_grid
 
 __all__ = [
     "combine_cfg", "guidance_active", "guided_velocity", "linear_path", "mean_flat", "sample_timesteps",

@@ -2,16 +2,20 @@
 
 The same `main()` runs in a notebook kernel (no env vars: world size 1) and
 under `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK set: a process group is started,
-NCCL on CUDA, gloo on CPU).
+NCCL on CUDA, gloo on CPU). Every collective here is the identity with one process.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+
+from repro.errors import ReproError
+from repro.utils.hardware import default_device
 
 
 def init(device: str | torch.device | None = None) -> None:
@@ -39,10 +43,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
-def get_local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if is_initialized() else 0
-
-
 def is_main() -> bool:
     return get_rank() == 0
 
@@ -52,25 +52,50 @@ def barrier() -> None:
         dist.barrier()
 
 
-def default_device() -> torch.device:
-    """cuda:LOCAL_RANK when a GPU is present, else cpu. Never hard-codes `.cuda()`."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def print0(*args, **kwargs) -> None:
     """print on rank 0 only (flushes, so papermill and torchrun logs stay ordered)."""
     if is_main():
         print(*args, **kwargs, flush=True)
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if is_initialized():
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= get_world_size()
-    return t
+def comm_device() -> torch.device:
+    """Where collective tensors must live: this process's GPU under NCCL, the CPU under gloo."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank, so all processes take the same branch (identity with one process)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=comm_device())
+    return box[0]
+
+
+def all_reduce_values(values: Sequence[float], op: str = "sum") -> list[float]:
+    """Reduce a few host numbers over processes ('sum', 'min' or 'max'), in float64."""
+    if not is_initialized():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return t.tolist()
+
+
+def run_on_main(fn, *args, **kwargs):
+    """Run `fn` on rank 0 only and give its result to every rank; a ReproError there is raised on all
+    ranks (so no rank waits forever in a collective after rank 0 failed)."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except ReproError as e:
+            error = str(e)
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise ReproError(error)
+    return result
 
 
 def shutdown() -> None:

@@ -1,8 +1,11 @@
-"""Training cost on paper: FLOPs per image and the memory a training step needs.
+"""LightningDiT's cost on paper: FLOPs per image and the memory a training step needs.
 
-FLOPs (for MFU): `repro.models.flops.forward_flops` per image-forward (~237 GFLOP for XL/1 at 16x16
-latents: the adaLN weights act once per image, not per token); a training step costs 3 forwards
-(forward + backward), 4 with gradient checkpointing (the forward is recomputed).
+FLOPs (for MFU; a multiply-add is 2 FLOPs, equal to torch's FlopCounterMode): per image-forward,
+2 x (weights applied to every token) x tokens, plus 2 x (weights applied once per image: the adaLN
+modulation and the timestep MLP act on the conditioning vector), plus attention's QK^T and AV
+(4 T^2 D per block). LightningDiT-XL/1 at 16x16 latents: ~237 GFLOP (counting the 223M adaLN
+parameters once per token instead gives the ~354 GFLOP sometimes quoted). A training step costs 3
+forwards (forward + backward), 4 with gradient checkpointing (the forward is recomputed).
 
 Memory (for "does XL/1 train on a 16 GB T4?"): fp32 weights, fp32 gradients, AdamW's two fp32
 moments, the EMA (on the GPU or the CPU), and activations. The activations of one transformer block
@@ -20,10 +23,24 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from repro.models.flops import forward_flops as model_forward_flops
-from repro.models.lightningdit import build_model
+from repro.models.lightningdit import LightningDiT, build_model
+from repro.utils.hardware import GiB
 
-GiB = 1024 ** 3
+
+def model_forward_flops(model: nn.Module) -> float:
+    """FLOPs of one image's forward pass through a LightningDiT (works on a `meta`-device model)."""
+    tokens = model.x_embedder.num_patches
+    per_token = per_image = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            if "adaLN_modulation" in name or name.startswith("t_embedder"):
+                per_image += mod.weight.numel()
+            else:
+                per_token += mod.weight.numel()
+        elif isinstance(mod, nn.Conv2d):  # patch embedding: one kernel application per token
+            per_token += mod.weight.numel()
+    attention = 4 * tokens * tokens * model.hidden_size * len(model.blocks)
+    return float(2 * tokens * per_token + 2 * per_image + attention)
 
 
 def _meta_model(model_cfg, latent_size: int, num_classes: int) -> nn.Module:
@@ -32,7 +49,7 @@ def _meta_model(model_cfg, latent_size: int, num_classes: int) -> nn.Module:
 
 
 def forward_flops(model_cfg, latent_size: int, num_classes: int = 1000) -> float:
-    """Analytic FLOPs of one image's forward pass (see repro.models.flops)."""
+    """Analytic FLOPs of one image's forward pass of the model `model_cfg` builds (`model_forward_flops`)."""
     return model_forward_flops(_meta_model(model_cfg, latent_size, num_classes))
 
 
@@ -49,8 +66,6 @@ def measure_block_saved_bytes(model_cfg, latent_size: int, micro_batch: int, pre
     cfg.use_checkpoint = False
     meta = _meta_model(cfg, latent_size, num_classes)
     # a one-block model of the same width: only its first block runs
-    from repro.models.lightningdit import LightningDiT
-
     m = LightningDiT(input_size=latent_size, patch_size=meta.patch_size, in_channels=meta.in_channels,
                      hidden_size=meta.hidden_size, depth=1, num_heads=meta.num_heads, num_classes=num_classes,
                      use_qknorm=cfg.use_qknorm, use_swiglu=cfg.use_swiglu, use_rope=cfg.use_rope,
@@ -155,6 +170,15 @@ def block_saved_fn(model_cfg, latent_size: int, precision: str, num_classes: int
 def usable_bytes(total_memory: int) -> int:
     """What the allocated tensors of a training step may use on a card of `total_memory` bytes."""
     return int(ALLOCATOR_HEADROOM * total_memory) - CUDA_CONTEXT
+
+
+def fits_on_card(model_cfg, latent_size: int, micro_batch: int, precision: str, total_memory: int, *,
+                 checkpointing: bool, ema_on_device: bool, num_classes: int = 1000, block_saved=None) -> bool:
+    """Whether a training step's computed peak fits a card of `total_memory` bytes (step 3's rule)."""
+    saved = block_saved(micro_batch) if block_saved is not None else None
+    return training_memory_budget(model_cfg, latent_size, micro_batch, precision, checkpointing,
+                                  ema_on_device=ema_on_device, num_classes=num_classes,
+                                  block_saved=saved).total <= usable_bytes(total_memory)
 
 
 def choose_training_layout(model_cfg, latent_size: int, total_memory: int, precision: str, *,

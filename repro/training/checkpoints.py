@@ -1,4 +1,4 @@
-"""Training checkpoints: what they hold, how they are written, found again and pruned.
+"""Training checkpoints: what they hold, how they are written, found again, pruned, and restored.
 
 Layout (upstream hustvl/LightningDiT train.py): `train.output_dir/train.exp_name/checkpoints/
 {step:07d}.pt` holding `model`, `ema`, `opt`, `config`; upstream's loader and
@@ -23,8 +23,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from repro.errors import CheckpointError
-from repro.models.checkpoint import read_checkpoint
+from repro.config import Config, config_diff, config_from_dict
+from repro.errors import CheckpointError, ConfigError, ReproError
+from repro.models.checkpoint import check_state_dict, read_checkpoint, strip_prefixes
 from repro.utils.io import atomic_torch_save, disk_full, remove_stale_temps
 
 FORMAT = "repro-train/1"
@@ -190,3 +191,94 @@ def find_resume_checkpoint(folder: str | os.PathLike,
         except CheckpointError as e:
             note(f"note: skipping checkpoint {path} (step {step}): {e}")
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a run starts, and restoring its state
+
+
+def choose_start(cfg: Config, ckpt_dir: Path, note: Callable[[str], None]
+                 ) -> tuple[Optional[str], Optional[str], Optional[dict]]:
+    """(kind, path, loaded state): 'resume' (newest complete checkpoint of this run), 'ckpt' (stage 1
+    continuing `train.ckpt`: weights, EMA, optimizer, step, data position), 'weight_init' (weights
+    only, step 0) or None (a fresh run). Read on rank 0; the others load the same path themselves."""
+    existing = list_checkpoints(ckpt_dir)
+    if existing and not cfg.train.resume:
+        raise ConfigError(f"{ckpt_dir} already holds checkpoints up to step {existing[-1][0]} and train.resume is "
+                          "false: set train.resume=true to continue this run, or a new train.exp_name to start another")
+    if existing:
+        found = find_resume_checkpoint(ckpt_dir, note)
+        if found is None:
+            raise ReproError(f"none of the {len(existing)} checkpoint(s) in {ckpt_dir} can be read (see the notes "
+                             "above): move them elsewhere to start over, or restore a good copy")
+        return "resume", str(found[0]), found[1]
+    remove_stale_temps(ckpt_dir)
+    if cfg.train.ckpt:
+        return "ckpt", cfg.train.ckpt, read_training_checkpoint(cfg.train.ckpt)
+    if cfg.train.weight_init:
+        return "weight_init", cfg.train.weight_init, None
+    return None, None, None
+
+
+def restore_training_state(state: dict, path: str, *, model, ema, opt, scaler, rank: int, world: int,
+                           note: Callable[[str], None]) -> tuple[int, Optional[dict]]:
+    """Load weights, EMA, optimizer, scaler and this process's RNG states from `state` (strict, every
+    mismatch an error naming the file). Returns (step, saved data-order position or None)."""
+    model_sd, ema_sd = strip_prefixes(state["model"]), strip_prefixes(state["ema"])
+    check_state_dict(model, model_sd, f"{path} ['model']")
+    check_state_dict(model, ema_sd, f"{path} ['ema']")
+    model.load_state_dict(model_sd, strict=True)
+    ema.load_state_dict(ema_sd)
+    try:
+        opt.load_state_dict(state["opt"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ReproError(f"{path}: the optimizer state does not fit this model ({e}); was it saved for "
+                         "another model.model_type?") from None
+    if scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rng = state.get("rng") or []
+    if rng:
+        restore_rng(rng[rank] if len(rng) == world else rng[0])
+        if len(rng) != world:
+            note(f"note: {path} was saved by {len(rng)} process(es), this run has {world}: every process takes "
+                 "rank 0's global RNG state (the data order and per-sample draws depend only on seed and step)")
+    return int(state["step"]), state.get("data_order")
+
+
+def config_changes(state: dict, cfg: Config) -> list[str]:
+    """'key: old -> new' for every setting that differs from the config saved in `state`."""
+    try:
+        old = config_from_dict(state["config"])
+    except Exception:  # an upstream checkpoint's raw YAML dict, or another kit version
+        return []
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in config_diff(old, cfg)
+            if not k.startswith(("train.ckpt", "train.time_budget"))]
+
+
+def rng_states_of_all_processes(world: int) -> list[dict]:
+    """Every process's RNG states, in rank order (a collective: all processes call it)."""
+    if world == 1:
+        return [capture_rng()]
+    import torch.distributed as tdist
+
+    states: list = [None] * world
+    tdist.all_gather_object(states, capture_rng())
+    return states
+
+
+def disk_room_note(ckpt_dir: Path, existing: list[tuple[int, Path]], step: int, train_cfg,
+                   checkpoint_bytes: int) -> Optional[str]:
+    """A note for the start of a run (not after hours) when the disk cannot hold the checkpoints it keeps."""
+    t = train_cfg
+    saves_left = len(range(step // t.ckpt_every + 1, t.max_steps // t.ckpt_every + 1)) + 1  # + the final save
+    keep = t.keep_last
+    # the newest is written before older ones are removed: keep_last + 1 files at once
+    wanted = min(keep + 1, len(existing) + saves_left) if keep > 0 else len(existing) + saves_left
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    room = shutil.disk_usage(ckpt_dir).free + sum(p.stat().st_size for _, p in existing if p.exists())
+    fits = int(room // checkpoint_bytes)
+    if fits >= wanted:
+        return None
+    return (f"note: {ckpt_dir} has room for ~{fits} checkpoint(s) of ~{checkpoint_bytes / 1e9:.1f} GB, "
+            f"this run wants {wanted} on disk at once (train.keep_last={keep}): lower "
+            f"train.keep_last or set train.output_dir on a larger disk, or a save will stop the run")

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from repro import paths
+from repro.utils.hardware import GiB, capability_has_bf16
 from repro.utils.io import atomic_write_json
-
-GiB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -109,16 +108,11 @@ def arch_trap(gpu: GPUInfo, arch_list: list[str], *, torch_version: str = "?", c
     return head + fix
 
 
-def native_bf16(capability: tuple[int, int]) -> bool:
-    """bf16 tensor cores exist from Ampere (sm_80) on; older GPUs only emulate bf16 (slow or failing)."""
-    return tuple(capability) >= (8, 0)
-
-
 def choose_precision(gpus: list[GPUInfo], bf16_runtime: Optional[bool] = None) -> tuple[str, str]:
     """(precision, why): bf16 with native bf16 everywhere, fp16 on older GPUs, fp32 on CPU."""
     if not gpus:
         return "fp32", "no CUDA GPU: fp32 on CPU"
-    lacking = [g for g in gpus if not native_bf16(g.capability)]
+    lacking = [g for g in gpus if not capability_has_bf16(g.capability)]
     if lacking or bf16_runtime is False:
         g = lacking[0] if lacking else gpus[0]
         return "fp16", f"{g.name} ({g.sm}) has no native bf16: fp16 instead of upstream's bf16"
@@ -141,19 +135,19 @@ _SAMPLE_PER_ITEM_GIB = {"half": 0.25, "fp32": 0.5}  # one sample with its CFG tw
 @functools.lru_cache(maxsize=None)
 def _xl_block_saved(precision: str):
     from repro.config import ModelConfig
-    from repro.training.budget import block_saved_fn
+    from repro.models.cost import block_saved_fn
 
     return block_saved_fn(ModelConfig(), 16, precision)
 
 
 def recommend_training(gpus: list[GPUInfo], precision: str) -> dict[str, Any]:
     """Micro-batch, checkpointing and EMA placement for LightningDiT-XL/1 at 256 px on the smallest GPU,
-    from the computed training budget (repro.training.budget; benchmarks/bench_train.py measures it)."""
+    from the computed training budget (repro.models.cost; benchmarks/bench_train.py measures it)."""
     if not gpus:
         return {"train_micro_batch_size": 8, "train_use_checkpoint": False, "train_ema_on_cpu": False,
                 "train_batch_reason": "CPU: a small micro batch"}
     from repro.config import ModelConfig
-    from repro.training.budget import choose_training_layout
+    from repro.models.cost import choose_training_layout
 
     gpu = min(gpus, key=lambda g: g.total_memory)
     layout = choose_training_layout(ModelConfig(), 16, gpu.total_memory, precision,
@@ -256,10 +250,12 @@ def collect_env(outputs_dir: Optional[str | os.PathLike] = None) -> dict[str, An
     """Everything step 1 reports, as a JSON-ready dict."""
     import torch
 
+    # The platform, torch's CUDA build and the GPUs it sees.
     outputs = Path(outputs_dir) if outputs_dir is not None else paths.runs_dir()
     where = detect_platform()
     arch_list = list(torch.cuda.get_arch_list()) if torch.backends.cuda.is_built() else []
     gpus = detect_gpus()
+    # What the runtime says about bf16 (it can refuse what the capability promises).
     bf16_runtime = None
     if gpus:
         try:
@@ -268,6 +264,7 @@ def collect_env(outputs_dir: Optional[str | os.PathLike] = None) -> dict[str, An
             bf16_runtime = bool(torch.cuda.is_bf16_supported())
         except RuntimeError:  # e.g. a GPU this torch has no kernels for
             bf16_runtime = None
+    # TF32 and attention kernels as this torch is configured, and GPUs it has no kernels for.
     with warnings.catch_warnings():  # torch >= 2.9 warns that allow_tf32 is superseded by fp32_precision
         warnings.simplefilter("ignore")
         tf32 = {"capable": bool(gpus) and all(g.capability >= (8, 0) for g in gpus),
@@ -280,6 +277,8 @@ def collect_env(outputs_dir: Optional[str | os.PathLike] = None) -> dict[str, An
                "cudnn": getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)()}
     problems = [m for m in (arch_trap(g, arch_list, torch_version=torch.__version__, cuda_version=torch.version.cuda,
                                       platform=where) for g in gpus) if m]
+
+    # The report (JSON-ready); `recommended` is what step 3 turns `auto` into.
     return {
         "schema": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -288,10 +287,10 @@ def collect_env(outputs_dir: Optional[str | os.PathLike] = None) -> dict[str, An
         "torch": {"version": torch.__version__, "cuda": torch.version.cuda, "arch_list": arch_list,
                   "cuda_available": bool(gpus), "device_count": len(gpus)},
         "gpus": [{"index": g.index, "name": g.name, "capability": list(g.capability), "sm": g.sm,
-                  "total_memory_bytes": g.total_memory, "native_bf16": native_bf16(g.capability),
+                  "total_memory_bytes": g.total_memory, "native_bf16": capability_has_bf16(g.capability),
                   "tf32": g.capability >= (8, 0), "arch_supported": arch_supported(g.capability, arch_list)
                   if arch_list else None} for g in gpus],
-        "bf16": {"native": bool(gpus) and all(native_bf16(g.capability) for g in gpus) and bf16_runtime is not False,
+        "bf16": {"native": bool(gpus) and all(capability_has_bf16(g.capability) for g in gpus) and bf16_runtime is not False,
                  "torch_is_bf16_supported": bf16_runtime},
         "tf32": tf32,
         "sdpa": sdpa_kernels(min((g.capability for g in gpus), default=None), enabled),

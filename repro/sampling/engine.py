@@ -13,9 +13,6 @@ TF32 matmuls are enabled on Ampere and newer, as upstream inference.py does.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,13 +21,11 @@ import numpy as np
 import torch
 
 from repro.config import Config
+from repro.data.stats import STATS_NAME, load_latent_stats
 from repro.errors import ReproError
 from repro.transport import METHODS, sample_ode
-from repro.utils.distributed import default_device, print0
+from repro.utils.hardware import GiB, autocast, configure_backends, default_device, resolve_precision
 
-GiB = 1024**3
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-STATS_FILE = "latents_stats.pt"  # upstream name, inside data.data_path
 DECODE_CHUNK = 16  # VA-VAE decode sub-batch: bounds decoder activations (~0.2 GB per 256 px image in fp32)
 MAX_AUTO_BATCH = 1024
 
@@ -40,9 +35,9 @@ class SamplerSetup:
     cfg: Config
     model: torch.nn.Module  # what sampling calls (compiled when asked)
     eager_model: torch.nn.Module
-    vae: torch.nn.Module
-    mean: torch.Tensor  # (1, C, 1, 1) on device
-    std: torch.Tensor
+    vae: Optional[torch.nn.Module]  # None: latents only (training grids without a VA-VAE)
+    mean: Optional[torch.Tensor]  # (1, C, 1, 1) on device; None when latent_norm is off
+    std: Optional[torch.Tensor]
     device: torch.device
     precision: str  # transformer autocast: fp32 | bf16 | fp16
     vae_precision: str
@@ -51,44 +46,7 @@ class SamplerSetup:
 
 
 # ---------------------------------------------------------------------------------------------
-# Hardware: device, precision, backends
-
-
-def native_bf16(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return True  # CPU autocast supports bf16 (slowly on CPUs without AVX512-BF16/AMX)
-    try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # torch < 2.3 has no including_emulation
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def resolve_precision(requested: Optional[str], device: torch.device, key: str = "sample.precision") -> str:
-    """'auto'/None -> fp32 on CPU, bf16 on GPUs with native bf16, fp16 on older GPUs (T4, P100)."""
-    if requested in (None, "auto"):
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if native_bf16(device) else "fp16"
-    if requested not in DTYPES:
-        raise ReproError(f"{key}={requested!r} is not a precision; choose auto, fp32, bf16 or fp16")
-    if requested == "bf16" and not native_bf16(device):
-        name = torch.cuda.get_device_name(device)
-        raise ReproError(f"{key}=bf16 but this GPU ({name}) has no native bf16: use fp16 or fp32")
-    return requested
-
-
-def autocast(precision: str, device: torch.device):
-    """A context running matmuls/convs in `precision` (a no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
-
-
-def configure_backends(device: torch.device) -> None:
-    # upstream inference.py: torch.backends.cuda.matmul.allow_tf32 = True (TF32 exists from Ampere, sm_80)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+# Compilation
 
 
 class OwnedOutputs(torch.nn.Module):
@@ -131,9 +89,9 @@ def stats_path(cfg: Config) -> Path:
     """`data.data_path/latents_stats.pt` (upstream), or data.data_path itself if it names a .pt file."""
     if not cfg.data.data_path:
         raise ReproError("config key 'data.data_path' is not set: point it at the folder holding "
-                         f"{STATS_FILE} (python -m steps.step2_download --only latents-stats)")
+                         f"{STATS_NAME} (python -m steps.step2_download --only latents-stats)")
     p = Path(cfg.data.data_path).expanduser()
-    return p if p.suffix == ".pt" else p / STATS_FILE
+    return p if p.suffix == ".pt" else p / STATS_NAME
 
 
 def check_inputs(cfg: Config) -> None:
@@ -169,17 +127,18 @@ def check_inputs(cfg: Config) -> None:
 def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, precision: Optional[str] = None,
                   compile: Optional[str | bool] = None) -> SamplerSetup:
     """Load the LightningDiT checkpoint (EMA, strict), the VA-VAE and the latent statistics."""
-    from repro.data.latents import load_latent_stats
     from repro.models.checkpoint import load_checkpoint
     from repro.models.lightningdit import build_model
     from repro.tokenizer.vavae import load_vavae
 
+    # Every path and setting checked before anything heavy loads; precisions refused now if impossible.
     check_inputs(cfg)
     device = torch.device(device) if device is not None else default_device()
     prec = resolve_precision(precision or cfg.sample.precision, device,
                              "--precision" if precision else "sample.precision")
-    vae_prec = resolve_precision(cfg.vae.precision, device, "vae.precision")
+    resolve_precision(cfg.vae.precision, device, "vae.precision")  # refused now, before anything loads
     configure_backends(device)
+    # Statistics, the DiT (EMA weights, strict) and the VA-VAE, which must agree on the channel count.
     latent = cfg.data.image_size // cfg.vae.downsample_ratio
     mean, std = load_latent_stats(stats_path(cfg), cfg.model.in_chans)
     model = build_model(cfg.model, input_size=latent, num_classes=cfg.data.num_classes)
@@ -189,10 +148,25 @@ def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, prec
     if getattr(vae, "embed_dim", cfg.model.in_chans) != cfg.model.in_chans:
         raise ReproError(f"the VA-VAE {cfg.vae.ckpt_path} makes {vae.embed_dim}-channel latents but "
                          f"model.in_chans is {cfg.model.in_chans}")
-    runner = compile_for_sampling(model, compile, device)
-    return SamplerSetup(cfg=cfg, model=runner, eager_model=model, vae=vae, mean=mean.to(device),
-                        std=std.to(device), device=device, precision=prec, vae_precision=vae_prec,
-                        latent_shape=(cfg.model.in_chans, latent, latent), num_classes=cfg.data.num_classes)
+    # The sampler calls the compiled model when asked; the eager one stays for memory probes.
+    setup = sampler_from_parts(cfg, compile_for_sampling(model, compile, device), device=device, precision=prec,
+                               vae=vae, stats=(mean, std))
+    setup.eager_model = model
+    return setup
+
+
+def sampler_from_parts(cfg: Config, model: torch.nn.Module, *, device: torch.device, precision: str = "fp32",
+                       vae: Optional[torch.nn.Module] = None,
+                       stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> SamplerSetup:
+    """A SamplerSetup around a model already in memory (training's EMA grids): no files are read.
+
+    `stats` (mean, std) de-normalise latents for `vae`; without a VA-VAE only latents can be sampled."""
+    latent = cfg.data.image_size // cfg.vae.downsample_ratio
+    mean, std = (s.to(device) for s in stats) if stats is not None else (None, None)
+    vae_prec = resolve_precision(cfg.vae.precision, device, "vae.precision")
+    return SamplerSetup(cfg=cfg, model=model, eager_model=model, vae=vae, mean=mean, std=std, device=device,
+                        precision=precision, vae_precision=vae_prec, latent_shape=(cfg.model.in_chans, latent, latent),
+                        num_classes=cfg.data.num_classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +179,7 @@ def sample_latents(setup: SamplerSetup, noise: torch.Tensor, labels: torch.Tenso
     s = setup.cfg.sample
     z = noise.to(setup.device, torch.float32, non_blocking=True)
     y = labels.to(setup.device, torch.int64, non_blocking=True)
-    with torch.inference_mode(), autocast(setup.precision, setup.device):
+    with torch.inference_mode(), autocast(setup.device, setup.precision):
         x = sample_ode(model or setup.model, z, y, method=s.sampling_method, num_steps=s.num_sampling_steps,
                        timestep_shift=s.timestep_shift, cfg_scale=s.cfg_scale,
                        cfg_interval_start=s.cfg_interval_start, null_class=setup.num_classes,
@@ -252,7 +226,7 @@ def decode_to_uint8(setup: SamplerSetup, x: torch.Tensor, chunk: int = DECODE_CH
     with torch.inference_mode():
         for start in range(0, x.shape[0], chunk):
             z = denormalize(setup, x[start:start + chunk].to(setup.device, torch.float32))
-            with autocast(setup.vae_precision, setup.device):
+            with autocast(setup.device, setup.vae_precision):
                 images = setup.vae.decode(z)
             out.append(to_uint8(images).numpy())
     return np.concatenate(out)
@@ -260,16 +234,6 @@ def decode_to_uint8(setup: SamplerSetup, x: torch.Tensor, chunk: int = DECODE_CH
 
 # ---------------------------------------------------------------------------------------------
 # Memory
-
-
-def is_oom(exc: BaseException) -> bool:
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
-    if oom_types and isinstance(exc, oom_types):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text)
 
 
 def oom_error(batch_size: int, setup: SamplerSetup, exc: BaseException) -> ReproError:
@@ -293,7 +257,7 @@ def auto_batch_size(setup: SamplerSetup, limit: int) -> tuple[int, str]:
     rows = 8
     base = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
-    with torch.inference_mode(), autocast(setup.precision, dev):
+    with torch.inference_mode(), autocast(dev, setup.precision):
         setup.eager_model(torch.zeros(rows, c, h, w, device=dev), torch.zeros(rows, device=dev),
                           torch.zeros(rows, dtype=torch.int64, device=dev))
     per_row = (torch.cuda.max_memory_allocated(dev) - base) / rows
@@ -310,31 +274,3 @@ def auto_batch_size(setup: SamplerSetup, limit: int) -> tuple[int, str]:
     why = (f"{free / GiB:.1f} GiB free: {per_row * rows_per_image / 2**20:.0f} MiB per image, "
            f"decode {decode / GiB:.1f} GiB")
     return max(1, min(batch, limit)), why
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, what): torch.cuda.max_memory_allocated on GPU; the process's peak RSS (VmHWM) on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "GPU max allocated"
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "process peak RSS"
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({device})"
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-def log(*args: Any) -> None:
-    print0(*args)

@@ -14,7 +14,6 @@ lossless PNG is read: the protocol's numbers depend on exact pixels.
 from __future__ import annotations
 
 import os
-import struct
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,57 +22,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from repro.data.npz import FORMAT_HINT, IMAGE_KEY, NpyMember, read_npy_member
 from repro.errors import ReproError
 from repro.utils.distributed import print0
 
-IMAGE_KEY = "arr_0"
 LOSSY_SUFFIXES = {".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-FORMAT_HINT = "the ADM format is arr_0: uint8 N x H x W x 3 (step 4 writes it)"
-
-
-def npz_keys(path: str | os.PathLike) -> list[str]:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ReproError(f"{path}: not a readable .npz file ({e})") from None
-
-
-@dataclass
-class NpyMember:
-    """Where one array of an npz lives: its header fields and, if stored uncompressed, its byte offset."""
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    fortran: bool
-    header_len: int
-    data_offset: Optional[int]  # absolute file offset of the data (None: compressed member)
-
-
-def read_npy_member(path: str | os.PathLike, key: str) -> NpyMember:
-    keys = npz_keys(path)
-    if key not in keys:
-        raise ReproError(f"{path}: no '{key}' array (it has: {', '.join(keys) or 'nothing'}); {FORMAT_HINT}")
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo(f"{key}.npy")
-        with zf.open(info) as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ReproError(f"{path}: '{key}' uses .npy format {version}; re-save it with np.savez")
-            header_len = f.tell()
-    data_offset = None
-    if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
-        with open(path, "rb") as raw:
-            raw.seek(info.header_offset)
-            local = raw.read(30)
-        if local[:4] != b"PK\x03\x04":
-            raise ReproError(f"{path}: damaged zip header for '{key}'; re-create the file")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        data_offset = info.header_offset + 30 + name_len + extra_len + header_len
-    return NpyMember(tuple(shape), np.dtype(dtype), bool(fortran), header_len, data_offset)
 
 
 def _check_image_array(path, shape, dtype, fortran: bool) -> None:
@@ -116,7 +69,7 @@ def _load_png(path: Path, size: tuple[int, int]) -> np.ndarray:
 
 
 @dataclass
-class ImageSource:
+class ImageBatches:
     """N images of H x W x 3 uint8 from an npz (`member`) or a PNG folder (`files`)."""
     path: Path
     kind: str  # "npz" | "folder"
@@ -127,7 +80,7 @@ class ImageSource:
     files: list[Path] = field(default_factory=list)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, what: str = "samples") -> "ImageSource":
+    def open(cls, path: str | os.PathLike, what: str = "samples") -> "ImageBatches":
         """Validate and describe `path` (reads headers only). A run folder holding `samples.npz` or an
         `images/` folder (step 4's layout) is resolved to it, and the choice is printed."""
         path = Path(path)

@@ -27,14 +27,16 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from repro import envinfo, paths
+from repro import paths
 from repro.config import Config, apply_overrides, config_diff, flatten, load_config, save_config
 from repro.errors import ConfigError
+from repro.setup import envinfo
+from repro.utils.hardware import GiB
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ASSET, ASSET_DIR, RUNS = "asset:", "asset-dir:", "runs:"
 
-_G = envinfo.GiB
+_G = GiB
 # Hardware a user may plan for without being on it (`--profile t4`): same decisions as step 1 makes.
 HARDWARE_PROFILES: dict[str, list[envinfo.GPUInfo]] = {
     "cpu": [],
@@ -136,15 +138,24 @@ def _recommendation(env: Any, profile: Optional[str]) -> tuple[dict[str, Any], s
     return dict(rec), origin
 
 
-def resolve_config(cfg: Config, assets: Any = None, env: Any = None,
-                   profile: Optional[str] = None) -> tuple[Config, list[str]]:
+def resolve_config(cfg: Config, assets: Any = None, env: Any = None, profile: Optional[str] = None,
+                   runtime_batch: bool = False) -> tuple[Config, list[str]]:
     """A resolved copy of `cfg` and the list of changes, "key: old -> new (why)".
 
     assets: path of assets.json or its parsed dict (default runs/assets.json), read only when a
     marker needs it. env: path of env.json or its parsed dict (default runs/env.json; when that is
     missing this machine is detected now). profile: a HARDWARE_PROFILES name, instead of env.
+    runtime_batch: leave `sample.per_proc_batch_size: auto` for the sampler to measure on the GPU
+    it runs on (step 4 on CUDA) instead of taking step 1's estimate.
     """
     out = copy.deepcopy(cfg)
+    changes = _fill_paths(out, assets)
+    changes += _fill_auto(out, env, profile, runtime_batch)
+    return out, changes
+
+
+def _fill_paths(out: Config, assets: Any) -> list[str]:
+    """`asset:`, `asset-dir:` and `runs:` values -> paths, in place; every missing asset in one error."""
     changes: list[str] = []
     missing: list[MissingAssetError] = []
     for key, value in flatten(out).items():
@@ -163,7 +174,7 @@ def resolve_config(cfg: Config, assets: Any = None, env: Any = None,
             changes.append(f"{key}: {value} -> {new} ({origin})")
             _set(out, key, new)
         elif value.startswith(RUNS):
-            new = str((paths.runs_dir() / value[len(RUNS):].lstrip("/")).resolve())
+            new = str(paths.runs_path(value))
             changes.append(f"{key}: {value} -> {new} (runs folder)")
             _set(out, key, new)
     if len(missing) == 1:
@@ -173,41 +184,57 @@ def resolve_config(cfg: Config, assets: Any = None, env: Any = None,
         raise ConfigError(f"{len(names)} assets this config needs are not downloaded: "
                           + "; ".join(f"'{e.name}' for '{e.key}' ({e.detail})" for e in missing)
                           + f" -- {_download_hint(*names)}")
+    return changes
 
-    auto_keys = ("train.micro_batch_size", "train.precision", "sample.per_proc_batch_size", "sample.precision")
-    auto = {k: v for k, v in flatten(out).items() if k in auto_keys and v == "auto"}
+
+_AUTO_KEYS = ("train.micro_batch_size", "train.precision", "sample.per_proc_batch_size", "sample.precision")
+
+
+def _fill_auto(out: Config, env: Any, profile: Optional[str], runtime_batch: bool) -> list[str]:
+    """`auto` precision and batch sizes -> the hardware's recommendation, in place."""
+    changes: list[str] = []
+    auto = {k: v for k, v in flatten(out).items() if k in _AUTO_KEYS and v == "auto"}
     if out.train.micro_batch_size is None:  # null keeps its old meaning: chosen for the hardware
         auto["train.micro_batch_size"] = None
+    if runtime_batch and auto.pop("sample.per_proc_batch_size", None) == "auto":
+        changes.append("sample.per_proc_batch_size: auto kept (measured from free GPU memory when sampling starts)")
     explicit_half = {k: v for k, v in (("sample.precision", out.sample.precision),
                                        ("train.precision", out.train.precision)) if v in ("bf16", "fp16")}
-    if auto or explicit_half:
-        rec, origin = _recommendation(env, profile)
-        picks = {"sample.precision": (rec["precision"], rec.get("precision_reason", "")),
-                 "train.precision": (rec["precision"], rec.get("precision_reason", "")),
-                 "sample.per_proc_batch_size": (int(rec["sample_per_proc_batch_size"]), rec.get("sample_batch_reason", "")),
-                 "train.micro_batch_size": (int(rec["train_micro_batch_size"]), rec.get("train_batch_reason", ""))}
-        for key in sorted(auto, key=auto_keys.index):
-            new, why = picks[key]
-            if key == "train.micro_batch_size" and new > out.train.global_batch_size:
-                new, why = out.train.global_batch_size, f"capped at train.global_batch_size; {why}"
-            _set(out, key, new)
-            changes.append(f"{key}: {auto[key]} -> {new} ({why}; from {origin})")
-        if "train.micro_batch_size" in auto:
-            # the micro-batch was chosen with these memory savers on: turn them on with it (never off)
-            for key, rec_key in (("model.use_checkpoint", "train_use_checkpoint"), ("train.ema_on_cpu", "train_ema_on_cpu")):
-                if rec[rec_key] and not flatten(out)[key]:
-                    _set(out, key, True)
-                    changes.append(f"{key}: False -> True (needed for train.micro_batch_size "
-                                   f"{out.train.micro_batch_size}; from {origin})")
-        for key, value in explicit_half.items():
-            if value != rec["precision"] and not (value == "fp16" and rec["precision"] == "bf16"):
-                changes.append(f"warning: {key}: {value} kept as set, but {origin} recommends {rec['precision']} "
-                               f"({rec.get('precision_reason', '')}); set {key}=auto to follow it")
-    return out, changes
+    if not auto and not explicit_half:
+        return changes
+    rec, origin = _recommendation(env, profile)
+
+    # Every auto value takes the recommendation (a micro-batch never exceeds the global batch).
+    picks = {"sample.precision": (rec["precision"], rec.get("precision_reason", "")),
+             "train.precision": (rec["precision"], rec.get("precision_reason", "")),
+             "sample.per_proc_batch_size": (int(rec["sample_per_proc_batch_size"]), rec.get("sample_batch_reason", "")),
+             "train.micro_batch_size": (int(rec["train_micro_batch_size"]), rec.get("train_batch_reason", ""))}
+    for key in sorted(auto, key=_AUTO_KEYS.index):
+        new, why = picks[key]
+        if key == "train.micro_batch_size" and new > out.train.global_batch_size:
+            new, why = out.train.global_batch_size, f"capped at train.global_batch_size; {why}"
+        _set(out, key, new)
+        changes.append(f"{key}: {auto[key]} -> {new} ({why}; from {origin})")
+
+    # The micro-batch was chosen with these memory savers on: turn them on with it (never off).
+    if "train.micro_batch_size" in auto:
+        for key, rec_key in (("model.use_checkpoint", "train_use_checkpoint"), ("train.ema_on_cpu", "train_ema_on_cpu")):
+            if rec[rec_key] and not flatten(out)[key]:
+                _set(out, key, True)
+                changes.append(f"{key}: False -> True (needed for train.micro_batch_size "
+                               f"{out.train.micro_batch_size}; from {origin})")
+
+    # Explicit half precision is kept, with a warning where the hardware recommends otherwise.
+    for key, value in explicit_half.items():
+        if value != rec["precision"] and not (value == "fp16" and rec["precision"] == "bf16"):
+            changes.append(f"warning: {key}: {value} kept as set, but {origin} recommends {rec['precision']} "
+                           f"({rec.get('precision_reason', '')}); set {key}=auto to follow it")
+    return changes
 
 
 def resolve_file(base: str | os.PathLike, overrides: Optional[list[str]] = None, assets: Any = None,
-                 env: Any = None, profile: Optional[str] = None) -> tuple[Config, list[str], Path]:
+                 env: Any = None, profile: Optional[str] = None,
+                 runtime_batch: bool = False) -> tuple[Config, list[str], Path]:
     """Load a preset (path or name), apply --set overrides, resolve. Returns (config, changes, base path).
 
     Overrides go in before resolving, so a value given with --set is explicit and wins over `auto`
@@ -217,14 +244,14 @@ def resolve_file(base: str | os.PathLike, overrides: Optional[list[str]] = None,
     loaded = load_config(path)
     overridden = apply_overrides(copy.deepcopy(loaded), overrides)
     changes = [f"{k}: {old} -> {new} (--set)" for k, old, new in config_diff(loaded, overridden)]
-    cfg, resolved = resolve_config(overridden, assets=assets, env=env, profile=profile)
+    cfg, resolved = resolve_config(overridden, assets=assets, env=env, profile=profile, runtime_batch=runtime_batch)
     return cfg, changes + resolved, path
 
 
 def write_resolved(cfg: Config, path: str | os.PathLike, base: str | os.PathLike | None = None,
                    changes: Optional[list[str]] = None) -> Path:
     """Write the resolved config atomically, headed by where it came from and what changed."""
-    header = [f"Resolved config written by repro.resolve on {time.strftime('%Y-%m-%d %H:%M:%S')}",
+    header = [f"Resolved config written by repro.setup.resolve on {time.strftime('%Y-%m-%d %H:%M:%S')}",
               f"base: {Path(base).resolve() if base is not None else '(in memory)'}",
               "changes:" if changes else "changes: none", *(f"  {c}" for c in changes or [])]
     return save_config(cfg, path, header=header)

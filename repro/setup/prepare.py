@@ -1,0 +1,101 @@
+"""The config step 4 samples with: the preset resolved now (fetching the assets sampling needs when they
+are missing, and saying so), then the demo settings and the user's --set overrides.
+
+A preset (`asset:`/`asset-dir:`/`runs:` paths or `auto` values) is resolved as step 3 resolves it
+(`repro.setup.resolve`) and the result is written where step 3 writes it,
+runs/configs/<name>.resolved.yaml. Every process runs the same code on the same inputs: rank 0
+fetches what is missing (step 2's `repro.hub.fetch_assets`), all wait, then each resolves for itself.
+A concrete config (real paths) is used as written.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from repro import paths
+from repro.config import Config, apply_overrides, flatten, load_config
+from repro.setup.resolve import (ASSET, ASSET_DIR, RUNS, default_resolved_path, find_config, resolve_config,
+                                 resolve_file, write_resolved)
+from repro.utils import distributed as du
+from repro.utils.distributed import print0
+
+# What sampling reads from disk; other asset paths (the FID reference batch) are not needed here.
+SAMPLING_PATH_KEYS = ("ckpt_path", "vae.ckpt_path", "data.data_path")
+# Upstream inference.py --demo forces these whatever the config says (its steps and method are kept).
+DEMO_OVERRIDES = ("sample.cfg_scale=9.0", "sample.cfg_interval_start=0.0", "sample.timestep_shift=0.0")
+
+
+def _markers(cfg: Config) -> dict[str, str]:
+    return {k: v for k, v in flatten(cfg).items() if isinstance(v, str) and v.startswith((ASSET, ASSET_DIR, RUNS))}
+
+
+def _is_preset(cfg: Config) -> bool:
+    return bool(_markers(cfg)) or any(v == "auto" for v in flatten(cfg).values())
+
+
+def _downloaded(name: str) -> bool:
+    entries, src = paths.read_asset_table()
+    p = paths.recorded_asset_path(entries, name, src.parent)
+    return p is not None and p.exists()
+
+
+def prepare_config(base: str, overrides: Optional[Sequence[str]] = None, demo: bool = False,
+                   cuda: bool = False) -> tuple[Config, list[str]]:
+    """(config to sample with, header lines saying where it came from). `cuda`: the batch size `auto`
+    is left for the sampler to measure on the GPU."""
+    preset = find_config(base)
+    raw = load_config(preset)
+    header = [f"preset: {preset.resolve()}"]
+    cfg = raw
+    if _is_preset(raw):
+        resolved = default_resolved_path(preset)
+        cfg = _resolve_preset(preset, raw, resolved, cuda)
+        header.append(f"resolved: {resolved}")
+
+    # The demo's fixed settings, then the user's overrides (an override naming an asset is filled too).
+    changes = []
+    if demo:
+        cfg = apply_overrides(cfg, list(DEMO_OVERRIDES))
+        changes += [f"demo (upstream inference.py --demo): {o}" for o in DEMO_OVERRIDES]
+    if overrides:
+        cfg = apply_overrides(cfg, list(overrides))
+        changes += [f"--set {o}" for o in overrides]
+        if _markers(cfg):
+            cfg, more = resolve_config(cfg, runtime_batch=cuda)
+            changes += more
+    for line in changes:
+        print0(f"step 4: {line}")
+    return cfg, header + changes
+
+
+def _resolve_preset(preset, raw: Config, resolved, cuda: bool) -> Config:
+    markers = _markers(raw)
+    needed = sorted({v.split(":", 1)[1] for k, v in markers.items()
+                     if k in SAMPLING_PATH_KEYS and v.startswith((ASSET, ASSET_DIR))})
+
+    # Fetch the assets sampling reads, on rank 0, while every other process waits.
+    missing = du.broadcast_object([name for name in needed if not _downloaded(name)])
+    if missing:
+        print0(f"step 4: asset(s) {', '.join(missing)} not downloaded yet: running step 2 "
+               f"(python -m steps.step2_download --only {' '.join(missing)})")
+        if du.is_main():
+            from repro.hub import fetch_assets
+
+            fetch_assets(names=missing)
+        du.barrier()
+
+    # Asset paths sampling does not read (the FID reference batch) are left unset if absent.
+    optional = du.broadcast_object([f"{k}=null" for k, v in markers.items() if k not in SAMPLING_PATH_KEYS
+                                    and v.startswith((ASSET, ASSET_DIR)) and not _downloaded(v.split(":", 1)[1])])
+    if optional:
+        print0(f"step 4: not needed for sampling and not downloaded, left unset: {', '.join(optional)}")
+
+    # Resolve as step 3 does, on every process; rank 0 writes step 3's file.
+    print0(f"step 4: running step 3 (python -m steps.step3_configs --base {preset})")
+    cfg, changes, _ = resolve_file(preset, overrides=optional, runtime_batch=cuda)
+    for line in changes:
+        print0(f"  {line}")
+    if du.is_main():
+        write_resolved(cfg, resolved, base=preset, changes=changes)
+    du.barrier()
+    return cfg

@@ -1,0 +1,120 @@
+"""Sample grids from the EMA model: periodic ones during training, and the notebook's final grid.
+
+The same noise and labels every time (seeded), so grids of successive steps are comparable. Both
+run the sampling engine (`repro.sampling.engine`) with the config's `sample` section: the periodic
+grid around the EMA weights in memory (`sampler_from_parts`), the final one from a checkpoint file
+(`build_sampler`). Without a VA-VAE (`vae.ckpt_path` unset) the periodic grid shows latent channels
+0-2 as RGB instead of decoded images (said once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from repro.sampling.engine import build_sampler, decode_to_uint8, sample_latents, sampler_from_parts
+from repro.sampling.grid import grid_shape, save_grid
+
+
+def grid_inputs(n: int, channels: int, latent_size: int, num_classes: int, seed: int = 0,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed noise (n, C, h, w) and labels spread over the classes (0, K/n, 2K/n, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, channels, latent_size, latent_size, generator=g)
+    y = (torch.arange(n) * max(1, num_classes // n)) % num_classes
+    return z.to(device), y.to(device)
+
+
+def latent_visualisation(latents: torch.Tensor, min_side: int = 64) -> np.ndarray:
+    """(N, C, h, w) normalised latents -> (N, H, W, 3) uint8: channels 0-2 as RGB on a fixed
+    [-2.5, 2.5] scale (comparable across steps), enlarged to at least `min_side` pixels."""
+    x = latents[:, :3].float()
+    if x.shape[1] < 3:
+        x = torch.cat([x, x[:, :1].expand(-1, 3 - x.shape[1], -1, -1)], dim=1)
+    img = ((x + 2.5) / 5.0).clamp(0, 1).mul(255).round().to(torch.uint8)
+    factor = max(1, math.ceil(min_side / img.shape[-1]))
+    img = img.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+    return img.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_square_grid(images: np.ndarray, path: str | os.PathLike) -> Path:
+    """(N, H, W, 3) uint8 -> one PNG grid, about square (atomic write)."""
+    rows, cols = grid_shape(len(images), cols=math.ceil(math.sqrt(len(images))))
+    return save_grid(np.asarray(images), path, rows=rows, cols=cols)
+
+
+@contextlib.contextmanager
+def weights_swapped_in(model: torch.nn.Module, params: list[torch.Tensor]):
+    """Temporarily give `model` the values of `params` (e.g. a CPU-held EMA) in eval mode."""
+    own = list(model.parameters())
+    stash = [p.detach().to("cpu", copy=True) for p in own]
+    was_training = model.training
+    with torch.no_grad():
+        for p, q in zip(own, params):
+            p.copy_(q, non_blocking=True)
+    model.eval()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, s in zip(own, stash):
+                p.copy_(s)
+        model.train(was_training)
+
+
+class GridSampler:
+    """Writes `samples/{step:07d}.png` under the run folder from the EMA model."""
+
+    def __init__(self, cfg, *, stats, device: torch.device, precision: str, note: Callable[[str], None] = print):
+        self.cfg, self.stats, self.device, self.precision, self.note = cfg, stats, device, precision, note
+        self._vae = None
+        self._said = False
+
+    def _decoder(self):
+        if self.cfg.vae.ckpt_path is None:
+            if not self._said:
+                self.note("note: vae.ckpt_path is not set, so sample grids show latent channels 0-2 as RGB, "
+                          "not decoded images (set vae.ckpt_path to the VA-VAE weights to see images)")
+                self._said = True
+            return None
+        if self._vae is None:
+            from repro.tokenizer.vavae import load_vavae
+
+            self._vae = load_vavae(self.cfg.vae.ckpt_path, ch=self.cfg.vae.ch, device=self.device)
+        return self._vae
+
+    def images(self, model) -> np.ndarray:
+        vae = self._decoder()
+        setup = sampler_from_parts(self.cfg, model, device=self.device, precision=self.precision, vae=vae,
+                                   stats=self.stats)
+        c, h, _ = setup.latent_shape
+        z, y = grid_inputs(max(1, int(self.cfg.train.sample_num)), c, h, setup.num_classes, seed=self.cfg.sample.seed)
+        latents = sample_latents(setup, z, y)
+        return latent_visualisation(latents) if vae is None else decode_to_uint8(setup, latents)
+
+    def __call__(self, model, step: int, run_dir: str | os.PathLike) -> Path:
+        return write_square_grid(self.images(model), Path(run_dir) / "samples" / f"{step:07d}.png")
+
+
+def grid_from_checkpoint(cfg, checkpoint: str | os.PathLike, out_path: str | os.PathLike, n: int = 8,
+                         device: Optional[str] = None) -> dict:
+    """Sample `n` images from the EMA weights of a training checkpoint and write a grid PNG.
+
+    Runs the sampling engine (`build_sampler`: strict EMA load, the VA-VAE of `vae.ckpt_path`,
+    `latents_stats.pt` of `data.data_path`) with the `sample` section's settings.
+    Returns {'grid': path, 'labels': [...], 'images': (n, H, W, 3) uint8}.
+    """
+    cfg = copy.deepcopy(cfg)
+    cfg.ckpt_path = str(checkpoint)
+    setup = build_sampler(cfg, device=device)
+    c, h, _ = setup.latent_shape
+    z, y = grid_inputs(n, c, h, setup.num_classes, seed=cfg.sample.seed)
+    images = decode_to_uint8(setup, sample_latents(setup, z, y))
+    return {"grid": write_square_grid(images, out_path), "labels": y.tolist(), "images": images}

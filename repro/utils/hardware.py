@@ -1,0 +1,151 @@
+"""The one place that knows about the hardware: device, precision, autocast, backends, memory, determinism.
+
+Sampling (step 4), training (step 7) and the benchmarks take every hardware decision from here, so
+the same rule picks the same precision everywhere:
+
+    device = default_device()                       # cuda:LOCAL_RANK when a GPU is present, else cpu
+    precision = resolve_precision("auto", device)   # bf16 on sm_80+, fp16 on T4/P100, fp32 on CPU
+    with autocast(device, precision): ...           # a no-op for fp32
+    scaler = make_scaler(device, precision)         # enabled for fp16 only
+
+The pure decisions on fabricated GPUs (step 1's report, `--profile t4`) live in repro.setup.envinfo
+and use `capability_has_bf16` from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from repro.errors import ReproError
+
+GiB = 1024**3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", *DTYPES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device
+
+
+def default_device() -> torch.device:
+    """cuda:LOCAL_RANK when a GPU is present, else cpu. Never hard-codes `.cuda()`."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision
+
+
+def capability_has_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 tensor cores exist from Ampere (sm_80) on; older GPUs only emulate bf16 (slow or failing)."""
+    return tuple(capability) >= (8, 0)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 natively (the CPU's autocast supports bf16, slowly without AMX)."""
+    if device.type != "cuda":
+        return True
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no including_emulation
+        return capability_has_bf16(torch.cuda.get_device_capability(device))
+
+
+def resolve_precision(requested: Optional[str], device: torch.device, key: str = "sample.precision") -> str:
+    """'auto'/None -> fp32 on CPU, bf16 on GPUs with native bf16, fp16 on older GPUs (T4, P100);
+    an explicit value is checked against the device. `key` names the setting in errors."""
+    if requested in (None, "auto"):
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if native_bf16(device) else "fp16"
+    if requested not in DTYPES:
+        raise ReproError(f"{key}={requested!r} is not a precision; choose auto, fp32, bf16 or fp16")
+    if requested == "bf16" and not native_bf16(device):
+        name = torch.cuda.get_device_name(device)
+        raise ReproError(f"{key}=bf16 but this GPU ({name}) has no native bf16: use fp16 or fp32")
+    return requested
+
+
+def autocast(device: torch.device, precision: str):
+    """The context running matmuls/convs in `precision` (a no-op for fp32).
+
+    cache_enabled=False: each DiT weight is used once per forward, so the cast cache saves no work,
+    and with gradient checkpointing it would hold a low-precision copy of every weight until the
+    forward ends (1.35 GB for XL/1). Sampling's weights need no grad, so they are never cached anyway.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision], cache_enabled=False)
+
+
+def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled only for fp16 (bf16 has fp32's exponent range and needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+
+
+def configure_backends(device: torch.device) -> None:
+    # upstream inference.py: torch.backends.cuda.matmul.allow_tf32 = True (TF32 exists from Ampere, sm_80)
+    if device.type == "cuda" and capability_has_bf16(torch.cuda.get_device_capability(device)):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def set_determinism(enabled: bool, device: torch.device) -> None:
+    """Bitwise-repeatable kernels: `torch.use_deterministic_algorithms` (+ the cuBLAS workspace it needs).
+
+    A resumed run then recomputes exactly what the uninterrupted one would (same kernels, same
+    reduction order); the thread count must also be the same on both sides (OMP_NUM_THREADS).
+    """
+    if not enabled:
+        return
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether `exc` is an out-of-memory error (CUDA's, or the CPU allocator's)."""
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    if oom_types and isinstance(exc, oom_types):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what): torch.cuda.max_memory_allocated on GPU; the process's peak RSS (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "GPU max allocated"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "process peak RSS"
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
