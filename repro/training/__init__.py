@@ -10,13 +10,13 @@ batch is split), `data_order` (seeded order and per-sample draws), `ema`, `check
 
 from repro.training.batches import BatchPlan, plan_batches
 from repro.training.checkpoints import find_resume_checkpoint, list_checkpoints, read_training_checkpoint
-from repro.training.data_order import DataOrder, DataPosition, MicroBatch, build_micro_batch, derived_seed
+from repro.training.data_order import DataOrder, DataPosition, MicroBatch, build_micro_batch
 from repro.training.ema import EMA
 from repro.training.loop import open_latents, run_dir_of, train
 from repro.training.step import StepRunner, make_optimizer
 
 __all__ = [
     "BatchPlan", "DataOrder", "DataPosition", "EMA", "MicroBatch", "StepRunner", "build_micro_batch",
-    "derived_seed", "find_resume_checkpoint", "list_checkpoints", "make_optimizer", "open_latents",
+    "find_resume_checkpoint", "list_checkpoints", "make_optimizer", "open_latents",
     "plan_batches", "read_training_checkpoint", "run_dir_of", "train",
 ]

@@ -17,7 +17,6 @@ and any split of the global batch over processes and accumulation steps trains o
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
@@ -27,16 +26,13 @@ import torch
 from repro.errors import ReproError
 from repro.transport import sample_timesteps
 from repro.utils.prefetch import prefetch
+from repro.utils.seeding import seed_from
 
-
-def derived_seed(*parts) -> int:
-    """A 63-bit seed from a tuple of ints/strings (BLAKE2b), for torch.Generator.manual_seed."""
-    digest = hashlib.blake2b(":".join(map(str, ("repro-train", *parts))).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+SEED_TAG = "repro-train"
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(derived_seed(seed, "epoch", epoch))
+    g = torch.Generator().manual_seed(seed_from(SEED_TAG, seed, "epoch", epoch))
     return torch.randperm(n, generator=g)
 
 
@@ -117,7 +113,7 @@ def build_micro_batch(dataset, indices: torch.Tensor, step: int, first_position:
     """
     xs, ys, ts, noise = [], [], [], []
     for j, index in enumerate(indices.tolist()):
-        g = torch.Generator().manual_seed(derived_seed(seed, "sample", step, first_position + j))
+        g = torch.Generator().manual_seed(seed_from(SEED_TAG, seed, "sample", step, first_position + j))
         u = torch.rand(2, generator=g)
         x, y = dataset.get(index, bool(u[0] < 0.5), generator=g)
         ts.append(sample_timesteps(1, lognorm, g))

@@ -41,6 +41,7 @@ from repro.training.logs import RunLogger
 from repro.training.step import StepRunner, make_optimizer, normalise_optimizer_state, take_over_label_dropout
 from repro.utils import distributed as dist
 from repro.utils.hardware import default_device, make_scaler, resolve_precision, set_determinism
+from repro.utils.seeding import SEEDING
 
 _MARKERS = ("asset:", "asset-dir:", "runs:")
 _NONE = 2 ** 62  # "no non-finite step" when taking the minimum over processes
@@ -143,6 +144,10 @@ def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[fl
         log.info(f"{'resumed from' if kind == 'resume' else 'initialised from train.ckpt'} {path} at step {step}")
         for line in ckpt.config_changes(state, cfg):
             log.info(f"  config changed since that checkpoint: {line}")
+        if "kit" in state and state["kit"].get("seeding") != SEEDING:
+            log.info(f"note: {path} was written by a kit that seeded the data order and per-sample draws "
+                     f"differently; from step {step} on they follow this kit's seeding ({SEEDING}): the run stays "
+                     "valid, but is not bitwise the run the older kit would have continued")
         del state
     elif kind == "weight_init":
         load_checkpoint(model, path, prefer="model")  # upstream: weight_init loads checkpoint['model']
@@ -221,7 +226,7 @@ def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[fl
                 config=cfg.to_dict(),
                 kit={"world_size": world, "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
                      "global_batch": plan.global_batch, "precision": precision, "device": device.type,
-                     "torch": str(torch.__version__)},
+                     "torch": str(torch.__version__), "seeding": SEEDING},
                 keep_last=cfg.train.keep_last, last_good=last_saved or _newest(ckpt_dir))
             removed = ckpt.prune_checkpoints(ckpt_dir, cfg.train.keep_last)
             extra = f"; removed {len(removed)} older (train.keep_last={cfg.train.keep_last})" if removed else ""
