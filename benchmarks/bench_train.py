@@ -58,7 +58,7 @@ def child(spec: dict) -> dict:
     from repro.training.data_order import MicroBatch
     from repro.training.ema import EMA
     from repro.training.batches import BatchPlan
-    from repro.utils.hardware import make_scaler
+    from repro.utils.hardware import CompiledOrEager, compile_mode, make_scaler
     from repro.training.step import StepRunner, make_optimizer, take_over_label_dropout
     from repro.models.lightningdit import build_model
 
@@ -76,7 +76,8 @@ def child(spec: dict) -> dict:
     take_over_label_dropout(model)
     opt = make_optimizer(model, cfg.optimizer, device)
     scaler = make_scaler(device, spec["precision"])
-    fwd = torch.compile(model) if spec["compile"] else model
+    mode = compile_mode(spec["compile"], device, auto="default")  # None = the kit's default (compiled on CUDA)
+    fwd = CompiledOrEager(model, mode, "training") if mode else model
     runner = StepRunner(model, fwd, opt, scaler, ema, plan=BatchPlan(m, m, 1, 1), precision=spec["precision"],
                         device=device, max_grad_norm=None, use_cosine_loss=True,
                         channels_last=spec["channels_last"])

@@ -3,6 +3,9 @@
 #   bash benchmarks/gpu_checks.sh            # every check; each benchmark appends to benchmarks/RESULTS.md
 #   bash benchmarks/gpu_checks.sh tests      # only the GPU-marked tests
 #   bash benchmarks/gpu_checks.sh bench      # only the benchmarks
+#   bash benchmarks/gpu_checks.sh compare    # issue 14: kit vs upstream, < 8 min (UPSTREAM=path of a
+#                                            # hustvl/LightningDiT checkout, default .upstream/LightningDiT;
+#                                            # it needs timm, einops and upstream's fairscale wheel)
 # A failing check does not stop the others; the exit status says whether any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +15,9 @@ failed=0
 check() { echo "== $*"; "$@" || { echo "!! failed: $*"; failed=1; }; }
 
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.__version__, torch.cuda.get_device_name())" || exit 2
+if [[ "$what" == all || "$what" == compare ]]; then
+  check python benchmarks/compare_upstream.py --upstream "${UPSTREAM:-.upstream/LightningDiT}" --budget 400
+fi
 if [[ "$what" == all || "$what" == tests ]]; then
   check python -m pytest -q -m gpu tests/test_gpu.py tests/test_training.py tests/test_inference.py
 fi

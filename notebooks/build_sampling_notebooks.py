@@ -1,124 +1,126 @@
 """Build notebooks/00_quickstart.ipynb and notebooks/01_sample_fid.ipynb with nbformat (no outputs).
 
-    python notebooks/build_sampling_notebooks.py
+    python notebooks/build_all.py            # every notebook (or: python notebooks/build_sampling_notebooks.py)
 
 Edit the cells here, not in the .ipynb files, and rebuild.
 """
 
 from __future__ import annotations
 
-
 import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell
 
-from nbbuild import find_root_source, notebook, write
+from nbbuild import Param, new_code_cell, new_markdown_cell, notebook, parameters_cell, setup_cell, title_cell, write
 
-FIND_ROOT = find_root_source("step4_inference.py", '\nprint("kit root:", root)')
+# Where notebook 01 writes by default and notebook 03 reads by default (runs:REL is under the work folder).
+FID_OUTPUT = "runs:fid"
 
-ASSETS = '["lightningdit-xl-800ep", "vavae-f16d32", "latents-stats"]'
+STEP2_CELL = """\
+from repro.setup.prepare import sampling_assets
+from steps import step2_download
+
+needed = sampling_assets(config)
+if needed:
+    assets = step2_download.main(only=needed)
+    assert all(Path(assets["assets"][name]["path"]).is_file() for name in needed), assets
+else:
+    print(f"config {config}: its weights are kit-local stand-ins, generated in step 3; nothing to download")"""
 
 
 def quickstart() -> nbformat.NotebookNode:
     cells = [
-        new_markdown_cell(
-            "# LightningDiT quickstart: install → download → configure → sample\n\n"
-            "Reproduces the official demo grid of LightningDiT-XL/1 (800 epochs) with the VA-VAE f16d32 "
-            "tokenizer: labels 975, 3, 207, 387, 388, 88, 979, 279, CFG 9.0 on every step, no timestep "
-            "shift, 250 Euler steps. Works on Kaggle and Colab (GPU: bf16 on Ampere+, fp16 on T4/P100) and "
-            "headless under papermill. Each cell calls one step's `main(...)` and checks its result."),
-        new_code_cell(
-            "# Parameters (papermill overrides these)\n"
-            'config: str = "demo"  # preset: demo (official XL/1 demo), tiny (CPU smoke test), lightningdit_xl_800ep\n'
-            'profile: str = ""  # step 3 hardware profile: "" = this machine; t4, p100, a100-80gb, h100-80gb, cpu\n'
-            'output_dir: str = ""  # "" = runs/demo\n'
-            "num_samples: int = 8  # 8 = one per demo label, tiled 2x4\n"
-            "steps: int = 250  # Euler grid points (upstream: 250 -> 249 steps)\n"
-            "cfg: float = 9.0  # classifier-free guidance scale (demo: 9.0 on every step)\n"
-            'device: str = ""  # "" = the GPU when there is one, else cpu\n'
-            "install: bool = True  # step 1 pip-installs what is missing (False: report only)",
-            metadata={"tags": ["parameters"]}),
-        new_code_cell(FIND_ROOT),
+        title_cell("00_quickstart.ipynb", "# LightningDiT quickstart: install → download → configure → sample",
+                   "Reproduces the official demo grid of LightningDiT-XL/1 (800 epochs) with the VA-VAE f16d32 "
+                   "tokenizer: labels 975, 3, 207, 387, 388, 88, 979, 279, CFG 9.0 on every step, no timestep "
+                   "shift, 250 Euler steps, in fp32 with TF32 matmuls as upstream (`--set sample.precision=auto` for bf16/fp16 "
+                   "speed, which moves the latents slightly). Each cell calls one step's "
+                   "`main(...)` and checks its result. `config=\"tiny\"` runs every step offline on a CPU in a "
+                   "minute with generated stand-in weights (coloured noise, no download)."),
+        parameters_cell([
+            Param("config", str, "demo", "preset: demo (official XL/1 demo), tiny (offline CPU smoke run), lightningdit_xl_800ep"),
+            Param("profile", str, "", "step 3 hardware profile (t4, p100, a100-80gb, h100-80gb, cpu); empty means this machine"),
+            Param("output_dir", str, "", "where the grid goes; empty means runs/demo in the work folder"),
+            Param("num_samples", int, 8, "8 is one per demo label, tiled 2x4"),
+            Param("steps", int, 250, "Euler grid points (upstream: 250 points, 249 steps)"),
+            Param("cfg", float, 9.0, "classifier-free guidance scale (the demo uses 9.0 on every step)"),
+            Param("device", str, "", "cpu or cuda; empty means the GPU when there is one"),
+            Param("install", bool, True, "step 1 pip-installs missing packages (never torch); False only reports"),
+        ]),
+        setup_cell(),
         new_markdown_cell("## Step 1: environment\nReports GPU, precision and batch recommendations; "
                           "installs only missing packages, never torch. Writes `runs/env.json`."),
         new_code_cell("from steps import step1_install\n"
-                      "env = step1_install.main(dry_run=not install)\n"
-                      'assert env["recommended"]["precision"] in ("fp32", "bf16", "fp16"), env["recommended"]'),
-        new_markdown_cell("## Step 2: weights\nLightningDiT-XL/1 (800 ep), the VA-VAE and `latents_stats.pt` "
-                          "from the Hugging Face Hub, verified by sha256; a killed download resumes."),
-        new_code_cell("from steps import step2_download\n"
-                      f"assets = step2_download.main(only={ASSETS})\n"
-                      f"assert all(Path(assets['assets'][n]['path']).is_file() for n in {ASSETS})"),
+                      "env_report = step1_install.main(dry_run=not install)\n"
+                      'assert env_report["recommended"]["precision"] in ("fp32", "bf16", "fp16"), env_report["recommended"]'),
+        new_markdown_cell("## Step 2: weights\nThe files this config samples with, from the Hugging Face Hub, "
+                          "verified by sha256; a killed download resumes. `tiny` downloads nothing."),
+        new_code_cell(STEP2_CELL),
         new_markdown_cell("## Step 3: config\nFills the preset's asset paths and `auto` values for this "
                           "machine. The FID reference batch is not needed for sampling, so it stays unset here."),
         new_code_cell("from steps import step3_configs\n"
                       "resolved = step3_configs.main(base=config, set=[\"data.fid_reference_file=null\"],\n"
                       "                              profile=profile or None)\n"
                       "assert Path(resolved[\"path\"]).is_file() and Path(resolved[\"config\"].ckpt_path).is_file()"),
-        new_markdown_cell("## Step 4: the demo grid\nRun the cell again after an interruption: it finishes only "
-                          "the missing images."),
+        new_markdown_cell("## Step 4: the demo grid\nOn several GPUs one process per GPU (torchrun, its log "
+                          "streamed here). Run the cell again after an interruption: it finishes only the missing "
+                          "images, or says there is nothing to do."),
         new_code_cell("from steps import step4_inference\n"
-                      "demo = step4_inference.main(config=config, demo=True, num_samples=num_samples,\n"
-                      "                            out=output_dir or None, device=device or None,\n"
-                      "                            set=[f\"sample.num_sampling_steps={steps}\", f\"sample.cfg_scale={cfg}\"])\n"
+                      "demo = launch(step4_inference.main, gpus=gpus, config=config, demo=True, num_samples=num_samples,\n"
+                      "              out=output_dir or None, device=device or None,\n"
+                      "              set=[f\"sample.num_sampling_steps={steps}\", f\"sample.cfg_scale={cfg}\"])\n"
                       "assert Path(demo[\"grid\"]).is_file() and demo[\"num_samples\"] == num_samples\n"
                       "print(demo[\"summary\"])"),
-        new_code_cell("from IPython.display import Image, display\n"
-                      "from repro.sampling import load_images, show_samples\n"
-                      "display(Image(filename=demo[\"grid\"]))\n"
+        new_code_cell("from repro.sampling import load_images, show_samples\n"
+                      "show_image(demo[\"grid\"])\n"
                       "images = load_images([Path(demo[\"images_dir\"]) / f\"{i:06d}.png\" for i in range(num_samples)])\n"
-                      "fig = show_samples(images, demo[\"labels\"], title=\"LightningDiT samples\")\n"
-                      "display(fig)"),
+                      "figure = show_samples(images, demo[\"labels\"], title=\"LightningDiT samples\")\n"
+                      "show_figure(figure, Path(demo[\"out_dir\"]) / \"samples_figure.png\")"),
     ]
     return notebook(cells)
 
 
 def sample_fid() -> nbformat.NotebookNode:
     cells = [
-        new_markdown_cell(
-            "# FID-scale sampling (50,000 images), resumable\n\n"
-            "Writes `images/{i:06d}.png`, then `samples.npz` in the ADM evaluator's format (`arr_0` uint8 "
-            "N×H×W×3, `arr_1` labels), streamed so 50,000 images never sit in memory. Image i depends only on "
-            "(seed, i) and the batch size, so a notebook that dies (Kaggle's 12-hour limit) resumes exactly: "
-            "run all cells again. The same settings under `torchrun --nproc_per_node=K -m steps.step4_inference` "
-            "give byte-identical files."),
-        new_code_cell(
-            "# Parameters (papermill overrides these)\n"
-            'config: str = "lightningdit_xl_800ep"  # preset (official FID 1.35 settings), or tiny for a CPU smoke run\n'
-            'output_dir: str = ""  # "" = runs/samples/<settings>\n'
-            "num_samples: int = 50000  # the ADM protocol uses 50,000\n"
-            "batch_size: int = 0  # images per batch; 0 = the config's (auto = from free GPU memory)\n"
-            "class_balanced: bool = False  # True: exactly num_samples / 1000 per class (recent papers' protocol)\n"
-            "seed: int = 0\n"
-            "steps: int = 0  # 0 = the config's (250)\n"
-            "cfg: float = 0.0  # 0 = the config's (6.7 with interval 0.125 and shift 0.3)\n"
-            'device: str = ""  # "" = the GPU when there is one, else cpu',
-            metadata={"tags": ["parameters"]}),
-        new_code_cell(FIND_ROOT),
+        title_cell("01_sample_fid.ipynb", "# FID-scale sampling (50,000 images), resumable",
+                   "Writes `images/{i:06d}.png`, then `samples.npz` in the ADM evaluator's format (`arr_0` uint8 "
+                   "N×H×W×3, `arr_1` labels), streamed so 50,000 images never sit in memory. Image i depends only "
+                   "on (seed, i) and the batch size, so a notebook that dies (Kaggle's 12-hour limit) resumes "
+                   "exactly: run all cells again. On several GPUs one process per GPU (torchrun), byte-identical "
+                   "files. `notebooks/03_evaluate.ipynb` reads this notebook's `samples.npz` by default."),
+        parameters_cell([
+            Param("config", str, "lightningdit_xl_800ep", "preset (official FID 1.35 settings), or tiny for an offline CPU run"),
+            Param("output_dir", str, FID_OUTPUT, "samples folder; runs:REL is REL in the work folder's runs/ (03 reads runs:fid)"),
+            Param("num_samples", int, 50000, "the ADM protocol uses 50,000"),
+            Param("batch_size", int, 0, "images per batch per process; 0 takes the config's (auto sizes it to GPU memory)"),
+            Param("class_balanced", bool, False, "True gives exactly num_samples / classes images per class"),
+            Param("seed", int, 0, "global seed: image i depends only on it and i"),
+            Param("steps", int, 0, "Euler grid points; 0 takes the config's (250)"),
+            Param("cfg", float, 0.0, "guidance scale; 0 takes the config's (6.7, interval 0.125, shift 0.3)"),
+            Param("device", str, "", "cpu or cuda; empty means the GPU when there is one"),
+        ]),
+        setup_cell(),
         new_markdown_cell("## Assets and config (steps 2 and 3)"),
-        new_code_cell("from steps import step2_download, step3_configs\n"
-                      f"assets = step2_download.main(only={ASSETS})\n"
+        new_code_cell(STEP2_CELL + "\n\nfrom steps import step3_configs\n"
                       "resolved = step3_configs.main(base=config, set=[\"data.fid_reference_file=null\"])\n"
-                      "cfg_resolved = resolved[\"config\"]\n"
-                      "assert Path(cfg_resolved.vae.ckpt_path).is_file()"),
+                      "assert Path(resolved[\"config\"].vae.ckpt_path).is_file()"),
         new_markdown_cell("## Sample\nProgress shows images/s; the summary gives NFE per image and peak memory."),
-        new_code_cell("from steps import step4_inference\n"
+        new_code_cell("from repro import paths\n"
+                      "from steps import step4_inference\n"
                       "overrides = ([f\"sample.num_sampling_steps={steps}\"] if steps else []) + "
                       "([f\"sample.cfg_scale={cfg}\"] if cfg else [])\n"
-                      "kwargs = dict(config=config, num_samples=num_samples, out=output_dir or None, seed=seed,\n"
+                      "kwargs = dict(config=config, num_samples=num_samples, out=str(paths.runs_path(output_dir)), seed=seed,\n"
                       "              batch_size=batch_size or None, class_balanced=class_balanced,\n"
                       "              set=overrides or None, device=device or None)\n"
-                      "run = step4_inference.main(**kwargs)\n"
+                      "run = launch(step4_inference.main, gpus=gpus, **kwargs)\n"
                       "assert Path(run[\"npz\"]).is_file() and run[\"num_samples\"] == num_samples\n"
                       "print(run[\"summary\"])"),
         new_markdown_cell("## Resume\nThe same call again finds every image on disk and only re-checks the "
                           "npz: this is what happens after a kernel restart mid-run (it then samples only "
                           "the missing batches)."),
-        new_code_cell("again = step4_inference.main(**kwargs)\n"
+        new_code_cell("again = launch(step4_inference.main, gpus=gpus, **kwargs)\n"
                       "assert again[\"new_images\"] == 0 and again[\"npz\"] == run[\"npz\"]"),
         new_markdown_cell("## The packed `samples.npz`\nRead lazily: only the header and a few images."),
         new_code_cell("import zipfile\n"
                       "import numpy as np\n"
-                      "from IPython.display import display\n"
                       "from repro.sampling import show_samples\n"
                       "with np.load(run[\"npz\"], mmap_mode=\"r\") as npz:\n"
                       "    labels = npz[\"arr_1\"]\n"
@@ -128,13 +130,16 @@ def sample_fid() -> nbformat.NotebookNode:
                       "        first = np.frombuffer(f.read(8 * int(np.prod(shape[1:]))), dtype).reshape(-1, *shape[1:])\n"
                       "assert shape[0] == num_samples and shape[3] == 3 and dtype == np.uint8, (shape, dtype)\n"
                       "print(\"arr_0\", shape, dtype, \"| class counts min/max:\", np.bincount(labels).min(), np.bincount(labels).max())\n"
-                      "display(show_samples(first, labels[:8], title=\"first samples\"))"),
+                      "show_figure(show_samples(first, labels[:8], title=\"first samples\"), Path(run[\"out_dir\"]) / \"first_samples.png\")"),
     ]
     return notebook(cells)
 
 
+NOTEBOOKS = {"00_quickstart.ipynb": quickstart, "01_sample_fid.ipynb": sample_fid}
+
+
 def main() -> None:
-    for name, build in (("00_quickstart.ipynb", quickstart), ("01_sample_fid.ipynb", sample_fid)):
+    for name, build in NOTEBOOKS.items():
         write(build(), name)
 
 

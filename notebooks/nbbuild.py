@@ -1,30 +1,142 @@
-"""Shared pieces of the notebook builders (build_*.py): the find-the-kit cell and stable .ipynb output."""
+"""Shared pieces of the notebook builders (build_*.py): the title with its badges, the papermill parameters
+cell, the set-up cell that installs the kit where it is missing, and stable .ipynb output.
+
+A new notebook is one more `build_<name>.py` next to this file with a `main()` that writes it;
+`python notebooks/build_all.py` runs every builder. Its cells:
+
+    cells = [title_cell("04_own_data.ipynb", "# Train on your own images", "What it does ..."),
+             parameters_cell([Param("epochs", int, 5, "passes over the data")]),   # + the common ones
+             setup_cell(),                          # installs the kit if needed, sets the work folder
+             new_markdown_cell("## Step ..."), new_code_cell("from steps import step6_extract ...")]
+    write(notebook(cells), "04_own_data.ipynb")
+
+Parameters are typed literals with one-line comments (no '=' in them: papermill cannot parse a line
+with two), so `papermill --help-notebook` lists every one. The kit's source (repro.KIT_SOURCE) is
+written into each notebook at build time: rebuild after changing it.
+"""
 
 from __future__ import annotations
 
+import ast
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import nbformat
-from nbformat.v4 import new_notebook
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
 
-def find_root_source(step_file: str, extra: str = "") -> str:
-    """The first code cell: walk up from the working directory to the kit's folder and work from there."""
-    return f'''\
-# Make the kit importable wherever the kernel started (papermill starts it in notebooks/ unless told):
-# walk up from the working directory to the folder that holds steps/ and repro/, and work from there.
-import os, sys
+def _kit_source() -> str:
+    """repro.KIT_SOURCE, read from the checkout's repro/__init__.py (the builders need no installed kit)."""
+    tree = ast.parse((HERE.parent / "repro" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["KIT_SOURCE"]:
+            return ast.literal_eval(node.value)
+    raise ValueError("repro/__init__.py defines no KIT_SOURCE")
+
+
+KIT_SOURCE = _kit_source()
+_GITHUB = re.compile(r"github\.com[/:]([\w.-]+)/([\w.-]+?)(?:\.git)?(?:@[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type  # str, int, float or bool
+    default: Any
+    help: str
+
+
+# Every notebook has these, after its own.
+COMMON = (
+    Param("kit_source", str, KIT_SOURCE, "pip install source of the kit when it is missing: a git URL or a local checkout"),
+    Param("workdir", str, "", "work folder for runs, checkpoints and the HF cache; empty picks one for this platform"),
+    Param("drive_mount", bool, False, "Colab only: mount Google Drive and keep the work folder there"),
+    Param("gpus", int, 0, "processes for sampling and training; 0 means every visible GPU, torchrun when more than one"),
+)
+
+
+def github_repo(source: str = KIT_SOURCE) -> str:
+    """'owner/name' of a GitHub source URL (for the Colab and Kaggle links)."""
+    m = _GITHUB.search(source)
+    if m is None:
+        raise ValueError(f"repro.KIT_SOURCE {source!r} is not a GitHub URL: the badges need one")
+    return f"{m.group(1)}/{m.group(2)}"
+
+
+def open_links(filename: str, source: str = KIT_SOURCE) -> tuple[str, str]:
+    """(Colab URL, Kaggle URL) that open notebooks/<filename> of the kit's GitHub repository."""
+    repo = github_repo(source)
+    colab = f"https://colab.research.google.com/github/{repo}/blob/main/notebooks/{filename}"
+    kaggle = f"https://kaggle.com/kernels/welcome?src=https://github.com/{repo}/blob/main/notebooks/{filename}"
+    return colab, kaggle
+
+
+def badge_line(filename: str, source: str = KIT_SOURCE) -> str:
+    """Markdown 'Open in Colab' and 'Open in Kaggle' badges for notebooks/<filename> on GitHub."""
+    colab, kaggle = open_links(filename, source)
+    return (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab}) "
+            f"[![Open in Kaggle](https://kaggle.com/static/images/open-in-kaggle.svg)]({kaggle})")
+
+
+def title_cell(filename: str, title: str, body: str) -> nbformat.NotebookNode:
+    how = ("Opened on its own (Colab, Kaggle, an uploaded file), the first code cell installs the kit from "
+           "`kit_source`; runs, checkpoints and the Hugging Face cache go to one work folder that outlives the "
+           "runtime (`workdir`; Kaggle: /kaggle/working; Colab: Drive with `drive_mount`). Run every cell again "
+           "after a disconnect: each step continues where it stopped.")
+    return new_markdown_cell(f"{title}\n\n{badge_line(filename)}\n\n{body}\n\n{how}")
+
+
+def _literal(p: Param) -> str:
+    if not isinstance(p.default, p.type) or (p.type is int and isinstance(p.default, bool)):
+        raise ValueError(f"parameter {p.name}: default {p.default!r} is not a {p.type.__name__}")
+    text = repr(p.default)
+    if "=" in text or "=" in p.help or "\n" in p.help or "#" in p.help:
+        raise ValueError(f"parameter {p.name}: papermill cannot parse '=' or '#' in a default or comment: {p}")
+    return f"{p.name}: {p.type.__name__} = {text}  # {p.help}"
+
+
+def parameters_cell(params: Sequence[Param], common: bool = True) -> nbformat.NotebookNode:
+    """The cell papermill overrides (tag `parameters`): the notebook's own parameters, then COMMON."""
+    every = list(params) + (list(COMMON) if common else [])
+    names = [p.name for p in every]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate parameter names: {names}")
+    return new_code_cell("# Parameters (papermill -p NAME VALUE overrides them)\n" + "\n".join(map(_literal, every)),
+                         metadata={"tags": ["parameters"]})
+
+
+SETUP = '''\
+# Set-up: install the kit if this runtime lacks it (Colab, Kaggle, a fresh environment), then keep runs,
+# checkpoints and the Hugging Face cache under one work folder that outlives the runtime.
+import importlib, subprocess, sys
 from pathlib import Path
 
-root = Path.cwd().resolve()
-while not ((root / "steps" / "{step_file}").is_file() and (root / "repro").is_dir()):
-    if root == root.parent:
-        raise RuntimeError("run this notebook inside the kit's folder (git clone it, then open notebooks/)")
-    root = root.parent
-os.chdir(root)
-sys.path.insert(0, str(root)){extra}'''
+try:
+    import repro
+except ImportError:
+    print(f"installing the kit: pip install {kit_source}", flush=True)
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", kit_source], capture_output=True, text=True)
+    if pip.returncode != 0:
+        raise RuntimeError(f"pip install {kit_source} failed (exit {pip.returncode}):\\n{pip.stdout[-2000:]}\\n{pip.stderr[-3000:]}")
+    print(pip.stdout.strip().splitlines()[-1] if pip.stdout.strip() else "installed", flush=True)
+    importlib.invalidate_caches()
+    try:
+        import repro
+    except ImportError:
+        raise RuntimeError("the kit was installed but this kernel cannot import it yet: restart the kernel "
+                           "and run all cells again") from None
+
+from repro.setup.notebook import configure_environment, launch, show_figure, show_image
+
+env = configure_environment(workdir=workdir, drive_mount=drive_mount)'''
+
+
+def setup_cell() -> nbformat.NotebookNode:
+    return new_code_cell(SETUP)
 
 
 def notebook(cells) -> nbformat.NotebookNode:
@@ -42,3 +154,7 @@ def write(nb: nbformat.NotebookNode, name: str) -> Path:
     nbformat.write(nb, path)
     print("wrote", path)
     return path
+
+
+__all__ = ["COMMON", "Param", "badge_line", "github_repo", "open_links", "new_code_cell", "new_markdown_cell", "notebook",
+           "parameters_cell", "setup_cell", "title_cell", "write"]

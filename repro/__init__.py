@@ -1,3 +1,9 @@
 """repro: a reproduction kit for LightningDiT (VA-VAE f16d32 + LightningDiT-XL/1, flow matching)."""
 
 __version__ = "0.1.0"
+
+# Where a notebook opened on its own (Colab, Kaggle, an uploaded .ipynb) installs the kit from: the
+# default of every notebook's `kit_source` parameter (any `pip install` argument works there: a git URL,
+# a local checkout, a wheel). PLACEHOLDER until the project's public repository is fixed: the team lead
+# sets the real URL here and rebuilds the notebooks (python notebooks/build_all.py).
+KIT_SOURCE = "git+https://github.com/hustvl-repro/repro-kit.git"

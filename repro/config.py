@@ -9,12 +9,15 @@ names the key and the nearest valid one (after nanoGPT's configurator.py).
     cfg.sample.cfg_scale            # 4.0
     save_config(cfg, "runs/x/config.yaml")
 
+Every key is honoured as upstream honours it, or a value the kit does not implement is refused
+(`repro.config_checks`; the table key -> upstream meaning -> kit behaviour is docs/config_keys.md).
+The dataclass defaults are the values the official config files write; a key a YAML file leaves
+out means what upstream train.py / inference.py make of a missing key (`latent_multiplier` 0.18215,
+`in_chans` 4, `use_swiglu` false, ...: `config_checks.UPSTREAM_WHEN_MISSING`).
+
 Presets may hold `asset:NAME` / `asset-dir:NAME` / `runs:REL` paths and `auto` precision and
-batch sizes; `repro.resolve.resolve_config` (step 3) makes them concrete. A resolved config
+batch sizes; `repro.setup.resolve.resolve_config` (step 3) makes them concrete. A resolved config
 loads back with load_config unchanged, and resolving it again changes nothing.
-Also accepted, because upstream code reads them: train.weight_init, train.resume,
-train.use_checkpoint, train.grad_accum_steps, train.wandb_project (VFM-VAE), data.valid_path,
-optimizer.max_grad_norm, model.learn_sigma, model.use_checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from repro.config_checks import check_supported, with_upstream_defaults
 from repro.errors import ConfigError
 from repro.utils.io import atomic_write_text
 
@@ -50,14 +54,14 @@ class DataConfig:
     num_workers: int = 8
     latent_norm: bool = True
     latent_multiplier: float = 1.0
-    valid_path: Optional[str] = None  # upstream train.py: latents for a validation loss at each checkpoint
+    valid_path: Optional[str] = None  # latent folder: validation loss at each checkpoint (repro.training.validation)
     raw_data_dir: Optional[str] = None  # kit: image folder / tar shards for step 6 extraction
     stats_subset: int = 10000  # kit: latents used for latents_stats.pt (upstream: 10,000)
 
 
 @dataclass
 class VAEConfig:
-    model_name: str = "vavae_f16d32"
+    model_name: str = "vavae_f16d32"  # the only tokenizer the kit has (others refused)
     downsample_ratio: int = 16
     ckpt_path: Optional[str] = None  # kit: the VA-VAE weights file
     ch: int = 128  # kit: base width (128 official; 32 for CPU tests)
@@ -75,7 +79,7 @@ class ModelConfig:
     in_chans: int = 32
     use_checkpoint: bool = False  # gradient checkpointing per block (upstream key)
     class_dropout_prob: float = 0.1  # kit: upstream constructor default
-    learn_sigma: bool = False  # upstream inference.py key (flow matching predicts velocity only)
+    learn_sigma: bool = False  # upstream inference.py key; true is refused (velocity prediction only)
 
 
 @dataclass
@@ -90,19 +94,24 @@ class TrainConfig:
     ckpt_every: int = 20000
     resume: bool = True  # resume from the newest complete checkpoint (upstream key, upstream default false)
     weight_init: Optional[str] = None  # upstream train.py: pretrained weights to start from (not a resume)
-    use_checkpoint: bool = True  # upstream train.py reads and logs it (VFM-VAE: save checkpoints); see model.use_checkpoint
+    use_checkpoint: bool = True  # upstream train.py only logs it; false is refused (see model.use_checkpoint)
     grad_accum_steps: int = 1  # VFM-VAE train.py: global batch = micro batch x processes x this
-    wandb_project: Optional[str] = "lightningdit"  # VFM-VAE key; the kit logs to files and ignores it
+    wandb_project: Optional[str] = "lightningdit"  # VFM-VAE key: the W&B project when train.wandb (repro.training.log_backends)
     micro_batch_size: Optional[Batch] = None  # kit: per-process batch; None or "auto" = chosen for the hardware
     precision: Precision = "auto"  # kit: auto | fp32 | bf16 | fp16
     ema_decay: float = 0.9999
     keep_last: int = 3  # kit: checkpoints kept
-    compile: bool = False  # kit: torch.compile the model
+    compile: Optional[bool] = None  # kit: torch.compile the model; null = on CUDA (falls back to eager on failure)
     sample_every: int = 0  # kit: EMA sample grid every N steps (0 = off)
     time_budget: Optional[float] = None  # kit: seconds; save a checkpoint and exit cleanly before this (--time-budget)
     ema_on_cpu: bool = False  # kit: keep the EMA in host memory (saves 4 bytes/parameter of GPU memory)
     deterministic: bool = False  # kit: torch.use_deterministic_algorithms for bitwise-repeatable runs
     sample_num: int = 8  # kit: images in the periodic EMA sample grid
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # kit: ddp = a full replica per process; fsdp = FSDP2, sharded per block
+    fsdp_offload: bool = False  # kit: with fsdp, keep parameter/gradient/optimizer shards in host memory
+    async_save: bool = True  # kit: write checkpoints on a background thread from a host copy (false: in the loop)
+    tensorboard: bool = False  # kit: also log to TensorBoard (run folder/tensorboard; needs the tensorboard package)
+    wandb: bool = False  # kit: also log to Weights & Biases, project train.wandb_project (opt-in; needs wandb)
 
 
 @dataclass
@@ -141,7 +150,7 @@ class SampleConfig:
     cfg_interval_start: float = 0.0
     timestep_shift: float = 0.0
     cfg_channels: Optional[int] = 3  # kit: guided channels; 3 = upstream quirk, null = all
-    precision: Precision = "auto"  # kit: auto | fp32 | bf16 | fp16
+    precision: Precision = "fp32"  # kit: fp32 (+TF32 on sm_80+) = upstream inference.py; auto | bf16 | fp16 opt in
     seed: int = 0  # kit: global sampling seed
 
 
@@ -259,6 +268,7 @@ def _validate(cfg: "Config") -> "Config":
         raise ConfigError(f"config key 'sample.cfg_interval_start' must be in [0, 1], got {cfg.sample.cfg_interval_start}")
     if cfg.sample.timestep_shift < 0:
         raise ConfigError(f"config key 'sample.timestep_shift' must be >= 0 (0 = no shift), got {cfg.sample.timestep_shift}")
+    check_supported(cfg)  # values upstream accepts (or ignores) that the kit does not implement
     return cfg
 
 
@@ -282,8 +292,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    return _validate(_build(Config, raw, ""))
+def config_from_dict(raw: dict[str, Any], check: bool = True) -> Config:
+    """Build a Config from a parsed mapping (keys and types always checked; values unless check=False)."""
+    cfg = _build(Config, raw, "")
+    return _validate(cfg) if check else cfg
 
 
 def _parse_value(text: str) -> Any:
@@ -346,24 +358,31 @@ def config_diff(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
     return [(k, a[k], b[k]) for k in a if a[k] != b[k] or type(a[k]) is not type(b[k])]
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (official schema) and apply overrides. `path=None` gives the defaults."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p} (pass --config with an existing YAML, e.g. configs/tiny.yaml)")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed YAML mapping of a config file, or a ConfigError naming the file and the fix."""
+    from repro.resources import find_config
+
+    p = find_config(path)  # a path, or a preset ('tiny', 'configs/train/tiny_stage_0.yaml') from any folder
     try:
-        cfg = config_from_dict(raw)
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (official schema) and apply overrides. `path=None` gives the defaults.
+
+    Keys the file leaves out take upstream's missing-key meaning (config_checks.UPSTREAM_WHEN_MISSING).
+    Values are checked after the overrides, so `--set transport.path_type=Linear` repairs a file.
+    """
+    raw = with_upstream_defaults(read_config_file(path)) if path is not None else {}
+    try:
+        return apply_overrides(_build(Config, raw, ""), overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-    return apply_overrides(cfg, overrides)
 
 
 def config_to_yaml(cfg: Config, header: str | list[str] | None = None) -> str:

@@ -15,3 +15,13 @@ class CheckpointError(ReproError):
 
 class ConfigError(ReproError):
     """A config key or value that is unknown, mistyped or out of range."""
+
+
+class Preempted(ReproError):
+    """SIGTERM/SIGINT stopped a run at a safe point (checkpoint or finished images written); the same
+    command resumes it. The command line exits with 128 + the signal's number (143, 130)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum

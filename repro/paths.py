@@ -18,8 +18,54 @@ RUNS_MARKER = "runs:"
 def runs_path(value: str) -> Path:
     """`runs:REL` -> REL under the runs folder (absolute); any other value is a path as written."""
     if value.startswith(RUNS_MARKER):
-        return (runs_dir() / value[len(RUNS_MARKER):].lstrip("/")).resolve()
+        root = runs_dir().resolve()
+        target = (root / value[len(RUNS_MARKER):].lstrip("/")).resolve()
+        if target != root and root not in target.parents:  # runs:../x would leave the runs folder
+            from repro.errors import ConfigError
+
+            raise ConfigError(f"'{value}' points outside the runs folder {root}: write runs:SUBFOLDER, or give the "
+                              "path itself without the runs: prefix")
+        return target
     return Path(value)
+
+
+ASSET_MARKERS = ("asset:", "asset-dir:")
+
+
+def resolve_runs_markers(cfg) -> list[str]:
+    """Every `runs:REL` string value of the Config `cfg` -> its path under the runs folder, in place.
+
+    The one meaning of `runs:` (step 3's): steps 5-8 and training call this, so no step treats
+    `runs:tiny/latents` as a folder of that literal name. Returns the changes, "key: old -> new".
+    """
+    from repro.config import flatten
+
+    changes = []
+    for key, value in flatten(cfg).items():
+        if isinstance(value, str) and value.startswith(RUNS_MARKER):
+            new = str(runs_path(value))
+            obj = cfg
+            *sections, leaf = key.split(".")
+            for s in sections:
+                obj = getattr(obj, s)
+            setattr(obj, leaf, new)
+            changes.append(f"{key}: {value} -> {new}")
+    return changes
+
+
+def refuse_asset_markers(cfg, keys) -> None:
+    """A ConfigError naming the first of `keys` that still holds an `asset:`/`asset-dir:` marker (only
+    step 3 knows the asset table's paths), with the commands that fill it in."""
+    from repro.config import flatten
+    from repro.errors import ConfigError
+
+    values = flatten(cfg)
+    for key in keys:
+        value = values.get(key)
+        if isinstance(value, str) and value.startswith(ASSET_MARKERS):
+            raise ConfigError(f"config key '{key}' is {value!r}, an asset marker that step 3 fills in: run "
+                              f"`python -m steps.step3_configs --base C` and pass the config it writes to --config, "
+                              f"or pass --set {key}=PATH")
 
 
 def env_json() -> Path:

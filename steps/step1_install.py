@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
+from repro import resources
 from repro.setup import envinfo, install_plan
 from repro.errors import ReproError
 from repro.utils.cli import run_cli
@@ -31,10 +32,14 @@ def main(dry_run: bool = False, requirements: str = "requirements.txt", install:
         req = Path(requirements)
         if not req.is_file() and not req.is_absolute() and (PROJECT_ROOT / req).is_file():
             req = PROJECT_ROOT / req  # a notebook started in notebooks/ still finds the kit's requirements.txt
-        items = install_plan.plan_installs(install_plan.parse_requirements(req))
+        source = req
+        if not req.is_file() and requirements == "requirements.txt":
+            source = resources.installed_requirements()  # a pip-installed kit ships no requirements.txt
+        items = install_plan.plan_installs(install_plan.parse_requirements(source))
         print(install_plan.format_plan(items), flush=True)
         installed = [] if dry_run else install_plan.execute_plan(items, pip_args=pip_args)
-        report["install"] = {"requirements": str(req), "dry_run": dry_run, "installed": installed,
+        report["install"] = {"requirements": str(req) if source is req else "the installed kit's metadata",
+                             "dry_run": dry_run, "installed": installed,
                              "plan": [{"name": i.name, "spec": str(i.requirement), "installed": i.installed,
                                        "action": i.action, "reason": i.reason} for i in items],
                              "warnings": install_plan.warnings_of(items)}

@@ -1,6 +1,7 @@
 """Step 2: download the kit's weights and reference files, verified and resumable.
 
-    python -m steps.step2_download                                  # everything in configs/assets.yaml
+    python -m steps.step2_download                                  # everything in configs/assets.yaml but groups
+    python -m steps.step2_download --only imagenet256-latents       # a group: upstream's pre-extracted latents (63 GB)
     python -m steps.step2_download --only vavae-f16d32 latents-stats lightningdit-xl-800ep
     python -m steps.step2_download --dest /kaggle/working/weights   # files under a folder, not the HF cache
     python -m steps.step2_download --offline                        # only use what is on disk (or HF_HUB_OFFLINE=1)
@@ -35,7 +36,8 @@ def main(only: list[str] | None = None, dest: str | None = None, offline: bool =
 
 def cli(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m steps.step2_download", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="asset names from the manifest (default: all)")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="asset or group names from the manifest (default: every asset outside a group)")
     parser.add_argument("--dest", metavar="DIR", help="put files under DIR instead of the HF cache")
     parser.add_argument("--offline", action="store_true", help="never touch the network (like HF_HUB_OFFLINE=1)")
     parser.add_argument("--manifest", metavar="FILE", help="asset manifest (default: configs/assets.yaml)")

@@ -10,7 +10,8 @@
 Runs steps 2 and 3 first when their outputs are missing. Writes OUT/images/{i:06d}.png, then
 OUT/samples.npz (ADM evaluator format) or OUT/demo_samples.png, with OUT/config.yaml and OUT/run.json.
 The same command gives byte-identical images on 1 or K processes and after any interruption: run it
-again to finish (on CPU, with the same torch thread count per process: see repro/sampling/plan.py). --precision: auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16.
+again to finish (on CPU, with the same torch thread count per process: see repro/sampling/plan.py). --precision: fp32 (upstream's; the presets' sample.precision) | auto (bf16 on Ampere+, fp16 on older GPUs,
+fp32 on CPU: faster, moves the latents slightly) | bf16 | fp16.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def cli(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="transformer precision")
     p.add_argument("--labels", type=int, nargs="+", help="class labels (cycled over the images)")
     p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--compile", nargs="?", const="default", help="torch.compile the model (optional mode)")
+    p.add_argument("--compile", nargs="?", const="default",
+                   help="torch.compile mode (default on a GPU: reduce-overhead = CUDA graphs; on CPU: eager)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="none", help="run the model eagerly")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this process's GPU, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)

@@ -17,31 +17,42 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
+import sys
 from pathlib import Path
 
 from repro.config import Config, apply_overrides, load_config
+from repro.data.latents import list_shards
 from repro.data.stats import STATS_NAME, install_stats_file, validate_stats
 from repro.data.stats_recompute import recompute_stats_file, repair_advice
 from repro.errors import ConfigError, ReproError
+from repro.paths import refuse_asset_markers, resolve_runs_markers
+from repro.utils.cli import name_config, naming_config
 
 
 def main(config: str | Config | None = None, recompute: bool = False, refetch: bool = False,
          set: list[str] | None = None, seed: int = 0) -> dict:
     """Validate (and with `recompute` / `refetch`, repair) the stats; returns dict(verdict, action, path)."""
+    with naming_config(config):  # advice in errors names this config, not `--config C`
+        return _main(config, recompute, refetch, set, seed)
+
+
+def _main(config, recompute, refetch, set, seed) -> dict:
     if recompute and refetch:
         raise ConfigError("choose one repair: --recompute (from shards) or --refetch (official file), not both")
     cfg = apply_overrides(copy.deepcopy(config), set) if isinstance(config, Config) else load_config(config, set)
-    data_path = cfg.data.data_path
-    if not data_path or str(data_path).startswith("asset"):
-        raise ConfigError(f"data.data_path is {data_path!r}, not a folder: run step 3 first "
-                          f"(python -m steps.step3_configs --base C) or pass --set data.data_path=DIR")
-    data_dir, channels = Path(data_path), cfg.model.in_chans
+    resolve_runs_markers(cfg)  # runs:REL is a folder under the runs folder, as in every step
+    refuse_asset_markers(cfg, ["data.data_path"])
+    if not cfg.data.data_path:
+        raise ConfigError("data.data_path is not set: pass --set data.data_path=DIR (the folder of "
+                          f"{STATS_NAME} and the latent shards)")
+    data_dir, channels = Path(cfg.data.data_path), cfg.model.in_chans
     path = data_dir / STATS_NAME
     verdict = validate_stats(path, channels)
     print(f"{STATS_NAME} verdict: {verdict}", flush=True)
     if not recompute and not refetch:
         if not verdict.ok:
-            print(repair_advice(data_dir), flush=True)
+            print(name_config(repair_advice(data_dir), config), flush=True)
         return {"verdict": verdict, "action": "none", "path": str(path)}
     if recompute:
         action = recompute_stats_file(data_dir, channels, subset=cfg.data.stats_subset, seed=seed)
@@ -70,8 +81,13 @@ def cli(argv: list[str] | None = None) -> dict:
 
     def body():
         result = main(args.config, recompute=args.recompute, refetch=args.refetch, set=args.set, seed=args.seed)
-        if not result["verdict"].ok:
-            raise ReproError(f"{result['path']} is not usable: {result['verdict'].reason}")
+        if not result["verdict"].ok:  # the fix as commands: this very command line with a repair flag
+            again = shlex.join(["python", "-m", "steps.step5_fix_stats", *(sys.argv[1:] if argv is None else argv)])
+            folder = Path(result["path"]).parent
+            fixes = ([f"`{again} --recompute` (from the latent shards in {folder})"] if list_shards(folder) else [])
+            fixes.append(f"`{again} --refetch` (the official file)")
+            raise ReproError(f"{result['path']} is not usable: {result['verdict'].reason}; repair it with "
+                             + " or ".join(fixes))
         return result
 
     return run_cli(body)

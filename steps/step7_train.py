@@ -12,7 +12,9 @@ set=["data.data_path=latents"], time_budget=3600)`.
 
 Running the same command again resumes from the newest complete checkpoint in
 `train.output_dir/train.exp_name/checkpoints/`. Exit code 1 with a one-line error on bad input or a
-non-finite loss (the last good checkpoint is kept).
+non-finite loss (the last good checkpoint is kept). SIGTERM (Kaggle's stop, SLURM's preemption) or
+SIGINT finishes the optimizer step, writes a checkpoint and exits with 143 / 130: run the same
+command to resume. `runs:REL` paths (data.data_path, train.output_dir) are folders under the runs folder.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from typing import Optional
 from repro.config import load_config
 from repro.training import train
 from repro.utils import distributed as dist
-from repro.utils.cli import run_cli
+from repro.utils.cli import naming_config, run_cli
 
 
 def main(config: Optional[str] = None, set: Optional[list[str]] = None, time_budget: Optional[float] = None) -> dict:
     """Train with `config` (+ `set` overrides); returns {'step', 'checkpoint', 'loss', 'run_dir', 'stopped', ...}."""
-    cfg = load_config(config, overrides=list(set or []))
-    return train(cfg, time_budget=time_budget)
+    with naming_config(config):  # advice in errors names this config, not `--config C`
+        cfg = load_config(config, overrides=list(set or []))
+        return train(cfg, time_budget=time_budget)
 
 
 def cli(argv: Optional[list[str]] = None) -> dict:

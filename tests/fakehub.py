@@ -11,16 +11,27 @@
     FakeHub(files={("hustvl/repo", "file.pt"): b"bytes"}, plain={"ref.npz": b"..."},
             revision_sha="a" * 40, gated={"hustvl/repo": "hf_token"}, corrupt={("hustvl/repo", "file.pt")},
             throttle={("hustvl/repo", "file.pt"): 1_000_000}, non_lfs={("hustvl/repo", "config.json")})
+    hub.headers[("hustvl/repo", "file.pt")] = {"X-Linked-Etag": '"../../x"'}   # a hostile mirror
+    hub.ignore_range.add("ref.npz")                                            # a broken server
 
-Two origins, like the real Hub and its CDN: `endpoint` answers HEAD/GET `/{repo}/resolve/{rev}/{file}`
-with `X-Repo-Commit` and `ETag`; an LFS file (the default) gets a 302 to the second origin with
-`X-Linked-Etag` (its sha256) and `X-Linked-Size`, a non-LFS file is served directly. Errors carry
-`X-Error-Code`: 404 RepoNotFound / RevisionNotFound / EntryNotFound, 401 (no token) or 403 (wrong
-token) GatedRepo. Both origins honour `Range` (206 + Content-Range). `plain_url(name)` serves `plain`
-files. Options (all may be changed while running): `throttle` (key or plain name -> bytes/second),
-`corrupt` (served bytes differ from the advertised sha256). `requests` lists every request as
-(method, path, headers), path including the query, headers a dict with lower-case names;
-`count(method, contains)` and `ranges()` summarise them.
+Two hosts, like the real Hub and its CDN (127.0.0.1 and 127.0.0.2): `endpoint` answers HEAD/GET
+`/{repo}/resolve/{rev}/{file}` with `X-Repo-Commit` and `ETag`; an LFS file (the default) gets a 302
+to the second host with `X-Linked-Etag` (its sha256) and `X-Linked-Size`, a non-LFS file is served
+directly. Errors carry `X-Error-Code`: 404 RepoNotFound / RevisionNotFound / EntryNotFound, 401 (no
+token) or 403 (wrong token) GatedRepo. Both hosts honour `Range` (206 + Content-Range, 416 past the
+end). `plain_url(name)` serves `plain` files.
+
+Options, all changeable while running; a "key" is (repo_id, filename) or a plain file's name:
+`throttle` (key -> bytes/second), `corrupt` (served bytes differ from the advertised sha256), and the
+misbehaviours of broken or hostile servers: `headers` (key -> {header: value, or None to drop it} on
+the /resolve answer), `status` (key -> an HTTP status /resolve answers instead), `ignore_range`
+(answer 200 with the whole file to a Range request), `bad_range` (answer 206 with a Content-Range
+starting at 0 whatever was asked), `drop_after` (key -> n: hang up after n body bytes of every
+answer), `extra` (key -> bytes appended to the served body, the advertised size unchanged).
+
+What tests look at: `requests` lists every request as (method, path, headers), path including the
+query, headers a dict with lower-case names; `count(method, contains)` and `ranges()` summarise them;
+`sent` counts the body bytes written per key until the client hung up.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 Key = tuple  # (repo_id, filename)
+CDN_HOST = "127.0.0.2"  # loopback too on Linux (all of 127.0.0.0/8)
 
 
 def _sha256(data: bytes) -> str:
@@ -72,6 +84,13 @@ class FakeHub:
         self.corrupt = set(corrupt)
         self.throttle = dict(throttle or {})
         self.non_lfs = set(non_lfs)
+        self.headers: dict = {}
+        self.status: dict = {}
+        self.ignore_range: set = set()
+        self.bad_range: set = set()
+        self.drop_after: dict = {}
+        self.extra: dict = {}
+        self.sent: dict = {}  # key -> body bytes written to clients so far (all answers)
         self.requests: list[tuple[str, str, dict]] = []
         self._servers: list[ThreadingHTTPServer] = []
         self.endpoint = self.cdn = ""
@@ -108,14 +127,16 @@ class FakeHub:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> "FakeHub":
-        for role in ("hub", "cdn"):
+        # The CDN on another host, as on the real Hub: huggingface_hub 1.x follows a HEAD's redirect to the
+        # same host name (whatever the port), so a CDN on 127.0.0.1 too would hide the LFS headers from it.
+        for role, host in (("hub", "127.0.0.1"), ("cdn", CDN_HOST)):
             handler = type(f"FakeHub{role.title()}Handler", (_Handler,), {"hub": self, "role": role})
-            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            server = ThreadingHTTPServer((host, 0), handler)
             server.daemon_threads = True
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
             self._servers.append(server)
         self.endpoint = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
-        self.cdn = f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+        self.cdn = f"http://{CDN_HOST}:{self._servers[1].server_address[1]}"
         return self
 
     def stop(self) -> None:
@@ -185,6 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"},
                                b"Invalid rev id", body)
         key = (repo_id, filename)
+        if key in hub.status:
+            return self._reply(hub.status[key], {}, b"mirror error", body)
         commit = {"X-Repo-Commit": hub.revision_sha}
         if key not in hub.files:
             return self._reply(404, {**commit, "X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"},
@@ -192,11 +215,21 @@ class _Handler(BaseHTTPRequestHandler):
         data = hub.files[key]
         if key in hub.non_lfs:
             served = _corrupted(data) if key in hub.corrupt else data
-            return self._send_bytes(served, {**commit, "ETag": f'"{_git_sha1(data)}"'}, body, key)
+            return self._send_bytes(served, self._crafted(key, {**commit, "ETag": f'"{_git_sha1(data)}"'}), body, key)
         sha = _sha256(data)
         location = f"{hub.cdn}/lfs/{sha}?repo={quote(repo_id, safe='')}&file={quote(filename, safe='')}"
-        self._reply(302, {**commit, "Location": location, "ETag": f'"{_git_sha1(_lfs_pointer(data))}"',
-                          "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))}, b"", body)
+        self._reply(302, self._crafted(key, {**commit, "Location": location,
+                                             "ETag": f'"{_git_sha1(_lfs_pointer(data))}"', "X-Linked-Etag": f'"{sha}"',
+                                             "X-Linked-Size": str(len(data))}), b"", body)
+
+    def _crafted(self, key, headers: dict) -> dict:
+        """`headers` with the test's replacements for `key` applied (None drops a header)."""
+        out = dict(headers)
+        for name, value in self.hub.headers.get(key, {}).items():
+            out.pop(name, None)
+            if value is not None:
+                out[name] = value
+        return out
 
     def _serve_lfs(self, sha: str, body: bool) -> None:
         hub = self.hub
@@ -216,12 +249,17 @@ class _Handler(BaseHTTPRequestHandler):
         if body and payload:
             self.wfile.write(payload)
 
-    def _send_bytes(self, data: bytes, headers: Mapping[str, str], body: bool, throttle_key) -> None:
+    def _send_bytes(self, data: bytes, headers: Mapping[str, str], body: bool, key) -> None:
+        hub = self.hub
+        data = data + hub.extra.get(key, b"")
         total, start = len(data), 0
         rng = self.headers.get("Range")
         status = 200
         extra = {"Accept-Ranges": "bytes", **headers}
-        if rng and rng.startswith("bytes="):
+        if rng and key in hub.bad_range:
+            status = 206
+            extra["Content-Range"] = f"bytes 0-{total - 1}/{total}"  # whatever was asked: a broken server
+        elif rng and rng.startswith("bytes=") and key not in hub.ignore_range:
             first, _, last = rng[len("bytes="):].partition("-")
             start = int(first or 0)
             end = int(last) if last else total - 1
@@ -237,10 +275,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        drop = hub.drop_after.get(key)
+        if drop is not None:
+            data = data[:drop]
+            self.close_connection = True  # hang up before Content-Length bytes were sent
         step = 16384
         for i in range(0, len(data), step):
             self.wfile.write(data[i:i + step])
-            rate = self.hub.throttle.get(throttle_key)  # live: a test may lift it mid-transfer
+            hub.sent[key] = hub.sent.get(key, 0) + len(data[i:i + step])
+            rate = hub.throttle.get(key)  # live: a test may lift it mid-transfer
             if rate:
                 time.sleep(step / rate)
 

@@ -21,6 +21,7 @@ from repro.errors import ConfigError, ReproError
 from repro.setup.resolve import HARDWARE_PROFILES, find_config, resolve_config
 from steps import step1_install, step3_configs
 from tests.conftest import FIXTURES, PROJECT_ROOT
+from tests.tiny_assets import hub_tiny_config
 
 OFFICIAL = sorted((FIXTURES / "configs").rglob("*.yaml"))
 ASSET_NAMES = ["vavae-f16d32", "latents-stats", "lightningdit-xl-800ep", "lightningdit-xl-64ep", "adm-ref-imagenet256"]
@@ -182,12 +183,23 @@ def _leaves(raw: dict, prefix: str = "") -> dict:
     return out
 
 
+# The VFM-VAE trainer's configs name its own tokenizer, which the kit refuses (its VA-VAE cannot decode
+# those latents); with that one key set, everything else loads as written.
+REPAIRS = {"vfm_vae": {"vae.model_name": "vavae_f16d32"}}
+
+
 @pytest.mark.parametrize("path", OFFICIAL, ids=lambda p: str(p.relative_to(FIXTURES / "configs")))
 def test_every_official_layout_loads_unchanged(path):
-    cfg = load_config(path)
+    repair = REPAIRS.get(path.relative_to(FIXTURES / "configs").parts[0], {})
+    if repair:
+        with pytest.raises(ConfigError, match=r"train_lightningdit_xl_1_stage_\d.yaml: config key 'vae.model_name' "
+                                              r"is 'vfm_vae_f16d32': the kit's one tokenizer is VA-VAE f16d32"):
+            load_config(path)
+    cfg = load_config(path, [f"{k}={v}" for k, v in repair.items()])
     values = flatten(cfg)
     for key, raw in _leaves(yaml.safe_load(path.read_text())).items():
-        assert values[key] == (float(raw) if isinstance(values[key], float) and raw is not None else raw), key
+        if key not in repair:
+            assert values[key] == (float(raw) if isinstance(values[key], float) and raw is not None else raw), key
 
 
 def test_official_layouts_cover_the_known_files():
@@ -200,7 +212,7 @@ def test_official_layouts_cover_the_known_files():
 def test_keys_read_by_upstream_code_load():
     # train.py / inference.py / the VFM-VAE trainer read these with .get() defaults; users put them in configs
     cfg = load_config(None, ["train.weight_init=w.pt", "data.valid_path=val/", "optimizer.max_grad_norm=1.0",
-                             "model.learn_sigma=false", "model.use_checkpoint=true", "train.use_checkpoint=false",
+                             "model.learn_sigma=false", "model.use_checkpoint=true", "train.use_checkpoint=true",
                              "train.grad_accum_steps=2", "train.resume=false", "train.wandb_project=x"])
     assert cfg.train.weight_init == "w.pt" and cfg.optimizer.max_grad_norm == 1.0 and cfg.train.grad_accum_steps == 2
 
@@ -255,17 +267,18 @@ def _fake_assets(tmp_path: Path, skip: str | None = None) -> dict:
 
 def test_asset_markers_resolve_and_the_resolved_config_round_trips(tmp_path):
     table = _fake_assets(tmp_path)
-    res = step3_configs.main(base="tiny")
+    tiny = str(hub_tiny_config(tmp_path))  # the tiny preset naming the official assets
+    res = step3_configs.main(base=tiny)
     cfg = res["config"]
     assert cfg.ckpt_path == str(Path(table["lightningdit-xl-800ep"]["path"]).resolve())
     assert cfg.vae.ckpt_path == str(Path(table["vavae-f16d32"]["path"]).resolve())
     assert Path(cfg.data.data_path, "latents_stats.pt").is_file()
     assert Path(cfg.train.output_dir) == (paths.runs_dir() / "output").resolve()
-    assert res["path"] == paths.runs_dir() / "configs" / "tiny.resolved.yaml"
+    assert res["path"] == paths.runs_dir() / "configs" / "tiny_hub.resolved.yaml"
     assert any(c.startswith("ckpt_path: asset:lightningdit-xl-800ep -> ") for c in res["changes"])
     assert load_config(res["path"]) == cfg
     assert not any(isinstance(v, str) and v.startswith(("asset", "runs:")) for v in flatten(cfg).values())
-    assert step3_configs.main(base="tiny", dry_run=True)["path"] is None
+    assert step3_configs.main(base=tiny, dry_run=True)["path"] is None
 
 
 def test_missing_asset_says_which_and_how_to_fetch(tmp_path):
@@ -274,7 +287,7 @@ def test_missing_asset_says_which_and_how_to_fetch(tmp_path):
         step3_configs.main(base="lightningdit_xl_64ep", dry_run=True)
     paths.assets_json().unlink()
     with pytest.raises(ConfigError, match=r"step2_download --only lightningdit-xl-800ep latents-stats"):
-        step3_configs.main(base="tiny", dry_run=True)
+        step3_configs.main(base=str(hub_tiny_config(tmp_path)), dry_run=True)
 
 
 def test_a_broken_asset_table_is_one_error_everywhere(tmp_path):
@@ -283,10 +296,11 @@ def test_a_broken_asset_table_is_one_error_everywhere(tmp_path):
     from repro.setup.prepare import prepare_config
 
     _fake_assets(tmp_path)
+    tiny = str(hub_tiny_config(tmp_path))
     for broken in ('{"assets": [1, 2', '["not", "an", "object"]', '{"assets": 3}'):
         paths.assets_json().write_text(broken)
-        for call in (lambda: step3_configs.main(base="tiny", dry_run=True),
-                     lambda: prepare_config("tiny", demo=True),
+        for call in (lambda: step3_configs.main(base=tiny, dry_run=True),
+                     lambda: prepare_config(tiny, demo=True),
                      lambda: resolve_assets(None, None)):
             with pytest.raises(ConfigError, match=r"asset table .*assets\.json .*step2_download"):
                 call()
@@ -323,3 +337,184 @@ def test_cpu_profile_and_unknown_names():
         resolve_config(Config(), profile="tpu")
     with pytest.raises(ConfigError, match="config not found: nope"):
         find_config("nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 1: direct-URL requirements (issue 17) and what step 1 prints
+
+
+def _dist_info(site: Path, name: str, version: str, direct_url: dict | None = None) -> None:
+    """An installed distribution as pip leaves it: METADATA, and direct_url.json (PEP 610) if from a URL."""
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if direct_url is not None:
+        (info / "direct_url.json").write_text(json.dumps(direct_url))
+
+
+def test_direct_url_requirements_reach_pip_as_written_and_need_their_own_build(tmp_path):
+    archive = "https://files.example.org/pkgs/probe-1.0.tar.gz"
+    vcs = "git+https://github.com/example/tool.git@v2.1#subdirectory=py"
+    reqs = install_plan.parse_requirements([f"probe @ {archive}", f"tool[cli] @ {vcs}", "plain>=1"])
+    items = {i.name: i for i in install_plan.plan_installs(reqs, installed={"probe": "1.0", "plain": "1.5"})}
+    # installed from an index under the same name: not the URL's build, whatever the version
+    assert items["probe"].action == "replace" and "package index" in items["probe"].reason
+    assert items["tool"].action == "install" and items["plain"].action == "ok"
+    cmd = install_plan.pip_command(list(items.values()))
+    assert cmd[4:] == [f"probe @ {archive}", f"tool[cli] @ {vcs}"]  # exactly as written, never a bare name
+    assert f"'probe @ {archive}'" in install_plan.format_plan(list(items.values()))  # a command that pastes
+
+    # real installed distributions (dist-info folders) with and without PEP 610 records
+    site = tmp_path / "site"
+    _dist_info(site, "probe", "1.0", {"url": archive, "archive_info": {"hashes": {"sha256": "ab" * 32}}})
+    _dist_info(site, "tool", "2.1", {"url": "https://github.com/example/tool.git", "subdirectory": "py",
+                                     "vcs_info": {"vcs": "git", "requested_revision": "v2.1", "commit_id": "c0ffee"}})
+    _dist_info(site, "other", "3.0")  # from an index
+    _dist_info(site, "elsewhere", "1.0", {"url": "https://mirror.example.net/pkgs/probe-1.0.tar.gz", "archive_info": {}})
+    reqs = install_plan.parse_requirements([
+        f"probe @ {archive}", f"tool @ {vcs}", "other @ https://example.org/other-3.0.whl",
+        "elsewhere @ https://files.example.org/pkgs/probe-1.0.tar.gz",
+        f"probe @ {archive}#sha256={'cd' * 32}"])
+    got = [(i.action, i.reason) for i in install_plan.plan_installs(reqs, path=[str(site)])]
+    assert [a for a, _ in got] == ["ok", "ok", "replace", "replace", "replace"], got
+    assert "installed from https://mirror.example.net" in got[3][1] and f"sha256 {'ab' * 32}" in got[4][1]
+    assert install_plan.origin_matches("git+https://user:token@github.com/example/tool.git@c0ffee#subdirectory=py",
+                                       json.loads((site / "tool-2.1.dist-info" / "direct_url.json").read_text()))[0]
+    assert not install_plan.origin_matches("git+https://github.com/example/tool.git@v3#subdirectory=py",
+                                           json.loads((site / "tool-2.1.dist-info" / "direct_url.json").read_text()))[0]
+
+
+def _wheel(folder: Path, name: str, version: str, source: str) -> Path:
+    """A minimal pure-Python wheel whose module says where it came from."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = f"{name.replace('-', '_')}-{version}"
+    files = {"url_probe_pkg/__init__.py": f"SOURCE = {source!r}\n",
+             f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = [f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(t.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(t.encode())}" for p, t in files.items()]
+    files[f"{dist}.dist-info/RECORD"] = "\n".join(record + [f"{dist}.dist-info/RECORD,,"]) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for p, t in files.items():
+            zf.writestr(p, t)
+    return path
+
+
+def test_step1_replaces_an_index_build_with_the_direct_url_build(tmp_path):
+    """Real pip in a real virtual environment: the same name and version from an index is not the URL's build."""
+    name = "repro-kit-url-probe"
+    _wheel(tmp_path / "index", name, "1.0", "index")
+    url_wheel = _wheel(tmp_path / "url", name, "1.0", "url")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "--no-index", "--disable-pip-version-check", "--no-deps"]
+    subprocess.run([*pip, "--find-links", str(tmp_path / "index"), name], check=True, capture_output=True)
+    source = lambda: subprocess.run([py, "-c", "import url_probe_pkg; print(url_probe_pkg.SOURCE)"],  # noqa: E731
+                                    capture_output=True, text=True, check=True).stdout.strip()
+    assert source() == "index"
+
+    req = tmp_path / "requirements.txt"
+    req.write_text(f"{name} @ {url_wheel.as_uri()}\n")
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    step1 = [py, "-m", "steps.step1_install", "--requirements", str(req), "--out", str(tmp_path / "runs"),
+             "--pip-arg=--no-index", "--pip-arg=--disable-pip-version-check"]
+    proc = subprocess.run(step1, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"replace  {name}" in proc.stdout and "installed from a package index, not from the URL" in proc.stdout
+    assert f"'{name} @ {url_wheel.as_uri()}'" in proc.stdout  # handed to pip as written
+    assert source() == "url"
+    saved = json.loads((tmp_path / "runs" / "env.json").read_text())["install"]
+    assert saved["installed"] == [f"{name} @ {url_wheel.as_uri()}"]
+    again = subprocess.run([*step1, "--dry-run"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"ok       {name}" in again.stdout and f"installed from {url_wheel.as_uri()}" in again.stdout
+    assert "plan: 0 to install, 1 satisfied" in again.stdout
+
+
+def test_step1_prints_this_machines_values(capsys, tmp_path):
+    """Each printed value checked against the machine, read here independently of envinfo."""
+    import importlib.metadata
+    import platform
+    import re
+    import shutil
+
+    step1_install.main(dry_run=True, out=str(tmp_path / "runs"))
+    out = capsys.readouterr().out
+    line = {m.group(1): m.group(2) for m in re.finditer(r"^(python|platform|torch|gpu|ram|disk|precision|batch)"
+                                                         r"\s+(.*)$", out, re.M)}
+    assert line["python"] == f"{platform.python_version()} ({sys.executable})"
+    assert line["platform"].endswith(f", {os.cpu_count()} CPUs)")
+    assert line["torch"].startswith(f"{torch.__version__}, CUDA build {torch.version.cuda}")
+    meminfo = dict(x.split(":") for x in Path("/proc/meminfo").read_text().splitlines())
+    total = int(meminfo["MemTotal"].split()[0]) * 1024 / 2**30
+    assert line["ram"].startswith(f"{total:.1f} GiB total, ")
+    free = float(line["disk"].split(" GiB free at ")[0])
+    assert line["disk"].endswith(f" free at {tmp_path / 'runs'}")
+    assert abs(free - shutil.disk_usage(tmp_path).free / 2**30) < 1.0  # other writers move it a little
+    if not torch.cuda.is_available():
+        assert line["gpu"] == "none (CPU only)" and line["precision"].startswith("fp32 for `auto`")
+        assert line["batch"].startswith("sample 4 per process") and "train micro batch 8 " in line["batch"]
+    # every plan line's installed version is what importlib.metadata says
+    reqs = install_plan.parse_requirements(PROJECT_ROOT / "requirements.txt")
+    for req in reqs:
+        found = re.search(rf"^(\w+)\s+{re.escape(req.name)}\s+\S+\s+(.*)$", out, re.M)
+        assert found, req.name
+        version = importlib.metadata.version(req.name)
+        if found.group(1) in ("ok", "upgrade"):
+            assert found.group(2).startswith(version), (req.name, found.group(0))
+
+
+def test_recommended_batches_follow_the_documented_rules():
+    """Against the rules written down (README, envinfo's constants), not against envinfo.recommend itself."""
+    from repro.config import ModelConfig
+    from repro.models.cost import training_memory_budget, usable_bytes
+
+    # sampling: pow2_floor((GiB - 4 fixed) / per image: 0.25 half, 0.5 fp32), capped at 256
+    assert envinfo.recommend([T4])["sample_per_proc_batch_size"] == 32  # (15 - 4) / 0.25 = 44 -> 32
+    assert envinfo.recommend([A100])["sample_per_proc_batch_size"] == 256  # 304 -> cap
+    assert envinfo.recommend([P100])["sample_per_proc_batch_size"] == 32  # (16 - 4) / 0.25 = 48 -> 32
+    assert envinfo.recommend([])["sample_per_proc_batch_size"] == 4  # upstream's sampling batch on a CPU
+    # training, README: XL/1 on a 16 GB T4 trains at micro-batch 32 with checkpointing and the EMA in host memory
+    t4 = envinfo.recommend(HARDWARE_PROFILES["t4"])
+    assert (t4["train_micro_batch_size"], t4["train_use_checkpoint"], t4["train_ema_on_cpu"]) == (32, True, True)
+    # an 80 GB card: no saver, the largest power of two (<= 128) whose computed budget fits
+    a100 = envinfo.recommend([A100])
+    m = a100["train_micro_batch_size"]
+    budget = lambda micro: training_memory_budget(ModelConfig(), 16, micro, "bf16", checkpointing=False).total  # noqa: E731
+    assert not a100["train_use_checkpoint"] and not a100["train_ema_on_cpu"]
+    assert m >= 16 and budget(m) <= usable_bytes(A100.total_memory) and (m == 128 or
+                                                                          budget(2 * m) > usable_bytes(A100.total_memory))
+
+
+def test_step3_command_line_writes_the_resolved_config(tmp_path):
+    out = tmp_path / "resolved.yaml"
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    cmd = [sys.executable, "-m", "steps.step3_configs", "--base", "tiny", "--profile", "cpu", "--out", str(out),
+           "--set", "sample.cfg_scale=2.5", "--set", "sample.num_sampling_steps=7"]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_config(out)
+    assert (cfg.sample.cfg_scale, cfg.sample.num_sampling_steps) == (2.5, 7)
+    assert "sample.cfg_scale:" in proc.stdout and "(--set)" in proc.stdout and f"wrote {out}" in proc.stdout
+    dry = subprocess.run([*cmd[:-4], "--dry-run"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert dry.returncode == 0 and "wrote" not in dry.stdout
+    bad = subprocess.run([*cmd[:5], "--set", "sample.no_such_key=1"], cwd=PROJECT_ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "sample.no_such_key" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1  # one line, no traceback
+
+
+def test_runs_marker_stays_inside_the_runs_folder():
+    """`runs:REL` is a folder under the runs folder; one that climbs out of it is refused, naming it."""
+    assert paths.runs_path("runs:tiny/latents") == (paths.runs_dir() / "tiny" / "latents").resolve()
+    assert paths.runs_path("/abs/folder") == Path("/abs/folder")  # not a marker: as written
+    for escape in ("runs:../elsewhere", "runs:a/../../elsewhere"):
+        with pytest.raises(ConfigError, match=r"'runs:.*' points outside the runs folder"):
+            paths.runs_path(escape)

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,6 +285,91 @@ def test_step_reads_assets_json_and_records_the_sampler_config(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Step 4's run folder as is, and the user's own images as the reference (issue 12)
+
+
+def test_step4_run_folder_is_taken_as_is(tiny, no_network, tmp_path):
+    """images/, samples.npz, an RGBA preview.png, demo_samples.png, config.yaml, run.json: as step 4 leaves it."""
+    from repro.config import Config, save_config
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["root"] / "folder", run / "images")
+    shutil.copy(tiny["root"] / "samples.npz", run / "samples.npz")
+    Image.fromarray(np.zeros((20, 30, 4), np.uint8), "RGBA").save(run / "preview.png")
+    Image.fromarray(np.zeros((SIZE, 4 * SIZE, 3), np.uint8)).save(run / "demo_samples.png")
+    save_config(Config(), run / "config.yaml")
+    (run / "run.json").write_text(json.dumps({"num_samples": N_IMAGES}))
+    kw = dict(metrics="is", weights_path=tiny["weights"], batch_size=4, device="cpu")  # IS: no 2048-d matrix roots
+    by_npz = evaluate(run, tiny["ref"], **kw)
+    assert by_npz["samples"] == str(run / "samples.npz") and by_npz["metrics_json"] == str(run / "metrics.json")
+    (run / "samples.npz").unlink()  # a demo run has no npz: its complete images/ folder is used
+    by_folder = evaluate(run, tiny["ref"], **kw)
+    assert by_folder["samples"] == str(run / "images") and by_folder["is"] == pytest.approx(by_npz["is"], rel=1e-6)
+    (run / "run.json").write_text(json.dumps({"num_samples": N_IMAGES + 2}))  # an interrupted run
+    with pytest.raises(ReproError, match=rf"{run} holds {N_IMAGES} of {N_IMAGES + 2} images .* run the same step 4 "
+                                         rf"command again .* or pass --samples {run / 'images'}"):
+        evaluate(run, tiny["ref"], **kw)
+
+
+def test_own_images_as_reference_computed_once_and_cached(tiny, no_network, tmp_path):
+    root, kw = tiny["root"], dict(weights_path=tiny["weights"], batch_size=3, device="cpu")
+    with np.load(tiny["ref"]) as z:
+        ref_images, adm_stats = z["arr_0"], {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
+    # an npz holding only images = the ADM batch, whose statistics the fixture computed from those images
+    np.savez(tmp_path / "my_images.npz", arr_0=ref_images)
+    adm = evaluate(root / "samples.npz", tiny["ref"], "fid,prec,recall", out=tmp_path / "adm.json", **kw)
+    mine = evaluate(root / "samples.npz", tmp_path / "my_images.npz", "fid,prec,recall", out=tmp_path / "m.json", **kw)
+    for name in ("fid", "prec", "recall"):
+        assert mine[name] == pytest.approx(adm[name], rel=1e-5, abs=1e-6), name
+    assert mine["reference_kind"] == "images" and mine["reference_images_extracted"] == N_IMAGES
+    with np.load(mine["reference_cache"]) as cache:  # sFID's statistics too, as ADM's batch holds them
+        for key, value in adm_stats.items():
+            np.testing.assert_allclose(cache[key], value, rtol=1e-4, atol=1e-5 * np.abs(value).max(), err_msg=key)
+    again = evaluate(root / "samples.npz", tmp_path / "my_images.npz", "prec,recall", out=tmp_path / "m.json", **kw)
+    assert again["reference_images_extracted"] == 0 and again["prec"] == mine["prec"]  # no feature extraction
+
+    # a folder of JPEGs of another size (e.g. read-only, so the cache goes to --cache-dir): ADM's centre crop
+    photos = tmp_path / "photos"
+    folder = photos / "class_a"
+    folder.mkdir(parents=True)
+    for i, img in enumerate(_images(3, n=6, size=48)):
+        Image.fromarray(img).save(folder / f"{i}.jpg", quality=95)
+    (folder / "notes.txt").write_text("not an image")
+    args = dict(cache_dir=tmp_path / "cache", out=tmp_path / "p.json", **kw)
+    first = evaluate(root / "folder", photos, "prec,recall", **args)
+    assert first["reference_images_extracted"] == 6 and "ADM centre crop to 32x32" in first["reference_preprocessing"]
+    assert Path(first["reference_cache"]).parent == tmp_path / "cache" and not list(tmp_path.glob("photos.*"))
+    second = evaluate(root / "folder", photos, "prec,recall", **args)
+    assert second["reference_images_extracted"] == 0 and second["recall"] == first["recall"]
+    Image.fromarray(_images(4, n=1, size=40)[0]).save(folder / "new.png")  # the folder changed: computed again
+    assert evaluate(root / "folder", photos, "prec,recall", **args)["reference_images_extracted"] == 7
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(ReproError, match=r"broken.jpg: unreadable reference image"):
+        evaluate(root / "folder", photos, "prec", **args)
+
+
+def test_step8_takes_runs_paths_and_an_image_folder_reference(tiny, tmp_path, monkeypatch):
+    from repro.paths import runs_dir
+    from steps.step8_evaluate import main
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny["root"] / "folder", runs_dir() / "samples" / "mine")
+    refs = runs_dir() / "my_ref"
+    refs.mkdir(parents=True)
+    with np.load(tiny["ref"]) as z:  # the ADM batch's images as PNG files: the same precision and recall
+        for i, img in enumerate(z["arr_0"]):
+            Image.fromarray(img).save(refs / f"{i:03d}.png")
+    result = main(samples="runs:samples/mine", ref="runs:my_ref", metrics="prec,recall", weights=str(tiny["weights"]),
+                  batch_size=4, device="cpu", out="runs:m.json")
+    assert (runs_dir() / "m.json").is_file() and result["reference_kind"] == "images"
+    assert result["reference_preprocessing"].startswith("none") or "crop" in result["reference_preprocessing"]
+    adm = evaluate(tiny["root"] / "folder", tiny["ref"], "prec,recall", weights_path=tiny["weights"], batch_size=4,
+                   device="cpu", out=tmp_path / "adm.json")
+    assert (result["prec"], result["recall"]) == (adm["prec"], adm["recall"])
+    assert not any(p.name.startswith("runs:") for p in tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------
 # Wrong inputs
 
 
@@ -305,9 +391,9 @@ def test_wrong_inputs_give_clear_errors(tiny, tmp_path):
         with pytest.raises(ReproError, match=message):
             evaluate(tmp_path / name, ref, **kw)
     good = tiny["root"] / "samples.npz"
-    np.savez(tmp_path / "nostats.npz", arr_0=tiny["samples"])
-    with pytest.raises(ReproError, match=r"nostats.npz: no 'mu'"):
-        evaluate(good, tmp_path / "nostats.npz", **kw)
+    np.savez(tmp_path / "labels_only.npz", arr_1=np.arange(4))  # neither statistics nor images (an npz of
+    with pytest.raises(ReproError, match=r"labels_only.npz: no 'arr_0'"):  # images only is a reference: see above)
+        evaluate(good, tmp_path / "labels_only.npz", **kw)
     with np.load(ref) as z:
         np.savez(tmp_path / "fid_only.npz", arr_0=z["arr_0"], mu=z["mu"], sigma=z["sigma"])
     check_reference(tmp_path / "fid_only.npz", ("fid", "prec"), ImageBatches.open(good))  # no sFID: mu_s not needed
@@ -364,12 +450,18 @@ def test_notebook_runs_under_papermill(tiny, tmp_path, python3_kernel):
         str(source), str(tmp_path / "out.ipynb"), kernel_name=python3_kernel, cwd=str(PROJECT_ROOT),
         parameters={"samples": str(tiny["root"] / "samples.npz"), "ref": str(tiny["ref"]),
                     "weights": str(tiny["weights"]), "metrics": "fid,is,prec,recall", "batch_size": 3,
-                    "out": str(out_json), "device": "cpu"}, progress_bar=False)
+                    "out": str(out_json), "device": "cpu", "workdir": str(tmp_path / "work")}, progress_bar=False)
     record = json.loads(out_json.read_text())
-    direct = json.loads((tiny["root"] / "m_npz.json").read_text()) if (tiny["root"] / "m_npz.json").exists() else None
+    # same images, same network: the same numbers as an in-process run made here (not another test's file)
+    direct = evaluate(tiny["root"] / "samples.npz", tiny["ref"], "fid,is,prec,recall", weights_path=tiny["weights"],
+                      batch_size=3, device="cpu", out=tmp_path / "direct.json")
     assert record["num_samples"] == N_IMAGES and math.isfinite(record["fid"])
-    if direct is not None:  # same images, same network: same number as the in-process run
-        assert record["fid"] == pytest.approx(direct["fid"], rel=1e-4, abs=1e-9)
+    for name in ("fid", "is", "prec", "recall"):
+        assert record[name] == pytest.approx(direct[name], rel=1e-4, abs=1e-9), name
+    # the notebook printed this run's row of the comparison table
+    printed = "".join(o.get("text", "") for c in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells
+                      if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    assert compare_to_paper(record).splitlines()[1] in printed
 
 
 @pytest.mark.slow
@@ -386,3 +478,29 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
     assert two["world_size"] == 2
     for name in ("fid", "sfid", "is", "prec", "recall"):
         assert two[name] == pytest.approx(one[name], rel=1e-5, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------
+# sFID's spatial features in ADM's layout (issue 17)
+
+
+def test_spatial_features_are_mixed_6_conv_first_7_channels_flattened_nhwc(tiny):
+    """ADM's evaluator takes TF's `mixed_6/conv` (NHWC), keeps [..., :7] and reshapes each image to one row.
+    Computed here independently: torch-fidelity's Mixed_6d output (its first 192 channels are the
+    branch1x1 conv that TF names mixed_6/conv), channels 0-6, transposed to NHWC in numpy, flattened."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    images = tiny["samples"][:4]
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                      feature_extractor_weights_path=str(tiny["weights"])).eval()
+    block: list[torch.Tensor] = []
+    net.Mixed_6d.register_forward_hook(lambda m, i, o: block.append(o.detach()))
+    with torch.no_grad():
+        net(torch.from_numpy(images).permute(0, 3, 1, 2))
+    mixed_6 = block[0].numpy()  # (N, 768, 17, 17): [branch1x1 | branch7x7 | branch7x7dbl | branch_pool]
+    assert mixed_6.shape == (4, 768, 17, 17)
+    expected = np.transpose(mixed_6[:, :7], (0, 2, 3, 1)).reshape(4, -1)  # (N, 17 * 17 * 7), H, W, C order
+    got = InceptionExtractor(tiny["weights"], device="cpu")(images)["spatial"]
+    assert got.shape == (4, 2023)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, mixed_6[:, :7].reshape(4, -1), rtol=1e-3)  # the NCHW order is another vector

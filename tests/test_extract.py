@@ -28,9 +28,9 @@ from repro.data.extract import extract_latents
 from repro.data.image_sources import list_images
 from repro.data.latents import LatentShardDataset, image_seed
 from repro.errors import ReproError
-from repro.tokenizer.images import center_crop_arr, pil_to_tensor
 from repro.tokenizer.vavae import AutoencoderKL, load_vavae
 from tests.conftest import PROJECT_ROOT
+from tests.test_vavae import adm_center_crop_reference
 
 SHARD_SIZE, BATCH = 5, 3
 
@@ -124,10 +124,13 @@ def test_shards_read_by_upstream_conventions(kit):
     assert report["num_shards"] == 5 and sorted(p.name for p in ref.glob("*.safetensors"))[0] == \
         "latents_rank00_shard000.safetensors"
 
-    # image 0 by hand: ADM crop, encode, own seeded noise (latents then flip from one generator)
+    # image 0 by hand, independently of the kit's image code: ADM crop written from its definition
+    # (tests/test_vavae.py), ToTensor + Normalize(0.5, 0.5) in numpy, encode, own seeded noise
     src = list_images(kit["images"])
-    img, label = src.load(0)
-    x = pil_to_tensor(center_crop_arr(img, 64))
+    with Image.open(src.items[0].ref) as f:
+        img = f.convert("RGB")
+    pixels = np.asarray(adm_center_crop_reference(img, 64), dtype=np.float32)
+    x = torch.from_numpy(pixels / 255.0 * 2.0 - 1.0).permute(2, 0, 1)
     with torch.inference_mode():
         post = kit["vae"].encode(torch.stack([x, x.flip(-1)]))
     g = torch.Generator().manual_seed(image_seed(0, 0))
@@ -135,9 +138,14 @@ def test_shards_read_by_upstream_conventions(kit):
     torch.testing.assert_close(data["latents"][0], post.mean[0] + post.std[0] * eps[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(data["latents_flip"][0], post.mean[1] + post.std[1] * eps[1], rtol=1e-5, atol=1e-5)
 
-    # latents_stats.pt: upstream's formula over all 23 (subset 16 -> seeded subset; check shape/finite)
+    # latents_stats.pt: upstream's formula (img_latent_dataset.py: per-channel mean and Bessel-corrected
+    # std over N*h*w values of `latents`, not the flips) on the documented seeded subset of 16 of the 23
     stats = torch.load(ref / "latents_stats.pt", weights_only=True)
-    assert stats["mean"].shape == (1, 32, 1, 1) and (stats["std"] > 0).all()
+    picked = torch.randperm(23, generator=torch.Generator().manual_seed(0))[:16]
+    subset = data["latents"][picked]
+    assert stats["mean"].shape == stats["std"].shape == (1, 32, 1, 1)
+    torch.testing.assert_close(stats["mean"], subset.mean(dim=[0, 2, 3], keepdim=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["std"], subset.std(dim=[0, 2, 3], keepdim=True), rtol=1e-5, atol=1e-6)
     ds = LatentShardDataset(ref)
     assert len(ds) == 23 and ds.channels == 32 and ds.latent_size == 4 and ds.num_classes_seen == 3
     xn, y = ds.get(3, flip=True)
@@ -273,7 +281,9 @@ def test_a_few_hundred_real_photo_crops(kit, tmp_path):
     assert data["latents"].shape == (300, 32, 4, 4) and torch.isfinite(data["latents"]).all()
     assert torch.bincount(data["labels"]).tolist() == [30] * 10
     stats = torch.load(tmp_path / "latents" / "latents_stats.pt", weights_only=True)
-    assert stats["mean"].shape == stats["std"].shape == (1, 32, 1, 1) and (stats["std"] > 0).all()
+    subset = data["latents"][torch.randperm(300, generator=torch.Generator().manual_seed(0))[:256]]
+    torch.testing.assert_close(stats["mean"], subset.mean(dim=[0, 2, 3], keepdim=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["std"], subset.std(dim=[0, 2, 3], keepdim=True), rtol=1e-5, atol=1e-6)
 
 
 def test_a_full_disk_is_one_clear_error_for_every_atomic_writer(small_disk):
@@ -294,3 +304,124 @@ def test_a_full_disk_is_one_clear_error_for_every_atomic_writer(small_disk):
                                              rf"{re.escape(name)}: free some space"):
             write(small_disk / name)
     assert list(small_disk.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad labels, directory loops, labels files, Ctrl-C (issue 17)
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_bad_cls_labels_are_bad_samples_and_the_rerun_completes(kit, tmp_path):
+    jpg = (kit["images"] / "class_a" / "photo_0.jpg").read_bytes()
+    labels = [b"3\n", b"99999999999999999999\n", b"-3", b"cat", b"9" * 5000, b"2147483648", b"7"]
+    shards = tmp_path / "shards"  # a folder holding only .tar shards
+    shards.mkdir()
+    _tar(shards / "part-0.tar", [m for i, cls in enumerate(labels[:4])
+                                 for m in ((f"s{i}.jpg", jpg), (f"s{i}.cls", cls))])
+    _tar(shards / "part-1.tar", [m for i, cls in enumerate(labels[4:], 4)
+                                 for m in ((f"s{i}.jpg", jpg), (f"s{i}.cls", cls))])
+    kw = dict(image_size=64, batch_size=BATCH, shard_size=3, seed=0, stats_subset=16)
+    rep = extract_latents(kit["vae"], shards, tmp_path / "out", **kw)
+    assert rep["source_kind"] == "webdataset" and rep["num_images_listed"] == 7
+    assert rep["num_encoded"] == 2 and _upstream_style_read(tmp_path / "out")["labels"].tolist() == [3, 7]
+    bad = {c["index"]: c for c in rep["corrupt"]}
+    assert sorted(bad) == [1, 2, 3, 4, 5] and rep["num_corrupt"] == 5  # each bad sample once
+    assert "'99999999999999999999'" in bad[1]["error"] and "not an integer in 0..2147483647" in bad[1]["error"]
+    assert bad[2]["path"].endswith("part-0.tar::s2.jpg") and "'-3'" in bad[2]["error"]
+    assert len(bad[4]["error"]) < 200  # a 5000-digit label is quoted, not dumped
+    before = _shard_bytes(tmp_path / "out")
+    again = extract_latents(kit["vae"], shards, tmp_path / "out", **kw)
+    assert again["shards_reused"] == 3 and again["shards_written"] == 0 and again["corrupt"] == rep["corrupt"]
+    assert _shard_bytes(tmp_path / "out") == before
+
+
+def test_directory_link_loops_are_reported_once_and_change_no_label(kit, tmp_path):
+    images = tmp_path / "images"
+    for cls, name in (("class_a", "photo_0.jpg"), ("class_b", "shape_0.png")):
+        (images / cls / "deeper").mkdir(parents=True)
+        src = kit["images"] / ("class_a" if cls == "class_a" else "class_b") / name
+        (images / cls / name).write_bytes(src.read_bytes())
+    (images / "class_a" / "loop").symlink_to("..")  # back to the root: every class again, under class_a
+    (images / "class_a" / "deeper" / "up").symlink_to("../..")  # a loop two levels down
+    (images / "class_a" / "alias").symlink_to("../class_b")  # another class's images
+    outside = tmp_path / "extra"  # a link to a folder outside the image folder is followed, once
+    outside.mkdir()
+    (outside / "more.jpg").write_bytes((kit["images"] / "class_a" / "photo_1.jpg").read_bytes())
+    (images / "class_b" / "extra").symlink_to(outside)
+    (images / "class_b" / "deeper" / "extra_again").symlink_to(outside)
+
+    src = list_images(images)
+    assert [(Path(i.ref).relative_to(images).as_posix(), i.label) for i in src.items] == [
+        ("class_a/photo_0.jpg", 0), ("class_b/shape_0.png", 1), ("class_b/extra/more.jpg", 1)]
+    reported = [Path(p["path"]).relative_to(images).as_posix() for p in src.problems]
+    assert reported == ["class_a/alias", "class_a/loop", "class_a/deeper/up", "class_b/deeper/extra_again"]
+    assert all("not followed" in p["error"] for p in src.problems)
+    kw = dict(image_size=64, batch_size=BATCH, shard_size=2, seed=0, stats_subset=16)
+    rep = extract_latents(kit["vae"], images, tmp_path / "out", **kw)
+    assert rep["num_encoded"] == 3 and rep["num_listing_problems"] == 4
+    assert _upstream_style_read(tmp_path / "out")["labels"].tolist() == [0, 1, 1]
+    again = extract_latents(kit["vae"], images, tmp_path / "out", **kw)
+    assert again["shards_reused"] == 2 and again["listing_problems"] == rep["listing_problems"]
+
+
+def test_labels_file_lines_with_bad_labels_or_paths_are_reported(kit, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    png = (kit["images"] / "class_b" / "shape_0.png").read_bytes()
+    for name in ("a.png", "b.png", "c.png", "d.png", "e.png", "unlisted.png"):
+        (flat / name).write_bytes(png)
+    (tmp_path / "secret.png").write_bytes(png)
+    (flat / "labels.txt").write_text(
+        "filename label\n# a comment\n\na.png 2\nb.png 99999999999999999999\nc.png -1\nd.png cat\n"
+        "../secret.png 0\ne.png\t5\n")
+    src = list_images(flat)
+    assert [(Path(i.ref).name, i.label) for i in src.items] == [("a.png", 2), ("e.png", 5)]
+    errors = {Path(p["path"]).name: p["error"] for p in src.problems}
+    assert set(errors) == {"b.png", "c.png", "d.png", "secret.png", "unlisted.png"}  # each once
+    assert errors["b.png"].startswith("labels.txt line 5: label '99999999999999999999' is not an integer")
+    assert "line 8: the path leaves the image folder" in errors["secret.png"] and len(src.problems) == 5
+    assert errors["unlisted.png"] == "no label in labels.txt"
+    rep = extract_latents(kit["vae"], flat, tmp_path / "out", image_size=64, batch_size=BATCH, shard_size=4,
+                          seed=0, stats_subset=16)
+    assert rep["num_encoded"] == 2 and rep["num_listing_problems"] == 5
+
+    other = tmp_path / "my_labels.csv"  # labels_file= names a file elsewhere; its first line is data
+    other.write_text("a.png,1\nb.png,0\n")
+    assert [i.label for i in list_images(flat, labels_file=other).items] == [1, 0]
+    cases = {"a.png,1\na.png,2\n": r"line 2: 'a.png' is listed twice \(first on line 1\)",
+             "a.png,1\nonlyaname\n": r"line 2: 'onlyaname' is not 'filename,label'",
+             "name,label\nb.png,-4\n": r"lists no usable images .*1 line\(s\) with a bad label or path"}
+    for text, message in cases.items():
+        other.write_text(text)
+        with pytest.raises(ReproError, match=message):
+            list_images(flat, labels_file=other)
+    with pytest.raises(ReproError, match="labels file .*absent.txt not found"):
+        list_images(flat, labels_file=tmp_path / "absent.txt")
+
+
+def test_ctrl_c_exits_130_with_the_resume_hint_and_the_rerun_finishes(kit, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "steps.step6_extract", "--config", str(kit["cfg"]), "--source", str(kit["images"]),
+           "--out", str(out), "--batch-size", str(BATCH), "--shard-size", str(SHARD_SIZE), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: os.nice(19))
+    deadline = time.time() + 120
+    while not list(out.glob("latents_rank*.safetensors")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C (or a notebook's interrupt) sends
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "\ninterrupted: run the same command again to resume\n" in err and "Traceback" not in err
+    assert not (out / "extract_report.json").exists()
+    rerun = subprocess.run(cmd, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _shard_bytes(out) == _shard_bytes(kit["ref"])
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]

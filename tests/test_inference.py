@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from tests.fakehub import FakeHub
-from tests.tiny_assets import ASSET_NAMES, TINY_CHANNELS, TINY_CLASSES, tiny_asset_files
+from tests.tiny_assets import ASSET_NAMES, TINY_CHANNELS, TINY_CLASSES, hub_tiny_config, tiny_asset_files
 
 ROOT = Path(__file__).resolve().parent.parent
 NEEDED = sorted(ASSET_NAMES)
@@ -44,7 +44,7 @@ def prepared(tmp_path_factory, hub):
         from steps import step2_download, step3_configs
 
         step2_download.main(only=NEEDED, dest=str(base / "weights"))
-        resolved = step3_configs.main(base="tiny", set=["data.fid_reference_file=null"])["path"]
+        resolved = step3_configs.main(base=str(hub_tiny_config(base)), set=["data.fid_reference_file=null"])["path"]
     return {**os.environ, **env}, str(resolved)
 
 
@@ -77,7 +77,7 @@ def fid_args(config, out, n=24, batch=4, extra=()):
 
 def test_demo_from_command_line_runs_steps_2_and_3(tmp_path, hub):
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint}
-    proc = step4(["--config", "tiny", "--demo"], env)
+    proc = step4(["--config", str(hub_tiny_config(tmp_path)), "--demo"], env)  # tiny, with the official names
     assert_ok(proc)
     assert "running step 2" in proc.stdout and "running step 3" in proc.stdout
     out = Path(os.environ["REPRO_RUNS_DIR"]) / "demo"
@@ -100,32 +100,53 @@ def python3_kernel():
     return "python3"
 
 
-def test_quickstart_notebook(tmp_path, hub, monkeypatch, python3_kernel):
+def nb_outputs(path: Path) -> list[dict]:
+    import nbformat
+
+    return [o for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def test_quickstart_notebook_offline_tiny(tmp_path, monkeypatch, python3_kernel):
+    """`-p config tiny` runs steps 1-4 with no network at all (generated weights, nothing downloaded)."""
     import papermill
 
-    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    out = tmp_path / "nb_demo"
-    params = dict(config="tiny", output_dir=str(out), num_samples=8, steps=8, cfg=9.0, device="cpu",
-                  install=False)
-    # cwd = notebooks/: the notebook finds the kit's root itself
-    papermill.execute_notebook(str(ROOT / "notebooks" / "00_quickstart.ipynb"), str(tmp_path / "00.ipynb"),
-                               parameters=params, kernel_name=python3_kernel, cwd=str(ROOT / "notebooks"),
-                               progress_bar=False)
-    assert Image.open(out / "demo_samples.png").size == (256, 128)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: any download attempt fails
+    work = tmp_path / "work"
+    params = dict(config="tiny", workdir=str(work), num_samples=8, steps=8, cfg=9.0, device="cpu", install=False)
+    out_nb = tmp_path / "00.ipynb"
+    papermill.execute_notebook(str(ROOT / "notebooks" / "00_quickstart.ipynb"), str(out_nb),
+                               parameters=params, kernel_name=python3_kernel, cwd=str(ROOT), progress_bar=False)
+    out = work / "runs" / "demo"
+    assert Image.open(out / "demo_samples.png").size == (256, 128) and (out / "samples_figure.png").is_file()
+    outputs = nb_outputs(out_nb)
+    text = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
+    assert "nothing to download" in text and "100%|" in text  # progress bars as text under papermill
+    shown = [o["data"] for o in outputs if o["output_type"] == "display_data"]
+    assert len(shown) == 2 and all("image/png" in d for d in shown)  # grid and figure inline, no text-only Figure
+    assert not any("<Figure" in str(o.get("data", {}).get("text/plain", "")) or "widget" in str(o.get("data", {}))
+                   for o in outputs)
 
 
 def test_sample_fid_notebook(tmp_path, hub, monkeypatch, python3_kernel):
     import papermill
 
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    out = tmp_path / "nb_fid"
-    params = dict(config="tiny", output_dir=str(out), num_samples=20, batch_size=4, class_balanced=True,
-                  steps=6, device="cpu")
-    papermill.execute_notebook(str(ROOT / "notebooks" / "01_sample_fid.ipynb"), str(tmp_path / "01.ipynb"),
+    work = tmp_path / "work"
+    params = dict(config=str(hub_tiny_config(tmp_path)), workdir=str(work), num_samples=20, batch_size=4,
+                  class_balanced=True, steps=6, device="cpu")  # tiny under the official names: step 2 downloads
+    out_nb = tmp_path / "01.ipynb"
+    papermill.execute_notebook(str(ROOT / "notebooks" / "01_sample_fid.ipynb"), str(out_nb),
                                parameters=params, kernel_name=python3_kernel, cwd=str(ROOT), progress_bar=False)
-    with np.load(out / "samples.npz") as npz:
+    with np.load(work / "runs" / "fid" / "samples.npz") as npz:  # where notebook 03 looks by default
         assert npz["arr_0"].shape == (20, 64, 64, 3)
         assert np.bincount(npz["arr_1"], minlength=TINY_CLASSES).tolist() == [2] * TINY_CLASSES
+    # what the executed notebook shows: the run's summary (6 grid points = 5 Euler steps) and the samples inline
+    outputs = nb_outputs(out_nb)
+    text = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
+    assert "20 images (20 new)" in text and "5 NFE per image" in text, text
+    assert any("image/png" in o.get("data", {}) for o in outputs if o["output_type"] == "display_data")
+    assert any("image/png" in o.get("data", {}) for o in nb_outputs(out_nb))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +209,32 @@ def test_sigkill_midway_then_resume_is_byte_identical(prepared, reference_run, t
     assert f"{done} already there" in again.stdout
     assert npz_bytes(out) == npz_bytes(reference_run)
     assert not [p for p in out.rglob(".*") if ".tmp" in p.name]  # no half-written file survives
+
+
+def test_sigterm_drops_the_batch_in_flight_writes_the_rest_and_resumes(prepared, reference_run, tmp_path):
+    """Issue 12: SIGTERM (Kaggle's stop, SLURM's preemption) midway: the finished images are written, the
+    process exits 143 saying how to resume, and the same command finishes the same pixels."""
+    env, config = prepared
+    out = tmp_path / "terminated"
+    args = [sys.executable, "-m", "steps.step4_inference", "--no-progress", *fid_args(config, out, n=48)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not pngs(out):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    done = len(pngs(out))
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last == (f"stopped by SIGTERM: {done} of 48 images are written in {out / 'images'} (a batch in flight, "
+                    "if any, was dropped); resume with the same command"), err
+    assert 0 < done < 48 and not (out / "samples.npz").exists()
+    assert not [p for p in out.rglob(".*") if ".tmp" in p.name]  # no half-written file
+    again = step4(fid_args(config, out, n=48), env)
+    assert_ok(again)
+    assert f"{done} already there" in again.stdout
+    with np.load(out / "samples.npz") as a, np.load(reference_run / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"][:24], b["arr_0"])  # image i depends only on (seed, i)
 
 
 def test_other_batch_size_agrees_to_rounding(prepared, reference_run, tmp_path):

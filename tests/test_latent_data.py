@@ -116,6 +116,9 @@ def test_compute_stats_is_upstream_formula_on_a_seeded_subset(tmp_path):
     assert full["mean"].dtype == torch.float32 and full["std"].shape == (1, C, 1, 1)
     s1, s1b, s2 = compute_stats(tmp_path, 6, seed=1), compute_stats(tmp_path, 6, seed=1), compute_stats(tmp_path, 6, seed=2)
     assert torch.equal(s1["mean"], s1b["mean"]) and not torch.equal(s1["mean"], s2["mean"])
+    subset = lat[torch.randperm(len(lat), generator=torch.Generator().manual_seed(1))[:6]]  # the documented draw
+    torch.testing.assert_close(s1["mean"], subset.mean(dim=[0, 2, 3], keepdim=True))
+    torch.testing.assert_close(s1["std"], subset.std(dim=[0, 2, 3], keepdim=True))
     chunked = compute_stats(tmp_path, subset=10000, chunk=4)  # chunk merging agrees with one pass
     torch.testing.assert_close(chunked["std"], full["std"])
 

@@ -131,3 +131,31 @@ def test_rope_fast_path_equals_upstream_formula():
     ref = q * rope.freqs_cos + VisionRotaryEmbeddingFast.rotate_half(q) * rope.freqs_sin
     assert torch.allclose(rope(q), ref, atol=1e-6, rtol=0)
     assert "pair_sign" not in rope.state_dict()
+
+
+def test_checkpointed_blocks_give_the_same_gradients_everywhere_conditioning_included():
+    """Per-block checkpointing recomputes, it must not change a gradient: the label and timestep
+    embedders (reached through every block's adaLN) get the same gradients as without it."""
+    torch.manual_seed(0)
+    kw = dict(input_size=4, in_channels=4, num_classes=10, use_swiglu=True, use_rope=True, use_rmsnorm=True)
+    plain = create_model("LightningDiT-T/1", **kw)
+    with torch.no_grad():  # leave the identity start (zeroed adaLN/output): every path carries gradient
+        for p in plain.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    ckpt = create_model("LightningDiT-T/1", **kw, use_checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict(), strict=True)
+    x, t, y = torch.randn(3, 4, 4, 4), torch.rand(3), torch.tensor([1, 2, 10])  # 10 = the null label
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        torch.manual_seed(1)  # the same label dropout draws in both
+        model(x, t, y).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+    for name in ("y_embedder.embedding_table.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.weight",
+                 "blocks.0.adaLN_modulation.1.weight"):
+        assert grads[1][name].abs().sum() > 0, name

@@ -257,3 +257,54 @@ def test_ensure_rgb_every_mode():
     assert pixel(palette) == (10, 20, 30)
     palette.info["transparency"] = bytes([255, 0] + [255] * 254)  # transparency as a bytes table
     assert pixel(palette) == (10, 20, 30)
+
+
+def adm_center_crop_reference(image: Image.Image, size: int, resample=Image.BICUBIC, halve: bool = True,
+                              rounding=round) -> Image.Image:
+    """ADM's center crop (guided-diffusion image_datasets.py center_crop_arr) written from its definition
+    with PIL only: halve with a box filter while the short side is >= 2 * size, resize the short side to
+    `size` with bicubic (both sides scaled and rounded), cut the central square. The keyword arguments
+    make the wrong variants the tests must tell apart."""
+    while halve and min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize((rounding(image.width * scale), rounding(image.height * scale)), resample=resample)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _photo_crop(box) -> Image.Image:
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        return Image.open(f).convert("RGB").crop(box)
+
+
+# (width, height) -> target: halving once and twice, upscaling, rounding that differs from truncation
+# (333 x 250 -> 340.99 -> 341), odd sizes, portrait and landscape
+ADM_CASES = [((512, 600), 256), ((1000, 600), 256), ((333, 250), 256), ((97, 64), 32), ((131, 517), 64),
+             ((45, 30), 64), ((260, 256), 256)]
+
+
+@pytest.mark.parametrize("size,target", ADM_CASES)
+def test_center_crop_is_adms_definition_pixel_for_pixel(size, target):
+    rng = np.random.default_rng(size[0] * 7 + size[1])
+    noise = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    photo = _photo_crop((0, 0, min(size[0], 512), min(size[1], 600))).resize(size)
+    for image in (noise, photo):
+        ours = np.asarray(center_crop_arr(image, target))
+        assert np.array_equal(ours, np.asarray(adm_center_crop_reference(image, target)))
+
+
+def test_center_crop_reference_tells_the_wrong_variants_apart():
+    """The reference check above fails for each plausible mistake (bilinear, no box halving, truncated sizes)."""
+    rng = np.random.default_rng(5)
+    found = {"bilinear": False, "no halving": False, "truncated sizes": False}
+    for size, target in ADM_CASES:
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        ours = np.asarray(center_crop_arr(image, target))
+        wrong = {"bilinear": dict(resample=Image.BILINEAR), "no halving": dict(halve=False),
+                 "truncated sizes": dict(rounding=int)}
+        for name, kw in wrong.items():
+            found[name] |= not np.array_equal(ours, np.asarray(adm_center_crop_reference(image, target, **kw)))
+    assert all(found.values()), found

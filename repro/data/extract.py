@@ -14,8 +14,11 @@ notebook needs to survive:
   count (torchrun sets OMP_NUM_THREADS=1; other thread counts round convolutions differently, ~1e-6).
 - Resumable: each shard is written atomically; a rerun skips shards already on disk (after checking
   their header says they came from the same source size, seed, image size, store and shard size).
-- Corrupt images are recorded in the shard header (index, path, error), skipped and counted; the
-  final JSON report `extract_report.json` gathers them from all shards.
+- Corrupt images and unusable `.cls` labels (not an integer class index) are recorded in the shard
+  header (index, path, error), skipped and counted, so a rerun reuses the shard instead of failing on
+  the same sample again; the final JSON report `extract_report.json` gathers them from all shards.
+  What the listing finds (unlabelled images, incomplete tar samples, bad labels-file lines, directory
+  links that loop) is reported there too, each once.
 - `store="moments"` keeps posterior mean/logvar (kit-only; upstream's dataset cannot read it).
 """
 
@@ -29,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from repro.data.image_sources import ImageLoadError, ImageSource, list_images
+from repro.data.image_loader import cropped_batches
+from repro.data.image_sources import ImageSource, list_images
 from repro.data.latents import image_seed, list_shards, read_shard_info, shard_name, write_shard
 from repro.data.stats import STATS_NAME, validate_stats, write_stats
 from repro.data.stats_recompute import compute_stats
@@ -73,31 +77,21 @@ def _latent_shape(vae, image_size: int, device: torch.device) -> tuple[int, int,
 
 
 def _extract_shard(vae, src: ImageSource, k: int, lo: int, hi: int, out: Path, meta: dict, *, image_size: int,
-                   batch_size: int, seed: int, store: str, device: torch.device, progress) -> tuple[int, list]:
-    from repro.tokenizer.images import center_crop_arr, pil_to_tensor
-
-    # Load and crop each image of the shard; an unreadable one is recorded, never silently dropped.
+                   batch_size: int, seed: int, store: str, device: torch.device, progress,
+                   workers: int = 0) -> tuple[int, list]:
+    # Load and crop each image of the shard (in `workers` processes; kit: issue 16); an unreadable one is
+    # recorded, never silently dropped.
     parts: dict[str, list[torch.Tensor]] = {}
     labels, corrupt = [], []
-    for start in range(lo, hi, batch_size):
-        images, idx = [], []
-        for i in range(start, min(start + batch_size, hi)):
-            try:
-                img, label = src.load(i)
-                images.append(pil_to_tensor(center_crop_arr(img, image_size)))
-            except ImageLoadError as e:
-                corrupt.append([i, src.items[i].ref, str(e)])
-                continue
-            except Exception as e:  # a crop/convert failure of one image must not end the run
-                corrupt.append([i, src.items[i].ref, f"{type(e).__name__}: {e}"])
-                continue
-            idx.append(i)
-            labels.append(label)
+    for images, idx, batch_labels, batch_corrupt in cropped_batches(src, lo, hi, image_size=image_size,
+                                                                   batch_size=batch_size, workers=workers):
+        labels += batch_labels
+        corrupt += batch_corrupt
         # Encode the batch (and its flips); batches never cross a shard.
         if images:
             for key, t in _encode_batch(vae, images, idx, seed=seed, store=store, device=device).items():
                 parts.setdefault(key, []).append(t)
-        progress(min(start + batch_size, hi) - start)
+        progress(len(idx) + len(batch_corrupt))
     # One shard file, written atomically; its header records the source and the corrupt images.
     if labels:
         tensors = {key: torch.cat(ts) for key, ts in parts.items()}
@@ -122,13 +116,16 @@ def _check_out_dir(out: Path, expected: set[str]) -> None:
 
 def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: int = 32, shard_size: int = 10000,
                     seed: int = 0, store: str = "sample", device: str | torch.device | None = None,
-                    stats_subset: int = 10000, labels_file: str | os.PathLike | None = None) -> dict:
+                    stats_subset: int = 10000, labels_file: str | os.PathLike | None = None, workers: int = 0) -> dict:
     """Encode every image of `source` into shards under `out_dir`, then write `latents_stats.pt` and
     `extract_report.json`. Runs on this process's share of shards (`repro.utils.distributed`).
-    Returns the report (the same dict on every process)."""
+    `workers` processes decode and crop the images (repro.data.image_loader; the shards are the same
+    for any count). Returns the report (the same dict on every process)."""
     # Arguments and the fixed listing of the source (the same on every process).
     if store not in ("sample", "moments"):
         raise ReproError(f"store={store!r}: choose 'sample' (upstream shards) or 'moments' (posterior mean/logvar)")
+    if workers < 0:
+        raise ReproError(f"workers={workers}: the number of image-decoding processes must be >= 0 (0 = this process)")
     if batch_size < 1 or shard_size < 1:
         raise ReproError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
     device = torch.device(device) if device is not None else next(vae.parameters()).device
@@ -168,19 +165,22 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
         skipped += 1
 
     # Encode the remaining shards.
-    from tqdm.auto import tqdm
+    from repro.utils.progress import progress_bar
 
     total = sum(min((k + 1) * shard_size, n) - k * shard_size for k in todo)
-    bar = tqdm(total=total, disable=not dist.is_main() or total == 0, desc="encode", unit="img", mininterval=5)
+    bar = progress_bar(total=total, disable=not dist.is_main() or total == 0, desc="encode", unit="img", mininterval=5)
     written, t0 = 0, time.time()
-    for k in todo:
-        lo, hi = k * shard_size, min((k + 1) * shard_size, n)
-        count, corrupt = _extract_shard(vae, src, k, lo, hi, out, meta, image_size=image_size, batch_size=batch_size,
-                                        seed=seed, store=store, device=device, progress=bar.update)
-        written += 1
-        bar.write(f"[rank {rank}] wrote {shard_name(0, k)}: images {lo}..{hi - 1}, {count} encoded, "
-                  f"{len(corrupt)} corrupt ({time.time() - t0:.0f}s)")
-    bar.close()
+    try:
+        for k in todo:
+            lo, hi = k * shard_size, min((k + 1) * shard_size, n)
+            count, corrupt = _extract_shard(vae, src, k, lo, hi, out, meta, image_size=image_size,
+                                            batch_size=batch_size, seed=seed, store=store, device=device,
+                                            progress=bar.update, workers=workers)
+            written += 1
+            bar.write(f"[rank {rank}] wrote {shard_name(0, k)}: images {lo}..{hi - 1}, {count} encoded, "
+                      f"{len(corrupt)} corrupt ({time.time() - t0:.0f}s)")
+    finally:
+        bar.close()  # an interruption's message then starts on its own line
     # Rank 0 gathers the report and writes the statistics, once every shard exists.
     written, skipped = (int(v) for v in dist.all_reduce_values([written, skipped], "sum"))
     dist.barrier()
@@ -217,5 +217,6 @@ def _finish(out: Path, src: ImageSource, num_shards: int, meta: dict, *, stats_s
     }
     atomic_write_json(out / REPORT_NAME, report)
     dist.print0(f"done: {encoded} latents in {num_shards} shard(s) ({written} written now, {skipped} reused), "
-                f"{len(corrupt)} corrupt and {len(src.problems)} unlabelled/incomplete skipped "
+                f"{len(corrupt)} corrupt or badly labelled and {len(src.problems)} listing problem(s) (unlabelled, "
+                f"incomplete, bad label line, directory loop) skipped "
                 f"(listed in {out / REPORT_NAME}); statistics in {stats_path}")

@@ -5,14 +5,19 @@ same on every process and every restart:
 
 - ImageNet-style folder (what upstream's torchvision `ImageFolder` reads): one sub-folder per class,
   label = position of the folder name in sorted order; images found recursively inside each class
-  folder, sorted (the torchvision order). Other files are counted as ignored.
+  folder, sorted (the torchvision order). Other files are counted as ignored. Directory links are
+  followed (as torchvision does) but only into folders not listed yet: a link back into the image
+  folder (`class_a/loop -> ..`) or into another class is reported once and not followed, so a loop
+  can neither multiply images nor relabel another class's images.
 - Flat folder with a labels file `labels.txt` or `labels.csv` (or `labels_file=`): one image per line,
-  `relative/path.jpg,3` or `relative/path.jpg 3` (comma or whitespace), integer label >= 0; blank lines
-  and `#` comments are skipped, a first line whose label is not an integer is a header. Images are
-  taken in the labels file's order. Images in the folder without a line are reported, not encoded.
+  `relative/path.jpg,3` or `relative/path.jpg 3` (comma or whitespace); blank lines and `#` comments
+  are skipped, a first line whose label is not an integer is a header. Images are taken in the labels
+  file's order. A line whose label is not an integer in [0, MAX_LABEL], or whose path leaves the
+  folder, is reported and not encoded; so are images in the folder without a line.
 - WebDataset `.tar` shards (uncompressed; one file, several, or a folder of them, sorted by name):
   members grouped by key (path up to the first dot of the file name); a sample is one image
-  (`.jpg`/`.jpeg`/`.png`/`.webp`) plus its `.cls` label (text integer). Incomplete samples are reported.
+  (`.jpg`/`.jpeg`/`.png`/`.webp`) plus its `.cls` label (text integer in [0, MAX_LABEL]). Incomplete
+  samples are reported; a bad `.cls` label fails that sample at load time (recorded, not encoded).
 
 Loading (JPEG, PNG, WebP, ...) decodes the whole file, then converts grayscale, CMYK, palette and alpha
 images to RGB as upstream's loader does (`repro.tokenizer.images.ensure_rgb`). EXIF orientation is not
@@ -37,6 +42,9 @@ from repro.errors import ReproError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_FILE_NAMES = ("labels.txt", "labels.csv")
+# Labels are class indices (an embedding row each); beyond int32 they are corrupt data, and beyond
+# int64 they could not even be stored in a shard's `labels` tensor.
+MAX_LABEL = 2**31 - 1
 
 
 class ImageLoadError(Exception):
@@ -82,12 +90,9 @@ class ImageSource:
                     data = f.read(item.size)
                     f.seek(item.label_offset)
                     text = f.read(item.label_size).decode("utf-8", "replace").strip()
-                try:
-                    label = int(text)
-                except ValueError:
-                    raise ImageLoadError(f"label file (.cls) holds {text[:40]!r}, not an integer") from None
-                if label < 0:
-                    raise ImageLoadError(f"label {label} is negative")
+                label = _label_value(text)
+                if label is None:
+                    raise ImageLoadError(f"label file (.cls) holds {text[:40]!r}, not an integer in 0..{MAX_LABEL}")
             img = Image.open(io.BytesIO(data))
             img.load()  # decode now: a truncated or corrupt file fails here, not later
             return ensure_rgb(img), label
@@ -104,22 +109,68 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _label_value(text: str) -> int | None:
+    """The label an untrusted text holds, or None when it is not an integer in [0, MAX_LABEL]."""
+    try:
+        label = int(text)  # also ValueError for digit strings past Python's conversion limit
+    except ValueError:
+        return None
+    return label if 0 <= label <= MAX_LABEL else None
+
+
+def _walk_class(folder: Path, seen: dict, problems: list) -> list[tuple[str, list[str]]]:
+    """(folder, file names) under a class folder, following directory links into unseen folders only.
+
+    `seen` maps (device, inode) of every folder listed so far (the root and all class folders are in it
+    from the start) to its path: a link to one of them is a loop or another class, reported once.
+    """
+    found = []
+
+    def unreadable(e: OSError) -> None:
+        problems.append({"path": e.filename, "error": f"cannot list folder ({e.strerror}); its images are skipped"})
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        dirnames.sort()
+        follow = []
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+            except OSError as e:  # removed or unreadable since os.walk listed it
+                unreadable(e)
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                problems.append({"path": path, "error": f"directory link to {os.path.realpath(path)}, which is "
+                                 f"already listed as {seen[key]} (a loop or another class): not followed"})
+                continue
+            seen[key] = path
+            follow.append(name)
+        dirnames[:] = follow
+        found.append((dirpath, filenames))
+    return sorted(found)  # torchvision's order: sorted(os.walk(...)), then sorted file names
+
+
 def _list_image_folder(root: Path) -> ImageSource:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    items, ignored = [], 0
+    seen = {}
+    for folder in [root] + [root / name for name in classes]:
+        st = os.stat(folder)
+        seen.setdefault((st.st_dev, st.st_ino), str(folder))
+    items, problems, ignored = [], [], 0
     for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in sorted(os.walk(root / name, followlinks=True)):
-            dirnames.sort()
+        for dirpath, filenames in _walk_class(root / name, seen, problems):
             for fname in sorted(filenames):
                 if _is_image(fname):
                     items.append(ImageItem(os.path.join(dirpath, fname), label))
                 else:
                     ignored += 1
-    return ImageSource("imagefolder", str(root), items, class_names=classes, ignored=ignored)
+    return ImageSource("imagefolder", str(root), items, class_names=classes, problems=problems, ignored=ignored)
 
 
-def _parse_labels_file(path: Path) -> list[tuple[str, int]]:
-    entries, seen, first = [], {}, True
+def _parse_labels_file(path: Path) -> tuple[list[tuple[str, int]], list[dict]]:
+    """(name, label) entries in file order, and one problem per line whose label or path is unusable."""
+    entries, problems, seen, first = [], [], {}, True
     for lineno, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -128,28 +179,35 @@ def _parse_labels_file(path: Path) -> list[tuple[str, int]]:
         parts = [p.strip() for p in (line.rsplit(",", 1) if "," in line else line.rsplit(None, 1))]
         if len(parts) != 2 or not parts[0]:
             raise ReproError(f"{path} line {lineno}: {raw!r} is not 'filename,label'")
-        try:
-            label = int(parts[1])
-        except ValueError:
-            if header_allowed:  # a header such as "filename,label"
-                continue
-            raise ReproError(f"{path} line {lineno}: label {parts[1]!r} is not an integer") from None
-        if label < 0:
-            raise ReproError(f"{path} line {lineno}: label {label} is negative")
-        if parts[0] in seen:
-            raise ReproError(f"{path} line {lineno}: {parts[0]!r} is listed twice (first on line {seen[parts[0]]})")
-        seen[parts[0]] = lineno
-        entries.append((parts[0], label))
+        name, text = parts
+        label = _label_value(text)
+        if label is None and header_allowed and not text.lstrip("+-").isdigit():
+            continue  # a header such as "filename,label"
+        if name in seen:
+            raise ReproError(f"{path} line {lineno}: {name!r} is listed twice (first on line {seen[name]})")
+        seen[name] = lineno
+        rel = os.path.normpath(name)
+        if label is None:
+            error = f"{path.name} line {lineno}: label {text[:40]!r} is not an integer in 0..{MAX_LABEL}"
+        elif os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
+            error = f"{path.name} line {lineno}: the path leaves the image folder"
+        else:
+            entries.append((name, label))
+            continue
+        problems.append({"path": name, "error": error + "; not encoded"})
     if not entries:
-        raise ReproError(f"labels file {path} lists no images ('filename,label' per line)")
-    return entries
+        raise ReproError(f"labels file {path} lists no usable images ('filename,label' per line, label an integer "
+                         f"in 0..{MAX_LABEL}; {len(problems)} line(s) with a bad label or path)")
+    return entries, problems
 
 
 def _list_flat(root: Path, labels_file: Path) -> ImageSource:
-    entries = _parse_labels_file(labels_file)
-    listed = {os.path.normpath(name) for name, _ in entries}
+    entries, bad_lines = _parse_labels_file(labels_file)
+    # an image on a bad line is reported for that line only, not again as "no label"
+    listed = {os.path.normpath(name) for name, _ in entries} | {os.path.normpath(p["path"]) for p in bad_lines}
     items = [ImageItem(str(root / name), label) for name, label in entries]
-    problems, ignored = [], 0
+    problems = [dict(p, path=os.path.join(root, p["path"])) for p in bad_lines]
+    ignored = 0
     for dirpath, dirnames, filenames in sorted(os.walk(root)):
         dirnames.sort()
         for fname in sorted(filenames):

@@ -6,6 +6,10 @@ so a tiny model learns it in a few hundred steps. `make_narrow_vavae` writes a V
 32 (official layout otherwise: f16, 32 latent channels) with seeded random weights as safetensors,
 which step 6 loads like the real file. Neither stands for the real data: they exercise the real
 extract -> train -> sample path end to end in seconds.
+
+The tiny preset's weights are kit-local assets (`LOCAL_ASSETS`, `local_asset`): a seeded LightningDiT-T/1,
+a VA-VAE of width 32 and their `latents_stats.pt`, written under the runs folder when a config names
+them (`ckpt_path: asset:tiny-dit`), so `--config tiny` runs offline and never downloads the XL/1 files.
 """
 
 from __future__ import annotations
@@ -62,3 +66,76 @@ def make_narrow_vavae(path: str | os.PathLike, ch: int = 32, seed: int = 0) -> P
     torch.manual_seed(seed)
     vae = AutoencoderKL(ch=ch)
     return atomic_save_safetensors(vae.state_dict(), path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kit-local assets: the tiny preset's weights (configs/tiny.yaml), made here and never downloaded, so
+# `--config tiny` runs offline and never fetches the real XL/1 files. Seeded random weights: the images
+# they give are coloured noise that differs per label, enough to run every step end to end.
+
+TINY_DIT = dict(name="LightningDiT-T/1", input_size=4, in_channels=32, num_classes=10)  # 64 px / 16, 10 classes
+TINY_VAE_CH = 32
+# name used after `asset:` / `asset-dir:` in a config -> file written under <runs>/local_assets/<name>/
+LOCAL_ASSETS = {"tiny-dit": "lightningdit-t1-tiny.safetensors", "tiny-vavae": "vavae-f16d32-ch32-tiny.safetensors",
+                "tiny-latents-stats": "latents_stats.pt"}
+
+
+def tiny_dit(seed: int = 0) -> torch.nn.Module:
+    """LightningDiT-T/1 as configs/tiny.yaml builds it, with seeded non-zero weights (upstream's
+    initialisation zeroes adaLN and the output layer, which would make every image the same)."""
+    from repro.models.lightningdit import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(TINY_DIT["name"], input_size=TINY_DIT["input_size"], in_channels=TINY_DIT["in_channels"],
+                         num_classes=TINY_DIT["num_classes"], use_swiglu=True, use_rope=True, use_rmsnorm=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "pos_embed":
+                continue  # fixed sin-cos table, as in real checkpoints
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            if "adaLN_modulation" in name or "y_embedder" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)  # labels and time must matter
+    return model.eval()
+
+
+def tiny_vavae(seed: int = 0) -> torch.nn.Module:
+    """The VA-VAE f16d32 layout at base width 32, seeded."""
+    from repro.tokenizer.vavae import AutoencoderKL
+
+    torch.manual_seed(seed + 2)
+    return AutoencoderKL(ch=TINY_VAE_CH).eval()
+
+
+def tiny_latent_stats(seed: int = 0) -> dict[str, torch.Tensor]:
+    """`latents_stats.pt` content for 32 channels: {'mean', 'std'}, each (1, 32, 1, 1) float32."""
+    g = torch.Generator().manual_seed(seed + 3)
+    channels = TINY_DIT["in_channels"]
+    return {"mean": (torch.randn(1, channels, 1, 1, generator=g) * 0.1).float(),
+            "std": (0.5 + torch.rand(1, channels, 1, 1, generator=g)).float()}
+
+
+def _local_path(name: str, runs: str | os.PathLike | None = None) -> Path:
+    from repro import paths
+
+    return Path(runs if runs is not None else paths.runs_dir()) / "local_assets" / name / LOCAL_ASSETS[name]
+
+
+def local_asset_exists(name: str, runs: str | os.PathLike | None = None) -> bool:
+    return _local_path(name, runs).is_file()
+
+
+def local_asset(name: str, runs: str | os.PathLike | None = None) -> Path:
+    """The file of kit-local asset `name` under `<runs>/local_assets/<name>/`, written (atomically) if missing."""
+    from repro.data.stats import write_stats
+
+    path = _local_path(name, runs)
+    if path.is_file():
+        return path.absolute()
+    if name == "tiny-dit":
+        atomic_save_safetensors(tiny_dit().state_dict(), path)
+    elif name == "tiny-vavae":
+        atomic_save_safetensors(tiny_vavae().state_dict(), path)
+    else:
+        write_stats(path, tiny_latent_stats(), backup=False)
+    return path.absolute()

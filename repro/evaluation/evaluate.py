@@ -11,6 +11,8 @@ Protocol (openai/guided-diffusion evaluations/evaluator.py):
 - IS: chunks of 5,000 samples (10 splits at 50,000), mean over chunks.
 - Precision/recall: k = 3, reference = pool_3 features of the reference npz's `arr_0` images;
   those are cached next to the reference file, keyed by its sha256 and the extractor's sha256.
+The reference may also be the user's own images (an npz of images or a folder, any format): their
+statistics are computed once and cached the same way (see reference.py).
 """
 
 from __future__ import annotations
@@ -21,16 +23,13 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
-import numpy as np
-
 from repro.errors import ReproError
 from repro.evaluation import metrics as M
-from repro.evaluation.features import FEATURE_DIMS, InceptionExtractor, extract_features, sha256_file
-from repro.data.npz import IMAGE_KEY, npz_keys, read_npy_member
+from repro.evaluation.features import InceptionExtractor, extract_features
 from repro.evaluation.image_batches import ImageBatches
-from repro.paths import runs_dir
+from repro.evaluation.reference import FRECHET, check_reference, open_reference  # noqa: F401 (check_reference: API)
 from repro.utils import distributed as du
-from repro.utils.io import atomic_path, atomic_write_json
+from repro.utils.io import atomic_write_json
 
 METRICS = ("fid", "sfid", "is", "prec", "recall")
 IS_SPLIT_SIZE = 5000  # ADM compute_inception_score(split_size=5000)
@@ -38,8 +37,6 @@ PR_K = 3  # ADM ManifoldEstimator(nhood_sizes=(3,))
 PR_BATCH = 10000  # ADM row/col batch size for the blocked distances
 DEFAULT_BATCH_SIZE = 100
 PROTOCOL_NUM_SAMPLES = 50000
-# (reference key for mean, for covariance, sample feature) per Fréchet metric
-FRECHET = {"fid": ("mu", "sigma", "pool"), "sfid": ("mu_s", "sigma_s", "spatial")}
 LABELS = {"fid": "FID", "sfid": "sFID", "is": "IS", "prec": "Prec", "recall": "Rec"}
 FORMATS = {"fid": ".3f", "sfid": ".3f", "is": ".1f", "prec": ".3f", "recall": ".3f"}
 
@@ -58,72 +55,6 @@ def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
     if bad or not names:
         raise ReproError(f"unknown metric(s) {bad or names}; choose from {','.join(METRICS)}")
     return tuple(m for m in METRICS if m in names)
-
-
-def check_reference(ref: Path, metrics: tuple[str, ...], samples: ImageBatches) -> None:
-    """Every key the requested metrics need is there, with the right shape; image sizes agree."""
-    if not ref.is_file():
-        raise ReproError(f"reference batch not found: {ref}; run `python -m steps.step2_download --only adm-ref-imagenet256`")
-    keys = npz_keys(ref)
-    for metric, (mu_key, sigma_key, feat) in FRECHET.items():
-        if metric not in metrics:
-            continue
-        d = FEATURE_DIMS[feat]
-        for key, shape in ((mu_key, (d,)), (sigma_key, (d, d))):
-            if key not in keys:
-                raise ReproError(f"{ref}: no '{key}' (needed for {metric}; it has {', '.join(keys)}); use the ADM "
-                                 f"reference batch, e.g. VIRTUAL_imagenet256_labeled.npz, which holds mu, sigma, mu_s, sigma_s")
-            got = read_npy_member(ref, key).shape
-            if got != shape:
-                raise ReproError(f"{ref}: '{key}' has shape {got}, expected {shape} ({feat} features)")
-    if IMAGE_KEY in keys:
-        ref_images = ImageBatches.open(ref, "reference batch")
-        if (ref_images.height, ref_images.width) != (samples.height, samples.width):
-            raise ReproError(f"{samples.path}: samples are {samples.height}x{samples.width} but the reference images "
-                             f"in {ref} are {ref_images.height}x{ref_images.width}; use the reference of that resolution")
-    elif "prec" in metrics or "recall" in metrics:
-        raise ReproError(f"{ref}: no '{IMAGE_KEY}' images, needed for precision/recall; use the ADM reference batch")
-
-
-def _cache_file(ref: Path, ref_sha: str, weights_sha: str, cache_dir: Optional[Path]) -> Path:
-    folder = Path(cache_dir) if cache_dir is not None else ref.parent
-    if cache_dir is None and not os.access(folder, os.W_OK):  # e.g. Kaggle's read-only /kaggle/input
-        folder = runs_dir() / "eval_cache"
-        print(f"reference folder {ref.parent} is read-only; caching its features in {folder}", flush=True)
-    return folder / f"{ref.stem}.pool3-{ref_sha[:16]}-{weights_sha[:16]}.npz"
-
-
-def _read_cache(path: Path, ref_sha: str, weights_sha: str, count: int) -> Optional[np.ndarray]:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["ref_sha256"]) == ref_sha and str(z["weights_sha256"]) == weights_sha:
-                pool = z["pool"]
-                if pool.shape == (count, FEATURE_DIMS["pool"]):
-                    print(f"reference features: cached {path}", flush=True)
-                    return pool.astype(np.float32, copy=False)
-        print(f"reference feature cache {path} does not match this reference/extractor; recomputing", flush=True)
-    except (OSError, KeyError, ValueError) as e:
-        print(f"reference feature cache {path} is unreadable ({e}); recomputing", flush=True)
-    return None
-
-
-def reference_pool_features(ref: Path, ref_sha: str, extractor: InceptionExtractor, batch_size: int,
-                            cache_dir: Optional[Path] = None) -> Optional[np.ndarray]:
-    """pool_3 features of the reference images (rank 0; None elsewhere), from the cache when valid."""
-    source = ImageBatches.open(ref, "reference batch")
-    cache = du.run_on_main(_cache_file, ref, ref_sha, extractor.weights_sha256, cache_dir)
-    cached = _read_cache(cache, ref_sha, extractor.weights_sha256, source.num_images) if du.is_main() else None
-    if du.broadcast_object(cached is not None):
-        return cached
-    feats = extract_features(source, extractor, batch_size, keys=("pool",), desc="reference")
-    if du.is_main():
-        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
-            np.savez(f, pool=feats["pool"], ref_sha256=np.array(ref_sha), weights_sha256=np.array(extractor.weights_sha256))
-        print(f"reference features cached in {cache}", flush=True)
-    du.barrier()
-    return feats["pool"] if du.is_main() else None
 
 
 def find_run_config(samples: ImageBatches) -> Optional[Path]:
@@ -172,7 +103,8 @@ def evaluate(samples: str | os.PathLike, ref: str | os.PathLike, metrics: str | 
              weights_path: str | os.PathLike, weights_sha256: Optional[str] = None,
              batch_size: int = DEFAULT_BATCH_SIZE, device=None, out: Optional[str | os.PathLike] = None,
              cache_dir: Optional[str | os.PathLike] = None) -> dict:
-    """Compute `metrics` for `samples` (npz or PNG folder) against the ADM reference batch `ref`.
+    """Compute `metrics` for `samples` (npz, PNG folder or step 4's run folder) against `ref`: the ADM
+    reference batch, an npz of images or a folder of images (see reference.py).
 
     Runs on one process or under torchrun (each rank extracts a contiguous slice; rank 0 computes the
     numbers and writes `metrics.json`); every rank returns the same dict.
@@ -184,7 +116,8 @@ def evaluate(samples: str | os.PathLike, ref: str | os.PathLike, metrics: str | 
         raise ReproError(f"batch_size must be >= 1, got {batch_size}")
     source = ImageBatches.open(samples, "samples")
     ref = Path(ref)
-    check_reference(ref, metrics, source)
+    if not ref.exists():
+        check_reference(ref, metrics, source)  # the not-found message, before any feature is computed
     n = source.num_images
     if ("fid" in metrics or "sfid" in metrics) and n < 2:
         raise ReproError(f"{source.path}: FID needs at least 2 samples, got {n}")
@@ -196,34 +129,37 @@ def evaluate(samples: str | os.PathLike, ref: str | os.PathLike, metrics: str | 
     config_path = find_run_config(source)
     sampler = du.run_on_main(sampler_settings, config_path)
     extractor = InceptionExtractor(weights_path, weights_sha256, device=device)
-    ref_sha = du.run_on_main(sha256_file, ref)
+    # The reference (checked, and its features computed or read from the cache) before the samples'.
+    reference = open_reference(ref, metrics, source, extractor, batch_size,
+                               Path(cache_dir) if cache_dir is not None else None)
 
-    # Features: of the samples (every rank its slice), of the reference images when P/R need them.
+    # Features of the samples (every rank its slice).
     keys = [k for k, needed in (("pool", {"fid", "prec", "recall"}), ("spatial", {"sfid"}), ("logits", {"is"}))
             if needed & set(metrics)]
     feats = extract_features(source, extractor, batch_size, keys=tuple(keys), desc="samples")
-    ref_pool = (reference_pool_features(ref, ref_sha, extractor, batch_size, cache_dir)
-                if "prec" in metrics or "recall" in metrics else None)
     out_path = Path(out) if out is not None else default_metrics_path(source, config_path)
 
     # The numbers and the record, on rank 0.
     def compute() -> dict:
         result: dict = {}
-        # Frechet distances against the reference's precomputed statistics, IS, precision/recall.
-        with np.load(ref) as z:
-            for metric, (mu_key, sigma_key, feat) in FRECHET.items():
-                if metric in metrics:
-                    mu, sigma = M.feature_statistics(feats[feat])
-                    result[metric] = M.frechet_distance(mu, sigma, z[mu_key], z[sigma_key])
+        # Frechet distances against the reference's statistics, IS, precision/recall.
+        for metric, (mu_key, sigma_key, feat) in FRECHET.items():
+            if metric in metrics:
+                mu, sigma = M.feature_statistics(feats[feat])
+                result[metric] = M.frechet_distance(mu, sigma, *reference.stats(mu_key, sigma_key))
         if "is" in metrics:
             result["is"] = M.inception_score(feats["logits"], split_size=IS_SPLIT_SIZE, inputs="logits")
         if "prec" in metrics or "recall" in metrics:
-            prec, rec = M.precision_recall(ref_pool, feats["pool"], k=PR_K, batch_size=PR_BATCH, device=extractor.device)
-            # What the numbers were computed on and how (metrics.json).
+            prec, rec = M.precision_recall(reference.pool, feats["pool"], k=PR_K, batch_size=PR_BATCH,
+                                           device=extractor.device)
             result.update({m: v for m, v in (("prec", prec), ("recall", rec)) if m in metrics})
+        # What the numbers were computed on and how (metrics.json).
         result.update({
             "num_samples": n, "image_size": [source.height, source.width], "samples": str(source.path),
-            "samples_kind": source.kind, "reference": str(ref), "reference_sha256": ref_sha,
+            "samples_kind": source.kind, "reference": str(ref), "reference_kind": reference.kind,
+            ("reference_sha256" if ref.is_file() else "reference_listing_digest"): reference.key,
+            "reference_cache": str(reference.cache) if reference.cache else None,
+            "reference_images_extracted": reference.extracted, "reference_preprocessing": reference.preprocessing,
             "feature_extractor": {"weights": str(extractor.weights_path), "weights_sha256": extractor.weights_sha256,
                                   "implementation": f"torch-fidelity {_tf_version()} FeatureExtractorInceptionV3",
                                   "features": {"fid": "pool_3 (2048)", "sfid": "mixed_6/conv[:7] NHWC (2023)",
@@ -260,6 +196,25 @@ def _asset_from_table(name: str, flag: str) -> tuple[Path, Optional[str]]:
     if not path.exists():
         raise ReproError(f"no {flag} given and {src} points asset '{name}' to {path}, which is gone: {fix}")
     return path, entries[name].get("sha256")
+
+
+def configured_reference(samples: str | os.PathLike) -> Optional[Path]:
+    """The FID reference the samples' run config names (`data.fid_reference_file`, which upstream
+    inference.py scores against), or None when there is no run config or the key is unset."""
+    from repro.config import load_config
+
+    # kit (issue 12): the key is honoured, not ignored; --ref still wins
+    path = Path(samples)
+    folders = (path, path.parent) if path.is_dir() else (path.parent,)
+    config_path = next((f / "config.yaml" for f in folders if (f / "config.yaml").is_file()), None)
+    value = load_config(config_path).data.fid_reference_file if config_path is not None else None
+    if value is None:
+        return None
+    if not Path(value).exists():
+        raise ReproError(f"{config_path}: data.fid_reference_file is {value}, which does not exist: pass --ref FILE, "
+                         "or set the key to the ADM reference batch (step 2's adm-ref-imagenet256) or null")
+    du.print0(f"reference: {value} (data.fid_reference_file of {config_path})")
+    return Path(value)
 
 
 def resolve_assets(ref: Optional[str | os.PathLike], weights: Optional[str | os.PathLike]

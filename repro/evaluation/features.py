@@ -113,6 +113,7 @@ class InceptionExtractor:
         self.net = net.to(self.device).eval()
         self._spatial: Optional[torch.Tensor] = None
         self.net.get_submodule(SPATIAL_MODULE).register_forward_hook(self._keep_spatial)
+        self.images_seen = 0  # images run through the network by this process (what a cache saves)
 
     def _keep_spatial(self, module, inputs, output):
         # (B, 192, 17, 17) -> first 7 channels, NHWC order, flattened: ADM's spatial[..., :7]
@@ -121,6 +122,7 @@ class InceptionExtractor:
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
+        self.images_seen += int(x.shape[0])
         with _tf32_disabled():
             pool, logits = self.net(x)
         spatial, self._spatial = self._spatial, None
@@ -158,11 +160,11 @@ def extract_features(source: ImageBatches, extractor: InceptionExtractor, batch_
 
     Returns {key: (N, dim) float32} on rank 0 (None on the others), rows in image order.
     """
-    from tqdm.auto import tqdm
+    from repro.utils.progress import progress_bar
 
     start, stop = shard_range(source.num_images, du.get_rank(), du.get_world_size())
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    bar = tqdm(total=source.num_images, desc=desc, unit="img", disable=not du.is_main(),
+    bar = progress_bar(total=source.num_images, desc=desc, unit="img", disable=not du.is_main(),
                mininterval=2.0)
     try:
         for batch in prefetch(source.iter_batches(start, stop, batch_size)):

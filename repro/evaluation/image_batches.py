@@ -8,11 +8,20 @@ npz (`arr_0`: uint8 N x H x W x 3, the ADM evaluator's format): an npz is a zip 
   through `zipfile` (a rank's slice start is reached by a forward seek, i.e. by decompressing).
 Folder: `*.png` at the top level, sorted by name (step 4 writes `{index:06d}.png`, so name order is
 index order and the folder and its packed npz give the same features in the same order). Only
-lossless PNG is read: the protocol's numbers depend on exact pixels.
+lossless PNG is read for samples: the protocol's numbers depend on exact pixels. Step 4's run
+folder (`run.json`, `samples.npz`, `images/`, and figures such as the RGBA `preview.png`) is taken
+as is: its complete `samples.npz`, else its `images/` when all N images are there.
+
+Reference images (`ImageBatches.open_reference`, for users who score against their own data): an
+npz of images, or a folder (searched recursively, sorted by relative path) of any common format,
+JPEG included, converted to RGB as step 6 does. When their size differs from the samples', each is
+brought to it with ADM's centre crop (`repro.tokenizer.images.center_crop_arr`, the crop that
+made ADM's reference batches and that step 6 applies to training images).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +31,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from repro.data.npz import FORMAT_HINT, IMAGE_KEY, NpyMember, read_npy_member
+from repro.data.image_sources import IMAGE_EXTENSIONS
+from repro.data.npz import FORMAT_HINT, IMAGE_KEY, NpyMember, npz_count, read_npy_member
 from repro.errors import ReproError
 from repro.utils.distributed import print0
 
@@ -68,31 +78,59 @@ def _load_png(path: Path, size: tuple[int, int]) -> np.ndarray:
         raise ReproError(f"{path}: unreadable image ({e})") from None
 
 
+def _step4_choice(folder: Path, what: str) -> Optional[Path]:
+    """The complete sample set inside step 4's run folder (`samples.npz`, else `images/`), or None when
+    `folder` is not one. An interrupted run is refused: its numbers would describe fewer images."""
+    npz, images = folder / "samples.npz", folder / "images"
+    if not npz.is_file() and not images.is_dir():
+        return None
+    wanted = None
+    if (folder / "run.json").is_file():
+        try:
+            wanted = int(json.loads((folder / "run.json").read_text())["num_samples"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ReproError(f"{folder / 'run.json'} is unreadable ({e}): pass --samples {npz} or {images}") from None
+    have_npz = npz_count(npz) if npz.is_file() else None
+    if have_npz is not None and wanted in (None, have_npz):
+        choice = npz
+    else:
+        pngs = len(_list_pngs(images)) if images.is_dir() else 0
+        if not pngs or (wanted is not None and pngs != wanted):
+            raise ReproError(f"{what}: {folder} holds {pngs} of {wanted} images and no complete samples.npz (sampling "
+                             "was interrupted?): run the same step 4 command again to finish it, or pass "
+                             f"--samples {images} to score the images there")
+        choice = images
+    print0(f"{what}: using {choice} (step 4's run folder)")
+    return choice
+
+
 @dataclass
 class ImageBatches:
-    """N images of H x W x 3 uint8 from an npz (`member`) or a PNG folder (`files`)."""
+    """N images of H x W x 3 uint8 from an npz (`member`), a PNG folder or a reference image folder (`files`).
+
+    `resize_to`: reference images only; each is brought to that square size with ADM's centre crop."""
     path: Path
-    kind: str  # "npz" | "folder"
+    kind: str  # "npz" | "folder" (PNG samples) | "images" (reference images, any format)
     num_images: int
     height: int
     width: int
     member: Optional[NpyMember] = None
     files: list[Path] = field(default_factory=list)
+    resize_to: Optional[int] = None
 
     @classmethod
     def open(cls, path: str | os.PathLike, what: str = "samples") -> "ImageBatches":
-        """Validate and describe `path` (reads headers only). A run folder holding `samples.npz` or an
-        `images/` folder (step 4's layout) is resolved to it, and the choice is printed."""
+        """Validate and describe `path` (reads headers only). Step 4's run folder is resolved to its
+        `samples.npz` or `images/` folder, and the choice is printed."""
         path = Path(path)
         if not path.exists():
             raise ReproError(f"{what} not found: {path}")
         if path.is_dir():
+            choice = _step4_choice(path, what)
+            if choice is not None:
+                return cls.open(choice, what)
             pngs = _list_pngs(path)
             if not pngs:
-                for alt in (path / "samples.npz", path / "images"):
-                    if alt.exists():
-                        print0(f"{what}: {path} holds no PNGs; using {alt}")
-                        return cls.open(alt, what)
                 raise ReproError(f"{what} folder {path} holds no .png images (nor samples.npz or images/)")
             with_size = _probe_png(pngs[0])
             return cls(path, "folder", len(pngs), with_size[0], with_size[1], files=pngs)
@@ -102,25 +140,53 @@ class ImageBatches:
         _check_image_array(path, m.shape, m.dtype, m.fortran)
         return cls(path, "npz", m.shape[0], m.shape[1], m.shape[2], member=m)
 
+    @classmethod
+    def open_reference(cls, path: str | os.PathLike, height: int, width: int) -> "ImageBatches":
+        """Reference images (an npz of images, or a folder of any common format) as `height` x `width`
+        batches: images of another size go through ADM's centre crop (square sizes only)."""
+        path = Path(path)
+        if path.is_dir():
+            files, ignored = _list_images(path)
+            if not files:
+                raise ReproError(f"reference folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}; "
+                                 "searched recursively)")
+            if ignored:
+                print0(f"reference: {len(files)} images in {path}; {ignored} other file(s) ignored")
+            source = cls(path, "images", len(files), height, width, files=files)
+        elif path.suffix.lower() != ".npz":
+            raise ReproError(f"reference {path}: expected ADM's reference batch (.npz), an npz of images (arr_0) or "
+                             "a folder of images")
+        else:
+            source = cls.open(path, "reference images")
+        if source.kind == "npz" and (source.height, source.width) == (height, width):
+            return source
+        if height != width:
+            raise ReproError(f"samples are {height}x{width}: reference images can be brought to a square size only; "
+                             f"give reference images of exactly {height}x{width}")
+        source.resize_to = height
+        return source
+
     def iter_batches(self, start: int, stop: int, batch_size: int) -> Iterator[np.ndarray]:
         """uint8 (B, H, W, 3) arrays covering images [start, stop) in order."""
-        if self.kind == "folder":
+        if self.kind in ("folder", "images"):
             yield from self._folder_batches(start, stop, batch_size)
-        elif self.member.data_offset is not None:
+            return
+        if self.member.data_offset is not None:
             mm = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.member.data_offset,
                            shape=self.member.shape)
-            for s in range(start, stop, batch_size):
-                yield np.array(mm[s:min(s + batch_size, stop)])
-            del mm
+            batches = (np.array(mm[s:min(s + batch_size, stop)]) for s in range(start, stop, batch_size))
         else:
-            yield from self._compressed_batches(start, stop, batch_size)
+            batches = self._compressed_batches(start, stop, batch_size)
+        for batch in batches:
+            yield batch if self.resize_to is None else np.stack([_crop(im, self.resize_to) for im in batch])
 
     def _folder_batches(self, start, stop, batch_size):
         size = (self.height, self.width)
+        load = (lambda p: _load_png(p, size)) if self.kind == "folder" else (lambda p: _load_any(p, self.resize_to))
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
             for s in range(start, stop, batch_size):
                 chunk = self.files[s:min(s + batch_size, stop)]
-                yield np.stack(list(pool.map(lambda p: _load_png(p, size), chunk)))
+                yield np.stack(list(pool.map(load, chunk)))
 
     def _compressed_batches(self, start, stop, batch_size):
         per_image = self.height * self.width * 3
@@ -144,3 +210,48 @@ def _probe_png(path: Path) -> tuple[int, int]:
             return im.size[1], im.size[0]
     except OSError as e:
         raise ReproError(f"{path}: unreadable image ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference images of any format and size
+
+
+def _list_images(folder: Path) -> tuple[list[Path], int]:
+    """(image files under `folder`, recursively, sorted by relative path; how many other files)."""
+    files, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(Path(dirpath) / name)
+            else:
+                ignored += 1
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix()), ignored
+
+
+def _crop(image: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    from repro.tokenizer.images import center_crop_arr
+
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(center_crop_arr(Image.fromarray(image), size), dtype=np.uint8)
+
+
+def _load_any(path: Path, size: int) -> np.ndarray:
+    """One reference image as (size, size, 3) uint8: RGB as step 6 converts it, then ADM's centre crop."""
+    from PIL import Image
+
+    from repro.tokenizer.images import center_crop_arr, ensure_rgb
+
+    try:
+        with Image.open(path) as im:
+            im = ensure_rgb(im)
+            if im.size != (size, size):
+                im = center_crop_arr(im, size)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or not an image: named, never skipped
+        raise ReproError(f"{path}: unreadable reference image ({type(e).__name__}: {e}); remove or replace it") from None

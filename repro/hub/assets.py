@@ -118,11 +118,12 @@ def _local_candidates(spec: AssetSpec, dest: Path | None, search_dirs: list[Path
     cands: list[tuple[Path, str]] = []
     if not spec.is_hf:
         cands.append((plain_cache_dir() / spec.filename, "cache"))
+    name = Path(spec.filename).name  # a file in a repo folder ("splits/split_aa") is found by its own name
     if dest is not None:
         cands.append((dest / spec.filename, "found"))
-        cands += [(p, "found") for p in _find_named(dest, spec.filename)]
+        cands += [(p, "found") for p in _find_named(dest, name)]
     for folder in search_dirs:
-        cands += [(p, "found") for p in _find_named(folder, spec.filename)]
+        cands += [(p, "found") for p in _find_named(folder, name)]
     seen, out = set(), []
     for p, src in cands:
         if p.is_file() and os.path.realpath(p) not in seen:
@@ -181,7 +182,7 @@ def _free_disk_check(plans: list[tuple[AssetSpec, RemoteFile | None, Path, Path]
         while not probe.exists():
             probe = probe.parent
         total = (remote.size if remote and remote.size is not None else None) or spec.size or spec.approx_size
-        have = part.stat().st_size if part.is_file() else 0
+        have = part.lstat().st_size if part.is_file() and not part.is_symlink() else 0  # a planted link counts 0
         entry = need.setdefault(os.stat(probe).st_dev, [probe, 0, []])
         entry[1] += max(total - have, 0)
         entry[2].append(spec.name)

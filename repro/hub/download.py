@@ -5,7 +5,8 @@
 Bytes go to a partial file next to the destination (`dest.part`, or the caller's `part_path`); a
 later run (even after SIGKILL) continues it with an HTTP Range request. Only a complete file whose
 size and sha256 check out is renamed onto `dest`, so `dest` is never a half file. A wrong sha256
-deletes the partial file and raises HashMismatchError.
+deletes the partial file and raises HashMismatchError. The partial and lock files are opened
+without following symlinks: one planted there is refused, never written through.
 """
 
 from __future__ import annotations
@@ -17,15 +18,20 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping, NoReturn
 from urllib.parse import urlparse
 
 import requests
-from filelock import FileLock
 
 from repro.errors import ReproError
+from repro.hub.untrusted import open_no_follow, refuse_symlink, shown
 
-CHUNK_SIZE = 1 << 20  # bytes per read/write; at most this much is lost when a process is killed
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+CHUNK_SIZE = 1 << 20  # bytes per read/write: the most a kill or a dropped connection loses
 MAX_RESUMES = 3  # reconnects within one run after a dropped stream that had made progress
 
 
@@ -84,10 +90,43 @@ def progress_bar(total: int | None, initial: int, desc: str):
                 disable=disabled, leave=False)
 
 
-def _hash_prefix(part: Path) -> tuple["hashlib._Hash", int]:
+def _failer(what: str):
+    def fail(problem: str) -> NoReturn:
+        raise DownloadError(f"{what}: {problem}")
+    return fail
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path`, a file opened without following a planted symlink.
+
+    flock on the path huggingface_hub's own FileLock uses, so the two exclude each other. The lock file
+    is left in place on purpose: deleting it while another process waits on it would let a third one in.
+    """
+    fail = _failer(what)
+    if fcntl is None:  # Windows: no flock; filelock there locks a byte range of the same file
+        from filelock import FileLock
+
+        refuse_symlink(lock_path, "lock file", fail)
+        with FileLock(str(lock_path)):
+            yield
+        return
+    fd = open_no_follow(lock_path, os.O_RDWR | os.O_CREAT, "lock file", fail)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"note: {what}: another process is downloading it; waiting for it (lock {lock_path})", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _hash_prefix(part: Path, what: str) -> tuple["hashlib._Hash", int]:
     h = hashlib.sha256()
     n = 0
-    with open(part, "rb") as f:
+    with os.fdopen(open_no_follow(part, os.O_RDONLY, "partial download", _failer(what)), "rb") as f:
         while block := f.read(CHUNK_SIZE):
             h.update(block)
             n += len(block)
@@ -112,51 +151,61 @@ def _range_start(content_range: str | None) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _stream_once(url: str, part: Path, hasher, have: int, headers: Mapping[str, str], what: str,
-                 timeout: tuple[float, float], bar) -> tuple[object, int]:
-    """One GET (with Range when `have` > 0) appended to `part`. Returns (hasher, bytes on disk)."""
+@dataclass
+class _Progress:
+    hasher: "hashlib._Hash"
+    have: int  # bytes in the partial file, all fed to `hasher`
+    restarted: bool = False  # the server ignored our Range: the bytes from disk were dropped
+
+
+def _stream_once(url: str, part: Path, state: _Progress, headers: Mapping[str, str], what: str,
+                 timeout: tuple[float, float], bar, limit: int | None) -> None:
+    """One GET (with Range when bytes are on disk) appended to `part`; stops reading past `limit` bytes."""
     req_headers = {"Accept-Encoding": "identity", **headers}
-    if have:
-        req_headers["Range"] = f"bytes={have}-"
+    if state.have:
+        req_headers["Range"] = f"bytes={state.have}-"
     try:
         resp = requests.get(url, headers=req_headers, stream=True, timeout=timeout)
     except requests.exceptions.RequestException as e:
         raise NetworkError(f"{what}: cannot reach {_host(url)} ({type(e).__name__}); check the network, "
                            f"or run with --offline using files already on disk") from None
     with contextlib.closing(resp):
-        if resp.status_code == 416 and have:
+        if resp.status_code == 416 and state.have:
             # Range starts past the end: the partial file is already whole (or stale); the caller checks it.
-            return hasher, have
+            return
         if resp.status_code >= 400:
             raise _status_error(resp.status_code, url, what)
         if resp.status_code == 206:
-            if _range_start(resp.headers.get("Content-Range")) != have:
+            if _range_start(resp.headers.get("Content-Range")) != state.have:
                 part.unlink(missing_ok=True)
-                raise DownloadError(f"{what}: {_host(url)} answered a different byte range than asked for; "
-                                    f"the partial file was deleted, run again")
-        elif have:  # 200: the server ignored the Range header, so the body is the whole file
-            hasher, have = hashlib.sha256(), 0
+                raise DownloadError(f"{what}: {_host(url)} answered a different byte range than asked for "
+                                    f"(Content-Range: {shown(resp.headers.get('Content-Range'))} for bytes="
+                                    f"{state.have}-); the partial file was deleted, run again")
+        elif state.have:  # 200: the server ignored the Range header, so the body is the whole file
+            state.hasher, state.have, state.restarted = hashlib.sha256(), 0, True
             bar.reset(total=bar.total)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if state.have else os.O_TRUNC)
         try:
-            with open(part, "ab" if have else "wb") as f:
+            with os.fdopen(open_no_follow(part, flags, "partial download", _failer(what)), "ab") as f:
                 try:
                     for block in resp.iter_content(chunk_size=CHUNK_SIZE):
                         f.write(block)
-                        hasher.update(block)
-                        have += len(block)
+                        state.hasher.update(block)
+                        state.have += len(block)
                         bar.update(len(block))
+                        if limit is not None and state.have > limit:
+                            break  # more than the file's size: the caller deletes it, no need for the rest
                 finally:
                     f.flush()
                     os.fsync(f.fileno())
         except requests.exceptions.RequestException as e:
-            raise NetworkError(f"{what}: connection to {_host(url)} dropped after {have} bytes ({type(e).__name__}); "
-                               f"run the same command again to resume") from None
+            raise NetworkError(f"{what}: connection to {_host(url)} dropped after {state.have} bytes "
+                               f"({type(e).__name__}); run the same command again to resume") from None
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise DiskFullError(f"{what}: disk full while writing {part}; free space and run again "
                                     f"(the bytes already written are kept and resumed)") from None
             raise
-    return hasher, have
 
 
 def download_url(url: str, dest: str | os.PathLike, *, expected_size: int | None = None,
@@ -166,8 +215,10 @@ def download_url(url: str, dest: str | os.PathLike, *, expected_size: int | None
                  connect_timeout: float = 10.0, read_timeout: float = 30.0) -> Downloaded:
     """Fetch `url` to `dest`, resuming `part_path` (default `dest.part`); verify; rename atomically.
 
-    `what` names the asset (and its source) in error messages, `label` the progress bar. Raises NetworkError (unreachable, dropped), NotFoundError,
-    AuthError, DiskFullError (ENOSPC) and HashMismatchError (partial file deleted).
+    `what` names the asset (and its source) in error messages, `label` the progress bar. Raises NetworkError
+    (unreachable, dropped), NotFoundError, AuthError, DiskFullError (ENOSPC), HashMismatchError (partial file
+    deleted) and DownloadError (a symlink planted at the partial or lock file, a server sending other bytes
+    than asked for).
     """
     dest = Path(dest)
     part = Path(part_path) if part_path is not None else dest.with_name(dest.name + ".part")
@@ -175,41 +226,45 @@ def download_url(url: str, dest: str | os.PathLike, *, expected_size: int | None
     part.parent.mkdir(parents=True, exist_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Two processes fetching the same file (a second notebook, a forgotten terminal) must not
-    # interleave their bytes in one partial file. The lock file is left in place on purpose:
-    # deleting it while another process waits on it would let a third one in.
-    lock = FileLock(str(lock_path or part.with_name(f".{part.name}.lock")))
-    with lock:
+    # interleave their bytes in one partial file.
+    with _exclusive(Path(lock_path or part.with_name(f".{part.name}.lock")), what):
+        refuse_symlink(part, "partial download", _failer(what))
         have = part.stat().st_size if part.exists() else 0
         if expected_size is not None and have > expected_size:
             part.unlink()  # longer than the real file: cannot be a prefix of it
             have = 0
         resumed_from = have
-        hasher, have = _hash_prefix(part) if have else (hashlib.sha256(), 0)
+        state = _Progress(*_hash_prefix(part, what)) if have else _Progress(hashlib.sha256(), 0)
         with progress_bar(expected_size, have, label or dest.name) as bar:
             for attempt in range(MAX_RESUMES + 1):
-                if expected_size is not None and have == expected_size:
+                if expected_size is not None and state.have == expected_size:
                     break
-                before = have
+                before = state.have
                 try:
-                    hasher, have = _stream_once(url, part, hasher, have, headers or {}, what,
-                                                (connect_timeout, read_timeout), bar)
+                    _stream_once(url, part, state, headers or {}, what, (connect_timeout, read_timeout), bar,
+                                 expected_size)
                 except NetworkError:
                     # A dropped stream that had made progress is resumed a few times; a dead server is not.
-                    have = part.stat().st_size if part.exists() else 0
-                    if attempt == MAX_RESUMES or have <= before:
+                    on_disk = part.stat().st_size if part.exists() else 0
+                    if attempt == MAX_RESUMES or on_disk <= before:
                         raise
-                    hasher, have = _hash_prefix(part)
+                    if on_disk != state.have:  # a block only partly written: the disk is the truth
+                        state.hasher, state.have = _hash_prefix(part, what)
                     continue
-                if expected_size is None or have >= expected_size:
+                if expected_size is None or state.have >= expected_size:
                     break
+        have = state.have
+        if state.restarted:
+            resumed_from = 0
         if expected_size is not None and have != expected_size:
             if have > expected_size:
                 part.unlink(missing_ok=True)
-                raise DownloadError(f"{what}: {_host(url)} sent {have} bytes, expected {expected_size}; "
-                                    f"the partial file was deleted, run again")
+                raise DownloadError(f"{what}: {_host(url)} sent more than the {expected_size} bytes the file has "
+                                    f"({have} so far); the partial file was deleted, run again (if it repeats, "
+                                    f"the server is broken: try another mirror)")
             raise NetworkError(f"{what}: download stopped at {have} of {expected_size} bytes from {_host(url)}; "
                                f"run the same command again to resume")
-        digest = hasher.hexdigest()
+        digest = state.hasher.hexdigest()
         if expected_sha256 is not None and digest != expected_sha256.lower():
             part.unlink(missing_ok=True)
             raise HashMismatchError(f"{what}: sha256 mismatch: expected {expected_sha256}, got {digest}; "

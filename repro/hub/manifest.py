@@ -2,6 +2,7 @@
 
     m = load_manifest()                       # configs/assets.yaml of this checkout
     m.select(["vavae-f16d32"])                # -> [AssetSpec(...)], unknown names are an error
+    m.select(["imagenet256-latents"])         # a `group` name selects every member (kit: issue 16)
     m.active_search_dirs()                    # folders to look in before fetching
 
 Every problem is a ReproError naming the manifest file, the entry and the key at fault.
@@ -19,14 +20,15 @@ from urllib.parse import urlparse
 
 import yaml
 
+from repro import resources
 from repro.errors import ReproError
+from repro.hub.untrusted import plain_segments
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MANIFEST = PROJECT_ROOT / "configs" / "assets.yaml"
+DEFAULT_MANIFEST = resources.configs_dir() / "assets.yaml"  # the checkout's, or the one `pip install` ships
 
 _TOP_KEYS = ("version", "search_dirs", "assets")
 _ASSET_KEYS = ("repo_id", "filename", "revision", "repo_type", "url", "size", "sha256", "approx_size",
-               "description")
+               "description", "group")
 _SEARCH_KEYS = ("path", "when")
 # Platforms a search dir can be limited to, with how each is detected (besides the folder existing).
 _PLATFORM_ENV = {"kaggle": "KAGGLE_KERNEL_RUN_TYPE", "colab": "COLAB_RELEASE_TAG"}
@@ -50,6 +52,7 @@ class AssetSpec:
     url: str | None = None
     size: int | None = None
     sha256: str | None = None
+    group: str | None = None  # kit (issue 16): fetched only when named, by its own or the group's name
 
     @property
     def is_hf(self) -> bool:
@@ -81,15 +84,22 @@ class Manifest:
     search_dirs: tuple[SearchDir, ...] = ()
 
     def select(self, names: Iterable[str] | None = None) -> list[AssetSpec]:
+        """The named assets (a group name stands for all its members); None: every asset outside a group."""
         if names is None:
-            return list(self.assets.values())
+            return [a for a in self.assets.values() if a.group is None]
+        groups: dict[str, list[AssetSpec]] = {}
+        for a in self.assets.values():
+            if a.group is not None:
+                groups.setdefault(a.group, []).append(a)
         out = []
         for name in names:
-            if name not in self.assets:
-                raise ReproError(f"unknown asset {name!r}{_nearest(name, self.assets)} in {self.path}; "
-                                 f"valid names: {', '.join(self.assets)}")
-            if self.assets[name] not in out:
-                out.append(self.assets[name])
+            if name not in self.assets and name not in groups:
+                valid = [*self.assets, *groups]
+                raise ReproError(f"unknown asset {name!r}{_nearest(name, valid)} in {self.path}; "
+                                 f"valid names: {', '.join(valid)}")
+            for spec in groups.get(name, [self.assets.get(name)]):
+                if spec is not None and spec not in out:
+                    out.append(spec)
         return out
 
     def active_search_dirs(self, environ: Mapping[str, str] = os.environ) -> list[Path]:
@@ -144,6 +154,13 @@ def _parse_asset(name: str, raw: Any, src: Path) -> AssetSpec:
         raise ReproError(f"{where}: missing key 'filename' (the file's name in the repo)")
     if url is not None and ("/" in filename or filename.startswith(".")):
         raise ReproError(f"{where}: key 'filename' must be a plain file name, got {filename!r}")
+    # Both become cache paths (snapshots/<commit>/<filename>, refs/<revision>): no way out of the cache.
+    if not plain_segments(filename):
+        raise ReproError(f"{where}: key 'filename' must be a relative path without '.', '..' or empty parts, "
+                         f"got {filename!r}")
+    if raw.get("revision") is not None and not plain_segments(raw["revision"]):
+        raise ReproError(f"{where}: key 'revision' must be a branch, tag or commit id (no '..' or empty parts), "
+                         f"got {raw['revision']!r}")
     sha = raw.get("sha256")
     if sha is not None:
         sha = sha.lower()
@@ -157,9 +174,12 @@ def _parse_asset(name: str, raw: Any, src: Path) -> AssetSpec:
     repo_type = raw.get("repo_type") or "model"
     if repo_type not in ("model", "dataset", "space"):
         raise ReproError(f"{where}: key 'repo_type' must be model, dataset or space, got {repo_type!r}")
+    group = raw.get("group")
+    if group is not None and (not isinstance(group, str) or not re.fullmatch(r"[\w.-]+", group)):
+        raise ReproError(f"{where}: key 'group' must be a name (letters, digits, '.', '-', '_'), got {group!r}")
     return AssetSpec(name=name, filename=filename, description=raw.get("description") or name,
                      approx_size=approx, repo_id=repo_id, revision=raw.get("revision") or "main",
-                     repo_type=repo_type, url=url, size=size, sha256=sha)
+                     repo_type=repo_type, url=url, size=size, sha256=sha, group=group)
 
 
 def _parse_search_dir(i: int, raw: Any, src: Path) -> SearchDir:
@@ -191,6 +211,9 @@ def manifest_from_dict(data: Any, src: str | os.PathLike = "<manifest>") -> Mani
             raise ReproError(f"{src}: assets {seen[spec.filename]!r} and {spec.name!r} share the file name "
                              f"{spec.filename!r}; file names must be unique")
         seen[spec.filename] = spec.name
+    clash = sorted({a.group for a in assets.values() if a.group is not None} & set(assets))
+    if clash:
+        raise ReproError(f"{src}: group {clash[0]!r} has the name of an asset; give the group another name")
     raw_dirs = data.get("search_dirs") or []
     if not isinstance(raw_dirs, list):
         raise ReproError(f"{src}: 'search_dirs' must be a list, got {type(raw_dirs).__name__}")

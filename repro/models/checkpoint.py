@@ -68,11 +68,13 @@ def _load_with_placeholders(path: Path, error: pickle.UnpicklingError) -> Any:
     return obj
 
 
-def read_checkpoint(path: str | os.PathLike, metadata_placeholders: bool = False) -> Any:
+def read_checkpoint(path: str | os.PathLike, metadata_placeholders: bool = False, mmap: bool = False) -> Any:
     """Read a checkpoint file safely; returns whatever it holds (dict of tensors, or nested dicts).
 
     `metadata_placeholders=True` (for framework checkpoints such as the official VA-VAE, a Lightning
     file) reads run-metadata classes of METADATA_MODULES as inert placeholders instead of refusing.
+    `mmap=True` maps the tensors of a zip-format `.pt` file instead of copying them into memory
+    (processes reading the same file share the page cache); legacy (pre-1.6) files are read as usual.
     """
     path = Path(path)
     if not path.is_file():
@@ -86,6 +88,8 @@ def read_checkpoint(path: str | os.PathLike, metadata_placeholders: bool = False
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e}); delete it and download again") from None
     try:
+        if mmap and zipfile.is_zipfile(path):  # torch.load's mmap needs the zip format (torch >= 1.6 files)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if metadata_placeholders:

@@ -13,6 +13,12 @@ are measured, not guessed: one block of the real model runs forward on the CPU u
 `saved_tensors_hooks` records every tensor autograd keeps (bf16 stands in for fp16: same sizes).
 With gradient checkpointing only each block's fp32 input is kept, plus one block recomputed at a
 time in the backward pass.
+
+Under `train.strategy: fsdp` (`shards` = processes) weights, gradients, AdamW moments and EMA are
+divided by the process count, and the blocks being gathered come on top: FSDP2 keeps the root's
+weights (embeddings, final layer) whole, and holds up to two blocks' full weights (the current one
+and the prefetched next) plus one block's full gradient before its reduce-scatter. `offload` (host
+memory for the shards and AdamW) leaves only those gathered blocks on the GPU.
 """
 
 from __future__ import annotations
@@ -111,8 +117,9 @@ class MemoryBudget:
 
 def training_memory_budget(model_cfg, latent_size: int, micro_batch: int, precision: str, checkpointing: bool, *,
                            ema_on_device: bool = True, fused_adam: bool = True, num_classes: int = 1000,
-                           block_saved: int | None = None) -> MemoryBudget:
-    """Peak allocated bytes of a training step (static state + activations at the start of backward)."""
+                           block_saved: int | None = None, shards: int = 1, offload: bool = False) -> MemoryBudget:
+    """Peak allocated bytes of a training step (static state + activations at the start of backward).
+    `shards` > 1 or `offload`: FSDP2 with that many processes (see the module docstring)."""
     m = _meta_model(model_cfg, latent_size, num_classes)
     n_all = sum(p.numel() for p in m.parameters())
     n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -123,13 +130,16 @@ def training_memory_budget(model_cfg, latent_size: int, micro_batch: int, precis
     widest = max(mod.weight.shape[0] for name, mod in m.blocks[0].named_modules()
                  if isinstance(mod, nn.Linear) and "adaLN" not in name)  # per-token layers only
     b = MemoryBudget()
-    b.items.append((f"weights fp32 ({n_all / 1e6:.1f}M parameters)", 4 * n_all))
-    b.items.append(("gradients fp32", 4 * n_train))
-    b.items.append(("AdamW exp_avg + exp_avg_sq fp32", 8 * n_train))
-    if not fused_adam:
-        b.items.append(("AdamW foreach temporaries (fused AdamW has none)", 4 * n_train))
-    b.items.append(("EMA fp32 " + ("on the GPU" if ema_on_device else "(on the CPU: 0 on the GPU)"),
-                    4 * n_all if ema_on_device else 0))
+    if shards > 1 or offload:
+        _sharded_state(b, m, n_all, n_train, shards, offload, ema_on_device, fused_adam)
+    else:
+        b.items.append((f"weights fp32 ({n_all / 1e6:.1f}M parameters)", 4 * n_all))
+        b.items.append(("gradients fp32", 4 * n_train))
+        b.items.append(("AdamW exp_avg + exp_avg_sq fp32", 8 * n_train))
+        if not fused_adam:
+            b.items.append(("AdamW foreach temporaries (fused AdamW has none)", 4 * n_train))
+        b.items.append(("EMA fp32 " + ("on the GPU" if ema_on_device else "(on the CPU: 0 on the GPU)"),
+                        4 * n_all if ema_on_device else 0))
     if checkpointing:
         b.items.append((f"activations: {depth} block inputs kept (checkpointing), micro-batch {micro_batch}",
                         depth * residual))
@@ -141,6 +151,25 @@ def training_memory_budget(model_cfg, latent_size: int, micro_batch: int, precis
     b.items.append(("backward transients (gradients of the widest layer output)",
                     2 * micro_batch * tokens * widest * 4))
     return b
+
+
+def _sharded_state(b: MemoryBudget, m: nn.Module, n_all: int, n_train: int, shards: int, offload: bool,
+                   ema_on_device: bool, fused_adam: bool) -> None:
+    """The static part of an FSDP2 step: 1/shards of the state, plus the gathered blocks (on the GPU)."""
+    n_block = sum(p.numel() for p in m.blocks[0].parameters())
+    n_root = n_all - len(m.blocks) * n_block
+    where = "in host memory: 0 on the GPU" if offload else f"1/{shards} per process"
+    b.items.append((f"weights fp32 ({n_all / 1e6:.1f}M parameters), {where}",
+                    0 if offload else -(-4 * n_all // shards)))
+    b.items.append((f"gradients fp32, {where}", 0 if offload else -(-4 * n_train // shards)))
+    b.items.append((f"AdamW exp_avg + exp_avg_sq fp32, {where}", 0 if offload else -(-8 * n_train // shards)))
+    if not fused_adam and not offload:
+        b.items.append(("AdamW foreach temporaries (fused AdamW has none)", -(-4 * n_train // shards)))
+    on_gpu = ema_on_device and not offload
+    b.items.append((f"EMA fp32, {'1/' + str(shards) + ' per process' if on_gpu else 'in host memory: 0 on the GPU'}",
+                    -(-4 * n_all // shards) if on_gpu else 0))
+    b.items.append(("FSDP gathered: root weights (embeddings, final layer) whole", 4 * n_root))
+    b.items.append(("FSDP gathered: 2 blocks' weights + 1 block's gradient before reduce-scatter", 3 * 4 * n_block))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,16 +202,18 @@ def usable_bytes(total_memory: int) -> int:
 
 
 def fits_on_card(model_cfg, latent_size: int, micro_batch: int, precision: str, total_memory: int, *,
-                 checkpointing: bool, ema_on_device: bool, num_classes: int = 1000, block_saved=None) -> bool:
+                 checkpointing: bool, ema_on_device: bool, num_classes: int = 1000, block_saved=None,
+                 shards: int = 1, offload: bool = False) -> bool:
     """Whether a training step's computed peak fits a card of `total_memory` bytes (step 3's rule)."""
     saved = block_saved(micro_batch) if block_saved is not None else None
     return training_memory_budget(model_cfg, latent_size, micro_batch, precision, checkpointing,
-                                  ema_on_device=ema_on_device, num_classes=num_classes,
-                                  block_saved=saved).total <= usable_bytes(total_memory)
+                                  ema_on_device=ema_on_device, num_classes=num_classes, block_saved=saved,
+                                  shards=shards, offload=offload).total <= usable_bytes(total_memory)
 
 
 def choose_training_layout(model_cfg, latent_size: int, total_memory: int, precision: str, *,
-                           max_micro: int = 128, num_classes: int = 1000, block_saved=None) -> TrainingLayout:
+                           max_micro: int = 128, num_classes: int = 1000, block_saved=None, shards: int = 1,
+                           offload: bool = False) -> TrainingLayout:
     """The cheapest way to train on one card, by the computed budget, in this order of preference:
 
     1. no checkpointing, EMA on the GPU, micro-batch >= 16 (no recomputation, no host work);
@@ -199,7 +230,7 @@ def choose_training_layout(model_cfg, latent_size: int, total_memory: int, preci
         while micro <= max_micro:
             peak = training_memory_budget(model_cfg, latent_size, micro, precision, checkpointing,
                                           ema_on_device=not ema_on_cpu, num_classes=num_classes,
-                                          block_saved=block_saved(micro)).total
+                                          block_saved=block_saved(micro), shards=shards, offload=offload).total
             if peak > limit:
                 break
             best = (micro, peak)
@@ -207,10 +238,13 @@ def choose_training_layout(model_cfg, latent_size: int, total_memory: int, preci
         if best is not None and best[0] >= least:
             how = ("no checkpointing" if not checkpointing else
                    "per-block checkpointing" + (", EMA in host memory" if ema_on_cpu else ""))
+            if shards > 1 or offload:
+                how = f"FSDP over {shards} process(es){' with host-memory offload' if offload else ''}, {how}"
             return TrainingLayout(best[0], checkpointing, ema_on_cpu, best[1], True,
                                   f"{how}: {best[1] / GiB:.1f} GiB computed of {limit / GiB:.1f} GiB usable")
     peak = training_memory_budget(model_cfg, latent_size, 1, precision, True, ema_on_device=False,
-                                  num_classes=num_classes, block_saved=block_saved(1)).total
+                                  num_classes=num_classes, block_saved=block_saved(1), shards=shards,
+                                  offload=offload).total
     return TrainingLayout(1, True, True, peak, False,
                           f"does not fit even at micro-batch 1 with checkpointing and the EMA in host memory "
                           f"({peak / GiB:.1f} GiB computed of {limit / GiB:.1f} GiB usable): use a smaller model")

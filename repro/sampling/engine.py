@@ -5,14 +5,16 @@ hardware, one batch of latents, decoding to pixels, batch size from free memory,
     x = sample_latents(setup, noise, labels)         # the core ODE sampler, under autocast
     pixels = decode_to_uint8(setup, x)               # (B, H, W, 3) uint8, as upstream decode_to_images
 
-Precision (issue 7): the transformer runs under bf16 autocast where the GPU has native bf16, else
-fp16, fp32 on CPU; `sample.precision` / --precision override. The ODE state stays fp32. The VA-VAE
+Precision: the transformer runs in `sample.precision`: fp32 by default, as upstream inference.py
+(issue 12); `auto` (an opt-in) is bf16 autocast where the GPU has native bf16, else fp16, fp32 on CPU;
+--precision overrides. The ODE state stays fp32. The VA-VAE
 decodes in `vae.precision` (fp32 by default: the images then match an fp32 decode within 1 level).
 TF32 matmuls are enabled on Ampere and newer, as upstream inference.py does.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +26,8 @@ from repro.config import Config
 from repro.data.stats import STATS_NAME, load_latent_stats
 from repro.errors import ReproError
 from repro.transport import METHODS, sample_ode
-from repro.utils.hardware import GiB, autocast, configure_backends, default_device, resolve_precision
+from repro.utils.hardware import (CompiledOrEager, GiB, autocast, compile_mode, configure_backends, default_device,
+                                  resolve_precision, use_compile_cache)
 
 DECODE_CHUNK = 16  # VA-VAE decode sub-batch: bounds decoder activations (~0.2 GB per 256 px image in fp32)
 MAX_AUTO_BATCH = 1024
@@ -49,36 +52,45 @@ class SamplerSetup:
 # Compilation
 
 
-class OwnedOutputs(torch.nn.Module):
-    """Copies each output of a CUDA-graph-compiled model out of the graph's memory pool.
-
-    With `reduce-overhead` / `max-autotune`, outputs live in a pool that the next replay overwrites;
-    two-stage solvers (heun2, midpoint, rk4) keep one velocity while computing the next, so each is
-    cloned (one latent-sized copy per call: ~1e-4 of the model's work).
-    """
-
-    def __init__(self, compiled: torch.nn.Module, model: torch.nn.Module):
-        super().__init__()
-        self.compiled = compiled
-        self.num_classes = getattr(model, "num_classes", None)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(x, t, y).clone()
-
-
-def compile_for_sampling(model: torch.nn.Module, compile: Optional[str | bool], device: torch.device):
-    """`model` itself (compile falsy), or torch.compile(model, mode); 'default'/True = torch's default mode.
-
-    `reduce-overhead` captures the fixed-shape step as CUDA graphs (two shapes: guided and not).
-    """
-    if not compile:
+def compile_for_sampling(model: torch.nn.Module, compile, device: torch.device):
+    """The model sampling calls: compiled with CUDA graphs on a GPU by default (`compile` None/"auto":
+    the step's shapes are fixed, so `reduce-overhead` captures each as a graph), eager on the CPU; or as
+    asked (False/"none" eager, True/"default", a torch.compile mode). Falls back to eager with one line
+    if compiling fails (`repro.utils.hardware.CompiledOrEager`)."""
+    mode = compile_mode(compile, device, auto="reduce-overhead")
+    if mode is None:
         return model
-    mode = None if compile is True or compile == "default" else str(compile)
-    compiled = torch.compile(model, mode=mode)
-    if device.type == "cuda" and mode in ("reduce-overhead", "max-autotune"):
-        return OwnedOutputs(compiled, model)
-    return compiled
+    from repro.utils.distributed import print0
+    from repro.paths import runs_dir
+
+    use_compile_cache(runs_dir() / "compile_cache")
+    return CompiledOrEager(model, mode, "sampling", note=print0)
+
+
+def warm_up(setup: SamplerSetup, batch_size: int) -> Optional[float]:
+    """Compile (or capture) the model at the run's shapes before the timed loop; returns the seconds it
+    took, or None for an eager model. Shapes: B rows where guidance is off, 2B rows where it is on."""
+    if not isinstance(setup.model, CompiledOrEager):
+        return None
+    import time
+
+    from repro.utils.distributed import print0
+
+    c, h, w = setup.latent_shape
+    rows = [batch_size] + ([2 * batch_size] if setup.cfg.sample.cfg_scale > 1.0 else [])
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast(setup.device, setup.precision):
+        for n in rows:
+            for _ in range(3):  # CUDA graphs are recorded after a warm-up call, then replayed
+                setup.model(torch.zeros(n, c, h, w, device=setup.device), torch.zeros(n, device=setup.device),
+                            torch.zeros(n, dtype=torch.int64, device=setup.device))
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize(setup.device)
+    seconds = time.perf_counter() - start
+    state = "eager after a compile failure" if setup.model.failed else "compiled"
+    print0(f"sampling model {state} at batch {batch_size} in {seconds:.1f}s (cache: "
+           f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'torch default')}); this is paid once per process")
+    return seconds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,9 +5,13 @@
 
 Layout of `out_dir`: `images/{index:06d}.png`, `samples.npz` (FID mode) or `demo_samples.png`
 (demo), `config.yaml` (the resolved config the run used) and `run.json` (what fixes the pixels:
-seed, batch size, labels, precision, sampler settings, checkpoint). Running the same command again
-finishes only the missing batches; a run that asks for different pixels in the same folder is
-refused with the setting that differs.
+seed, batch size, labels, precision, sampler settings, and the sha256 of the checkpoint, the VA-VAE
+and the latent statistics). Running the same command again finishes only the missing batches; a run
+that asks for different pixels in the same folder is refused with the setting or the file that
+differs (a checkpoint replaced by another run's under the same name included). A run.json from
+before the hashes is extended only if none of the three files changed after the folder's first
+image was written. SIGTERM/SIGINT drop the batch in flight, write the finished images and stop
+with `repro.errors.Preempted` (exit 143/130): the same command finishes the run.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from repro import paths
 from repro.config import Config, save_config
-from repro.errors import ReproError
+from repro.errors import Preempted, ReproError
 from repro.data.npz import npz_count
 from repro.sampling import engine, plan
 from repro.sampling.grid import grid_shape, load_images, save_grid, save_preview
@@ -30,7 +34,9 @@ from repro.sampling.writer import ImageWriter, pack_npz
 from repro.utils import distributed as du
 from repro.utils.distributed import print0
 from repro.utils.hardware import GiB, describe_device, is_oom, peak_memory, reset_peak_memory
+from repro.utils.hashing import HashCache
 from repro.utils.io import atomic_write_json, remove_stale_temps
+from repro.utils.preemption import BatchDropped, StopSignals, signal_name
 
 # Settings that change pixels; a resumed run must match them (the batch size too: see plan.py).
 _SAMPLE_KEYS = ("mode", "sampling_method", "atol", "rtol", "num_sampling_steps", "cfg_scale",
@@ -50,27 +56,66 @@ def default_out_dir(cfg: Config, demo: bool) -> Path:
 
 
 def _record(cfg: Config, seed: int, batch: int, n: int, mode: str, labels: Optional[Sequence[int]],
-            setup: engine.SamplerSetup) -> dict:
+            setup: engine.SamplerSetup, inputs: dict) -> dict:
     s = dataclasses.asdict(cfg.sample)
     return {"seed": seed, "batch_size": batch, "num_samples": n, "label_mode": mode,
             "labels": list(labels) if labels else None, "precision": setup.precision,
             "vae_precision": setup.vae_precision, "sample": {k: s[k] for k in _SAMPLE_KEYS},
             "ckpt": Path(cfg.ckpt_path).name, "model_type": cfg.model.model_type,
-            "image_size": cfg.data.image_size, "num_classes": cfg.data.num_classes}
+            "image_size": cfg.data.image_size, "num_classes": cfg.data.num_classes, "inputs": inputs}
+
+
+def input_hashes(cfg: Config) -> dict:
+    """{config key: {"file", "sha256"}} of the three files that fix the pixels: the checkpoint, the VA-VAE
+    and the latent statistics (hashed once, then answered from runs/sha256_cache.json)."""
+    files = {"ckpt_path": Path(cfg.ckpt_path), "vae.ckpt_path": Path(cfg.vae.ckpt_path),
+             "data.data_path": engine.stats_path(cfg)}
+    with HashCache() as cache:
+        return {key: {"file": str(p.expanduser().absolute()), "sha256": cache.sha256(p.expanduser())}
+                for key, p in files.items()}
 
 
 def _mismatch(old: dict, new: dict) -> Optional[tuple[str, object, object]]:
     """The first pixel-relevant setting that differs between a folder's record and this run, if any."""
     def flat(d: dict) -> dict:
-        return {**{k: v for k, v in d.items() if k != "sample"},
+        return {**{k: v for k, v in d.items() if k not in ("sample", "inputs")},
                 **{f"sample.{k}": v for k, v in d.get("sample", {}).items()}}
     before, now = flat(old), flat(new)
+    if old.get("inputs"):
+        before.pop("ckpt", None)  # the file's content is compared (by sha256), not its name
     for key, value in now.items():
         if key == "num_samples" and new["label_mode"] != "balanced":
             continue  # uniform/fixed labels: image i is the same whatever N is, so a run may be extended
         if key in before and before[key] != value:
             return key, before[key], value
     return None
+
+
+def _changed_input(old: dict, new: dict, out: Path) -> Optional[str]:
+    """Why the folder's images came from other input files than this run's (None if they did not)."""
+    for key, now in new["inputs"].items():
+        was = (old.get("inputs") or {}).get(key)
+        if was and was.get("sha256") != now["sha256"]:
+            return (f"{out} holds samples made from {key} {was.get('file')} with sha256 {was.get('sha256')}; this "
+                    f"run's {now['file']} has sha256 {now['sha256']}: run with the old file to resume, or choose a "
+                    "new --out")
+    return None
+
+
+def _legacy_record_check(old: dict, new: dict, images_dir: Path, record_path: Path) -> None:
+    """A run.json written before input hashes: extend the folder only if no input file changed after its
+    first image was written (a file replaced since would mix two models); then the hashes are recorded."""
+    done = plan.existing_indices(images_dir)
+    if old.get("inputs") or not done:
+        return
+    first = min(plan.image_path(images_dir, i).stat().st_mtime for i in done)
+    for key, now in new["inputs"].items():
+        if Path(now["file"]).stat().st_mtime > first:
+            raise ReproError(f"{record_path} predates input hashes and {now['file']} ({key}) was modified after the "
+                             f"first image in {images_dir} was written, so the folder may mix two models: choose a "
+                             "new --out (or delete that folder to sample it again)")
+    print0(f"note: {record_path} predates input hashes; the input files are older than the folder's first image, "
+           "so it is extended, and their sha256 are recorded from now on")
 
 
 def _read_record(path: Path) -> Optional[dict]:
@@ -105,10 +150,11 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     all_labels = plan.plan_labels(n, num_classes, seed, "balanced" if class_balanced else "uniform", labels)
 
     # --- The models, and the batch size: --batch-size, else the folder's (resume), else the config's
-    out = Path(out_dir) if out_dir else default_out_dir(cfg, demo)
+    out = paths.runs_path(str(out_dir)) if out_dir else default_out_dir(cfg, demo)  # runs:REL as in every step
     images_dir, record_path = out / "images", out / "run.json"
     old = _read_record(record_path)
     setup = engine.build_sampler(cfg, device=device, precision=precision, compile=compile)
+    inputs = du.run_on_main(input_hashes, cfg)
     chosen = batch_size if batch_size is not None else (old["batch_size"] if old else cfg.sample.per_proc_batch_size)
     if chosen == "auto":
         chosen, why = engine.auto_batch_size(setup, limit=-(-n // world))
@@ -119,14 +165,20 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
         raise ReproError(f"--batch-size must be >= 1, got {batch}")
 
     # --- The folder: refuse other pixels in it (a demo is replaced), record this run -------------
-    record = _record(cfg, seed, batch, n, mode, labels, setup)
+    record = _record(cfg, seed, batch, n, mode, labels, setup, inputs)
     diff = _mismatch(old, record) if old else None
+    changed = _changed_input(old, record, out) if old else None
     if diff and not demo:
         key, was, now = diff
         raise ReproError(f"{out} holds samples made with {key}={was!r} ({record_path}); this run asks for "
                          f"{key}={now!r}: run with the old value to resume, or choose a new --out")
-    if diff:  # a demo is 8 images: other settings replace it rather than stop the run
-        print0(f"note: replacing the demo in {out}, made with {diff[0]}={diff[1]!r}")
+    if changed and not demo:
+        raise ReproError(changed)
+    if old and not demo:
+        du.run_on_main(_legacy_record_check, old, record, images_dir, record_path)
+    if diff or changed:  # a demo is 8 images: other settings replace it rather than stop the run
+        print0(f"note: replacing the demo in {out}, made with "
+               + (f"{diff[0]}={diff[1]!r}" if diff else "other input files (sha256 differs)"))
         du.barrier()
         if du.is_main():
             for i in plan.existing_indices(images_dir):
@@ -151,20 +203,32 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
            f"{setup.precision} on {describe_device(setup.device)}, VA-VAE decode {setup.vae_precision}")
 
     # --- Sample: the accelerator runs the ODE while a thread decodes and writes the last batch ----
+    if mine:
+        engine.warm_up(setup, batch)  # compile / capture at the real shapes first (GPU default), timed apart
     stats: dict = {}
     reset_peak_memory(setup.device)
     start = time.perf_counter()
+    # SIGTERM/SIGINT drop the batch in flight; the finished ones are written, then Preempted is raised.
     bar = _progress(todo, progress and du.is_main(), world)
     try:
         def decode(item):  # (latents, index of the batch's first image)
             return engine.decode_to_uint8(setup, item[0], first_index=item[1])
 
-        with ImageWriter(decode, threaded=threaded_writer) as writer:
+        with StopSignals("dropping the batch in flight, writing the finished images") as stops, \
+                ImageWriter(decode, threaded=threaded_writer) as writer:
             for k in mine:
+                if stops.signum:
+                    break
                 idx = plan.batch_indices(k, batch, n)
                 noise = plan.batch_noise(seed, idx, setup.latent_shape)
-                x = engine.sample_latents(setup, noise, all_labels[idx.start:idx.stop], stats)
+                try:
+                    with stops.droppable():
+                        x = engine.sample_latents(setup, noise, all_labels[idx.start:idx.stop], stats)
+                except BatchDropped:
+                    break
                 writer.submit((x, idx.start), [plan.image_path(images_dir, i) for i in idx])
+                if k == mine[0]:  # the wall time, estimated from the first batch, before the bulk starts
+                    _estimate(setup, start, len(idx), todo, world)
                 if bar is not None:
                     bar.update(len(idx))
     except (RuntimeError, MemoryError) as e:
@@ -174,6 +238,7 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     finally:
         if bar is not None:
             bar.close()
+    _stop_if_signalled(stops.signum, images_dir, n)
     if setup.device.type == "cuda":
         torch.cuda.synchronize(setup.device)
     elapsed = time.perf_counter() - start
@@ -217,14 +282,43 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
                          f"{'-' if rate is None else f'{rate:.3g}'} images/s, "
                          f"peak memory {peak / GiB:.2f} GiB ({peak_what}), {setup.precision}, "
                          f"batch {batch} x {world} process(es)")
+    if rate:
+        result["summary"] += f"; {FID_IMAGES:,} images at this rate: {FID_IMAGES / rate / 3600:.2f} h"
     print0(result["summary"])
     return result
+
+
+FID_IMAGES = 50_000  # the FID protocol's sample count
+
+
+def _estimate(setup, start: float, images: int, todo: int, world: int) -> None:
+    """Print this run's and an FID-50K run's wall time at the first batch's pace (all processes alike)."""
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize(setup.device)
+    seconds = time.perf_counter() - start
+    if seconds <= 0 or images == 0:
+        return
+    rate = images * world / seconds  # images per second over all processes
+    print0(f"first batch: {seconds:.1f}s for {images} image(s) per process -> about "
+           f"{todo * world / rate / 60:.1f} min for this run, {FID_IMAGES / rate / 3600:.2f} h for "
+           f"{FID_IMAGES:,} images on {world} process(es) ({describe_device(setup.device)})")
+
+
+def _stop_if_signalled(signum: Optional[int], images_dir: Path, n: int) -> None:
+    """After a SIGTERM/SIGINT on any process (all agree): Preempted naming what is on disk."""
+    signum = int(du.all_reduce_values([signum or 0], "max")[0])
+    if not signum:
+        return
+    du.barrier()
+    have = sum(1 for i in plan.existing_indices(images_dir) if i < n)
+    raise Preempted(f"stopped by {signal_name(signum)}: {have} of {n} images are written in {images_dir} (a batch "
+                    "in flight, if any, was dropped); resume with the same command", signum)
 
 
 def _progress(total: int, enabled: bool, world: int):
     if not enabled or total == 0:
         return None
-    from tqdm.auto import tqdm
+    from repro.utils.progress import progress_bar
 
     desc = "sampling" if world == 1 else f"sampling (rank 0 of {world})"
-    return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1)
+    return progress_bar(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.1)

@@ -3,5 +3,6 @@ a preset into a concrete config (step 3), and preparing step 4's config (which f
 needs, then resolves the same way on every process).
 
 Modules: `envinfo` (machine report and hardware recommendations), `install_plan` (install only what is
-missing, never torch), `resolve` (asset markers, `runs:` paths, `auto` values), `prepare` (step 4).
+missing, never torch), `resolve` (asset markers, `runs:` paths, `auto` values), `prepare` (step 4), `notebook` (the notebooks'
+work folder, torchrun from a cell, inline figures).
 """

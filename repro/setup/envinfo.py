@@ -109,14 +109,20 @@ def arch_trap(gpu: GPUInfo, arch_list: list[str], *, torch_version: str = "?", c
 
 
 def choose_precision(gpus: list[GPUInfo], bf16_runtime: Optional[bool] = None) -> tuple[str, str]:
-    """(precision, why): bf16 with native bf16 everywhere, fp16 on older GPUs, fp32 on CPU."""
+    """(precision, why) for `auto`: bf16 with native bf16 everywhere, fp16 on older GPUs, fp32 on CPU.
+
+    True of training only: upstream trains under `accelerate --mixed_precision bf16` but samples in
+    fp32 (+TF32), so the reproduction presets set `sample.precision: fp32` and `auto` there is an opt-in.
+    """
     if not gpus:
         return "fp32", "no CUDA GPU: fp32 on CPU"
     lacking = [g for g in gpus if not capability_has_bf16(g.capability)]
     if lacking or bf16_runtime is False:
         g = lacking[0] if lacking else gpus[0]
-        return "fp16", f"{g.name} ({g.sm}) has no native bf16: fp16 instead of upstream's bf16"
-    return "bf16", f"native bf16 on {gpus[0].name} ({gpus[0].sm}), as upstream"
+        return "fp16", (f"{g.name} ({g.sm}) has no native bf16: fp16 autocast (with a gradient scaler in training) "
+                        "instead of the bf16 autocast upstream trains with")
+    return "bf16", (f"native bf16 on {gpus[0].name} ({gpus[0].sm}): bf16 autocast, as upstream trains "
+                    "(accelerate --mixed_precision bf16)")
 
 
 def _pow2_floor(x: float) -> int:
@@ -140,9 +146,10 @@ def _xl_block_saved(precision: str):
     return block_saved_fn(ModelConfig(), 16, precision)
 
 
-def recommend_training(gpus: list[GPUInfo], precision: str) -> dict[str, Any]:
+def recommend_training(gpus: list[GPUInfo], precision: str, shards: int = 1) -> dict[str, Any]:
     """Micro-batch, checkpointing and EMA placement for LightningDiT-XL/1 at 256 px on the smallest GPU,
-    from the computed training budget (repro.models.cost; benchmarks/bench_train.py measures it)."""
+    from the computed training budget (repro.models.cost; benchmarks/bench_train.py measures it).
+    `shards` > 1: train.strategy fsdp over that many processes (kit: issue 16)."""
     if not gpus:
         return {"train_micro_batch_size": 8, "train_use_checkpoint": False, "train_ema_on_cpu": False,
                 "train_batch_reason": "CPU: a small micro batch"}
@@ -151,10 +158,20 @@ def recommend_training(gpus: list[GPUInfo], precision: str) -> dict[str, Any]:
 
     gpu = min(gpus, key=lambda g: g.total_memory)
     layout = choose_training_layout(ModelConfig(), 16, gpu.total_memory, precision,
-                                    block_saved=_xl_block_saved(precision))
+                                    block_saved=_xl_block_saved(precision), shards=shards)
     why = f"{gpu.total_memory / GiB:.1f} GiB {gpu.name}, {precision}, XL/1 at 256 px: {layout.reason}"
     return {"train_micro_batch_size": layout.micro_batch, "train_use_checkpoint": layout.checkpointing,
             "train_ema_on_cpu": layout.ema_on_cpu, "train_batch_reason": why}
+
+
+def fsdp_recommendation(rec: dict[str, Any]) -> dict[str, Any]:
+    """`rec` with the training plan for train.strategy fsdp (sharded over this machine's GPUs), which
+    step 1 records as `train_fsdp`; an older env.json without it keeps the DDP plan (FSDP needs less)."""
+    plan = rec.get("train_fsdp")
+    if not isinstance(plan, dict):
+        return dict(rec, train_batch_reason=f"{rec.get('train_batch_reason', '')} (the DDP plan: this environment "
+                                            "report has no FSDP plan; run step 1 again for one)")
+    return dict(rec, **plan)
 
 
 def recommend_sampling(gpus: list[GPUInfo], precision: str) -> dict[str, Any]:
@@ -202,7 +219,9 @@ def recommend(gpus: list[GPUInfo], bf16_runtime: Optional[bool] = None) -> dict[
     sampling = recommend_sampling(gpus, precision)
     return {"device": "cuda" if gpus else "cpu", "precision": precision, "precision_reason": why,
             "sample_per_proc_batch_size": sampling["sample"], "sample_batch_reason": sampling["sample_reason"],
-            **recommend_training(gpus, precision)}
+            **recommend_training(gpus, precision),
+            "train_fsdp": recommend_training(gpus, precision, shards=max(len(gpus), 1)) if len(gpus) > 1 else
+            recommend_training(gpus, precision)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +344,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"attention  SDPA kernels: {', '.join(sdpa) or 'none'}",
         f"ram        {_gib(report['ram']['total_bytes'])} total, {_gib(report['ram']['available_bytes'])} available",
         f"disk       {_gib(report['disk']['free_bytes'])} free at {report['disk']['path']}",
-        f"precision  {rec['precision']} ({rec['precision_reason']})",
+        f"precision  {rec['precision']} for `auto` ({rec['precision_reason']})"
+        + ("; the sampling presets keep fp32 + TF32, as upstream inference.py" if rec["precision"] != "fp32" else ""),
         f"batch      sample {rec['sample_per_proc_batch_size']} per process ({rec['sample_batch_reason']}), "
         f"train micro batch {rec['train_micro_batch_size']} ({rec['train_batch_reason']})",
     ]

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from repro import paths
 from repro.config import Config, apply_overrides, flatten, load_config
+from repro.data.synthetic import LOCAL_ASSETS, local_asset, local_asset_exists
 from repro.setup.resolve import (ASSET, ASSET_DIR, RUNS, default_resolved_path, find_config, resolve_config,
                                  resolve_file, write_resolved)
 from repro.utils import distributed as du
@@ -33,7 +34,17 @@ def _is_preset(cfg: Config) -> bool:
     return bool(_markers(cfg)) or any(v == "auto" for v in flatten(cfg).values())
 
 
+def sampling_assets(base: str) -> list[str]:
+    """The downloadable assets (step 2's names) that sampling with preset `base` reads; kit-local ones
+    (the tiny preset's generated weights) are not among them, so `tiny` needs no download at all."""
+    markers = _markers(load_config(find_config(base)))
+    return sorted({v.split(":", 1)[1].strip() for k, v in markers.items() if k in SAMPLING_PATH_KEYS
+                   and v.startswith((ASSET, ASSET_DIR)) and v.split(":", 1)[1].strip() not in LOCAL_ASSETS})
+
+
 def _downloaded(name: str) -> bool:
+    if name in LOCAL_ASSETS:
+        return local_asset_exists(name)
     entries, src = paths.read_asset_table()
     p = paths.recorded_asset_path(entries, name, src.parent)
     return p is not None and p.exists()
@@ -73,8 +84,15 @@ def _resolve_preset(preset, raw: Config, resolved, cuda: bool) -> Config:
     needed = sorted({v.split(":", 1)[1] for k, v in markers.items()
                      if k in SAMPLING_PATH_KEYS and v.startswith((ASSET, ASSET_DIR))})
 
-    # Fetch the assets sampling reads, on rank 0, while every other process waits.
+    # Fetch the assets sampling reads, on rank 0, while every other process waits (kit-local ones are made).
     missing = du.broadcast_object([name for name in needed if not _downloaded(name)])
+    local, missing = [n for n in missing if n in LOCAL_ASSETS], [n for n in missing if n not in LOCAL_ASSETS]
+    if local:
+        print0(f"step 4: generating the kit-local asset(s) {', '.join(local)} (seeded stand-in weights, no download)")
+        if du.is_main():
+            for name in local:
+                local_asset(name)
+        du.barrier()
     if missing:
         print0(f"step 4: asset(s) {', '.join(missing)} not downloaded yet: running step 2 "
                f"(python -m steps.step2_download --only {' '.join(missing)})")

@@ -4,6 +4,8 @@ Presets never hold `path/to/...` placeholders. A path value is one of:
 
     asset:NAME          the file of asset NAME      (ckpt_path: asset:lightningdit-xl-800ep)
     asset-dir:NAME      the folder holding it       (data.data_path: asset-dir:latents-stats)
+                        (kit-local names such as asset:tiny-dit are generated here, never downloaded:
+                        repro.data.synthetic.LOCAL_ASSETS)
     runs:REL            REL under the runs folder   (train.output_dir: runs:output)
     anything else       used as written
 
@@ -12,7 +14,10 @@ Asset files come from `runs/assets.json` (step 2: `{"assets": {NAME: {"path": ..
 `recommended` block of `runs/env.json` (step 1), or from a named hardware profile; an auto
 micro-batch also switches on `model.use_checkpoint` / `train.ema_on_cpu` where the computed memory
 budget needed them to reach that micro-batch (XL/1 on a 16 GB T4). Values set explicitly (in the
-file or with --set) are never changed. Every change is returned as a line "key: old -> new (why)".
+file or with --set) are never changed. Every change is returned as a line "key: old -> new (why)",
+including each key the file leaves out, which takes upstream's missing-key value (repro.config_checks).
+`sample.precision: auto` is an opt-in (the presets sample in fp32, as upstream inference.py); with an
+explicit fp32 and an `auto` batch, step 1's half-precision batch estimate is halved.
 
     cfg, changes = resolve_file("configs/lightningdit_xl_800ep.yaml", ["sample.cfg_scale=4.0"])
     write_resolved(cfg, default_resolved_path("configs/lightningdit_xl_800ep.yaml"), base=..., changes=changes)
@@ -27,13 +32,15 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from repro import paths
-from repro.config import Config, apply_overrides, config_diff, flatten, load_config, save_config
+from repro import paths, resources
+from repro.config import (Config, config_diff, config_from_dict, flatten, load_config, read_config_file,
+                          save_config)
+from repro.config_checks import describe_missing, missing_upstream_defaults, with_upstream_defaults
+from repro.data.synthetic import LOCAL_ASSETS, local_asset
 from repro.errors import ConfigError
 from repro.setup import envinfo
 from repro.utils.hardware import GiB
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ASSET, ASSET_DIR, RUNS = "asset:", "asset-dir:", "runs:"
 
 _G = GiB
@@ -42,6 +49,7 @@ HARDWARE_PROFILES: dict[str, list[envinfo.GPUInfo]] = {
     "cpu": [],
     "p100": [envinfo.GPUInfo("Tesla P100-PCIE-16GB", (6, 0), 17_071_734_784)],
     "t4": [envinfo.GPUInfo("Tesla T4", (7, 5), 15_835_398_144)],  # torch's total_memory on Kaggle/Colab
+    "t4x2": [envinfo.GPUInfo("Tesla T4", (7, 5), 15_835_398_144, i) for i in range(2)],  # Kaggle's "GPU T4 x2"
     "l4": [envinfo.GPUInfo("NVIDIA L4", (8, 9), 22 * _G)],
     "a100-40gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-40GB", (8, 0), 40 * _G)],
     "a100-80gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-80GB", (8, 0), 80 * _G)],
@@ -50,13 +58,8 @@ HARDWARE_PROFILES: dict[str, list[envinfo.GPUInfo]] = {
 
 
 def find_config(base: str | os.PathLike) -> Path:
-    """A config path, or a preset name: 'tiny' -> configs/tiny.yaml."""
-    p = Path(base)
-    for candidate in (p, PROJECT_ROOT / "configs" / p, PROJECT_ROOT / "configs" / f"{p}.yaml"):
-        if candidate.is_file():
-            return candidate
-    presets = sorted(q.stem for q in (PROJECT_ROOT / "configs").glob("*.yaml") if q.stem != "assets")
-    raise ConfigError(f"config not found: {base} (give a YAML path or a preset name: {', '.join(presets)})")
+    """A config path, or a preset name: 'tiny' -> configs/tiny.yaml (of the checkout or the installed kit)."""
+    return resources.find_config(base)
 
 
 def default_resolved_path(base: str | os.PathLike) -> Path:
@@ -166,7 +169,10 @@ def _fill_paths(out: Config, assets: Any) -> list[str]:
             if not name.strip():
                 raise ConfigError(f"config key '{key}': '{value}' names no asset (write e.g. asset:vavae-f16d32)")
             try:
-                path, origin = _asset_path(name.strip(), assets, key)
+                if name.strip() in LOCAL_ASSETS:  # the tiny preset's stand-in weights: made here, never fetched
+                    path, origin = local_asset(name.strip()), "kit-local asset, generated on first use"
+                else:
+                    path, origin = _asset_path(name.strip(), assets, key)
             except MissingAssetError as e:
                 missing.append(e)  # report every missing asset at once, with one command that fetches them all
                 continue
@@ -190,6 +196,15 @@ def _fill_paths(out: Config, assets: Any) -> list[str]:
 _AUTO_KEYS = ("train.micro_batch_size", "train.precision", "sample.per_proc_batch_size", "sample.precision")
 
 
+def _sample_precision_reason(rec: Mapping[str, Any]) -> str:
+    """Why `sample.precision: auto` became rec's precision, true for sampling (step 1's reason is training's)."""
+    if rec["precision"] == "fp32":
+        return f"{rec.get('precision_reason', '')}; fp32, as upstream inference.py samples"
+    return (f"the fastest for this hardware ({rec.get('precision_reason', '')}), an opt-in: upstream inference.py "
+            "samples in fp32 + TF32 and half precision moves the latents (README); set sample.precision=fp32 "
+            "to reproduce")
+
+
 def _fill_auto(out: Config, env: Any, profile: Optional[str], runtime_batch: bool) -> list[str]:
     """`auto` precision and batch sizes -> the hardware's recommendation, in place."""
     changes: list[str] = []
@@ -203,9 +218,11 @@ def _fill_auto(out: Config, env: Any, profile: Optional[str], runtime_batch: boo
     if not auto and not explicit_half:
         return changes
     rec, origin = _recommendation(env, profile)
+    if out.train.strategy == "fsdp":  # kit (issue 16): the memory plan of sharded state
+        rec = envinfo.fsdp_recommendation(rec)
 
     # Every auto value takes the recommendation (a micro-batch never exceeds the global batch).
-    picks = {"sample.precision": (rec["precision"], rec.get("precision_reason", "")),
+    picks = {"sample.precision": (rec["precision"], _sample_precision_reason(rec)),
              "train.precision": (rec["precision"], rec.get("precision_reason", "")),
              "sample.per_proc_batch_size": (int(rec["sample_per_proc_batch_size"]), rec.get("sample_batch_reason", "")),
              "train.micro_batch_size": (int(rec["train_micro_batch_size"]), rec.get("train_batch_reason", ""))}
@@ -213,6 +230,9 @@ def _fill_auto(out: Config, env: Any, profile: Optional[str], runtime_batch: boo
         new, why = picks[key]
         if key == "train.micro_batch_size" and new > out.train.global_batch_size:
             new, why = out.train.global_batch_size, f"capped at train.global_batch_size; {why}"
+        if key == "sample.per_proc_batch_size" and out.sample.precision == "fp32" and rec["precision"] != "fp32":
+            # step 1 sized the batch for half precision; fp32 activations take twice the memory per image
+            new, why = max(1, new // 2), f"halved for sample.precision fp32; {why}"
         _set(out, key, new)
         changes.append(f"{key}: {auto[key]} -> {new} ({why}; from {origin})")
 
@@ -241,9 +261,13 @@ def resolve_file(base: str | os.PathLike, overrides: Optional[list[str]] = None,
     (and an `asset:` marker given with --set is filled like any other).
     """
     path = find_config(base)
-    loaded = load_config(path)
-    overridden = apply_overrides(copy.deepcopy(loaded), overrides)
-    changes = [f"{k}: {old} -> {new} (--set)" for k, old, new in config_diff(loaded, overridden)]
+    raw = read_config_file(path)
+    overridden = load_config(path, overrides)  # checked after the overrides: --set may repair a refused value
+    as_written = config_from_dict(with_upstream_defaults(raw), check=False)
+    set_keys = {o.split("=", 1)[0].strip() for o in overrides or []}
+    filled = {k: v for k, v in missing_upstream_defaults(raw).items() if k not in set_keys}
+    changes = describe_missing(filled, path.name)
+    changes += [f"{k}: {old} -> {new} (--set)" for k, old, new in config_diff(as_written, overridden)]
     cfg, resolved = resolve_config(overridden, assets=assets, env=env, profile=profile, runtime_batch=runtime_batch)
     return cfg, changes + resolved, path
 

@@ -30,20 +30,20 @@ from repro.utils.distributed import print0
 INFERENCE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    # upstream Normalize(): 32 groups, eps 1e-6
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    # upstream Normalize(): 32 groups, eps 1e-6 (kit: `norm_groups` lets small models use fewer groups)
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice plus a residual; no timestep input (temb_ch is 0 in the VAE)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int = 32):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = _group_norm(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = _group_norm(out_channels, norm_groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
@@ -59,9 +59,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, 1x1-conv projections, scale c^-0.5."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm_groups: int = 32):
         super().__init__()
-        self.norm = _group_norm(channels)
+        self.norm = _group_norm(channels, norm_groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -99,15 +99,16 @@ class Upsample(nn.Module):
 class _Level(nn.Module):
     """One resolution level: res blocks, each followed by attention where the level has it."""
 
-    def __init__(self, channels_in: int, channels_out: int, num_blocks: int, with_attn: bool):
+    def __init__(self, channels_in: int, channels_out: int, num_blocks: int, with_attn: bool,
+                 norm_groups: int = 32):
         super().__init__()
         self.block = nn.ModuleList()
         self.attn = nn.ModuleList()
         for _ in range(num_blocks):
-            self.block.append(ResnetBlock(channels_in, channels_out))
+            self.block.append(ResnetBlock(channels_in, channels_out, norm_groups))
             channels_in = channels_out
             if with_attn:
-                self.attn.append(AttnBlock(channels_out))
+                self.attn.append(AttnBlock(channels_out, norm_groups))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
@@ -118,11 +119,11 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm_groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, norm_groups)
+        self.attn_1 = AttnBlock(channels, norm_groups)
+        self.block_2 = ResnetBlock(channels, channels, norm_groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -132,20 +133,21 @@ class Encoder(nn.Module):
     """Image (N,3,H,W) -> moments (N, 2*z_channels, H/2^(L-1), W/2^(L-1))."""
 
     def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 attn_resolutions: Sequence[int], z_channels: int, resolution: int, in_channels: int = 3):
+                 attn_resolutions: Sequence[int], z_channels: int, resolution: int, in_channels: int = 3,
+                 norm_groups: int = 32):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         channels = ch
         for level, mult in enumerate(ch_mult):
             level_res = resolution // 2 ** level  # side at a `resolution` input: decides attention
-            stage = _Level(channels, ch * mult, num_res_blocks, level_res in attn_resolutions)
+            stage = _Level(channels, ch * mult, num_res_blocks, level_res in attn_resolutions, norm_groups)
             channels = ch * mult
             if level != len(ch_mult) - 1:
                 stage.downsample = Downsample(channels)
             self.down.append(stage)
-        self.mid = _Mid(channels)
-        self.norm_out = _group_norm(channels)
+        self.mid = _Mid(channels, norm_groups)
+        self.norm_out = _group_norm(channels, norm_groups)
         self.conv_out = nn.Conv2d(channels, 2 * z_channels, 3, padding=1)  # double_z: mean and logvar
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,21 +164,23 @@ class Decoder(nn.Module):
     """Latent (N, z_channels, h, w) -> image (N,3,h*2^(L-1),w*2^(L-1))."""
 
     def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 attn_resolutions: Sequence[int], z_channels: int, resolution: int, out_ch: int = 3):
+                 attn_resolutions: Sequence[int], z_channels: int, resolution: int, out_ch: int = 3,
+                 norm_groups: int = 32):
         super().__init__()
         channels = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, channels, 3, padding=1)
-        self.mid = _Mid(channels)
+        self.mid = _Mid(channels, norm_groups)
         levels: list[_Level | None] = [None] * len(ch_mult)
         for level in reversed(range(len(ch_mult))):  # built from the lowest resolution up
             level_res = resolution // 2 ** level
-            stage = _Level(channels, ch * ch_mult[level], num_res_blocks + 1, level_res in attn_resolutions)
+            stage = _Level(channels, ch * ch_mult[level], num_res_blocks + 1, level_res in attn_resolutions,
+                           norm_groups)
             channels = ch * ch_mult[level]
             if level != 0:
                 stage.upsample = Upsample(channels)
             levels[level] = stage
         self.up = nn.ModuleList(levels)  # indexed by level, 0 = full resolution, as upstream
-        self.norm_out = _group_norm(channels)
+        self.norm_out = _group_norm(channels, norm_groups)
         self.conv_out = nn.Conv2d(channels, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -215,17 +219,21 @@ class AutoencoderKL(nn.Module):
 
     `attn_resolutions` counts the feature-map side at a `resolution`-sized input (16 = the
     deepest level at 256), so the layout is the same whatever size the images really are.
+    Kit options for other tokenizers (the defaults are the official layout): the downsampling factor is
+    2^(len(ch_mult) - 1) (f4: 3 levels, f8: 4, f16: 5), and `norm_groups` (default 32, as upstream)
+    lets widths below 32 (e.g. ch=16) use fewer GroupNorm groups; no parameter shapes depend on it.
     """
 
     def __init__(self, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (16,), z_channels: int = 32, embed_dim: int = 32,
-                 resolution: int = 256):
+                 resolution: int = 256, norm_groups: int = 32):
         super().__init__()
-        if ch <= 0 or ch % 32 != 0:
-            raise ConfigError(f"vae.ch={ch} is not a positive multiple of 32 (GroupNorm uses 32 groups); "
-                              "use 128 for the official VA-VAE")
+        if norm_groups <= 0 or ch <= 0 or ch % norm_groups != 0:
+            raise ConfigError(f"vae.ch={ch} is not a positive multiple of {norm_groups} (GroupNorm uses "
+                              f"{norm_groups} groups); use 128 for the official VA-VAE, or a smaller norm_groups")
         layout = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
-                      attn_resolutions=tuple(attn_resolutions), z_channels=z_channels, resolution=resolution)
+                      attn_resolutions=tuple(attn_resolutions), z_channels=z_channels, resolution=resolution,
+                      norm_groups=norm_groups)
         self.encoder = Encoder(**layout)
         self.decoder = Decoder(**layout)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)

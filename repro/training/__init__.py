@@ -5,7 +5,7 @@
 
 Modules: `loop` (train, the training loop), `step` (one optimizer step), `batches` (how the global
 batch is split), `data_order` (seeded order and per-sample draws), `ema`, `checkpoints`, `logs`,
-`grids` (EMA sample grids through the sampling engine).
+`grids` (EMA sample grids through the sampling engine), `validation` (the `data.valid_path` loss).
 """
 
 from repro.training.batches import BatchPlan, plan_batches

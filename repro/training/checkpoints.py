@@ -13,10 +13,12 @@ disk lied; an unreadable or incomplete one is skipped on resume with a printed n
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,7 +28,7 @@ import torch
 from repro.config import Config, config_diff, config_from_dict
 from repro.errors import CheckpointError, ConfigError, ReproError
 from repro.models.checkpoint import check_state_dict, read_checkpoint, strip_prefixes
-from repro.utils.io import atomic_torch_save, disk_full, remove_stale_temps
+from repro.utils.io import atomic_torch_save, atomic_write_json, disk_full, remove_stale_temps
 
 FORMAT = "repro-train/1"
 REQUIRED_KEYS = ("model", "ema", "opt", "step")
@@ -160,8 +162,10 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint (weights_only) and check it has what a resume needs; CheckpointError otherwise.
 
     Upstream checkpoints (model/ema/opt/config, no `step`) get their step from the file name.
+    Memory-mapped (kit: issue 16): every process of a node reads the same pages of the page cache
+    instead of holding its own ~10.8 GB copy (XL/1) while the state is restored.
     """
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path, mmap=True)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a training checkpoint dict")
     if "step" not in obj:
@@ -221,16 +225,23 @@ def choose_start(cfg: Config, ckpt_dir: Path, note: Callable[[str], None]
 
 
 def restore_training_state(state: dict, path: str, *, model, ema, opt, scaler, rank: int, world: int,
-                           note: Callable[[str], None]) -> tuple[int, Optional[dict]]:
+                           note: Callable[[str], None], strategy=None) -> tuple[int, Optional[dict]]:
     """Load weights, EMA, optimizer, scaler and this process's RNG states from `state` (strict, every
-    mismatch an error naming the file). Returns (step, saved data-order position or None)."""
+    mismatch an error naming the file). Returns (step, saved data-order position or None).
+    `strategy` (repro.training.strategy; kit: issue 16) loads the single-file state into a sharded model."""
     model_sd, ema_sd = strip_prefixes(state["model"]), strip_prefixes(state["ema"])
     check_state_dict(model, model_sd, f"{path} ['model']")
     check_state_dict(model, ema_sd, f"{path} ['ema']")
-    model.load_state_dict(model_sd, strict=True)
+    if strategy is not None:
+        strategy.load_model(model, model_sd)
+    else:
+        model.load_state_dict(model_sd, strict=True)
     ema.load_state_dict(ema_sd)
     try:
-        opt.load_state_dict(state["opt"])
+        if strategy is not None:
+            strategy.load_optimizer(model, opt, state["opt"])
+        else:
+            opt.load_state_dict(state["opt"])
     except (ValueError, KeyError, RuntimeError) as e:
         raise ReproError(f"{path}: the optimizer state does not fit this model ({e}); was it saved for "
                          "another model.model_type?") from None
@@ -282,3 +293,84 @@ def disk_room_note(ckpt_dir: Path, existing: list[tuple[int, Path]], step: int, 
     return (f"note: {ckpt_dir} has room for ~{fits} checkpoint(s) of ~{checkpoint_bytes / 1e9:.1f} GB, "
             f"this run wants {wanted} on disk at once (train.keep_last={keep}): lower "
             f"train.keep_last or set train.output_dir on a larger disk, or a save will stop the run")
+
+
+# ----------------------------------------------------------------------------------------------
+# kit (issue 12): which run a checkpoint belongs to, and the sha256 of the files the run started from.
+# `run.json` in the run folder holds {"run_id", "sources"}; every checkpoint's `kit` repeats them, so a
+# checkpoint copied in from another run, or a `train.weight_init` / `train.ckpt` file replaced since the
+# run started, is refused by name instead of silently continuing a different run.
+
+RUN_RECORD = "run.json"
+SOURCE_KEYS = ("train.weight_init", "train.ckpt")
+
+
+def _read_run_record(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReproError(f"{path} is unreadable ({e}): delete it (the run rewrites it from its newest "
+                         "checkpoint) and run the same command again") from None
+    return record if isinstance(record, dict) else None
+
+
+def _configured_sources(cfg: Config) -> dict[str, str]:
+    return {k: v for k, v in (("train.weight_init", cfg.train.weight_init), ("train.ckpt", cfg.train.ckpt)) if v}
+
+
+def check_run_identity(cfg: Config, run_dir: Path, kind: Optional[str], path: Optional[str],
+                       state: Optional[dict], note: Callable[[str], None]) -> dict:
+    """{"run_id", "sources"} of this run (for the checkpoints' `kit`), after refusing a foreign checkpoint
+    or a changed source file; writes `run_dir/run.json`. Rank 0 only (it reads and hashes files)."""
+    from repro.utils.hashing import HashCache
+
+    record_path = run_dir / RUN_RECORD
+    recorded = _read_run_record(record_path)
+    configured = _configured_sources(cfg)
+    with HashCache() as hashes:
+        if kind != "resume":  # a new run: its identity, and the hash of the file it starts from
+            sources = {}
+            if kind in ("ckpt", "weight_init"):
+                key = f"train.{kind}"
+                sources[key] = {"path": str(Path(path).absolute()), "sha256": hashes.sha256(path)}
+            identity = {"run_id": uuid.uuid4().hex, "sources": sources}
+        else:
+            kit = state.get("kit") or {}
+            run_id, sources = kit.get("run_id"), kit.get("sources")
+            if recorded and run_id and recorded.get("run_id") not in (None, run_id):
+                raise CheckpointError(
+                    f"{path} belongs to another run (run id {run_id}; {record_path} says {recorded['run_id']}): it "
+                    f"was copied in from elsewhere; move it out of {Path(path).parent} to resume this run from its "
+                    "own newest checkpoint, or give that run its own train.exp_name")
+            if sources is None:
+                sources = (recorded or {}).get("sources")
+            if run_id is None or sources is None:
+                note(f"note: {path} predates run ids and source hashes (an older kit): the run continues, and records "
+                     f"them from now on")
+            identity = {"run_id": run_id or (recorded or {}).get("run_id") or uuid.uuid4().hex,
+                        "sources": sources or {}}
+            for key, value in configured.items():
+                _check_source(key, value, identity["sources"].get(key), run_dir, path, hashes, note)
+    if recorded != {**identity, "started_from": (recorded or {}).get("started_from", kind)}:
+        atomic_write_json(record_path, {**identity, "started_from": (recorded or {}).get("started_from", kind)})
+    return identity
+
+
+def _check_source(key: str, value: str, recorded: Optional[dict], run_dir: Path, resume_path: str,
+                  hashes, note: Callable[[str], None]) -> None:
+    """A resumed run whose config names `key`=`value`: the file must be the one the run started from."""
+    if recorded is None:  # the run did not start from it: as documented, it is used only by a fresh run
+        note(f"note: {key}={value} is not used: run {run_dir} resumes from its own checkpoint {resume_path}")
+        return
+    if not Path(value).is_file():
+        note(f"note: {key}={value} no longer exists; run {run_dir} resumes from its own checkpoint, which does "
+             "not need it")
+        return
+    now = hashes.sha256(value)
+    if now != recorded.get("sha256"):
+        raise ReproError(
+            f"{key}={value} has sha256 {now}, but run {run_dir} started from {recorded.get('path')} with sha256 "
+            f"{recorded.get('sha256')}: the file changed since. To continue this run, put the original file back or "
+            f"pass --set {key}=null; to start a run from the new file, pass a new train.exp_name")

@@ -37,14 +37,17 @@ class EMA:
         self.ema_params = list(self._module.parameters())
         if len(self.ema_params) != len(self.source_params):
             raise RuntimeError("EMA copy and model have different parameter lists")
+        self._start(self.source_params, src_device)
+
+    def _start(self, sources: list[torch.Tensor], src_device: torch.device) -> None:
+        """No pending update; for a host-memory EMA, staging buffers and the worker thread."""
         self._future: Optional[Future] = None
         self._event: Optional[torch.cuda.Event] = None
         self._staging: list[torch.Tensor] = []
         self._worker: Optional[ThreadPoolExecutor] = None
         if self.offload:
             pin = src_device.type == "cuda"
-            self._staging = [torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
-                             for p in self.source_params]
+            self._staging = [torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin) for p in sources]
             self._event = torch.cuda.Event() if src_device.type == "cuda" else None
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repro-ema")
 
@@ -58,14 +61,17 @@ class EMA:
     def update(self) -> None:
         """Move the EMA one step towards the model's current parameters."""
         if not self.offload:
-            self._lerp(self.source_params)
+            self._lerp(self._sources())
             return
         self.flush()  # the previous update has read the staging buffers: they may be overwritten
-        for buf, p in zip(self._staging, self.source_params):
+        for buf, p in zip(self._staging, self._sources()):
             buf.copy_(p.detach(), non_blocking=True)
         if self._event is not None:
             self._event.record()
         self._future = self._worker.submit(self._apply_staged)
+
+    def _sources(self) -> list[torch.Tensor]:
+        return self.source_params
 
     def _apply_staged(self) -> None:
         if self._event is not None:
@@ -97,3 +103,69 @@ class EMA:
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.flush()
         self._module.load_state_dict(state_dict, strict=True)
+
+
+class ShardedEMA(EMA):
+    """The EMA of an FSDP2-sharded model: each process keeps the EMA of its own shard of each parameter.
+
+    Same arithmetic as `EMA`, element by element, on the local shards (`DTensor.to_local()`), so the
+    EMA costs 4 bytes per parameter / world size; `on_cpu` keeps those shards in host memory with the
+    same overlapped update. `state_dict()` gathers the full EMA on rank 0 (a collective: every rank
+    calls it), with the model's persistent buffers, in the model's key order.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, on_cpu: bool = False):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.model = model
+        self.names = [name for name, _ in model.named_parameters()]
+        self.dparams = list(model.parameters())  # DTensors
+        local = self._sources()
+        src_device = local[0].device
+        self.offload = bool(on_cpu)
+        target = torch.device("cpu") if on_cpu else src_device
+        self.ema_params = [p.detach().to(target, copy=True) for p in local]
+        self._start(local, src_device)
+
+    def _sources(self) -> list[torch.Tensor]:
+        return [p.to_local() for p in self.dparams]  # this process's shard, updated in place by AdamW
+
+    @property
+    def module(self) -> nn.Module:
+        raise RuntimeError("a sharded EMA has no module; use state_dict() (gathered on rank 0)")
+
+    @torch.no_grad()
+    def copy_from(self, model: nn.Module) -> None:
+        self.flush()
+        torch._foreach_copy_(self.ema_params, [p.to(q.device) for p, q in zip(self._sources(), self.ema_params)])
+
+    @torch.no_grad()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full EMA state dict on rank 0 (host memory); {} on the other ranks."""
+        from torch.distributed.tensor import DTensor
+
+        self.flush()
+        main = torch.distributed.get_rank() == 0
+        ema = dict(zip(self.names, zip(self.ema_params, self.dparams)))
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self.model.state_dict().items():
+            if key in ema:
+                shard, p = ema[key]
+                full = DTensor.from_local(shard.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                          run_check=False, shape=p.shape, stride=p.stride()).full_tensor()
+                if main:
+                    out[key] = full.to("cpu", copy=True)
+            elif main:  # a persistent buffer (RoPE tables): the same on every process
+                out[key] = (value.full_tensor() if isinstance(value, DTensor) else value).detach().to("cpu", copy=True)
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Take this process's shard of every EMA parameter from a full state dict (every rank calls)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        self.flush()
+        for name, shard, p in zip(self.names, self.ema_params, self.dparams):
+            full = state_dict[name].detach().to(p.device_mesh.device_type, p.dtype)
+            shard.copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())

@@ -6,16 +6,25 @@ norm, images/s and learning rate every `train.log_every` steps, one JSON object 
 `log.jsonl` (append-only; a line torn by a kill is dropped on resume, and rows past the resumed
 step are removed, so the file always describes one consistent run) and a loss plot refreshed at most
 every `plot_interval` seconds (matplotlib's Agg canvas directly: a notebook's backend is untouched).
+Each row also has the ETA to `train.max_steps` and the peak memory of the window (GPU memory
+allocated, or the process's peak RSS on the CPU; the largest over processes), and goes to the
+TensorBoard / W&B backends the config asks for (`repro.training.log_backends`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
+from repro.errors import ReproError
+from repro.utils import distributed as dist
+from repro.utils.hardware import GiB, peak_memory, reset_peak_memory
 from repro.utils.io import atomic_path, atomic_write_text
 
 
@@ -33,9 +42,25 @@ def read_log_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def window_progress(step: int, max_steps: int, seconds_per_step: float, device: torch.device) -> dict[str, float]:
+    """ETA at the window's pace and the window's peak memory (max over processes; every rank calls)."""
+    peak = dist.all_reduce_values([float(peak_memory(device)[0])], "max")[0]
+    reset_peak_memory(device)
+    return {"seconds_per_step": seconds_per_step, "eta_seconds": max(max_steps - step, 0) * seconds_per_step,
+            "memory_gib": peak / GiB}
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    return f"{d}d{h:02d}h{m:02d}m" if d else f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
 class RunLogger:
     def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: Optional[int] = None,
-                 plot_interval: float = 60.0):
+                 plot_interval: float = 60.0, cfg=None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.jsonl = self.run_dir / "log.jsonl"
@@ -45,6 +70,22 @@ class RunLogger:
         self._last_plot = 0.0
         self._dirty = False
         self.rows: list[dict[str, Any]] = []
+        self.backends: list = []
+        self._lock = threading.Lock()  # a background checkpoint writer logs too
+        if cfg is not None:  # TensorBoard / W&B: opened on rank 0, an error there raised on every rank
+            error: Optional[ReproError] = None
+            if enabled:
+                from repro.training.log_backends import open_backends
+
+                try:
+                    self.backends = open_backends(cfg, self.run_dir, resume_step)
+                except ReproError as e:
+                    error = e
+            message = dist.broadcast_object(str(error) if error is not None else None)
+            if error is not None:
+                raise error
+            if message is not None:
+                raise ReproError(message)
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             rows = read_log_rows(self.jsonl)
@@ -59,10 +100,11 @@ class RunLogger:
         """Print `message` (unless echo is False: already printed) and append it to log.txt."""
         if not self.enabled:
             return
-        if echo:
-            print(message, flush=True)
-        with open(self.txt, "a") as f:
-            f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}\n")
+        with self._lock:
+            if echo:
+                print(message, flush=True)
+            with open(self.txt, "a") as f:
+                f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}\n")
 
     def metrics(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -73,6 +115,8 @@ class RunLogger:
             f.write(json.dumps(row) + "\n")
             f.flush()
         self.info(format_row(row))
+        for backend in self.backends:
+            backend.log(step, row)
         self._dirty = True
         if time.time() - self._last_plot >= self.plot_interval:
             self.plot()
@@ -107,6 +151,9 @@ class RunLogger:
     def close(self) -> None:
         if self._dirty:
             self.plot()
+        backends, self.backends = self.backends, []
+        for backend in backends:
+            backend.close()
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -119,4 +166,10 @@ def format_row(row: dict[str, Any]) -> str:
     parts.append(f"lr {row.get('lr', 0.0):.2e}")
     if row.get("loss_scale") is not None:
         parts.append(f"loss scale {row['loss_scale']:.0f}")
+    if row.get("seconds_per_step") is not None:
+        parts.append(f"{row['seconds_per_step']:.3g} s/step")
+    if row.get("memory_gib") is not None:
+        parts.append(f"peak mem {row['memory_gib']:.2f} GiB")
+    if row.get("eta_seconds") is not None:
+        parts.append(f"ETA {format_duration(row['eta_seconds'])}")
     return " | ".join(parts)

@@ -11,6 +11,8 @@ pick where to start, build, restore, then the step loop with its logs, grids and
 - otherwise starts from `train.ckpt` (stage 1 continuing a stage-0 checkpoint) or
   `train.weight_init` (weights only, step 0);
 - splits `train.global_batch_size` into micro-batch x processes x accumulation exactly;
+- with `data.valid_path`, scores upstream's validation loss at each checkpoint step (all processes;
+  `repro.training.validation`) and logs it in that step's row;
 - logs every `log_every` and saves every `ckpt_every` steps as upstream, and also at `max_steps` and
   when the time budget is nearly used (so the next session continues from there);
 - stops with an error naming the step at a non-finite loss (checked before every log and save, on
@@ -22,28 +24,32 @@ pick where to start, build, restore, then the step loop with its logs, grids and
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from repro import paths
 from repro.config import Config, save_config
-from repro.errors import ConfigError, ReproError
-from repro.models.checkpoint import load_checkpoint
+from repro.errors import ConfigError, Preempted, ReproError
 from repro.models.lightningdit import build_model
 from repro.training import checkpoints as ckpt
 from repro.training.batches import plan_batches
 from repro.training.data_order import DataOrder, DataPosition, MicroBatchStream
-from repro.training.ema import EMA
-from repro.training.grids import GridSampler, weights_swapped_in
-from repro.training.logs import RunLogger
+from repro.training.grids import GridSampler
+from repro.training.logs import RunLogger, window_progress
+from repro.training.saver import CheckpointWriter, check_shared_folder
+from repro.training.strategy import make_strategy
 from repro.training.step import StepRunner, make_optimizer, normalise_optimizer_state, take_over_label_dropout
+from repro.training.validation import make_validation
 from repro.utils import distributed as dist
-from repro.utils.hardware import default_device, make_scaler, resolve_precision, set_determinism
+from repro.utils.hardware import (CompiledOrEager, compile_mode, default_device, resolve_precision, set_determinism,
+                                  use_compile_cache)
+from repro.utils.preemption import StopSignals, signal_name
 from repro.utils.seeding import SEEDING
 
-_MARKERS = ("asset:", "asset-dir:", "runs:")
 _NONE = 2 ** 62  # "no non-finite step" when taking the minimum over processes
 
 
@@ -51,28 +57,29 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / cfg.train.exp_name
 
 
-def check_resolved(cfg: Config) -> None:
-    """Refuse path markers that step 3 fills in (`runs:REL`, `asset:NAME`), naming the key."""
-    keys = {"data.data_path": cfg.data.data_path, "train.output_dir": cfg.train.output_dir,
-            "train.ckpt": cfg.train.ckpt, "train.weight_init": cfg.train.weight_init}
-    if cfg.train.sample_every:
-        keys["vae.ckpt_path"] = cfg.vae.ckpt_path
-    for key, value in keys.items():
-        if isinstance(value, str) and value.startswith(_MARKERS):
-            raise ConfigError(f"config key '{key}' is {value!r}, a marker that step 3 fills in: run "
-                              f"`python -m steps.step3_configs --base CONFIG` and train with the resolved config it "
-                              f"writes, or pass --set {key}=PATH")
+def check_resolved(cfg: Config) -> Config:
+    """A copy of `cfg` with `runs:REL` paths under the runs folder (the meaning every step gives them);
+    an `asset:NAME` marker, which only step 3 can fill in, is refused naming the key."""
+    # kit (issue 12): one meaning of runs: in every step (repro.paths), no longer refused here
+    cfg = copy.deepcopy(cfg)
+    paths.resolve_runs_markers(cfg)
+    keys = ["data.data_path", "data.valid_path", "train.output_dir", "train.ckpt", "train.weight_init"]
+    paths.refuse_asset_markers(cfg, keys + (["vae.ckpt_path"] if cfg.train.sample_every else []))
+    return cfg
 
 
 def open_latents(cfg: Config):
     """The latent dataset of `data.data_path`, checked against the model it will train."""
     from repro.data.latents import LatentShardDataset
+    from repro.data.official_latents import find_shard_folder
 
     if not cfg.data.data_path:
         raise ConfigError("data.data_path is not set: point it at the latent shards written by step 6 "
                           "(python -m steps.step6_extract --config C --source IMAGES --out FOLDER)")
-    ds = LatentShardDataset(cfg.data.data_path, latent_norm=cfg.data.latent_norm,
-                            latent_multiplier=cfg.data.latent_multiplier)
+    # kit (issue 16): upstream's unpacked latents (step 6 --official) too, whose shards sit folders down
+    folder, stats_path = find_shard_folder(cfg.data.data_path)
+    ds = LatentShardDataset(folder, latent_norm=cfg.data.latent_norm, latent_multiplier=cfg.data.latent_multiplier,
+                            stats_path=stats_path)
     if ds.channels != cfg.model.in_chans:
         raise ReproError(f"latent shards in {ds.data_dir} have {ds.channels} channels but model.in_chans is "
                          f"{cfg.model.in_chans}: they come from another tokenizer; re-extract with the VA-VAE "
@@ -97,19 +104,23 @@ def train(cfg: Config, *, time_budget: Optional[float] = None) -> dict:
     set_determinism(cfg.train.deterministic, device)
     try:
         budget = time_budget if time_budget is not None else cfg.train.time_budget
-        return training_loop(cfg, device=device, time_budget=budget, t_start=t_start)
+        # kit (issue 12): SIGTERM/SIGINT finish the optimizer step, write a checkpoint, raise Preempted
+        with StopSignals("finishing this optimizer step, then writing a checkpoint") as stops:
+            return training_loop(cfg, device=device, time_budget=budget, t_start=t_start, stops=stops)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[float], t_start: float) -> dict:
+def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[float], t_start: float,
+                  stops: Optional[StopSignals] = None) -> dict:
     # --- Processes, precision, the run folder and the data ----------------------------------------
     rank, world, main = dist.get_rank(), dist.get_world_size(), dist.is_main()
     precision = resolve_precision(cfg.train.precision, device, "train.precision")
-    check_resolved(cfg)
+    cfg = check_resolved(cfg)
     run_dir = run_dir_of(cfg)
     ckpt_dir = ckpt.checkpoint_dir(run_dir)
     ds = open_latents(cfg)
+    validation = make_validation(cfg, rank=rank, world=world, device=device, precision=precision)  # data.valid_path
     latent_size = cfg.data.image_size // cfg.vae.downsample_ratio
     notes: list[str] = []
 
@@ -122,24 +133,30 @@ def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[fl
     kind, path = dist.broadcast_object((kind, path))
     if not main and kind in ("resume", "ckpt"):
         state = ckpt.read_training_checkpoint(path)
-    log = RunLogger(run_dir, enabled=main, resume_step=int(state["step"]) if state else None)
+    # kit (issue 12): refuse a checkpoint of another run or a changed weight_init/ckpt file (rank 0 hashes)
+    identity = dist.run_on_main(ckpt.check_run_identity, cfg, run_dir, kind, path, state, note)
+    check_shared_folder(run_dir)  # kit (issue 16): rank 0 writes, every node must see it
+    log = RunLogger(run_dir, enabled=main, resume_step=int(state["step"]) if state else None, cfg=cfg)
     for n in notes:
         log.info(n, echo=False)
 
     # --- Model, EMA, optimizer, scaler (the same initial weights on every process) ---------------
     torch.manual_seed(cfg.train.global_seed)
     model = build_model(cfg.model, latent_size, cfg.data.num_classes).to(device)
-    ema = EMA(model, cfg.train.ema_decay, on_cpu=cfg.train.ema_on_cpu)
+    strategy = make_strategy(cfg.train, device, world)  # ddp: a replica per process; fsdp: sharded per block
+    strategy.shard(model)
+    ema = strategy.make_ema(model, cfg.train.ema_decay, on_cpu=cfg.train.ema_on_cpu)
     dropout_prob = take_over_label_dropout(model)
-    opt = make_optimizer(model, cfg.optimizer, device)
-    scaler = make_scaler(device, precision)
+    opt = make_optimizer(model, cfg.optimizer, strategy.param_device)
+    scaler = strategy.make_scaler(precision)  # fsdp + fp16: overflow checks agree across the shards
 
     # --- Restore the starting state --------------------------------------------------------------
     step, position = 0, None
     if state is not None:
         step, saved_position = ckpt.restore_training_state(state, path, model=model, ema=ema, opt=opt,
-                                                           scaler=scaler, rank=rank, world=world, note=log.info)
-        normalise_optimizer_state(opt, cfg.optimizer, device)
+                                                           scaler=scaler, rank=rank, world=world, note=log.info,
+                                                           strategy=strategy)
+        normalise_optimizer_state(opt, cfg.optimizer, strategy.param_device)
         position = DataPosition.from_dict(saved_position) if saved_position else None
         log.info(f"{'resumed from' if kind == 'resume' else 'initialised from train.ckpt'} {path} at step {step}")
         for line in ckpt.config_changes(state, cfg):
@@ -150,7 +167,7 @@ def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[fl
                      "valid, but is not bitwise the run the older kit would have continued")
         del state
     elif kind == "weight_init":
-        load_checkpoint(model, path, prefer="model")  # upstream: weight_init loads checkpoint['model']
+        strategy.load_weights(model, path, prefer="model")  # upstream: weight_init loads checkpoint['model']
         ema.copy_from(model)
         log.info(f"weights (not optimizer or step) initialised from train.weight_init {path}")
 
@@ -159,12 +176,12 @@ def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[fl
     order = DataOrder(len(ds), plan.global_batch, cfg.train.global_seed, position, data_dir=str(ds.data_dir))
     if order.note:
         log.info(f"note: {order.note}")
-    forward_model = torch.compile(model) if cfg.train.compile else model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        forward_model = DDP(forward_model, device_ids=[device.index] if device.type == "cuda" else None,
-                            broadcast_buffers=False, gradient_as_bucket_view=True)
+    # Compiled by default on CUDA (eager if compiling fails, with one line), eager on the CPU.
+    forward_model = model
+    if (mode := compile_mode(cfg.train.compile, device, auto="default")) is not None:
+        use_compile_cache(paths.runs_dir() / "compile_cache")
+        forward_model = CompiledOrEager(model, mode, "training", note=log.info)
+    forward_model = strategy.wrap(forward_model)  # DDP with several processes; FSDP needs no wrapper
     runner = StepRunner(model, forward_model, opt, scaler, ema, plan=plan, precision=precision, device=device,
                         max_grad_norm=cfg.optimizer.max_grad_norm, use_cosine_loss=cfg.transport.use_cosine_loss)
     grids = GridSampler(cfg, stats=ds.stats, device=device, precision=precision, note=log.info)
@@ -175,8 +192,8 @@ def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[fl
     n_params = sum(p.numel() for p in model.parameters())
     log.info(f"run folder {run_dir}; {cfg.model.model_type} ({n_params / 1e6:.2f}M parameters) on {len(ds)} latents "
              f"{ds.channels}x{latent_size}x{latent_size} from {ds.data_dir} ({order.steps_per_epoch} steps per epoch)")
-    log.info(f"{plan.describe()}; precision {precision} on {device.type}; gradient checkpointing "
-             f"{'on' if cfg.model.use_checkpoint else 'off'}; EMA {cfg.train.ema_decay} on "
+    log.info(f"{plan.describe()}; {strategy.describe()}; precision {precision} on {device.type}; gradient "
+             f"checkpointing {'on' if cfg.model.use_checkpoint else 'off'}; EMA {cfg.train.ema_decay} on "
              f"{'cpu' if cfg.train.ema_on_cpu else device.type}; lognorm {cfg.transport.use_lognorm}")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -184,6 +201,7 @@ def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[fl
     existing = ckpt.list_checkpoints(ckpt_dir)
     last_saved, last_saved_step = (existing[-1][1], step) if existing and existing[-1][0] == step else (None, None)
     max_steps = cfg.train.max_steps
+    writer = CheckpointWriter(background=cfg.train.async_save)
 
     def result(stopped: str) -> dict:
         loss = None
@@ -212,31 +230,45 @@ def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[fl
                 "model.use_qknorm=true (upstream's advice for NaN losses), or train in fp32, then run again")
 
     def save(at_step: int) -> float:
-        """Write checkpoint `at_step` (rank 0), prune old ones; returns the seconds it took."""
+        """Write checkpoint `at_step` (rank 0; on a background thread from a host copy with
+        train.async_save), prune old ones; returns the seconds a save costs the loop (copy + write)."""
         nonlocal last_saved, last_saved_step
         check_finite()
+        writer.wait()  # the previous write is complete (its error is raised here)
         t0 = time.perf_counter()
-        ema_state = ema.state_dict()
+        state = strategy.full_state(model, ema, opt)  # fsdp: gathered to rank 0's host memory (collective)
         rng = ckpt.rng_states_of_all_processes(world)
         target = ckpt.checkpoint_path(run_dir, at_step)
         if main:
-            ckpt.save_training_checkpoint(
-                target, model_state=model.state_dict(), ema_state=ema_state, opt_state=opt.state_dict(),
-                scaler_state=scaler.state_dict(), step=at_step, data_order=order.position.to_dict(), rng=rng,
-                config=cfg.to_dict(),
-                kit={"world_size": world, "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
-                     "global_batch": plan.global_batch, "precision": precision, "device": device.type,
-                     "torch": str(torch.__version__), "seeding": SEEDING},
-                keep_last=cfg.train.keep_last, last_good=last_saved or _newest(ckpt_dir))
-            removed = ckpt.prune_checkpoints(ckpt_dir, cfg.train.keep_last)
-            extra = f"; removed {len(removed)} older (train.keep_last={cfg.train.keep_last})" if removed else ""
-            log.info(f"saved checkpoint {target} ({time.perf_counter() - t0:.1f}s){extra}")
+            ckpt.ensure_room(ckpt_dir, ckpt.tensor_bytes(state), cfg.train.keep_last, last_saved or _newest(ckpt_dir))
+            state = state if strategy.gathers_copies else writer.snapshot(state)
+            # everything the write reads is taken now: the loop moves on while it runs
+            fixed = dict(scaler_state=scaler.state_dict(), step=at_step, data_order=order.position.to_dict(),
+                         rng=rng, last_good=last_saved or _newest(ckpt_dir))
+            stall = time.perf_counter() - t0
+            writer.submit(lambda: write(target, state, fixed, stall))
         dist.barrier()
         last_saved, last_saved_step = target, at_step
-        return time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        return waited + (writer.last_write_seconds if writer.last_write_seconds is not None else save_estimate)
+
+    def write(target: Path, state: dict, fixed: dict, stall: float) -> None:
+        """Rank 0 (a background thread with train.async_save): the atomic write, then pruning."""
+        t0 = time.perf_counter()
+        ckpt.save_training_checkpoint(
+            target, model_state=state["model"], ema_state=state["ema"], opt_state=state["opt"], config=cfg.to_dict(),
+            kit={"world_size": world, "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
+                 "global_batch": plan.global_batch, "precision": precision, "device": device.type,
+                 "torch": str(torch.__version__), "seeding": SEEDING, "strategy": strategy.name, **identity},
+            keep_last=cfg.train.keep_last, **fixed)
+        removed = ckpt.prune_checkpoints(ckpt_dir, cfg.train.keep_last)
+        extra = f"; removed {len(removed)} older (train.keep_last={cfg.train.keep_last})" if removed else ""
+        how = f"written in the background; the step loop waited {stall:.2f}s for the copy" if writer.background else ""
+        log.info(f"saved checkpoint {target} ({time.perf_counter() - t0:.1f}s{'; ' + how if how else ''}){extra}")
 
     if step >= max_steps:
         log.info(f"nothing to do: step {step} already reaches train.max_steps={max_steps}")
+        strategy.close()
         log.close()
         return result("already_done")
     if main and (room := ckpt.disk_room_note(ckpt_dir, existing, step, cfg.train, checkpoint_bytes)):
@@ -250,18 +282,24 @@ def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[fl
                               pin=device.type == "cuda")
     stopped = "max_steps"
     step_time: Optional[float] = None
-    save_time = checkpoint_bytes / 100e6 + 0.5  # seconds at ~100 MB/s, until a save is measured
+    save_time = save_estimate = checkpoint_bytes / 100e6 + 0.5  # seconds at ~100 MB/s, until a save is measured
     window_start, window_steps = time.perf_counter(), 0
     try:
         batches = iter(stream)
         while step < max_steps:
-            # Stop before the time budget runs out: two more steps and a save must still fit.
-            if time_budget is not None:
-                elapsed = time.monotonic() - t_start
-                flag = elapsed + 2.0 * (step_time or 0.0) + save_time >= time_budget
-                if dist.all_reduce_values([float(flag)], "max")[0]:  # every process stops at the same step
-                    stopped = "time_budget"
-                    break
+            # Stop here, after a whole step, on every process alike: a SIGTERM/SIGINT on any process, or
+            # the time budget about to run out (two more steps and a save must still fit). One reduction
+            # over the CPU group per step, so the check never waits for the GPU.
+            out_of_time = time_budget is not None and (
+                time.monotonic() - t_start + 2.0 * (step_time or 0.0) + save_time >= time_budget)
+            signum, out_of_time = (int(v) for v in dist.all_reduce_values(
+                [float(stops.signum or 0) if stops is not None else 0.0, float(out_of_time)], "max", cpu=True))
+            if signum:
+                stopped = f"signal:{signum}"
+                break
+            if out_of_time:
+                stopped = "time_budget"
+                break
 
             # One optimizer step over this process's micro-batches.
             t0 = time.perf_counter()
@@ -278,8 +316,16 @@ def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[fl
             step_time = dt if step_time is None else 0.8 * step_time + 0.2 * dt
             window_steps += 1
 
+            # Validation loss at each checkpoint step (upstream, data.valid_path), logged in this step's row.
+            val_row, val_seconds = None, 0.0
+            if validation is not None and (step % cfg.train.ckpt_every == 0 or step == max_steps):
+                t0 = time.perf_counter()
+                val_row = validation(model, plan.micro_batch)
+                val_seconds = time.perf_counter() - t0
+                log.info(validation.describe(step, val_row))
+
             # Log: the one host synchronisation of a log window.
-            if step % cfg.train.log_every == 0 or step == max_steps:
+            if step % cfg.train.log_every == 0 or step == max_steps or val_row is not None:
                 check_finite()
                 seconds = time.perf_counter() - window_start
                 sums = runner.sums.clone()
@@ -293,36 +339,53 @@ def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[fl
                        "epoch": order.position.epoch}
                 if scaler.is_enabled():
                     row["loss_scale"] = float(scaler.get_scale())
+                row.update(window_progress(step, max_steps, seconds / window_steps, device))  # ETA, peak memory
+                row.update(val_row or {})
                 log.metrics(step, row)
                 runner.reset_sums()
                 window_start, window_steps = time.perf_counter(), 0
 
-            # EMA sample grid (rank 0); a CPU-held EMA is swapped into the GPU model for it.
+            # EMA sample grid (rank 0): a host-memory EMA is swapped into the model, a sharded one gathered.
             if cfg.train.sample_every and step % cfg.train.sample_every == 0:
-                ema.flush()
-                if main:
-                    t0 = time.perf_counter()
-                    if ema.offload:
-                        with weights_swapped_in(model, ema.ema_params) as m:
-                            grid = grids(m, step, run_dir)
-                    else:
-                        grid = grids(ema.module, step, run_dir)
-                    log.info(f"EMA sample grid {grid} ({time.perf_counter() - t0:.1f}s)")
+                t0 = time.perf_counter()
+                with strategy.ema_for_grid(ema, model, lambda: build_model(cfg.model, latent_size,
+                                                                           cfg.data.num_classes).to(device)) as m:
+                    if main:
+                        log.info(f"EMA sample grid {grids(m, step, run_dir)} ({time.perf_counter() - t0:.1f}s)")
                 dist.barrier()
 
             # Checkpoint.
             if step % cfg.train.ckpt_every == 0 or step == max_steps:
-                save_time = save(step)
+                save_time = save(step) + val_seconds
 
-        # --- Finish: a time-budget stop saves where it stands --------------------------------------
-        if stopped == "time_budget":
-            log.info(f"time budget of {time_budget:.0f}s nearly used ({time.monotonic() - t_start:.0f}s elapsed) at "
-                     f"step {step}: saving and stopping; run the same command again to continue")
-            if step != last_saved_step and step > 0:
+        # --- Finish: a signal or a time-budget stop saves where it stands ----------------------------
+        if stopped.startswith("signal:"):  # kit (issue 12)
+            signum = int(stopped.split(":")[1])
+            fresh = step != last_saved_step and step > 0
+            if fresh:
                 save(step)
+            writer.wait()  # on disk (and its error raised) before the message says so
+            dist.barrier()
+            written = (f"checkpoint written: {last_saved}" if fresh else f"newest checkpoint: {last_saved}"
+                       if last_saved else "no checkpoint (no optimizer step was taken)")
+            message = (f"stopped by {signal_name(signum)} at step {step} of run {run_dir}; {written}; resume with "
+                       "the same command")
+            log.info(message, echo=False)
+            raise Preempted(message, signum)
+        if stopped == "time_budget":
+            saving = step != last_saved_step and step > 0
+            log.info(f"time budget of {time_budget:.0f}s nearly used ({time.monotonic() - t_start:.0f}s elapsed) at "
+                     f"step {step}: {'saving and stopping' if saving else 'stopping (nothing new to save)'}; "
+                     "run the same command again to continue")
+            if saving:
+                save(step)
+        writer.wait()  # the last checkpoint is on disk before any process returns
+        dist.barrier()
         return result(stopped)
     finally:
         stream.close()
+        writer.close()
+        strategy.close()
         log.close()
 
 
@@ -339,7 +402,9 @@ def _fits_gpu(cfg: Config, latent_size: int, precision: str, device: torch.devic
 
     block_saved = block_saved_fn(cfg.model, latent_size, precision, cfg.data.num_classes)
     total = torch.cuda.get_device_properties(device).total_memory
+    shards = dist.get_world_size() if cfg.train.strategy == "fsdp" else 1
     return lambda micro: fits_on_card(cfg.model, latent_size, micro, precision, total,
                                       checkpointing=cfg.model.use_checkpoint,
                                       ema_on_device=not cfg.train.ema_on_cpu,
-                                      num_classes=cfg.data.num_classes, block_saved=block_saved)
+                                      num_classes=cfg.data.num_classes, block_saved=block_saved,
+                                      shards=shards, offload=cfg.train.fsdp_offload)

@@ -116,6 +116,8 @@ class StepRunner:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if hasattr(norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
+            norm = norm.full_tensor()
         self.grad_norm = norm.detach().float()
         self.scaler.step(self.opt)
         self.scaler.update()

@@ -74,13 +74,33 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def all_reduce_values(values: Sequence[float], op: str = "sum") -> list[float]:
-    """Reduce a few host numbers over processes ('sum', 'min' or 'max'), in float64."""
+def all_reduce_values(values: Sequence[float], op: str = "sum", cpu: bool = False) -> list[float]:
+    """Reduce a few host numbers over processes ('sum', 'min' or 'max'), in float64.
+
+    cpu=True reduces over a gloo group even under NCCL, so a per-step check never waits for the GPU.
+    """
     if not is_initialized():
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    group = cpu_group() if cpu else None
+    device = torch.device("cpu") if cpu else comm_device()
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
+                    group=group)
     return t.tolist()
+
+
+_cpu_group = None
+
+
+def cpu_group():
+    """The default group when it is gloo; under NCCL one gloo group over the same processes, made once
+    (a collective: every process reaches the first call at the same point)."""
+    global _cpu_group
+    if dist.get_backend() == "gloo":
+        return None
+    if _cpu_group is None:
+        _cpu_group = dist.new_group(backend="gloo")
+    return _cpu_group
 
 
 def run_on_main(fn, *args, **kwargs):

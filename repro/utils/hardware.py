@@ -119,6 +119,80 @@ def set_determinism(enabled: bool, device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Compilation
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def compile_mode(requested, device: torch.device, *, auto: Optional[str]) -> Optional[str]:
+    """The torch.compile mode to use, or None for eager.
+
+    requested: None/"auto" -> `auto` on CUDA and eager on CPU (CPU runs stay exactly as they were);
+    False/"none"/"eager" -> eager; True -> "default"; or one of COMPILE_MODES.
+    """
+    if requested is None or requested == "auto":
+        return auto if device.type == "cuda" else None
+    if requested is False or requested in ("none", "eager", "false"):
+        return None
+    if requested is True or requested == "true":
+        return "default"
+    if requested not in COMPILE_MODES:
+        raise ReproError(f"compile mode {requested!r} is not one of auto, none, {', '.join(COMPILE_MODES)}")
+    return requested
+
+
+def use_compile_cache(folder: Path) -> Path:
+    """Keep torch.compile's caches (Inductor's FX graph and kernel caches) under `folder`, so a resumed
+    Kaggle/Colab session whose work root survived does not compile from scratch; an explicit
+    TORCHINDUCTOR_CACHE_DIR wins."""
+    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(folder).resolve())))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+class CompiledOrEager(torch.nn.Module):
+    """`torch.compile(model)` that falls back to the eager model, with one clear line, if compiling fails.
+
+    torch.compile is lazy: a backend or graph-capture failure surfaces at the first call of each new
+    shape. Such a failure switches this wrapper to eager for good; out-of-memory errors and interrupts
+    are re-raised, never hidden. `forward` keeps the model's signature; `num_classes` is forwarded for
+    the CFG null label.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: Optional[str], what: str, backend=None,
+                 note=print):
+        super().__init__()
+        self.eager = model
+        kwargs = {"backend": backend} if backend is not None else {}
+        self.compiled = torch.compile(model, mode=None if mode == "default" else mode, **kwargs)
+        self.num_classes = getattr(model, "num_classes", None)
+        self.what, self.note, self.failed = what, note, None
+        self.graphs = mode in ("reduce-overhead", "max-autotune")
+
+    def forward(self, *args, **kwargs):
+        if self.failed is not None:
+            return self.eager(*args, **kwargs)
+        try:
+            if self.graphs:  # outputs of a CUDA graph live in its pool until the next replay: copy them out
+                torch.compiler.cudagraph_mark_step_begin()
+                return self.compiled(*args, **kwargs).clone()
+            return self.compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 -- any compiler failure; OOM is re-raised below
+            if is_oom(e):
+                raise
+            root, seen = e, {id(e)}
+            while (inner := root.__cause__ or root.__context__) is not None and id(inner) not in seen:
+                root = inner  # the compiler's own error, under torch's wrappers
+                seen.add(id(root))
+            first = (str(root).strip().splitlines() or [""])[0][:200]
+            self.failed = f"{type(root).__name__}: {first}"
+            self.note(f"note: torch.compile failed for {self.what} ({self.failed}); running eager instead "
+                      "(same results, slower; pass --no-compile / train.compile=false to skip compiling)")
+            return self.eager(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
 # Memory
 
 

@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -30,9 +30,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temp(path.parent, f".{path.name}.", f".tmp{suffix}")
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -51,6 +49,23 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
                                 f"{path.name}: free some space or write to a larger disk, then run the same command "
                                 "again (finished files are kept)") from e
         raise
+
+
+def _create_temp(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create an empty temp file with mode 0666 & ~umask, as a plain `open(path, "w")` would.
+
+    `tempfile.mkstemp` creates 0600 files, and the rename keeps that mode, so every output would be
+    private under the usual umask 022; the kernel applies the umask here at creation (no chmod race).
+    """
+    for _ in range(100):
+        name = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return name
+    raise FileExistsError(f"no free temp name for {prefix}*{suffix} in {folder}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -1,0 +1,1 @@
+"""The kit's presets and asset manifest; `pip install` ships this folder as the package data `repro.configs`."""

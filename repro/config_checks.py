@@ -1,0 +1,160 @@
+"""What each config key means upstream, and the values the kit refuses (docs/config_keys.md is the table).
+
+Two rules, applied by `repro.config.load_config`:
+
+1. A key missing from a YAML file means what upstream train.py / inference.py make of it
+   (`UPSTREAM_WHEN_MISSING`: `'use_swiglu' in cfg['model'] ... else False`, and so on). The dataclass
+   defaults of repro/config.py are the values every official config file writes out; they apply to a
+   Config built in code, not to a file that leaves a key out.
+2. A value that upstream accepts but the kit does not implement, or that upstream reads and then
+   ignores, is refused with a one-line ConfigError naming the key, the values the kit supports and,
+   for a near miss, the one meant (`check_supported`). Nothing is accepted and silently ignored.
+
+This module sits below the numerics (repro/models, repro/transport) and cannot import them: the
+enumerations here are checked against `LIGHTNINGDIT_MODELS` and `repro.transport.METHODS` by
+tests/test_config_keys.py.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable, Optional
+
+from repro.errors import ConfigError
+
+# A key absent from an official-schema YAML -> the value upstream uses then, where it differs from the
+# value the official configs write (hustvl/LightningDiT train.py / inference.py at 2725fed).
+UPSTREAM_WHEN_MISSING: dict[str, Any] = {
+    "data.latent_norm": False,  # ImgLatentDataset(latent_norm=... if 'latent_norm' in data else False)
+    "data.latent_multiplier": 0.18215,  # ... else 0.18215 (the SD-VAE scale), also used to denormalise samples
+    "model.use_swiglu": False,
+    "model.use_rope": False,
+    "model.use_rmsnorm": False,
+    "model.in_chans": 4,  # in_channels=... else 4 (an SD-VAE latent)
+    "train.resume": False,  # train_config['train']['resume'] = ... if 'resume' in train else False
+    "transport.use_cosine_loss": False,
+    "transport.use_lognorm": False,
+}
+
+# Enumerated keys: what the kit implements, and what upstream also accepts (refused with that said).
+MODEL_TYPES = ("LightningDiT-B/1", "LightningDiT-B/2", "LightningDiT-L/2", "LightningDiT-XL/1",
+               "LightningDiT-XL/2", "LightningDiT-1p0B/1", "LightningDiT-1p0B/2", "LightningDiT-1p6B/1",
+               "LightningDiT-1p6B/2", "LightningDiT-T/1")  # = repro.models.lightningdit.LIGHTNINGDIT_MODELS
+SAMPLING_METHODS = ("euler", "midpoint", "heun2", "rk4", "dopri5")  # = repro.transport.METHODS
+# upstream passes sample.sampling_method to torchdiffeq.odeint, which also knows these
+TORCHDIFFEQ_ONLY_METHODS = ("dopri8", "bosh3", "fehlberg2", "adaptive_heun", "heun3", "explicit_adams",
+                            "implicit_adams", "fixed_adams", "scipy_solver")
+VAE_MODELS = ("vavae_f16d32",)
+
+
+def _suggest(value: Any, choices: Iterable[str]) -> str:
+    """"; did you mean 'X'?" for a near miss among `choices` (case first, then spelling), else ""."""
+    choices = list(choices)
+    text = str(value)
+    for c in choices:
+        if c.lower() == text.lower():
+            return f"; did you mean '{c}'?"
+    lowered = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(text.lower(), list(lowered), n=1, cutoff=0.6)
+    return f"; did you mean '{lowered[close[0]]}'?" if close else ""
+
+
+def _one_of(key: str, value: Any, supported: tuple[str, ...], upstream_also: tuple[str, ...] = (),
+            why: str = "") -> None:
+    """Refuse `value` unless it is one of `supported`; say so when upstream knows it."""
+    if value in supported:
+        return
+    listing = ", ".join(supported)
+    if value in upstream_also:
+        raise ConfigError(f"config key '{key}' is {value!r}: upstream accepts it but the kit implements only "
+                          f"{listing}{why}; set {key}: {supported[0]}")
+    raise ConfigError(f"config key '{key}' is {value!r}, not one of {listing}{_suggest(value, supported)}")
+
+
+def _refuse(key: str, value: Any, why: str, fix: str) -> None:
+    raise ConfigError(f"config key '{key}' is {value!r}: {why}; {fix}")
+
+
+def check_supported(cfg) -> None:
+    """Raise a ConfigError for the first value the kit does not implement (see docs/config_keys.md)."""
+    m, s, t, v, tr, d = cfg.model, cfg.sample, cfg.transport, cfg.vae, cfg.train, cfg.data
+
+    # Model and tokenizer: the sizes of the registry, velocity output, the f16d32 VA-VAE.
+    _one_of("model.model_type", m.model_type, MODEL_TYPES)
+    if m.learn_sigma:
+        _refuse("model.learn_sigma", True, "the flow-matching LightningDiT predicts velocity only (upstream "
+                "train.py never passes learn_sigma, so no released checkpoint has the doubled output)",
+                "remove the key or set model.learn_sigma: false")
+    if v.model_name not in VAE_MODELS:  # upstream loads tokenizer/configs/<model_name>.yaml
+        _refuse("vae.model_name", v.model_name, "the kit's one tokenizer is VA-VAE f16d32 ('vavae_f16d32'), which "
+                "cannot decode another tokenizer's latents", "set vae.model_name: vavae_f16d32 with VA-VAE f16d32 "
+                "weights (vae.ckpt_path) and latents")
+    if v.downsample_ratio != 16:
+        _refuse("vae.downsample_ratio", v.downsample_ratio, "vae.model_name vavae_f16d32 downsamples by 16",
+                "set vae.downsample_ratio: 16")
+
+    # Transport: the linear path with velocity prediction, the only one the released models use.
+    _one_of("transport.path_type", t.path_type, ("Linear",), ("GVP", "VP"),
+            why=" (the rectified-flow path of every released LightningDiT)")
+    _one_of("transport.prediction", t.prediction, ("velocity",), ("noise", "score"),
+            why=" (every released LightningDiT predicts velocity)")
+    if t.loss_weight is not None:
+        _refuse("transport.loss_weight", t.loss_weight, "upstream weights the loss only for noise/score "
+                "prediction; with velocity prediction it has no effect", "set transport.loss_weight: null")
+    for key, eps in (("transport.train_eps", t.train_eps), ("transport.sample_eps", t.sample_eps)):
+        if eps not in (None, 0.0):
+            _refuse(key, eps, "upstream's create_transport sets it to 0 for the Linear path with velocity "
+                    "prediction, whatever the config says", f"set {key}: null")
+
+    # Sampling: ODE only (as upstream inference.py), the kit's integrators, images not likelihoods.
+    if s.mode == "SDE":
+        _refuse("sample.mode", "SDE", "upstream's Sampler has an SDE integrator but inference.py raises "
+                "NotImplementedError for any mode but ODE, and the kit samples ODE only", "set sample.mode: ODE")
+    _one_of("sample.mode", s.mode, ("ODE",))
+    _one_of("sample.sampling_method", s.sampling_method, SAMPLING_METHODS, TORCHDIFFEQ_ONLY_METHODS)
+    if s.reverse:
+        _refuse("sample.reverse", True, "it integrates from data to noise, which makes no images",
+                "set sample.reverse: false")
+    if s.likelihood:
+        _refuse("sample.likelihood", True, "upstream inference.py never reads it and the kit computes no "
+                "likelihoods", "set sample.likelihood: false")
+
+    # Training keys upstream reads without acting on them.
+    if not tr.use_checkpoint:
+        _refuse("train.use_checkpoint", False, "upstream train.py only logs it ('Using checkpointing'); "
+                "checkpoints are saved every train.ckpt_every and gradient checkpointing is model.use_checkpoint",
+                "remove the key, or set model.use_checkpoint: true for gradient checkpointing")
+    if d.valid_path is not None and not str(d.valid_path).strip():
+        _refuse("data.valid_path", d.valid_path, "an empty path", "set a latent folder or null")
+
+
+def missing_upstream_defaults(raw: Any) -> dict[str, Any]:
+    """{dotted key: upstream value} for each UPSTREAM_WHEN_MISSING key that `raw` (a parsed YAML) lacks."""
+    out: dict[str, Any] = {}
+    if not isinstance(raw, dict):
+        return out
+    for dotted, value in UPSTREAM_WHEN_MISSING.items():
+        section, key = dotted.split(".")
+        block = raw.get(section)
+        if not isinstance(block, dict) or key not in block:
+            out[dotted] = value
+    return out
+
+
+def with_upstream_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `raw` with every missing UPSTREAM_WHEN_MISSING key filled in (sections created as needed)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for dotted, value in missing_upstream_defaults(raw).items():
+        section, key = dotted.split(".")
+        if out.get(section) is None:
+            out[section] = {}
+        if isinstance(out[section], dict):
+            out[section][key] = value
+    return out
+
+
+def describe_missing(filled: dict[str, Any], source: Optional[str] = None) -> list[str]:
+    """Step 3's lines for keys filled with upstream's missing-key values."""
+    where = f" in {source}" if source else ""
+    return [f"{key}: absent{where} -> {value!r} (what upstream train.py/inference.py use when the key is missing; "
+            f"write it out to choose)" for key, value in filled.items()]

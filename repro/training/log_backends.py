@@ -1,0 +1,135 @@
+"""Where training metrics go besides `log.txt` / `log.jsonl`: TensorBoard and Weights & Biases, both opt-in.
+
+Upstream (hustvl/LightningDiT train.py) writes TensorBoard: `Loss/train` (the MSE term) every log
+step, `Loss/validation` with `data.valid_path`, and the config as the text `training configs`.
+With `train.tensorboard: true` the kit writes the same tags under `RUN/tensorboard/` (upstream:
+`tensorboard_logs/EXP` under the working directory) plus every other logged number as
+`train/<key>` (the kit's loss = mse + cos, step time, img/s, ETA, grad norm, learning rate, memory).
+`train.wandb: true` logs the same rows to the W&B project `train.wandb_project` (VFM-VAE's key; the
+kit never contacts W&B unless asked: `WANDB_MODE=offline` keeps it on disk); a resumed run continues
+the same W&B run (its id is kept in `RUN/wandb_run_id.txt`).
+
+Both packages are optional imports: asking for one that is not installed stops the run at its start
+with the `pip install` that fixes it. Every backend has `log(step, row)` and `close()`; the JSONL
+file of `repro.training.logs.RunLogger` is the kit's own and always on.
+
+    backends = open_backends(cfg, run_dir, resume_step=None)   # [] unless the config asks
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+from repro.errors import ConfigError, ReproError
+from repro.utils.io import atomic_write_text
+
+# upstream's TensorBoard tags for the numbers it logs: with the cosine loss on, upstream's "Train Loss" is
+# the MSE term alone (train.py adds mse_loss to running_loss), and its validation value likewise;
+# every other key (the kit's loss = mse + cos included) goes under "train/"
+UPSTREAM_TAGS = {"mse": "Loss/train", "val_mse": "Loss/validation"}
+
+
+class MetricsBackend(Protocol):
+    name: str
+
+    def log(self, step: int, row: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def numbers(row: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a log row (booleans, None, text and NaN left out)."""
+    return {k: float(v) for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def missing_package(key: str, package: str) -> ConfigError:
+    return ConfigError(f"{key} is true but the '{package}' package is not installed: pip install {package} "
+                       f"(or set {key}=false)")
+
+
+class TensorBoardBackend:
+    name = "tensorboard"
+
+    def __init__(self, run_dir: Path, config_text: str = "", resume_step: Optional[int] = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's writer needs the tensorboard package for its event protos
+            raise missing_package("train.tensorboard", "tensorboard") from None
+        self.log_dir = Path(run_dir) / "tensorboard"
+        # purge_step: events past the resumed step (written before a kill) are hidden, one curve per run
+        self.writer = SummaryWriter(log_dir=str(self.log_dir),
+                                    purge_step=resume_step + 1 if resume_step is not None else None)
+        if config_text and resume_step is None:
+            self.writer.add_text("training configs", config_text, global_step=0)
+
+    def log(self, step: int, row: dict[str, Any]) -> None:
+        for key, value in numbers(row).items():
+            if key in ("step", "time"):
+                continue
+            self.writer.add_scalar(UPSTREAM_TAGS.get(key, f"train/{key}"), value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run folder: made once, reused by every resume (so W&B shows one run)."""
+    id_file = Path(run_dir) / "wandb_run_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else ""
+    if not re.fullmatch(r"[a-z0-9]{8,32}", run_id):  # absent, or not an id this kit wrote
+        run_id = secrets.token_hex(8)
+        atomic_write_text(id_file, run_id + "\n")
+    return run_id
+
+
+class WandbBackend:
+    name = "wandb"
+
+    def __init__(self, run_dir: Path, project: Optional[str], run_name: str, config: dict):
+        if not project:
+            raise ConfigError("train.wandb is true but train.wandb_project is empty: name the W&B project "
+                              "(e.g. --set train.wandb_project=lightningdit)")
+        try:
+            import wandb
+        except ImportError:
+            raise missing_package("train.wandb", "wandb") from None
+        run_dir = Path(run_dir)
+        run_id = wandb_run_id(run_dir)
+        try:
+            self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir),
+                                  config=config)
+        except Exception as e:  # not logged in, no network, a bad entity: one line, with the ways out
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ReproError(f"Weights & Biases could not start a run in project {project!r} ({first}): run "
+                             "`wandb login`, or set WANDB_MODE=offline to log to disk only, or set "
+                             "train.wandb=false") from None
+
+    def log(self, step: int, row: dict[str, Any]) -> None:
+        values = {UPSTREAM_TAGS.get(k, f"train/{k}"): v for k, v in numbers(row).items() if k not in ("step", "time")}
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_backends(cfg, run_dir: str | Path, resume_step: Optional[int] = None) -> list[MetricsBackend]:
+    """The backends `cfg.train` asks for (rank 0 only: the caller decides); [] by default."""
+    out: list[MetricsBackend] = []
+    try:
+        if cfg.train.tensorboard:
+            from repro.config import config_to_yaml
+
+            out.append(TensorBoardBackend(Path(run_dir), config_to_yaml(cfg), resume_step))
+        if cfg.train.wandb:
+            out.append(WandbBackend(Path(run_dir), cfg.train.wandb_project, cfg.train.exp_name, cfg.to_dict()))
+    except BaseException:
+        for b in out:
+            b.close()
+        raise
+    return out

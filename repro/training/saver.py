@@ -1,0 +1,154 @@
+"""Writing checkpoints without stalling the step loop, and checking every process sees the run folder.
+
+`CheckpointWriter` (rank 0): a save copies the state into host buffers (pinned on CUDA, allocated at
+the first save and reused), hands the copy to one background thread that runs the usual atomic write
+(temp file, fsync, rename; `repro.training.checkpoints`) and pruning, and returns. The step loop
+waits only for the copy; the next save, and the end of the run, first wait for the previous write
+(re-raising its error, if any). `train.async_save=false` writes in the loop as before. The cost:
+host memory for one copy of the checkpoint (~10.8 GB for XL/1) while the run lasts.
+
+`check_shared_folder`: with several processes only rank 0 writes checkpoints, logs and the config, and
+every rank later resumes from those files, so the run folder must be on a filesystem all nodes share.
+Rank 0 writes a probe file there and every rank must read it back; otherwise the run stops at its
+start with an error naming the folder, not after hours at the first resume.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from repro.errors import ReproError
+from repro.utils import distributed as dist
+
+
+class CheckpointWriter:
+    def __init__(self, background: bool = True):
+        self.background = bool(background)
+        self._buffers: list[torch.Tensor] = []
+        self._future: Optional[Future] = None
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self.last_write_seconds: Optional[float] = None
+
+    # -- the host copy ----------------------------------------------------------------------------
+
+    def snapshot(self, tree: Any) -> Any:
+        """`tree` with every tensor copied to host memory (buffers reused when the layout repeats)."""
+        tensors: list[torch.Tensor] = []
+        _collect(tree, tensors)
+        same = len(tensors) == len(self._buffers) and all(
+            b.shape == t.shape and b.dtype == t.dtype for b, t in zip(self._buffers, tensors))
+        if not same:
+            pin = any(t.is_cuda for t in tensors) and torch.cuda.is_available()
+            self._buffers = [torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin) for t in tensors]
+        for b, t in zip(self._buffers, tensors):
+            b.copy_(t.detach(), non_blocking=True)
+        if any(t.is_cuda for t in tensors):
+            torch.cuda.synchronize()  # the device-to-host copies have landed before the loop moves on
+        it = iter(self._buffers)
+        return _rebuild(tree, it)
+
+    # -- the write ---------------------------------------------------------------------------------
+
+    def submit(self, write: Callable[[], Any]) -> None:
+        """Run `write` (after the previous one finished): in the background, or now when not async."""
+        self.wait()
+        if not self.background:
+            self._timed(write)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repro-ckpt")
+        self._future = self._pool.submit(self._timed, write)
+
+    def _timed(self, write: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return write()
+        finally:
+            self.last_write_seconds = time.perf_counter() - t0
+
+    def busy(self) -> bool:
+        return self._future is not None and not self._future.done()
+
+    def wait(self) -> None:
+        """Block until the pending write is done; its exception, if any, is raised here."""
+        if self._future is not None:
+            future, self._future = self._future, None
+            future.result()
+
+    def close(self) -> None:
+        """Wait for the pending write (errors re-raised) and stop the thread."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
+def _collect(obj: Any, out: list[torch.Tensor]) -> None:
+    if torch.is_tensor(obj):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _collect(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _collect(v, out)
+
+
+def _rebuild(obj: Any, buffers) -> Any:
+    if torch.is_tensor(obj):
+        return next(buffers)
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, buffers) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_rebuild(v, buffers) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Every process must see what rank 0 writes
+
+
+def check_shared_folder(folder: str | Path, what: str = "train.output_dir", timeout: float = 10.0) -> None:
+    """Rank 0 writes a probe file in `folder`; every rank must read it back within `timeout` seconds
+    (network filesystems may take a moment). A collective; the identity with one process."""
+    if dist.get_world_size() == 1:
+        return
+    folder = Path(folder)
+    token, shown = dist.broadcast_object((secrets.token_hex(8), str(folder)) if dist.is_main() else None)
+    probe = folder / f".repro-shared-probe-{token}"
+    if dist.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    dist.barrier()
+    deadline = time.monotonic() + timeout
+    seen = False
+    while not seen:
+        try:
+            seen = probe.read_text() == token
+        except OSError:
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    import torch.distributed as tdist
+
+    flags: list = [None] * dist.get_world_size()
+    tdist.all_gather_object(flags, (dist.get_rank(), seen))
+    blind = [rank for rank, ok in flags if not ok]
+    dist.barrier()
+    if dist.is_main():
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise ReproError(
+            f"process(es) of rank {', '.join(map(str, blind))} ({len(blind)} of {len(flags)}) cannot see {shown} "
+            f"({what}) as rank 0 wrote it: with several nodes, {what} must be on a filesystem every node mounts at "
+            f"the same path (NFS, Lustre, a shared bucket mount); rank 0 writes the checkpoints there and every "
+            f"rank resumes from them. Set {what} to such a folder")
