@@ -223,7 +223,7 @@ def format_table(a, device, precision, rows, per_row, peak_rate, peak_src, matmu
              "| model GFLOP/s | MFU % |",
              "|---|---|---|---|---|---|---|---|---|"]
     for label, ips, sec, cpu, nfe, rpi, mem, gfl, mfu, kind in rows:
-        lines.append(f"| {label} | {ips:.4g} | {sec:.3f} | {cpu:.3f} | {nfe} | {rpi:g} | {mem:.2f} ({kind}) "
+        lines.append(f"| {label} | {ips:.4g} | {sec:.4g} | {cpu:.3f} | {nfe} | {rpi:g} | {mem:.2f} ({kind}) "
                      f"| {gfl:.1f} | {mfu:.1f} |")
     if a.compare_plain:
         opt, plain = results[0], results[1]

@@ -34,7 +34,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from repro.config_checks import check_supported, with_upstream_defaults
+from repro.config_checks import check_supported, tokenizer_config_reason, with_upstream_defaults
 from repro.errors import ConfigError
 from repro.utils.io import atomic_write_text
 
@@ -57,11 +57,12 @@ class DataConfig:
     valid_path: Optional[str] = None  # latent folder: validation loss at each checkpoint (repro.training.validation)
     raw_data_dir: Optional[str] = None  # kit: image folder / tar shards for step 6 extraction
     stats_subset: int = 10000  # kit: latents used for latents_stats.pt (upstream: 10,000)
+    horizontal_flip: bool = True  # kit: train on `latents_flip` with p 0.5 (upstream); false for digits, text, scans
 
 
 @dataclass
 class VAEConfig:
-    model_name: str = "vavae_f16d32"  # the only tokenizer the kit has (others refused)
+    model_name: str = "vavae_f16d32"  # the official VA-VAE, or kit: `custom` = a tokenizer of step 9 (repro.tokenizer.files)
     downsample_ratio: int = 16
     ckpt_path: Optional[str] = None  # kit: the VA-VAE weights file
     ch: int = 128  # kit: base width (128 official; 32 for CPU tests)
@@ -378,7 +379,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     Keys the file leaves out take upstream's missing-key meaning (config_checks.UPSTREAM_WHEN_MISSING).
     Values are checked after the overrides, so `--set transport.path_type=Linear` repairs a file.
     """
-    raw = with_upstream_defaults(read_config_file(path)) if path is not None else {}
+    raw = read_config_file(path) if path is not None else {}
+    if (why := tokenizer_config_reason(raw)) is not None:
+        raise ConfigError(f"{path}: this is a tokenizer config ({why}), not a LightningDiT config: train it with "
+                          f"step 9 (python -m steps.step9_train_tokenizer --config {path}), evaluate it with step 10")
+    raw = with_upstream_defaults(raw) if path is not None else raw
     try:
         return apply_overrides(_build(Config, raw, ""), overrides)
     except ConfigError as e:

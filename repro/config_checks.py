@@ -39,12 +39,13 @@ UPSTREAM_WHEN_MISSING: dict[str, Any] = {
 # Enumerated keys: what the kit implements, and what upstream also accepts (refused with that said).
 MODEL_TYPES = ("LightningDiT-B/1", "LightningDiT-B/2", "LightningDiT-L/2", "LightningDiT-XL/1",
                "LightningDiT-XL/2", "LightningDiT-1p0B/1", "LightningDiT-1p0B/2", "LightningDiT-1p6B/1",
-               "LightningDiT-1p6B/2", "LightningDiT-T/1")  # = repro.models.lightningdit.LIGHTNINGDIT_MODELS
+               "LightningDiT-1p6B/2", "LightningDiT-T/1",
+               "LightningDiT-Mini/2")  # = repro.models.lightningdit.LIGHTNINGDIT_MODELS
 SAMPLING_METHODS = ("euler", "midpoint", "heun2", "rk4", "dopri5")  # = repro.transport.METHODS
 # upstream passes sample.sampling_method to torchdiffeq.odeint, which also knows these
 TORCHDIFFEQ_ONLY_METHODS = ("dopri8", "bosh3", "fehlberg2", "adaptive_heun", "heun3", "explicit_adams",
                             "implicit_adams", "fixed_adams", "scipy_solver")
-VAE_MODELS = ("vavae_f16d32",)
+VAE_MODELS = ("vavae_f16d32", "custom")  # custom: repro.tokenizer.files (step 9)
 
 
 def _suggest(value: Any, choices: Iterable[str]) -> str:
@@ -86,12 +87,21 @@ def check_supported(cfg) -> None:
                 "train.py never passes learn_sigma, so no released checkpoint has the doubled output)",
                 "remove the key or set model.learn_sigma: false")
     if v.model_name not in VAE_MODELS:  # upstream loads tokenizer/configs/<model_name>.yaml
-        _refuse("vae.model_name", v.model_name, "the kit's one tokenizer is VA-VAE f16d32 ('vavae_f16d32'), which "
-                "cannot decode another tokenizer's latents", "set vae.model_name: vavae_f16d32 with VA-VAE f16d32 "
-                "weights (vae.ckpt_path) and latents")
-    if v.downsample_ratio != 16:
+        _refuse("vae.model_name", v.model_name, "the kit's tokenizers are the official VA-VAE f16d32 ('vavae_f16d32') "
+                "and one trained by step 9 ('custom'); another tokenizer's latents would be decoded by the wrong VAE",
+                "set vae.model_name: vavae_f16d32 with VA-VAE f16d32 weights (vae.ckpt_path) and latents, or "
+                "vae.model_name: custom with a tokenizer of step 9")
+    if v.model_name == "vavae_f16d32" and v.downsample_ratio != 16:
         _refuse("vae.downsample_ratio", v.downsample_ratio, "vae.model_name vavae_f16d32 downsamples by 16",
-                "set vae.downsample_ratio: 16")
+                "set vae.downsample_ratio: 16 (or vae.model_name: custom for a tokenizer of step 9)")
+    if v.model_name == "custom" and v.downsample_ratio & (v.downsample_ratio - 1):
+        _refuse("vae.downsample_ratio", v.downsample_ratio, "a tokenizer of step 9 downsamples by a power of two "
+                "(2^(len(ch_mult) - 1): f4, f8, f16)", "set the ratio of the tokenizer in vae.ckpt_path")
+
+    # kit: a model of one class is unconditional; guidance towards the null label would mean nothing
+    if d.num_classes == 1 and s.cfg_scale > 1.0:
+        _refuse("sample.cfg_scale", s.cfg_scale, "data.num_classes is 1 (an unconditional model): there is no class "
+                "to guide towards", "set sample.cfg_scale: 1.0")
 
     # Transport: the linear path with velocity prediction, the only one the released models use.
     _one_of("transport.path_type", t.path_type, ("Linear",), ("GVP", "VP"),
@@ -126,6 +136,25 @@ def check_supported(cfg) -> None:
                 "remove the key, or set model.use_checkpoint: true for gradient checkpointing")
     if d.valid_path is not None and not str(d.valid_path).strip():
         _refuse("data.valid_path", d.valid_path, "an empty path", "set a latent folder or null")
+
+
+def tokenizer_config_reason(raw: Any) -> Optional[str]:
+    """Why a parsed YAML is a tokenizer training config (step 9), not a DiT config; None when it is not one.
+
+    Upstream's VA-VAE configs (vavae/configs/*.yaml, tokenizer/configs/*.yaml) are LDM-style: `model:
+    {base_learning_rate, target, params: {ddconfig, lossconfig, ...}}`, `lightning:`; the kit's own
+    tokenizer configs have a `loss` section, which no DiT config has.
+    """
+    if not isinstance(raw, dict):
+        return None
+    model = raw.get("model")
+    if isinstance(model, dict) and ("target" in model or "params" in model or "base_learning_rate" in model):
+        return "an LDM-style VA-VAE training config (model.target / model.params)"
+    if "lightning" in raw:
+        return "a PyTorch Lightning training config (a 'lightning' section)"
+    if "loss" in raw:
+        return "a kit tokenizer config (a 'loss' section)"
+    return None
 
 
 def missing_upstream_defaults(raw: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from repro import resources
 from repro.setup import envinfo, install_plan
 from repro.errors import ReproError
+from repro.hub.client import HubClientError, check_client_version
 from repro.utils.cli import run_cli
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,11 @@ def main(dry_run: bool = False, requirements: str = "requirements.txt", install:
                              "plan": [{"name": i.name, "spec": str(i.requirement), "installed": i.installed,
                                        "action": i.action, "reason": i.reason} for i in items],
                              "warnings": install_plan.warnings_of(items)}
+    try:  # after the installs: the plan may just have brought huggingface_hub in range
+        report["huggingface_hub"] = check_client_version()
+        print(f"huggingface_hub {report['huggingface_hub']}: ok (any release from the kit's lower bound on)", flush=True)
+    except HubClientError as err:
+        report["problems"].append(str(err))
     env_path = envinfo.write_env_json(report, Path(out) / "env.json" if out else None)
     print(f"wrote {env_path}", flush=True)
     if report["problems"] and fail_on_problems:

@@ -5,10 +5,15 @@
     python -m steps.step4_inference --config lightningdit_xl_800ep --num-samples 50000 --batch-size 64
     python -m steps.step4_inference --config C --num-samples 50000 --class-balanced --set sample.cfg_scale=4.0
     torchrun --nproc_per_node=8 -m steps.step4_inference --config lightningdit_xl_800ep --batch-size 64
+    python -m steps.step4_inference --config own.yaml --num-samples 100 --class-balanced --trajectory 8
     # notebook:  from steps.step4_inference import main; res = main(config="tiny", num_samples=16)
 
 Runs steps 2 and 3 first when their outputs are missing. Writes OUT/images/{i:06d}.png, then
 OUT/samples.npz (ADM evaluator format) or OUT/demo_samples.png, with OUT/config.yaml and OUT/run.json.
+--trajectory K also writes OUT/trajectories/{i:06d}.png: image i's x0 strip, the model's predicted clean
+image at K evenly spread steps of the sampling grid (noisiest left), decoded. The kit's convention: t = 0
+noise, t = 1 data, x_t = t x1 + (1 - t) x0, v = x1 - x0, so the prediction is x1_hat = x_t + (1 - t) v
+(with the guided v where CFG is on). The preview is titled with the class names step 6 recorded.
 The same command gives byte-identical images on 1 or K processes and after any interruption: run it
 again to finish (on CPU, with the same torch thread count per process: see repro/sampling/plan.py). --precision: fp32 (upstream's; the presets' sample.precision) | auto (bf16 on Ampere+, fp16 on older GPUs,
 fp32 on CPU: faster, moves the latents slightly) | bf16 | fp16.
@@ -32,7 +37,7 @@ def main(config: Optional[str] = None, demo: Optional[bool] = None, num_samples:
          out: Optional[str] = None, batch_size: Optional[int | str] = None, seed: Optional[int] = None,
          class_balanced: bool = False, precision: Optional[str] = None, labels: Optional[Sequence[int]] = None,
          set: Optional[list[str]] = None, compile: Optional[str | bool] = None, device: Optional[str] = None,
-         progress: bool = True) -> dict:
+         progress: bool = True, trajectory: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> dict:
     """Returns paths (out_dir, images_dir, npz or grid, config, record), counts and the summary line."""
     if demo is None:  # no arguments at all = the official demo
         demo = num_samples is None and config is None
@@ -43,7 +48,7 @@ def main(config: Optional[str] = None, demo: Optional[bool] = None, num_samples:
     return run_sampling(cfg, out_dir=out, num_samples=num_samples, batch_size=batch_size, seed=seed,
                         class_balanced=class_balanced, labels=list(labels) if labels else None,
                         precision=precision, compile=compile, demo=demo, device=device, progress=progress,
-                        config_header=header)
+                        config_header=header, trajectory=trajectory, class_names=class_names)
 
 
 def _batch(text: str) -> int | str:
@@ -69,12 +74,13 @@ def cli(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--no-compile", dest="compile", action="store_const", const="none", help="run the model eagerly")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this process's GPU, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--trajectory", type=int, metavar="K", help="also write each image's x0 strip at K grid steps")
     a = p.parse_args(argv)
     try:
         return run_cli(lambda: main(config=a.config, demo=a.demo, num_samples=a.num_samples, out=a.out,
                                     batch_size=a.batch_size, seed=a.seed, class_balanced=a.class_balanced,
                                     precision=a.precision, labels=a.labels, set=a.set, compile=a.compile,
-                                    device=a.device, progress=not a.no_progress))
+                                    device=a.device, progress=not a.no_progress, trajectory=a.trajectory))
     finally:
         distributed.shutdown()
 

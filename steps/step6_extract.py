@@ -11,6 +11,7 @@ tar.gz parts) and unpacks them into --out, resumably; train on that folder (data
     python -m steps.step6_extract --config C --source /data/imagenet/train --out data/latents --workers 8
     python -m steps.step6_extract --config C --official --out data/latents   # upstream's latents, no encoding
     python -m steps.step6_extract --config C --source shards/ --store moments --shard-size 10000
+    python -m steps.step6_extract --config own.yaml --source my_images --out latents --store mean   # step 9's tokenizer
     torchrun --nproc_per_node=8 -m steps.step6_extract --config C --source DIR --out DIR
     # notebook:  from steps.step6_extract import main; main("configs/tiny.yaml", source="imgs", out="latents")
 """
@@ -39,7 +40,7 @@ def main(config: str | Config | None = None, *, source=None, out: str | None = N
     """Extract latents (this process's share under torchrun); returns the extraction report.
     official=True: fetch and unpack upstream's latents instead (one process); returns the unpack summary."""
     from repro.data.extract import extract_latents
-    from repro.tokenizer.vavae import load_vavae
+    from repro.tokenizer.files import load_vae
 
     with naming_config(config):  # advice in errors names this config, not `--config C`
         cfg = apply_overrides(copy.deepcopy(config), set) if isinstance(config, Config) else load_config(config, set)
@@ -59,7 +60,7 @@ def main(config: str | Config | None = None, *, source=None, out: str | None = N
                                   " or run `python -m steps.step3_configs --base C` and pass the config it writes")
         dist.init(device)
         dev = default_device() if device is None else torch.device(device)
-        vae = load_vavae(cfg.vae.ckpt_path, ch=cfg.vae.ch, device=dev)
+        vae = load_vae(cfg.vae, device=dev)  # the official VA-VAE, or a tokenizer of step 9 (vae.model_name: custom)
         return extract_latents(vae, source, Path(out), image_size=cfg.data.image_size, batch_size=batch_size,
                                shard_size=shard_size, seed=seed, store=store, device=dev,
                                stats_subset=cfg.data.stats_subset, labels_file=labels_file, workers=workers)
@@ -89,7 +90,8 @@ def cli(argv: list[str] | None = None) -> dict:
     p.add_argument("--labels-file", default=None, help="labels file of a flat folder (default DIR/labels.txt|csv)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=10000, help="images per shard (upstream: 10000)")
-    p.add_argument("--store", choices=["sample", "moments"], default="sample")
+    p.add_argument("--store", choices=["sample", "mean", "moments"], default="sample",
+                   help="sample: a posterior draw (upstream); mean: the posterior mean (deterministic); moments")
     p.add_argument("--seed", type=int, default=0, help="posterior-noise and statistics-subset seed")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", help="config overrides")

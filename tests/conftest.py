@@ -33,6 +33,15 @@ def _isolated_env(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and 2 shared cores make them spin: use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def small_disk(tmp_path):
     """A real 80 MB filesystem (tmpfs) to fill; skipped where this user may not mount one."""
     import subprocess

@@ -53,8 +53,12 @@ REFUSED = [
     ("sample.likelihood=true", r"'sample.likelihood' is True: upstream inference.py never reads it"),
     ("model.learn_sigma=true", r"'model.learn_sigma' is True: .*velocity only"),
     ("train.use_checkpoint=false", r"'train.use_checkpoint' is False: upstream train.py only logs it"),
-    ("vae.model_name=vavae_experimentals", r"'vae.model_name' is 'vavae_experimentals': the kit's one tokenizer"),
+    ("vae.model_name=vavae_experimentals", r"'vae.model_name' is 'vavae_experimentals': the kit's tokenizers are the "
+                                           r"official VA-VAE f16d32 \('vavae_f16d32'\) and one trained by step 9"),
     ("vae.downsample_ratio=8", r"'vae.downsample_ratio' is 8: .*set vae.downsample_ratio: 16"),
+    ("vae.model_name=custom vae.downsample_ratio=12 data.image_size=48",
+     r"'vae.downsample_ratio' is 12: a tokenizer of step 9 downsamples by a power of two"),
+    ("data.num_classes=1 sample.cfg_scale=4.0", r"'sample.cfg_scale' is 4.0: data.num_classes is 1 \(an unconditional"),
     ("model.model_type=LightningDiT-H/2", r"'model.model_type' is 'LightningDiT-H/2', not one of LightningDiT-B/1, "),
 ]
 NEAR_MISSES = [("sample.sampling_method=dopri", "dopri5"), ("sample.sampling_method=Euler", "euler"),
@@ -65,7 +69,7 @@ NEAR_MISSES = [("sample.sampling_method=dopri", "dopri5"), ("sample.sampling_met
 @pytest.mark.parametrize("override,message", REFUSED, ids=[o for o, _ in REFUSED])
 def test_unimplemented_values_are_refused_naming_key_and_choices(override, message):
     with pytest.raises(ConfigError, match=message) as err:
-        load_config(None, [override])
+        load_config(None, override.split(" "))
     assert "\n" not in str(err.value)
 
 
@@ -79,6 +83,9 @@ def test_accepted_values_that_mean_the_default():
     cfg = load_config(None, ["transport.train_eps=0", "transport.sample_eps=null", "sample.sampling_method=dopri5",
                              "model.model_type=LightningDiT-T/1", "train.use_checkpoint=true", "model.learn_sigma=false"])
     assert cfg.sample.sampling_method == "dopri5" and cfg.transport.train_eps == 0.0
+    # kit (issue 13): a tokenizer of step 9 at f4, f8 or f16 (checked against its file when it loads)
+    for ratio in (4, 8, 16):
+        assert load_config(None, ["vae.model_name=custom", f"vae.downsample_ratio={ratio}"]).vae.downsample_ratio == ratio
 
 
 def test_enumerations_match_the_implementations():

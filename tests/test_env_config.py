@@ -193,7 +193,7 @@ def test_every_official_layout_loads_unchanged(path):
     repair = REPAIRS.get(path.relative_to(FIXTURES / "configs").parts[0], {})
     if repair:
         with pytest.raises(ConfigError, match=r"train_lightningdit_xl_1_stage_\d.yaml: config key 'vae.model_name' "
-                                              r"is 'vfm_vae_f16d32': the kit's one tokenizer is VA-VAE f16d32"):
+                                              r"is 'vfm_vae_f16d32': the kit's tokenizers are the official VA-VAE f16d32"):
             load_config(path)
     cfg = load_config(path, [f"{k}={v}" for k, v in repair.items()])
     values = flatten(cfg)
@@ -468,25 +468,40 @@ def test_step1_prints_this_machines_values(capsys, tmp_path):
         version = importlib.metadata.version(req.name)
         if found.group(1) in ("ok", "upgrade"):
             assert found.group(2).startswith(version), (req.name, found.group(0))
+    hub = importlib.metadata.version("huggingface_hub")
+    assert f"huggingface_hub {hub}: ok" in out
+
+
+def test_step1_names_a_huggingface_hub_older_than_the_kit_supports():
+    from repro.hub.client import MIN_HUB_VERSION, HubClientError, check_client_version
+
+    assert check_client_version("0.36.2") == "0.36.2" and check_client_version("2.4.0rc1") == "2.4.0rc1"
+    with pytest.raises(HubClientError, match=rf"huggingface_hub 0.16.4 is older than {MIN_HUB_VERSION}.*pip install"):
+        check_client_version("0.16.4")
+    with pytest.raises(HubClientError, match="huggingface_hub is not installed"):
+        check_client_version(None)
 
 
 def test_recommended_batches_follow_the_documented_rules():
     """Against the rules written down (README, envinfo's constants), not against envinfo.recommend itself."""
     from repro.config import ModelConfig
-    from repro.models.cost import training_memory_budget, usable_bytes
+    from repro.models.cost import block_saved_fn, training_memory_budget, usable_bytes
 
     # sampling: pow2_floor((GiB - 4 fixed) / per image: 0.25 half, 0.5 fp32), capped at 256
-    assert envinfo.recommend([T4])["sample_per_proc_batch_size"] == 32  # (15 - 4) / 0.25 = 44 -> 32
-    assert envinfo.recommend([A100])["sample_per_proc_batch_size"] == 256  # 304 -> cap
-    assert envinfo.recommend([P100])["sample_per_proc_batch_size"] == 32  # (16 - 4) / 0.25 = 48 -> 32
+    assert envinfo.recommend_sampling([T4], "fp16")["sample"] == 32  # (15 - 4) / 0.25 = 44 -> 32
+    assert envinfo.recommend_sampling([A100], "bf16")["sample"] == 256  # 304 -> cap
+    assert envinfo.recommend_sampling([P100], "fp16")["sample"] == 32  # (16 - 4) / 0.25 = 48 -> 32
+    assert envinfo.recommend_sampling([A100], "fp32")["sample"] == 128  # (80 - 4) / 0.5 = 152 -> 128
     assert envinfo.recommend([])["sample_per_proc_batch_size"] == 4  # upstream's sampling batch on a CPU
     # training, README: XL/1 on a 16 GB T4 trains at micro-batch 32 with checkpointing and the EMA in host memory
-    t4 = envinfo.recommend(HARDWARE_PROFILES["t4"])
+    t4 = envinfo.recommend_training(HARDWARE_PROFILES["t4"], "fp16")
     assert (t4["train_micro_batch_size"], t4["train_use_checkpoint"], t4["train_ema_on_cpu"]) == (32, True, True)
     # an 80 GB card: no saver, the largest power of two (<= 128) whose computed budget fits
-    a100 = envinfo.recommend([A100])
+    a100 = envinfo.recommend_training([A100], "bf16")
     m = a100["train_micro_batch_size"]
-    budget = lambda micro: training_memory_budget(ModelConfig(), 16, micro, "bf16", checkpointing=False).total  # noqa: E731
+    saved = block_saved_fn(ModelConfig(), 16, "bf16")  # one XL block's saved activations, measured (affine in m)
+    budget = lambda micro: training_memory_budget(ModelConfig(), 16, micro, "bf16", checkpointing=False,  # noqa: E731
+                                                  block_saved=saved(micro)).total
     assert not a100["train_use_checkpoint"] and not a100["train_ema_on_cpu"]
     assert m >= 16 and budget(m) <= usable_bytes(A100.total_memory) and (m == 128 or
                                                                           budget(2 * m) > usable_bytes(A100.total_memory))

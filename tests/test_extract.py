@@ -425,3 +425,25 @@ def test_ctrl_c_exits_130_with_the_resume_hint_and_the_rerun_finishes(kit, tmp_p
     assert rerun.returncode == 0, rerun.stderr
     assert _shard_bytes(out) == _shard_bytes(kit["ref"])
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_listing_errors_name_the_source_and_odd_tar_members_are_counted(tmp_path):
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    tar = _tar(tmp_path / "odd.tar", [("a.png", png.getvalue()), ("a.jpg", png.getvalue()), ("a.cls", b"1"),
+                                      ("README", b"no dot"), ("b.png", png.getvalue()), ("b.cls", b"0")])
+    src = list_images([tar])
+    assert [Path(i.ref.split("::")[1]).name for i in src.items] == ["b.png"] and src.ignored == 1
+    assert src.problems == [{"path": f"{tar}::a", "error": "ambiguous sample: several images ['jpg', 'png']"}]
+    (tmp_path / "gz.tar").write_bytes(b"\x1f\x8b" + b"\0" * 600)  # gzip bytes under a .tar name
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    cases = [([tmp_path / "gz.tar"], r"cannot read WebDataset shard .*gz.tar .*unpack \.tar\.gz to \.tar"),
+             ([tar, tmp_path / "notes.txt"], r"notes.txt is not a \.tar shard"),
+             ([tmp_path / "missing"], r"image source .*missing does not exist"),
+             ([tmp_path / "empty", tmp_path / "empty"], r"pass one image folder as --source, not 2"),
+             ([], r"no image source given"),
+             ([tmp_path / "empty"], r"empty has no class sub-folders, no labels.txt / labels.csv and no \.tar")]
+    for source, message in cases:
+        with pytest.raises(ReproError, match=message):
+            list_images(source)

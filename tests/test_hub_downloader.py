@@ -100,6 +100,23 @@ def test_416_for_a_stale_longer_partial_file_is_a_hash_mismatch(hub, tmp_path):
     assert not part_of(tmp_path).exists()
 
 
+def test_a_partial_file_longer_than_the_known_size_is_dropped_before_any_range(hub, tmp_path):
+    part_of(tmp_path).write_bytes(DATA + b"junk from an older, longer file")
+    got = fetch(hub, tmp_path)  # the size is known: no Range for bytes that cannot be a prefix
+    assert hub.ranges() == [] and (tmp_path / NAME).read_bytes() == DATA and got.resumed_from == 0
+
+
+def test_a_body_shorter_than_the_known_size_is_a_resumable_error(hub, tmp_path):
+    # The server ends the body cleanly (its Content-Length) but the file is 10 bytes longer than that:
+    # the downloader asks for the rest (416 each time), then stops with the bytes it has kept.
+    with pytest.raises(NetworkError) as err:
+        fetch(hub, tmp_path, size=len(DATA) + 10)
+    assert f"download stopped at {len(DATA)} of {len(DATA) + 10} bytes" in str(err.value)
+    assert "run the same command again to resume" in str(err.value)
+    assert hub.ranges() == [f"bytes={len(DATA)}-"] * MAX_RESUMES
+    assert part_of(tmp_path).read_bytes() == DATA and not (tmp_path / NAME).exists()
+
+
 # A dropped connection loses the chunk being read (requests hands out whole chunks): every answer
 # below hangs up after 1.5 chunks, so each keeps exactly one chunk on disk.
 BIG = random.Random(8).randbytes(3 * CHUNK_SIZE + 700_000)

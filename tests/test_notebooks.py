@@ -102,6 +102,9 @@ def test_work_folder_per_platform(tmp_path, monkeypatch):
         nb_env.work_root(drive_mount=True, platform="kaggle")
     for key in ("REPRO_RUNS_DIR", "HF_HOME"):
         monkeypatch.setenv(key, "before")  # restored after the test
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:  # an earlier test imported the client in this process; a fresh kernel has not
+        monkeypatch.setattr(hub, "HF_HOME", str(tmp_path / "w" / "hf_home"))
     env = nb_env.configure_environment(workdir=str(tmp_path / "w"), platform="local")
     assert (env.runs, env.hf_home) == (tmp_path / "w" / "runs", tmp_path / "w" / "hf_home") and env.runs.is_dir()
     assert os.environ["REPRO_RUNS_DIR"] == str(env.runs) and os.environ["HF_HOME"] == str(env.hf_home)

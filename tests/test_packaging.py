@@ -84,7 +84,8 @@ def test_dependencies_are_requirements_txt_and_torch_is_a_range():
                 elif isinstance(sub, ast.ImportFrom) and sub.level == 0 and sub.module:
                     names.add(sub.module.split(".")[0])
     imported -= optional
-    module_of = {"pillow": "PIL", "pyyaml": "yaml", "torch-fidelity": "torch_fidelity", "huggingface-hub": "huggingface_hub"}
+    module_of = {"pillow": "PIL", "pyyaml": "yaml", "torch-fidelity": "torch_fidelity", "huggingface-hub": "huggingface_hub",
+                 "scikit-learn": "sklearn"}
     provided = {module_of.get(name, name) for name in requirement_set(project["dependencies"])}
     third_party = imported - set(sys.stdlib_module_names) - {"repro", "steps", "IPython", "google"}
     assert third_party <= provided, f"imported but not declared: {sorted(third_party - provided)}"

@@ -169,3 +169,35 @@ def test_handlers_are_restored_and_a_second_signal_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert Preempted("x", signal.SIGTERM).exit_code == 143 and Preempted("x", signal.SIGINT).exit_code == 130
+
+
+def test_an_interrupted_notebook_cell_passes_ctrl_c_on_to_its_workers(tmp_path, capsys):
+    """A notebook's `launch` streams torchrun's output; the kernel's interrupt (SIGINT to the kernel only,
+    not its children) must reach the workers, so they stop at a safe point, and the cell then raises."""
+    from repro.setup.notebook import _stream
+
+    ready, got = tmp_path / "ready", tmp_path / "got"
+    child = ("import pathlib, signal, sys, time\n"
+             "def stop(signum, frame):\n"
+             "    pathlib.Path(sys.argv[2]).write_text(signal.Signals(signum).name)\n"
+             "    sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, stop)\n"
+             "print('worker started', flush=True)\n"
+             "pathlib.Path(sys.argv[1]).touch()\n"
+             "time.sleep(20)\n")
+
+    def interrupt():  # once the worker is running, the kernel (this process) gets SIGINT
+        deadline = time.time() + 30
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _stream([sys.executable, "-c", child, str(ready), str(got)], dict(os.environ), "worker")
+    finally:
+        thread.join()
+    assert got.read_text() == "SIGINT"  # forwarded, and the worker has exited (the cell waited for it)
+    assert "worker started" in capsys.readouterr().out

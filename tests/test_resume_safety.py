@@ -36,12 +36,7 @@ from tests.tiny_assets import tiny_model, write_tiny_assets
 STAGE0 = "configs/train/tiny_stage_0.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +222,7 @@ def test_runs_marker_is_a_folder_under_the_runs_folder_in_steps_5_6_7(tmp_path, 
     assert sorted(p.name for p in where.glob("*.safetensors")) and (where / "latents_stats.pt").is_file()
     assert step5_fix_stats.main(config)["verdict"].ok
     trained = step7_train.main(config, set=["train.max_steps=2", "train.global_batch_size=4",
-                                            "train.micro_batch_size=4"])
+                                            "train.micro_batch_size=4", "data.num_classes=2"])  # the 2 class folders
     assert Path(trained["run_dir"]) == runs_dir().resolve() / "train" / "tiny_two_stage"
     assert not any(p.name.startswith("runs:") for p in cwd.rglob("*")), "a literal runs: folder was made"
 

@@ -20,6 +20,9 @@ notebook needs to survive:
   What the listing finds (unlabelled images, incomplete tar samples, bad labels-file lines, directory
   links that loop) is reported there too, each once.
 - `store="moments"` keeps posterior mean/logvar (kit-only; upstream's dataset cannot read it).
+- `store="mean"` writes upstream-format shards holding the posterior mean instead of a draw (kit-only:
+  deterministic, no noise; the header and the report say `posterior: mean`). A small tokenizer trained on
+  little data has a wide posterior, and training the DiT on its draws is much slower (issue 13's notes).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from repro.utils.io import atomic_write_json, remove_stale_temps
 FORMAT_TAG = "repro-latents/1"
 REPORT_NAME = "extract_report.json"
 # header fields a finished shard must share with the current run to be reused on restart
-_RESUME_KEYS = ("store", "num_images_total", "image_size", "seed", "shard_size", "first_index")
+_RESUME_KEYS = ("store", "posterior", "num_images_total", "image_size", "seed", "shard_size", "first_index")
+STORES = ("sample", "moments", "mean")  # what a shard keeps of each posterior: a draw (upstream), mean+logvar, the mean
 
 
 def _encode_batch(vae, images: list[torch.Tensor], indices: list[int], *, seed: int, store: str,
@@ -61,6 +65,8 @@ def _encode_batch(vae, images: list[torch.Tensor], indices: list[int], *, seed: 
     n = len(images)
     if store == "moments":
         return {"mean": mean[:n], "logvar": logvar[:n], "mean_flip": mean[n:], "logvar_flip": logvar[n:]}
+    if store == "mean":  # kit: the posterior mean, in upstream's sample-shard layout
+        return {"latents": mean[:n], "latents_flip": mean[n:]}
     noise = torch.empty_like(mean)
     for j, i in enumerate(indices):
         g = torch.Generator().manual_seed(image_seed(seed, i))
@@ -122,8 +128,9 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
     `workers` processes decode and crop the images (repro.data.image_loader; the shards are the same
     for any count). Returns the report (the same dict on every process)."""
     # Arguments and the fixed listing of the source (the same on every process).
-    if store not in ("sample", "moments"):
-        raise ReproError(f"store={store!r}: choose 'sample' (upstream shards) or 'moments' (posterior mean/logvar)")
+    if store not in STORES:
+        raise ReproError(f"store={store!r}: choose 'sample' (upstream shards), 'mean' (the posterior mean in "
+                         "upstream's layout) or 'moments' (posterior mean/logvar)")
     if workers < 0:
         raise ReproError(f"workers={workers}: the number of image-decoding processes must be >= 0 (0 = this process)")
     if batch_size < 1 or shard_size < 1:
@@ -139,8 +146,10 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
     # Rank 0 prepares the folder: stale temp files out, foreign shards refused.
     num_shards = math.ceil(n / shard_size)
     names = {shard_name(0, k) for k in range(num_shards)}
-    meta = {"kit": FORMAT_TAG, "store": store, "num_images_total": n, "image_size": image_size,
-            "seed": seed, "shard_size": shard_size, "source_kind": src.kind}
+    meta = {"kit": FORMAT_TAG, "store": "moments" if store == "moments" else "sample", "num_images_total": n,
+            "image_size": image_size, "seed": seed, "shard_size": shard_size, "source_kind": src.kind}
+    if store == "mean":
+        meta["posterior"] = "mean"  # kit: recorded only here, so shards of the other stores stay as they were
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # temp files of a killed run; before any process starts writing
@@ -158,6 +167,8 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
             todo.append(k)
             continue
         want = dict(meta, first_index=k * shard_size)
+        for record in (header, want):  # no `posterior` field: a draw (sample shards) or moments
+            record.setdefault("posterior", record.get("store"))
         diff = [f"{key}={header.get(key)!r} (now {want[key]!r})" for key in _RESUME_KEYS if header.get(key) != want[key]]
         if header.get("kit") != FORMAT_TAG or diff:
             raise ReproError(f"{out / shard_name(0, k)} comes from a different extraction ({', '.join(diff) or 'not made by this kit'}); "
@@ -205,8 +216,9 @@ def _finish(out: Path, src: ImageSource, num_shards: int, meta: dict, *, stats_s
     old = validate_stats(stats_path, stats["mean"].shape[1])
     if not (old.ok and torch.equal(old.mean, stats["mean"]) and torch.equal(old.std, stats["std"])):
         write_stats(stats_path, stats, backup=True)
+    store_name = meta.get("posterior", meta["store"])  # sample | moments | mean
     report = {
-        "out_dir": str(out), "source": src.root, "source_kind": src.kind, "store": meta["store"],
+        "out_dir": str(out), "source": src.root, "source_kind": src.kind, "store": store_name,
         "image_size": meta["image_size"], "seed": seed, "shard_size": meta["shard_size"],
         "num_images_listed": len(src), "num_encoded": encoded, "num_corrupt": len(corrupt), "corrupt": corrupt,
         "num_listing_problems": len(src.problems), "listing_problems": src.problems, "num_ignored_files": src.ignored,
@@ -220,3 +232,16 @@ def _finish(out: Path, src: ImageSource, num_shards: int, meta: dict, *, stats_s
                 f"{len(corrupt)} corrupt or badly labelled and {len(src.problems)} listing problem(s) (unlabelled, "
                 f"incomplete, bad label line, directory loop) skipped "
                 f"(listed in {out / REPORT_NAME}); statistics in {stats_path}")
+
+
+def report_class_names(folder: str | os.PathLike) -> list[str] | None:
+    """The class-folder names step 6 recorded for a latent folder (sorted = label order), or None when the
+    folder has no report or its source had no class folders (a labels file, tar shards)."""
+    report = Path(folder) / REPORT_NAME
+    if not report.is_file():
+        return None
+    try:
+        names = json.loads(report.read_text()).get("class_names")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ReproError(f"{report} is unreadable ({e}): run step 6 on that folder again to rewrite it") from None
+    return [str(n) for n in names] if isinstance(names, list) else None

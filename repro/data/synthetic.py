@@ -1,5 +1,8 @@
 """A small, learnable stand-in for ImageNet and the VA-VAE, for the training notebook's CPU run.
 
+`make_digits_folder` writes scikit-learn's bundled handwritten digits (offline, 10 classes) as a class
+folder of RGB PNGs: real images, so notebook 04 can show that the whole own-data path learns.
+
 `make_demo_images` draws an ImageNet-style class folder (one sub-folder per class, sorted names ->
 labels): each class is one shape in one colour on a plain background, placed at a random position,
 so a tiny model learns it in a few hundred steps. `make_narrow_vavae` writes a VA-VAE of base width
@@ -57,6 +60,40 @@ def make_demo_images(folder: str | os.PathLike, num_classes: int = 4, per_class:
             with atomic_path(folder / name / f"img_{i:03d}.png", suffix=".png") as tmp:
                 img.save(tmp, format="PNG")
     return {"folder": str(folder), "num_images": num_classes * per_class, "classes": classes}
+
+
+def make_digits_folder(folder: str | os.PathLike, size: int = 32, per_class: int = 160,
+                       held_out: str | os.PathLike | None = None, held_out_per_class: int = 20) -> dict:
+    """scikit-learn's 8x8 digits (0..16) as `folder/digit_C/NNNN.png`, RGB, `size` px (bilinear), white on black.
+
+    The first `per_class` images of each class (in the data set's order) go to `folder`; the next
+    `held_out_per_class`, if `held_out` is given, to `held_out` in the same layout (the tokenizer's evaluation set). Already written
+    files are kept (a rerun writes nothing). Returns {'folder', 'num_images', 'classes', 'held_out', 'num_held_out'}.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    classes = [f"digit_{c}" for c in range(10)]
+    counts = {"train": 0, "held_out": 0}
+    for c, name in enumerate(classes):
+        idx = np.flatnonzero(digits.target == c)
+        if len(idx) < per_class:
+            raise ValueError(f"per_class={per_class}: scikit-learn's digits have only {len(idx)} images of digit {c}")
+        for k, i in enumerate(idx):
+            split = "train" if k < per_class else "held_out"
+            if split == "held_out" and (held_out is None or k >= per_class + held_out_per_class):
+                break
+            path = Path(folder if split == "train" else held_out) / name / f"{i:04d}.png"
+            counts[split] += 1
+            if path.is_file():
+                continue
+            pixels = np.round(digits.images[i] * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+            image = Image.fromarray(pixels, mode="L").resize((size, size), resample=Image.BILINEAR).convert("RGB")
+            with atomic_path(path, suffix=".png") as tmp:
+                image.save(tmp, format="PNG")
+    return {"folder": str(folder), "num_images": counts["train"], "classes": classes,
+            "held_out": str(held_out) if held_out is not None else None, "num_held_out": counts["held_out"]}
 
 
 def make_narrow_vavae(path: str | os.PathLike, ch: int = 32, seed: int = 0) -> Path:

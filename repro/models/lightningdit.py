@@ -355,6 +355,8 @@ LIGHTNINGDIT_MODELS = {
     "LightningDiT-1p6B/2": _size(28, 1792, 2, 28),
     # Kit-only: a tiny model for CPU tests and smoke runs.
     "LightningDiT-T/1": _size(2, 64, 1, 4),
+    # Kit-only: a small model for your own small images on a CPU (notebook 04: 32 px digits, f4 latents, 1.3M).
+    "LightningDiT-Mini/2": _size(4, 128, 2, 4),
 }
 
 

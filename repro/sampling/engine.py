@@ -141,7 +141,7 @@ def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, prec
     """Load the LightningDiT checkpoint (EMA, strict), the VA-VAE and the latent statistics."""
     from repro.models.checkpoint import load_checkpoint
     from repro.models.lightningdit import build_model
-    from repro.tokenizer.vavae import load_vavae
+    from repro.tokenizer.files import load_vae
 
     # Every path and setting checked before anything heavy loads; precisions refused now if impossible.
     check_inputs(cfg)
@@ -156,10 +156,10 @@ def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, prec
     model = build_model(cfg.model, input_size=latent, num_classes=cfg.data.num_classes)
     load_checkpoint(model, cfg.ckpt_path)
     model = model.eval().requires_grad_(False).to(device)
-    vae = load_vavae(cfg.vae.ckpt_path, ch=cfg.vae.ch, device=device)
+    vae = load_vae(cfg.vae, device=device)  # the official VA-VAE, or a tokenizer of step 9 (vae.model_name: custom)
     if getattr(vae, "embed_dim", cfg.model.in_chans) != cfg.model.in_chans:
-        raise ReproError(f"the VA-VAE {cfg.vae.ckpt_path} makes {vae.embed_dim}-channel latents but "
-                         f"model.in_chans is {cfg.model.in_chans}")
+        raise ReproError(f"the tokenizer {cfg.vae.ckpt_path} makes {vae.embed_dim}-channel latents but "
+                         f"model.in_chans is {cfg.model.in_chans}: set model.in_chans={vae.embed_dim}")
     # The sampler calls the compiled model when asked; the eager one stays for memory probes.
     setup = sampler_from_parts(cfg, compile_for_sampling(model, compile, device), device=device, precision=prec,
                                vae=vae, stats=(mean, std))
@@ -197,6 +197,68 @@ def sample_latents(setup: SamplerSetup, noise: torch.Tensor, labels: torch.Tenso
                        cfg_interval_start=s.cfg_interval_start, null_class=setup.num_classes,
                        cfg_channels=s.cfg_channels, atol=s.atol, rtol=s.rtol, stats=stats)
     return x.float()
+
+
+# kit (issue 13): x0 trajectories. The kit's convention: t = 0 is noise, t = 1 data, x_t = t x1 + (1 - t) x0 and
+# v = x1 - x0, so the model's prediction of the clean sample at (x_t, t) is x1_hat = x_t + (1 - t) v.
+
+
+def trajectory_steps(num_steps: int, k: int, method: str = "euler") -> list[int]:
+    """K grid points (indices of the sampler's steps, evenly spread from the first to the last) at which a
+    trajectory strip shows the predicted clean sample. The grid has num_steps points and num_steps - 1 steps."""
+    from repro.transport.ode import FIXED_METHODS
+
+    if method not in FIXED_METHODS:
+        raise ReproError(f"--trajectory reads the predicted sample at the grid points of a fixed-step sampler "
+                         f"({', '.join(FIXED_METHODS)}); sample.sampling_method is {method!r}")
+    total = num_steps - 1
+    if not 1 <= k <= total:
+        raise ReproError(f"--trajectory {k}: choose 1 to {total} (the sampler takes {total} steps)")
+    return sorted({round(i * (total - 1) / max(k - 1, 1)) for i in range(k)}) if k > 1 else [total - 1]
+
+
+class _CleanPredictions:
+    """Wraps the model for one batch: at the first model call of each chosen step it keeps x + (1 - t) v,
+    v being the velocity the sampler integrates (guided where guidance is on, as `guided_velocity`)."""
+
+    def __init__(self, model, steps: list[int], calls_per_step: int, batch: int, sample_cfg):
+        self.model, self.steps, self.calls_per_step, self.batch, self.s = model, set(steps), calls_per_step, batch, sample_cfg
+        self.calls, self.kept = 0, []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from repro.transport import combine_cfg
+
+        out = self.model(x, t, y)
+        call, self.calls = self.calls, self.calls + 1
+        if call % self.calls_per_step == 0 and call // self.calls_per_step in self.steps:
+            if x.shape[0] == 2 * self.batch:  # guided: (cond, uncond) halves, combined as the sampler does
+                cond, uncond = out.float().chunk(2)
+                v = combine_cfg(cond, uncond, self.s.cfg_scale, self.s.cfg_channels)
+            else:
+                v = out.float()
+            self.kept.append((x[:self.batch].float() + (1.0 - float(t[0])) * v).clone())
+        return out
+
+
+def sample_latents_with_trajectory(setup: SamplerSetup, noise: torch.Tensor, labels: torch.Tensor,
+                                   steps: list[int], stats: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final latents (B, C, h, w), predicted clean latents (B, K, C, h, w) at the grid steps `steps`): the same
+    sampler run as `sample_latents`, so the final latents are the ones it returns."""
+    from repro.transport import model_rows_per_sample
+
+    s = setup.cfg.sample
+    calls_per_step = model_rows_per_sample(2, s.sampling_method)[0]  # model calls of one step, guidance off
+    recorder = _CleanPredictions(setup.model, steps, calls_per_step, noise.shape[0], s)
+    x = sample_latents(setup, noise, labels, stats, model=recorder)
+    return x, torch.stack(recorder.kept, dim=1)
+
+
+def decode_strips(setup: SamplerSetup, predictions: torch.Tensor, first_index: int = 0) -> np.ndarray:
+    """(B, K, C, h, w) predicted latents -> (B, H, K * W, 3) uint8 strips, left = noisiest step."""
+    b, k = predictions.shape[:2]
+    pixels = decode_to_uint8(setup, predictions.flatten(0, 1), first_index=first_index)  # (B*K, H, W, 3)
+    h, w = pixels.shape[1:3]
+    return pixels.reshape(b, k, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(b, h, k * w, 3)
 
 
 def denormalize(setup: SamplerSetup, x: torch.Tensor) -> torch.Tensor:

@@ -85,9 +85,9 @@ def show_samples(images: np.ndarray, labels: Optional[Sequence[int]] = None,
 
 
 def save_preview(images: np.ndarray, labels: Optional[Sequence[int]], path: str | os.PathLike,
-                 title: Optional[str] = None) -> Path:
+                 title: Optional[str] = None, class_names: Optional[Sequence[str]] = None) -> Path:
     """`show_samples` written to a PNG (atomically): the labelled preview a headless run leaves behind."""
-    fig = show_samples(images, labels, title=title)
+    fig = show_samples(images, labels, class_names=class_names, title=title)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     return Path(path)

@@ -4,7 +4,9 @@
     result["npz"], result["summary"]
 
 Layout of `out_dir`: `images/{index:06d}.png`, `samples.npz` (FID mode) or `demo_samples.png`
-(demo), `config.yaml` (the resolved config the run used) and `run.json` (what fixes the pixels:
+(demo), with `trajectory=K` also `trajectories/{index:06d}.png` (kit: issue 13; per image, the model's
+predicted clean sample x1_hat = x_t + (1 - t) v at K evenly spread steps of the grid, noisiest left,
+decoded; t = 0 is noise, t = 1 data, v = x1 - x0), `config.yaml` (the resolved config the run used) and `run.json` (what fixes the pixels:
 seed, batch size, labels, precision, sampler settings, and the sha256 of the checkpoint, the VA-VAE
 and the latent statistics). Running the same command again finishes only the missing batches; a run
 that asks for different pixels in the same folder is refused with the setting or the file that
@@ -56,9 +58,9 @@ def default_out_dir(cfg: Config, demo: bool) -> Path:
 
 
 def _record(cfg: Config, seed: int, batch: int, n: int, mode: str, labels: Optional[Sequence[int]],
-            setup: engine.SamplerSetup, inputs: dict) -> dict:
+            setup: engine.SamplerSetup, inputs: dict, trajectory: Optional[int] = None) -> dict:
     s = dataclasses.asdict(cfg.sample)
-    return {"seed": seed, "batch_size": batch, "num_samples": n, "label_mode": mode,
+    return {"trajectory": trajectory, "seed": seed, "batch_size": batch, "num_samples": n, "label_mode": mode,
             "labels": list(labels) if labels else None, "precision": setup.precision,
             "vae_precision": setup.vae_precision, "sample": {k: s[k] for k in _SAMPLE_KEYS},
             "ckpt": Path(cfg.ckpt_path).name, "model_type": cfg.model.model_type,
@@ -131,8 +133,12 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
                  batch_size: Optional[int | str] = None, seed: Optional[int] = None, class_balanced: bool = False,
                  labels: Optional[Sequence[int]] = None, precision: Optional[str] = None,
                  compile: Optional[str | bool] = None, demo: bool = False, device: Optional[str] = None,
-                 progress: bool = True, threaded_writer: bool = True, config_header: Sequence[str] = ()) -> dict:
-    """Sample (or finish sampling) `num_samples` images on this process's share of the batches."""
+                 progress: bool = True, threaded_writer: bool = True, config_header: Sequence[str] = (),
+                 trajectory: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> dict:
+    """Sample (or finish sampling) `num_samples` images on this process's share of the batches.
+
+    `trajectory=K` also writes each image's x0 strip (see the module docstring); `class_names` title the
+    preview (default: the class folders step 6 recorded in data.data_path's extract_report.json)."""
     rank, world = du.get_rank(), du.get_world_size()
 
     # --- What to sample: seed, labels, how many ---------------------------------------------------
@@ -151,8 +157,11 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
 
     # --- The models, and the batch size: --batch-size, else the folder's (resume), else the config's
     out = paths.runs_path(str(out_dir)) if out_dir else default_out_dir(cfg, demo)  # runs:REL as in every step
-    images_dir, record_path = out / "images", out / "run.json"
+    images_dir, record_path, strips_dir = out / "images", out / "run.json", out / "trajectories"
     old = _read_record(record_path)
+    steps = (engine.trajectory_steps(cfg.sample.num_sampling_steps, int(trajectory), cfg.sample.sampling_method)
+             if trajectory else None)
+    names = _class_names(cfg, class_names)
     setup = engine.build_sampler(cfg, device=device, precision=precision, compile=compile)
     inputs = du.run_on_main(input_hashes, cfg)
     chosen = batch_size if batch_size is not None else (old["batch_size"] if old else cfg.sample.per_proc_batch_size)
@@ -165,7 +174,8 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
         raise ReproError(f"--batch-size must be >= 1, got {batch}")
 
     # --- The folder: refuse other pixels in it (a demo is replaced), record this run -------------
-    record = _record(cfg, seed, batch, n, mode, labels, setup, inputs)
+    # a run without --trajectory keeps the folder's strip setting; another K than the strips' is refused below
+    record = _record(cfg, seed, batch, n, mode, labels, setup, inputs, trajectory or (old or {}).get("trajectory"))
     diff = _mismatch(old, record) if old else None
     changed = _changed_input(old, record, out) if old else None
     if diff and not demo:
@@ -185,6 +195,9 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
                 plan.image_path(images_dir, i).unlink(missing_ok=True)
     if du.is_main():
         images_dir.mkdir(parents=True, exist_ok=True)
+        if steps:
+            strips_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(strips_dir)
         stale = remove_stale_temps(images_dir) + remove_stale_temps(out)
         if stale:
             print0(f"removed {stale} half-written file(s) left by an interrupted run")
@@ -196,6 +209,8 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     # --- This process's unfinished batches -------------------------------------------------------
     total = plan.num_batches(n, batch)
     done = plan.existing_indices(images_dir)
+    if steps:  # a batch is done when its images and its strips exist
+        done &= plan.existing_indices(strips_dir)
     mine = plan.pending_batches(plan.my_batches(total, rank, world), batch, n, done)
     already = sum(1 for i in range(n) if i in done)
     todo = sum(len(plan.batch_indices(k, batch, n)) for k in mine)
@@ -211,7 +226,9 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     # SIGTERM/SIGINT drop the batch in flight; the finished ones are written, then Preempted is raised.
     bar = _progress(todo, progress and du.is_main(), world)
     try:
-        def decode(item):  # (latents, index of the batch's first image)
+        def decode(item):  # (latents, index of the batch's first image, strips?)
+            if item[2]:
+                return engine.decode_strips(setup, item[0], first_index=item[1])
             return engine.decode_to_uint8(setup, item[0], first_index=item[1])
 
         with StopSignals("dropping the batch in flight, writing the finished images") as stops, \
@@ -223,10 +240,16 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
                 noise = plan.batch_noise(seed, idx, setup.latent_shape)
                 try:
                     with stops.droppable():
-                        x = engine.sample_latents(setup, noise, all_labels[idx.start:idx.stop], stats)
+                        if steps:
+                            x, strips = engine.sample_latents_with_trajectory(
+                                setup, noise, all_labels[idx.start:idx.stop], steps, stats)
+                        else:
+                            x = engine.sample_latents(setup, noise, all_labels[idx.start:idx.stop], stats)
                 except BatchDropped:
                     break
-                writer.submit((x, idx.start), [plan.image_path(images_dir, i) for i in idx])
+                writer.submit((x, idx.start, False), [plan.image_path(images_dir, i) for i in idx])
+                if steps:
+                    writer.submit((strips, idx.start, True), [plan.image_path(strips_dir, i) for i in idx])
                 if k == mine[0]:  # the wall time, estimated from the first batch, before the bulk starts
                     _estimate(setup, start, len(idx), todo, world)
                 if bar is not None:
@@ -253,11 +276,13 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
               "record": str(record_path), "num_samples": n, "new_images": new, "existing_images": already,
               "batch_size": batch, "world_size": world, "precision": setup.precision, "seed": seed,
               "labels": all_labels.tolist() if n <= 64 else None, "npz": None, "grid": None,
-              "preview": None}
+              "preview": None, "class_names": names, "trajectories_dir": str(strips_dir) if steps else None,
+              "trajectory_steps": steps}
     if du.is_main():
         first = load_images([plan.image_path(images_dir, i) for i in range(min(n, 8))])
         title = f"{cfg.model.model_type}, cfg {cfg.sample.cfg_scale:g}, {cfg.sample.num_sampling_steps} steps"
-        result["preview"] = str(save_preview(first, all_labels[:8].tolist(), out / "preview.png", title))
+        result["preview"] = str(save_preview(first, all_labels[:8].tolist(), out / "preview.png", title,
+                                             class_names=names))
         if demo:
             rows, cols = grid_shape(n, 4)
             images = first if n <= 8 else load_images([plan.image_path(images_dir, i) for i in range(n)])
@@ -289,6 +314,24 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
 
 
 FID_IMAGES = 50_000  # the FID protocol's sample count
+
+
+def _class_names(cfg: Config, given: Optional[Sequence[str]]) -> Optional[list[str]]:
+    """Names of the classes for the preview: as given, else step 6's record of the class folders."""
+    from repro.data.extract import report_class_names
+
+    if given:
+        names = [str(n) for n in given]
+    else:
+        folder = Path(cfg.data.data_path) if cfg.data.data_path else None
+        names = report_class_names(folder if folder is None or folder.is_dir() else folder.parent) if folder else None
+        if names is None:
+            return None
+    if len(names) != cfg.data.num_classes:
+        if given:
+            raise ReproError(f"{len(names)} class names given but data.num_classes is {cfg.data.num_classes}")
+        return None  # another folder's record: no names rather than wrong ones
+    return names
 
 
 def _estimate(setup, start: float, images: int, todo: int, world: int) -> None:

@@ -9,7 +9,9 @@ crash, and all of it depends on the process count. Here:
   cross an epoch (the last partial batch is dropped, as upstream's `drop_last=True`);
 - the position in that order (epoch, offset) is saved in every checkpoint;
 - sample i of the global batch of step s draws its flip, its label drop, its t, its noise (and the
-  posterior sample of a moment shard) from its own generator seeded by (global_seed, s, i).
+  posterior sample of a moment shard) from its own generator seeded by (global_seed, s, i). With
+  `data.horizontal_flip: false` (kit) the flip coin is still drawn but never taken, so every other draw
+  is the one a flipping run makes.
 
 So a resumed run sees exactly the batches, flips, timesteps and noise the uninterrupted one would,
 and any split of the global batch over processes and accumulation steps trains on the same samples.
@@ -104,10 +106,11 @@ class MicroBatch:
 
 
 def build_micro_batch(dataset, indices: torch.Tensor, step: int, first_position: int, *, seed: int, lognorm: bool,
-                      dropout_prob: float, null_class: int) -> MicroBatch:
+                      dropout_prob: float, null_class: int, horizontal_flip: bool = True) -> MicroBatch:
     """Read and randomise the images `indices` (global-batch positions first_position, +1, ...) of `step`.
 
-    Per sample, from its own generator: flip (p = 0.5, upstream's latents_flip), label drop
+    Per sample, from its own generator: flip (p = 0.5, upstream's latents_flip; never without
+    `horizontal_flip`), label drop
     (p = model.class_dropout_prob, upstream's LabelEmbedder), t (logit-normal or uniform), the
     posterior draw of a moment shard, then the noise.
     """
@@ -115,7 +118,7 @@ def build_micro_batch(dataset, indices: torch.Tensor, step: int, first_position:
     for j, index in enumerate(indices.tolist()):
         g = torch.Generator().manual_seed(seed_from(SEED_TAG, seed, "sample", step, first_position + j))
         u = torch.rand(2, generator=g)
-        x, y = dataset.get(index, bool(u[0] < 0.5), generator=g)
+        x, y = dataset.get(index, horizontal_flip and bool(u[0] < 0.5), generator=g)
         ts.append(sample_timesteps(1, lognorm, g))
         noise.append(torch.randn(x.shape, generator=g, dtype=torch.float32))
         xs.append(x)
@@ -131,10 +134,12 @@ class MicroBatchStream:
     """
 
     def __init__(self, dataset, order: DataOrder, plan, rank: int, *, start_step: int, end_step: int, seed: int,
-                 lognorm: bool, dropout_prob: float, null_class: int, prefetch: int = 0, pin: bool = False):
+                 lognorm: bool, dropout_prob: float, null_class: int, prefetch: int = 0, pin: bool = False,
+                 horizontal_flip: bool = True):
         self.ds, self.order, self.plan, self.rank = dataset, order, plan, rank
         self.start_step, self.end_step = start_step, end_step
-        self.kw = dict(seed=seed, lognorm=lognorm, dropout_prob=dropout_prob, null_class=null_class)
+        self.kw = dict(seed=seed, lognorm=lognorm, dropout_prob=dropout_prob, null_class=null_class,
+                       horizontal_flip=horizontal_flip)
         self.prefetch, self.pin = prefetch, pin
         self._stop = threading.Event()
 

@@ -85,9 +85,9 @@ class GridSampler:
                 self._said = True
             return None
         if self._vae is None:
-            from repro.tokenizer.vavae import load_vavae
+            from repro.tokenizer.files import load_vae
 
-            self._vae = load_vavae(self.cfg.vae.ckpt_path, ch=self.cfg.vae.ch, device=self.device)
+            self._vae = load_vae(self.cfg.vae, device=self.device)  # official VA-VAE or step 9's (kit: issue 13)
         return self._vae
 
     def images(self, model) -> np.ndarray:

@@ -70,6 +70,7 @@ def check_resolved(cfg: Config) -> Config:
 
 def open_latents(cfg: Config):
     """The latent dataset of `data.data_path`, checked against the model it will train."""
+    from repro.data.extract import report_class_names
     from repro.data.latents import LatentShardDataset
     from repro.data.official_latents import find_shard_folder
 
@@ -92,6 +93,11 @@ def open_latents(cfg: Config):
     if ds.num_classes_seen > cfg.data.num_classes:
         raise ReproError(f"latent shards in {ds.data_dir} have labels up to {ds.num_classes_seen - 1} but "
                          f"data.num_classes is {cfg.data.num_classes}: set data.num_classes={ds.num_classes_seen}")
+    # kit (issue 13): step 6's report names the class folders; the model must have exactly that many classes
+    names = report_class_names(ds.data_dir)
+    if names is not None and len(names) != cfg.data.num_classes:
+        raise ReproError(f"data.num_classes is {cfg.data.num_classes} but the image folder of {ds.data_dir} has "
+                         f"{len(names)} class folder(s) (its extract_report.json): set data.num_classes={len(names)}")
     return ds
 
 
@@ -278,6 +284,7 @@ def training_loop(cfg: Config, *, device: torch.device, time_budget: Optional[fl
     stream = MicroBatchStream(ds, order, plan, rank, start_step=step, end_step=max_steps,
                               seed=cfg.train.global_seed, lognorm=cfg.transport.use_lognorm,
                               dropout_prob=dropout_prob, null_class=cfg.data.num_classes,
+                              horizontal_flip=cfg.data.horizontal_flip,
                               prefetch=2 * plan.accum_steps if cfg.data.num_workers > 0 else 0,
                               pin=device.type == "cuda")
     stopped = "max_steps"

@@ -67,10 +67,12 @@ def open_validation_latents(cfg) -> LatentShardDataset:
     return ds
 
 
-def _draw(ds: LatentShardDataset, index: int, seed: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+def _draw(ds: LatentShardDataset, index: int, seed: int,
+          horizontal_flip: bool = True) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """(x1, y, t, noise) of validation latent `index`: the same at every evaluation."""
     g = torch.Generator().manual_seed(seed_from(SEED_TAG, seed, index))
-    flip = bool(torch.rand(1, generator=g) < 0.5)  # upstream's latents / latents_flip coin
+    # upstream's latents / latents_flip coin, drawn either way (data.horizontal_flip false keeps the other draws)
+    flip = bool(torch.rand(1, generator=g) < 0.5) and horizontal_flip
     x, y = ds.get(index, flip, generator=g)
     t = torch.rand(1, generator=g)  # sp_timesteps = (0, 1): uniform, whatever use_lognorm says
     return x, y, t, torch.randn(x.shape, generator=g, dtype=torch.float32)
@@ -83,6 +85,7 @@ class ValidationLoss:
         self.ds = open_validation_latents(cfg)
         self.rank, self.world, self.device, self.precision = rank, world, device, precision
         self.seed = int(cfg.train.global_seed)
+        self.horizontal_flip = bool(cfg.data.horizontal_flip)
         self.use_cosine_loss = bool(cfg.transport.use_cosine_loss)
         self.path = str(self.ds.data_dir)
 
@@ -106,7 +109,7 @@ class ValidationLoss:
         sums = torch.zeros(3, dtype=torch.float64)
         try:
             for indices, weights in self._batches(max(1, int(batch_size))):
-                draws = [_draw(self.ds, i, self.seed) for i in indices]
+                draws = [_draw(self.ds, i, self.seed, self.horizontal_flip) for i in indices]
                 x1 = torch.stack([d[0] for d in draws]).to(self.device)
                 y = torch.tensor([d[1] for d in draws], dtype=torch.int64, device=self.device)
                 t = torch.cat([d[2] for d in draws]).to(self.device)

@@ -1,0 +1,127 @@
+"""The tokenizer's training images: an image folder, seeded per-sample crops, flips and posterior noise.
+
+The folder is listed as step 6 lists it (`repro.data.image_sources`: class folders, a labels file or
+WebDataset tars; grayscale, CMYK, palette, alpha and 16-bit images converted to RGB as upstream's loader
+does; listing problems reported). Each image is resized so its short side is `image_size` (ADM's halving
+with BOX, then BICUBIC, as step 6's crop; smaller images are enlarged the same way) and cropped to a square:
+at a random offset (upstream's ImageNetTrain: albumentations SmallestMaxSize + RandomCrop) or in the centre.
+
+Every random choice of sample j of the global batch of step s (crop offset, flip, and the posterior noise
+that `z = mean + std * eps` uses) comes from its own generator seeded by (seed, s, j), in the same order
+whatever the config uses, so a resumed run and any process count see the same batches
+(`repro.training.data_order` does the same for the DiT). An image that cannot be read is reported (its
+path and the error, once) and replaced in that batch by the next readable image of the listing, a fixed
+choice, so the run stays deterministic.
+
+    images = TokenizerImages("my_images", image_size=32, crop="random", random_flip=False)
+    x, eps = build_batch(images, indices, step=1, first_position=0, seed=0, latent_shape=(4, 8, 8))
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from repro.data.image_sources import ImageLoadError, ImageSource, list_images
+from repro.errors import ReproError
+from repro.tokenizer.images import pil_to_tensor
+from repro.utils.seeding import seed_from
+
+SEED_TAG = "repro-tokenizer"
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """Short side -> `size`: ADM's BOX halving while at least twice as large, then BICUBIC (as step 6)."""
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = size / min(*image.size)
+    if scale != 1.0:
+        image = image.resize(tuple(max(size, round(side * scale)) for side in image.size), resample=Image.BICUBIC)
+    return image
+
+
+class TokenizerImages:
+    """Images of a folder as (3, S, S) float tensors in [-1, 1], crop and flip chosen by a generator."""
+
+    def __init__(self, source, image_size: int, crop: str = "random", random_flip: bool = False,
+                 note: Callable[[str], None] = print):
+        self.src: ImageSource = list_images(source)
+        self.image_size, self.crop, self.random_flip, self.note = int(image_size), crop, bool(random_flip), note
+        if len(self.src) == 0:
+            raise ReproError(f"image folder {self.src.root} lists no images ({len(self.src.problems)} problem(s), "
+                             f"{self.src.ignored} other file(s)): check data.image_folder")
+        self.bad: dict[int, str] = {}  # index -> error, reported once each
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def describe(self) -> str:
+        classes = f", {len(self.src.class_names)} class folder(s)" if self.src.class_names else ""
+        problems = (f"; {len(self.src.problems)} listing problem(s) skipped, e.g. {self.src.problems[0]['path']}: "
+                    f"{self.src.problems[0]['error']}" if self.src.problems else "")
+        return f"{len(self)} images in {self.src.root} ({self.src.kind}{classes}){problems}"
+
+    def _load(self, index: int) -> tuple[int, Image.Image]:
+        """(index actually used, RGB image): an unreadable image is reported and the next readable one taken."""
+        n = len(self)
+        for k in range(n):
+            i = (index + k) % n
+            if i in self.bad:
+                continue
+            try:
+                return i, self.src.load(i)[0]
+            except ImageLoadError as e:
+                self.bad[i] = str(e)
+                self.note(f"note: image {self.src.items[i].ref} cannot be read ({e}): it is replaced by the next "
+                          f"readable image wherever it is drawn ({len(self.bad)} unreadable so far)")
+        raise ReproError(f"no image of {self.src.root} can be read ({len(self.bad)} tried): check data.image_folder")
+
+    def item(self, index: int, generator: torch.Generator) -> torch.Tensor:
+        """Image `index` cropped (and maybe flipped) with draws from `generator`: (3, S, S) in [-1, 1]."""
+        u = torch.rand(3, generator=generator)  # crop x, crop y, flip: always drawn, in this order
+        return self._prepare(self._load(index)[1], u, self.crop, self.random_flip)
+
+    def _prepare(self, image: Image.Image, u: torch.Tensor, crop: str, flip: bool) -> torch.Tensor:
+        size = self.image_size
+        image = resize_short_side(image, size)
+        w, h = image.size
+        if crop == "random":
+            left, top = int(u[0] * (w - size + 1)), int(u[1] * (h - size + 1))
+        else:
+            left, top = (w - size) // 2, (h - size) // 2
+        x = pil_to_tensor(Image.fromarray(np.asarray(image)[top:top + size, left:left + size]))
+        return x.flip(-1) if flip and bool(u[2] < 0.5) else x
+
+    def centre_crops(self, limit: Optional[int] = None) -> tuple[torch.Tensor, list[int]]:
+        """Centre crops (no flip) of the first `limit` readable images (all by default) and their indices;
+        unreadable ones are reported and left out (evaluation)."""
+        out, used = [], []
+        for i in range(len(self)):
+            if limit is not None and len(out) >= limit:
+                break
+            j, image = self._load(i)
+            if j != i:  # unreadable (reported by _load): evaluation leaves it out
+                continue
+            out.append(self._prepare(image, torch.zeros(3), "center", False))
+            used.append(i)
+        if not out:
+            raise ReproError(f"no image of {self.src.root} can be read: check the folder")
+        return torch.stack(out), used
+
+
+def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed_from(SEED_TAG, seed, "sample", step, position))
+
+
+def build_batch(images: TokenizerImages, indices: Sequence[int], step: int, first_position: int, *, seed: int,
+                latent_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (m, 3, S, S), posterior noise (m, C, h, w)) of global-batch positions first_position, +1, ..."""
+    xs, eps = [], []
+    for j, index in enumerate(indices):
+        g = sample_generator(seed, step, first_position + j)
+        xs.append(images.item(int(index), g))
+        eps.append(torch.randn(latent_shape, generator=g, dtype=torch.float32))
+    return torch.stack(xs), torch.stack(eps)

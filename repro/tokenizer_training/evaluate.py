@@ -1,0 +1,138 @@
+"""Tokenizer evaluation (step 10): rFID, PSNR, SSIM and LPIPS of reconstructions of a held-out folder.
+
+Upstream (hustvl/LightningDiT `evaluate_tokenizer.py`) encodes ImageNet's validation images (resize +
+centre crop), decodes them, and reports rFID (Inception features of originals vs reconstructions), PSNR,
+SSIM and LPIPS. The kit does the same on any image folder with a tokenizer of step 9 (or the official
+VA-VAE), in one process:
+
+- images: step 6's listing and conversions, short side resized to the tokenizer's image size, centre crop;
+  unreadable files are reported and left out; `limit` takes the first N (in listing order);
+- reconstruction: `decode(posterior mean)` by default (deterministic; `posterior="sample"` draws z with a
+  seeded per-image noise, as upstream's `posterior.sample()`), to uint8 with upstream's `to_uint8`;
+- PSNR / SSIM (`repro.evaluation.reconstruction`, SSIM with the standard 11x11 Gaussian window), LPIPS
+  when its weights are present (else one line says it is skipped), rFID = Frechet distance of Inception
+  pool features (torch-fidelity's network, `repro.evaluation.features`) when its weights file is present
+  (step 2's `fid-inception`; else one line says rFID is skipped), on at most `rfid_images` images;
+- writes `OUT/metrics.json` and `OUT/reconstructions.png` (originals above their reconstructions).
+
+    result = evaluate_tokenizer("runs/tokenizer/digits/tokenizer.safetensors", "held_out/", out_dir="runs/tok_eval")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from repro.errors import ReproError
+from repro.evaluation.reconstruction import evaluate_reconstructions
+from repro.tokenizer.files import load_tokenizer, read_tokenizer_header
+from repro.tokenizer.images import to_uint8
+from repro.tokenizer_training.data import TokenizerImages
+from repro.tokenizer_training.parts import resolve_path
+from repro.utils.io import atomic_path, atomic_write_json
+from repro.utils.seeding import seed_from
+
+
+def reconstruct(vae, images: torch.Tensor, batch_size: int = 64, posterior: str = "mean", seed: int = 0,
+                device: Optional[torch.device] = None) -> np.ndarray:
+    """(N, 3, S, S) in [-1, 1] -> (N, S, S, 3) uint8 reconstructions, `batch_size` at a time."""
+    if posterior not in ("mean", "sample"):
+        raise ReproError(f"posterior={posterior!r}: choose 'mean' (deterministic) or 'sample' (as upstream)")
+    device = device or next(vae.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for lo in range(0, images.shape[0], batch_size):
+            x = images[lo:lo + batch_size].to(device)
+            post = vae.encode(x)
+            z = post.mean
+            if posterior == "sample":
+                eps = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(
+                    seed_from("repro-tokenizer-eval", seed, lo + j))) for j in range(z.shape[0])]).to(device)
+                z = post.mean + post.std * eps
+            out.append(to_uint8(vae.decode(z)).numpy())
+    return np.concatenate(out)
+
+
+def reconstruction_grid(originals: np.ndarray, reconstructions: np.ndarray, path: str | os.PathLike,
+                        columns: int = 8, rows: int = 2) -> Path:
+    """A PNG with `rows` pairs of rows: originals, then their reconstructions underneath."""
+    from PIL import Image
+
+    n = min(len(originals), columns * rows)
+    h, w = originals.shape[1:3]
+    grid = np.zeros((2 * rows * h, columns * w, 3), dtype=np.uint8)
+    for k in range(n):
+        r, c = divmod(k, columns)
+        grid[2 * r * h:(2 * r + 1) * h, c * w:(c + 1) * w] = originals[k]
+        grid[(2 * r + 1) * h:(2 * r + 2) * h, c * w:(c + 1) * w] = reconstructions[k]
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+    return Path(path)
+
+
+def rfid(originals: np.ndarray, reconstructions: np.ndarray, weights: Path, device=None, batch_size: int = 50) -> float:
+    """Frechet distance between Inception pool features of two uint8 (N, H, W, 3) sets."""
+    from repro.evaluation.features import InceptionExtractor
+    from repro.evaluation.metrics import feature_statistics, frechet_distance
+
+    extractor = InceptionExtractor(weights, device=device)
+    feats = []
+    for images in (originals, reconstructions):
+        feats.append(np.concatenate([extractor(images[lo:lo + batch_size])["pool"]
+                                     for lo in range(0, len(images), batch_size)]))
+    (mu1, s1), (mu2, s2) = feature_statistics(feats[0]), feature_statistics(feats[1])
+    return float(frechet_distance(mu1, s1, mu2, s2))
+
+
+def evaluate_tokenizer(tokenizer: str | os.PathLike, folder: str | os.PathLike, *, out_dir: str | os.PathLike,
+                       limit: Optional[int] = None, batch_size: int = 64, posterior: str = "mean",
+                       rfid_images: Optional[int] = None, inception_weights: Optional[str] = "asset:fid-inception",
+                       lpips_trunk: Optional[str] = "asset:lpips-vgg16",
+                       lpips_heads: Optional[str] = "asset:lpips-vgg-heads", device: Optional[str] = None,
+                       image_size: Optional[int] = None) -> dict:
+    """Reconstruction metrics of `tokenizer` (a step-9 file) on `folder`; writes metrics.json and the grid."""
+    from repro.tokenizer.lpips import LPIPS_HEADS_MD5, build_lpips
+    from repro.utils.hardware import default_device
+
+    t0 = time.perf_counter()
+    dev = torch.device(device) if device else default_device()
+    header = read_tokenizer_header(tokenizer)
+    if header is None:
+        raise ReproError(f"{tokenizer} is not a tokenizer written by step 9: pass the run's tokenizer.safetensors")
+    vae, header = load_tokenizer(tokenizer, device=dev)
+    size = int(image_size or header.get("image_size") or header["arch"]["resolution"])
+    images = TokenizerImages(folder, size, crop="center")
+    x, used = images.centre_crops(limit)
+    originals = to_uint8(x).numpy()
+    recons = reconstruct(vae, x, batch_size=batch_size, posterior=posterior, device=dev)
+    lpips_net = build_lpips(resolve_path(lpips_trunk, "lpips_trunk"), resolve_path(lpips_heads, "lpips_heads"),
+                            device=dev, heads_md5=LPIPS_HEADS_MD5)
+    metrics = evaluate_reconstructions(originals, recons, lpips=lpips_net)
+    # rFID: only with the Inception weights (an asset not every machine has); one line says when it is skipped
+    weights = resolve_path(inception_weights, "inception_weights") if inception_weights else None
+    n_fid = len(originals) if rfid_images is None else min(rfid_images, len(originals))
+    if weights is None or not weights.is_file():
+        metrics["rfid"], rfid_note = None, (f"rFID skipped: Inception weights {inception_weights} are not on disk "
+                                            "(`python -m steps.step2_download --only fid-inception`)")
+    elif n_fid < 2:
+        metrics["rfid"], rfid_note = None, "rFID skipped: it needs at least 2 images"
+    else:
+        metrics["rfid"] = rfid(originals[:n_fid], recons[:n_fid], weights, device=dev)
+        rfid_note = f"rFID {metrics['rfid']:.3f} on {n_fid} images"
+    out = Path(out_dir)
+    grid = reconstruction_grid(originals, recons, out / "reconstructions.png")
+    lpips_text = f"LPIPS {metrics['lpips']:.4f}" if metrics["lpips"] is not None else "LPIPS skipped (weights absent)"
+    result = {**metrics, "rfid_images": n_fid if metrics["rfid"] is not None else 0, "tokenizer": str(tokenizer),
+              "folder": str(folder), "image_size": size, "posterior": posterior, "images_used": len(used),
+              "unreadable": len(images.bad), "listing_problems": len(images.src.problems),
+              "tokenizer_step": header.get("step"), "grid": str(grid), "seconds": time.perf_counter() - t0}
+    result["summary"] = (f"{len(used)} images of {folder}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+                         f"{lpips_text}; {rfid_note}")
+    atomic_write_json(out / "metrics.json", result)
+    print(result["summary"], flush=True)
+    return result
