@@ -1,6 +1,6 @@
 """Notebook 04 end to end, timed: the own-data path (tokenizer -> evaluation -> latents -> DiT -> samples -> check).
 
-    python benchmarks/bench_own_data.py                       # the notebook's defaults (digits, ~15 min on 2 cores)
+    python benchmarks/bench_own_data.py                       # the notebook's defaults (digits, ~9 min on 2 idle cores)
     python benchmarks/bench_own_data.py -p dit_steps 300 --no-record    # any notebook parameter, not recorded
     python benchmarks/bench_own_data.py --threads 1 2         # one run per torch thread count, side by side
 

@@ -154,8 +154,8 @@ def own_data_notebook() -> nbformat.NotebookNode:
                    "its reconstructions, extracts latents with it, trains a class-conditional LightningDiT (one class: "
                    "unconditional, no guidance), samples a grid with class names and x0 trajectories, and checks the "
                    "samples with a plain classifier fitted on the real images. With `image_folder` empty it writes "
-                   "scikit-learn's handwritten digits (1,600 images, 10 classes, offline) and runs on a CPU in about "
-                   "a quarter of an hour. Every stage resumes; with the time budgets a stage saves and stops, and "
+                   "scikit-learn's handwritten digits (1,600 images, 10 classes, offline) and runs on a 2-core CPU in about "
+                   "9 minutes (15 when the machine is busy). Every stage resumes; with the time budgets a stage saves and stops, and "
                    "the next run of the notebook continues. Use a new `workdir` for another folder."),
         parameters_cell([
             Param("image_folder", str, "", "one sub-folder per class; empty writes the digits folder"),

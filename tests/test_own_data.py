@@ -215,7 +215,7 @@ def test_notebook_04_runs_headless_with_tiny_parameters(tmp_path):
 
 @pytest.mark.slow
 def test_acceptance_notebook_04_defaults_recognise_at_least_90_percent(tmp_path):
-    """The full default run (about a quarter of an hour on 2 CPU cores; benchmarks/bench_own_data.py times it)."""
+    """The full default run (about 9 minutes on 2 idle CPU cores; benchmarks/bench_own_data.py times it)."""
     out = tmp_path / "out.ipynb"
     cmd = [sys.executable, "-m", "papermill", str(PROJECT_ROOT / "notebooks" / "04_own_data.ipynb"), str(out),
            "--no-progress-bar", "-p", "workdir", str(tmp_path / "w")]
