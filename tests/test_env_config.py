@@ -472,15 +472,6 @@ def test_step1_prints_this_machines_values(capsys, tmp_path):
     assert f"huggingface_hub {hub}: ok" in out
 
 
-def test_step1_names_a_huggingface_hub_older_than_the_kit_supports():
-    from repro.hub.client import MIN_HUB_VERSION, HubClientError, check_client_version
-
-    assert check_client_version("0.36.2") == "0.36.2" and check_client_version("2.4.0rc1") == "2.4.0rc1"
-    with pytest.raises(HubClientError, match=rf"huggingface_hub 0.16.4 is older than {MIN_HUB_VERSION}.*pip install"):
-        check_client_version("0.16.4")
-    with pytest.raises(HubClientError, match="huggingface_hub is not installed"):
-        check_client_version(None)
-
 
 def test_recommended_batches_follow_the_documented_rules():
     """Against the rules written down (README, envinfo's constants), not against envinfo.recommend itself."""
