@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
              "| precision | checkpointing | s/step | images/s | model GFLOP/s | MFU % | HFU % | peak mem GiB | "
              "computed budget GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['precision']} | {'on' if r['ckpt'] else 'off'} | {r['seconds']:.3f} | {r['ips']:.2f} | "
+        lines.append(f"| {r['precision']} | {'on' if r['ckpt'] else 'off'} | {r['seconds']:.4g} | {r['ips']:.4g} | "
                      f"{r['gflops']:.1f} | {r['mfu']:.1f} | {r['hfu']:.1f} | {r['peak'] / GiB:.3f} ({r['kind']}) | "
                      f"{r['budget'] / GiB:.3f} |")
     lines += t4_budget_lines()

@@ -57,7 +57,8 @@ def test_bench_train_prints_the_right_memory_table_and_the_t4_budget():
     out = bench("benchmarks/bench_train.py", "--model", "LightningDiT-T/1", "--latent", "4", "--micro-batch", "2",
                 "--steps", "1", "--warmup", "0", "--checkpointing", "on", "--precision", "fp32")
     row = table_rows(out)["fp32"]
-    assert row[0] == "on" and abs(2 / float(row[1]) - float(row[2])) < 0.01 * float(row[2])  # images/s = 2 / s/step
+    # images/s = 2 / s/step, up to the 4 significant figures each is printed with
+    assert row[0] == "on" and abs(2 / float(row[1]) - float(row[2])) < 2e-3 * float(row[2])
 
     def gib(label: str) -> float:  # the first table line with this label (the EMA-on-GPU table)
         return float(re.search(re.escape(label) + r".*?\s([0-9.]+) GiB", out).group(1))
@@ -70,7 +71,7 @@ def test_bench_train_prints_the_right_memory_table_and_the_t4_budget():
     assert gib("EMA fp32 on the GPU") == round(4 * XL1_PARAMS / GiB, 3)
     gpu_table = out.split("EMA on the GPU:")[1].split("```")[1]
     items = [float(v) for v in re.findall(r"\s([0-9.]+) GiB\n", gpu_table)]
-    assert abs(sum(items[:-1]) - items[-1]) < 0.003  # the total is the sum of its lines
+    assert abs(sum(items[:-1]) - items[-1]) <= 0.0005 * len(items) + 1e-9  # the total is the sum of its lines, each rounded to 3 decimals
     cpu_table = out.split("(train.ema_on_cpu=true):")[1].split("```")[1]
     assert abs(float(re.findall(r"total \(allocated tensors\)\s+([0-9.]+)", cpu_table)[0])
                - (items[-1] - gib("EMA fp32 on the GPU"))) < 0.002  # the host-memory EMA saves exactly its weights
