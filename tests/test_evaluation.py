@@ -504,3 +504,16 @@ def test_spatial_features_are_mixed_6_conv_first_7_channels_flattened_nhwc(tiny)
     assert got.shape == (4, 2023)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(got, mixed_6[:, :7].reshape(4, -1), rtol=1e-3)  # the NCHW order is another vector
+
+
+def test_a_reference_folder_with_a_directory_loop_counts_each_image_once(tmp_path, capsys):
+    """A link back into the reference folder (photos/a/loop -> ..) is not followed: 3 images stay 3."""
+    folder = tmp_path / "photos" / "a"
+    (tmp_path / "photos" / ".hidden").mkdir(parents=True)
+    folder.mkdir()
+    for i, img in enumerate(_images(5, n=3, size=SIZE)):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    Image.fromarray(_images(6, n=1, size=SIZE)[0]).save(tmp_path / "photos" / ".hidden" / "x.png")
+    (folder / "loop").symlink_to("..")
+    src = ImageBatches.open_reference(tmp_path / "photos", SIZE, SIZE)
+    assert src.num_images == 3 and "loop" in capsys.readouterr().out

@@ -118,8 +118,9 @@ def _label_value(text: str) -> int | None:
     return label if 0 <= label <= MAX_LABEL else None
 
 
-def _walk_class(folder: Path, seen: dict, problems: list) -> list[tuple[str, list[str]]]:
-    """(folder, file names) under a class folder, following directory links into unseen folders only.
+def walk_folder(folder: Path, seen: dict, problems: list) -> list[tuple[str, list[str]]]:
+    """(folder, file names) under a folder (a class folder, or step 8's reference folder), following directory
+    links into unseen folders only.
 
     `seen` maps (device, inode) of every folder listed so far (the root and all class folders are in it
     from the start) to its path: a link to one of them is a loop or another class, reported once.
@@ -159,7 +160,7 @@ def _list_image_folder(root: Path) -> ImageSource:
         seen.setdefault((st.st_dev, st.st_ino), str(folder))
     items, problems, ignored = [], [], 0
     for label, name in enumerate(classes):
-        for dirpath, filenames in _walk_class(root / name, seen, problems):
+        for dirpath, filenames in walk_folder(root / name, seen, problems):
             for fname in sorted(filenames):
                 if _is_image(fname):
                     items.append(ImageItem(os.path.join(dirpath, fname), label))

@@ -113,7 +113,6 @@ class InceptionExtractor:
         self.net = net.to(self.device).eval()
         self._spatial: Optional[torch.Tensor] = None
         self.net.get_submodule(SPATIAL_MODULE).register_forward_hook(self._keep_spatial)
-        self.images_seen = 0  # images run through the network by this process (what a cache saves)
 
     def _keep_spatial(self, module, inputs, output):
         # (B, 192, 17, 17) -> first 7 channels, NHWC order, flattened: ADM's spatial[..., :7]
@@ -122,7 +121,6 @@ class InceptionExtractor:
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
-        self.images_seen += int(x.shape[0])
         with _tf32_disabled():
             pool, logits = self.net(x)
         spatial, self._spatial = self._spatial, None

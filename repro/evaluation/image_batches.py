@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from repro.data.image_sources import IMAGE_EXTENSIONS
+from repro.data.image_sources import IMAGE_EXTENSIONS, walk_folder
 from repro.data.npz import FORMAT_HINT, IMAGE_KEY, NpyMember, npz_count, read_npy_member
 from repro.errors import ReproError
 from repro.utils.distributed import print0
@@ -217,10 +217,16 @@ def _probe_png(path: Path) -> tuple[int, int]:
 
 
 def _list_images(folder: Path) -> tuple[list[Path], int]:
-    """(image files under `folder`, recursively, sorted by relative path; how many other files)."""
+    """(image files under `folder`, recursively, sorted by relative path; how many other files).
+
+    Step 6's walker: a directory link back into the folder (a loop) is not followed, so no image is counted
+    twice; a sub-folder that cannot be listed is an error (its images would be missing from the statistics)."""
+    st = os.stat(folder)
+    seen, problems = {(st.st_dev, st.st_ino): str(folder)}, []
     files, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, filenames in walk_folder(folder, seen, problems):
+        if any(part.startswith(".") for part in Path(dirpath).relative_to(folder).parts):
+            continue  # hidden folders (.ipynb_checkpoints, ...) hold no reference images
         for name in filenames:
             if name.startswith("."):
                 continue
@@ -228,6 +234,10 @@ def _list_images(folder: Path) -> tuple[list[Path], int]:
                 files.append(Path(dirpath) / name)
             else:
                 ignored += 1
+    for problem in problems:
+        if problem["error"].startswith("cannot list"):
+            raise ReproError(f"reference folder {folder}: {problem['path']}: {problem['error']}; make it readable")
+        print0(f"note: reference folder {folder}: {problem['path']}: {problem['error']}")
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix()), ignored
 
 
@@ -253,5 +263,5 @@ def _load_any(path: Path, size: int) -> np.ndarray:
             if im.size != (size, size):
                 im = center_crop_arr(im, size)
             return np.asarray(im, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or not an image: named, never skipped
+    except Exception as e:  # truncated, not an image, a decompression bomb...: named, never skipped
         raise ReproError(f"{path}: unreadable reference image ({type(e).__name__}: {e}); remove or replace it") from None
