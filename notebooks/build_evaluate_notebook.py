@@ -10,7 +10,7 @@ from __future__ import annotations
 import nbformat
 
 from build_sampling_notebooks import FID_OUTPUT
-from nbbuild import Param, new_code_cell, new_markdown_cell, notebook, parameters_cell, setup_cell, title_cell, write
+from nbbuild import Param, new_code_cell, new_markdown_cell, notebook, parameters_cell, setup_cell, title_cell, write_all
 
 INTRO = """\
 The paper's numbers for LightningDiT come from OpenAI's ADM evaluator (TensorFlow) run on 50,000
@@ -87,8 +87,7 @@ NOTEBOOKS = {"03_evaluate.ipynb": evaluate_notebook}
 
 
 def main() -> None:
-    for name, build in NOTEBOOKS.items():
-        write(build(), name)
+    write_all(NOTEBOOKS)
 
 
 if __name__ == "__main__":

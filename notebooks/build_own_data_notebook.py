@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import nbformat
 
-from nbbuild import Param, new_code_cell, new_markdown_cell, notebook, parameters_cell, setup_cell, title_cell, write
+from nbbuild import Param, new_code_cell, new_markdown_cell, notebook, parameters_cell, setup_cell, title_cell, write_all
 
 DATA = '''\
 import json, time
@@ -211,8 +211,7 @@ NOTEBOOKS = {"04_own_data.ipynb": own_data_notebook}
 
 
 def main() -> None:
-    for name, build in NOTEBOOKS.items():
-        write(build(), name)
+    write_all(NOTEBOOKS)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import nbformat
 
-from nbbuild import Param, new_code_cell, new_markdown_cell, notebook, parameters_cell, setup_cell, title_cell, write
+from nbbuild import Param, new_code_cell, new_markdown_cell, notebook, parameters_cell, setup_cell, title_cell, write_all
 
 # Where notebook 01 writes by default and notebook 03 reads by default (runs:REL is under the work folder).
 FID_OUTPUT = "runs:fid"
@@ -139,8 +139,7 @@ NOTEBOOKS = {"00_quickstart.ipynb": quickstart, "01_sample_fid.ipynb": sample_fi
 
 
 def main() -> None:
-    for name, build in NOTEBOOKS.items():
-        write(build(), name)
+    write_all(NOTEBOOKS)
 
 
 if __name__ == "__main__":

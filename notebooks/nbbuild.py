@@ -156,5 +156,11 @@ def write(nb: nbformat.NotebookNode, name: str) -> Path:
     return path
 
 
+def write_all(notebooks: dict) -> None:
+    """A builder's `main()`: write each notebook of its NOTEBOOKS table."""
+    for name, build in notebooks.items():
+        write(build(), name)
+
+
 __all__ = ["COMMON", "Param", "badge_line", "github_repo", "open_links", "new_code_cell", "new_markdown_cell", "notebook",
-           "parameters_cell", "setup_cell", "title_cell", "write"]
+           "parameters_cell", "setup_cell", "title_cell", "write", "write_all"]

@@ -32,11 +32,10 @@ def main(tokenizer: Optional[str] = None, folder: Optional[str] = None, out: Opt
     from repro.tokenizer_training.evaluate import evaluate_tokenizer
 
     if config is not None:
-        from repro.resources import find_config
         from repro.tokenizer_training.config import load_tokenizer_config
         from repro.tokenizer_training.loop import TOKENIZER_FILE, run_dir_of
 
-        cfg = load_tokenizer_config(find_config(config), list(set or []))
+        cfg = load_tokenizer_config(config, list(set or []))  # a path, or a preset
         tokenizer = tokenizer or str(run_dir_of(cfg) / TOKENIZER_FILE)
         folder = folder or cfg.data.valid_folder or cfg.data.image_folder
     if not tokenizer or not folder:

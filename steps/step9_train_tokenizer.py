@@ -29,13 +29,11 @@ from repro.utils.cli import run_cli
 def main(config: Optional[str] = None, set: Optional[list[str]] = None, time_budget: Optional[float] = None,
          device: Optional[str] = None) -> dict:
     """Train (or resume) the tokenizer of `config` (+ `set` overrides); returns step, tokenizer, dit_overrides, ..."""
-    from repro.resources import find_config
     from repro.tokenizer_training.config import load_tokenizer_config
     from repro.tokenizer_training.loop import train_tokenizer
 
     notes: list[str] = []
-    path = find_config(config) if config else None  # a path, or a preset such as tokenizer/digits_f4
-    cfg = load_tokenizer_config(path, list(set or []), notes=notes)
+    cfg = load_tokenizer_config(config, list(set or []), notes=notes)  # a path, or a preset: tokenizer/digits_f4
     for line in notes:
         dist.print0(f"config: {line}")
     return train_tokenizer(cfg, time_budget=time_budget, device=device)
@@ -53,10 +51,12 @@ def cli(argv: Optional[list[str]] = None) -> dict:
     def body() -> dict:
         try:
             result = main(a.config, set=a.set, time_budget=a.time_budget, device=a.device)
+            rank = dist.get_rank()
         finally:
             dist.shutdown()
-        print(f"done: step {result['step']} ({result['stopped']}); tokenizer {result['tokenizer']}; use it in a DiT "
-              f"config with --set {' '.join(result['dit_overrides'])}", flush=True)
+        if rank == 0:
+            print(f"done: step {result['step']} ({result['stopped']}); tokenizer {result['tokenizer']}; use it in a DiT "
+                  f"config with --set {' '.join(result['dit_overrides'])}", flush=True)
         return result
 
     return run_cli(body)

@@ -253,11 +253,13 @@ def load_tokenizer_config(path: str | os.PathLike | None = None, overrides: Opti
 
     `notes` (a list) receives one line per translated upstream key whose meaning the kit adapts.
     """
+    from repro.resources import find_config
     from repro.tokenizer_training.upstream import HOLES, is_upstream_config, translate_upstream
 
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = read_config_file(path)  # a path or a preset ('tokenizer/digits_f4'); one error wording for both
+        path = find_config(path)  # a path, or a preset such as tokenizer/digits_f4
+        raw = read_config_file(path)
         if is_upstream_config(raw):
             raw = translate_upstream(raw, source=str(path), notes=notes)
     holes = raw.pop(HOLES, {})  # upstream keys the file leaves empty: a --set must fill each
