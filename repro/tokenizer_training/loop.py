@@ -23,6 +23,7 @@ a second Adam. The kit runs the same step and adds what the DiT trainer has (`re
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,6 +43,7 @@ from repro.training.batches import plan_batches
 from repro.training.data_order import DataOrder, DataPosition
 from repro.training.ema import EMA
 from repro.training.logs import RunLogger
+from repro.training.saver import check_shared_folder
 from repro.utils import distributed as dist
 from repro.utils.hardware import autocast, default_device, make_scaler, resolve_precision
 from repro.utils.preemption import StopSignals, signal_name
@@ -110,14 +112,12 @@ def _loop(cfg: TokenizerConfig, device: torch.device, budget: Optional[float], t
         raise ReproError("set tokenizer config key 'train.max_steps' (or train.max_epochs): how long to train")
 
     # --- Where to start: this run's newest checkpoint ------------------------------------------------
-    existing = ckpt.list_checkpoints(ckpt_dir)
-    if existing and not t.resume:
-        raise ReproError(f"{ckpt_dir} already holds checkpoints up to step {existing[-1][0]} and train.resume is "
-                         "false: set train.resume=true to continue, or a new train.exp_name to start another run")
-    found = ckpt.find_resume_checkpoint(ckpt_dir, note) if existing else None
-    if existing and found is None:
-        raise ReproError(f"none of the checkpoints in {ckpt_dir} can be read (see the notes above): move them away "
-                         "to start over")
+    # rank 0 chooses and the others read the same file: on several machines each must see rank 0's folder
+    found = ckpt.resume_point(ckpt_dir, t.resume, note) if main else None
+    path = dist.broadcast_object(str(found[0]) if found else None)
+    if path is not None and not main:
+        found = (Path(path), ckpt.read_training_checkpoint(path))
+    check_shared_folder(run_dir, "train.output_dir")
     state = found[1] if found else None
     log = RunLogger(run_dir, enabled=main, resume_step=int(state["step"]) if state else None)
 
@@ -158,10 +158,7 @@ def _loop(cfg: TokenizerConfig, device: torch.device, budget: Optional[float], t
         opt_ae.load_state_dict(state["opt"]["ae"])
         if opt_d is not None:
             opt_d.load_state_dict(state["opt"]["disc"])
-        scaler.load_state_dict(state["scaler"])
-        rngs = state.get("rng") or []
-        if len(rngs) == world:
-            ckpt.restore_rng(rngs[rank])
+        ckpt.restore_scaler_and_rng(state, str(found[0]), scaler, rank=rank, world=world, note=note)
         step = int(state["step"])
         position = DataPosition.from_dict(state["data_order"])
         log.info(f"resumed from {found[0]} at step {step}")
@@ -180,9 +177,16 @@ def _loop(cfg: TokenizerConfig, device: torch.device, budget: Optional[float], t
              f"loss rec ({cfg.loss.rec_loss}) + KL{''.join(' + ' + p for p in parts_on)}")
 
     tokenizer_path = run_dir / TOKENIZER_FILE
-    last_saved = {"step": step, "path": existing[-1][1] if existing else None}
+    last_saved = {"step": step, "path": found[0] if found else None}
+
+    def refuse_non_finite(at_step: int, values) -> None:  # a collective: every process raises together
+        bad = any(not math.isfinite(v) for v in values)
+        if dist.all_reduce_values([float(bad)], "max", cpu=True)[0]:
+            raise ReproError(f"non-finite tokenizer loss at step {at_step} in {run_dir}: lower train.lr, set "
+                             f"train.max_grad_norm, or train in fp32; the last checkpoint is {last_saved['path']}")
 
     def save(at_step: int) -> None:
+        refuse_non_finite(at_step, window.values())  # losses since the last log step: never save NaN weights
         rng = ckpt.rng_states_of_all_processes(world)
         if main:
             opt = {"ae": opt_ae.state_dict(), "disc": opt_d.state_dict() if opt_d is not None else {}}
@@ -252,9 +256,7 @@ def _loop(cfg: TokenizerConfig, device: torch.device, budget: Optional[float], t
                 keys = sorted(window)
                 means = dist.all_reduce_values([window[k] / window_steps for k in keys], "sum")
                 row = {k: v / world for k, v in zip(keys, means)}
-                if not all(v == v and abs(v) != float("inf") for v in row.values()):
-                    raise ReproError(f"non-finite tokenizer loss at step {step} in {run_dir}: lower train.lr, set "
-                                     f"train.max_grad_norm, or train in fp32; the last checkpoint is {last_saved['path']}")
+                refuse_non_finite(step, row.values())
                 seconds = time.perf_counter() - window_start
                 row.update(images_per_sec=window_steps * plan.global_batch / seconds, lr=t.lr * factor,
                            seconds_per_step=seconds / window_steps, eta_seconds=(max_steps - step) * seconds / window_steps)

@@ -201,20 +201,29 @@ def find_resume_checkpoint(folder: str | os.PathLike,
 # Where a run starts, and restoring its state
 
 
+def resume_point(ckpt_dir: Path, resume: bool, note: Callable[[str], None]) -> Optional[tuple[Path, dict[str, Any]]]:
+    """(path, contents) of this run's newest complete checkpoint, None for a fresh run; an error when the run
+    has checkpoints and `resume` is false, or none of them can be read. Steps 7 and 9 call it on rank 0."""
+    existing = list_checkpoints(ckpt_dir)
+    if existing and not resume:
+        raise ConfigError(f"{ckpt_dir} already holds checkpoints up to step {existing[-1][0]} and train.resume is "
+                          "false: set train.resume=true to continue this run, or a new train.exp_name to start another")
+    if not existing:
+        return None
+    found = find_resume_checkpoint(ckpt_dir, note)
+    if found is None:
+        raise ReproError(f"none of the {len(existing)} checkpoint(s) in {ckpt_dir} can be read (see the notes "
+                         "above): move them elsewhere to start over, or restore a good copy")
+    return found
+
+
 def choose_start(cfg: Config, ckpt_dir: Path, note: Callable[[str], None]
                  ) -> tuple[Optional[str], Optional[str], Optional[dict]]:
     """(kind, path, loaded state): 'resume' (newest complete checkpoint of this run), 'ckpt' (stage 1
     continuing `train.ckpt`: weights, EMA, optimizer, step, data position), 'weight_init' (weights
     only, step 0) or None (a fresh run). Read on rank 0; the others load the same path themselves."""
-    existing = list_checkpoints(ckpt_dir)
-    if existing and not cfg.train.resume:
-        raise ConfigError(f"{ckpt_dir} already holds checkpoints up to step {existing[-1][0]} and train.resume is "
-                          "false: set train.resume=true to continue this run, or a new train.exp_name to start another")
-    if existing:
-        found = find_resume_checkpoint(ckpt_dir, note)
-        if found is None:
-            raise ReproError(f"none of the {len(existing)} checkpoint(s) in {ckpt_dir} can be read (see the notes "
-                             "above): move them elsewhere to start over, or restore a good copy")
+    found = resume_point(ckpt_dir, cfg.train.resume, note)
+    if found is not None:
         return "resume", str(found[0]), found[1]
     remove_stale_temps(ckpt_dir)
     if cfg.train.ckpt:
@@ -245,6 +254,14 @@ def restore_training_state(state: dict, path: str, *, model, ema, opt, scaler, r
     except (ValueError, KeyError, RuntimeError) as e:
         raise ReproError(f"{path}: the optimizer state does not fit this model ({e}); was it saved for "
                          "another model.model_type?") from None
+    restore_scaler_and_rng(state, path, scaler, rank=rank, world=world, note=note)
+    return int(state["step"]), state.get("data_order")
+
+
+def restore_scaler_and_rng(state: dict, path: str, scaler, *, rank: int, world: int,
+                           note: Callable[[str], None]) -> None:
+    """The gradient scaler (when this run scales: an fp32/bf16 checkpoint resumed in fp16 starts a fresh one)
+    and this process's global RNG states (rank 0's, with a note, when the process count changed)."""
     if scaler.is_enabled() and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     rng = state.get("rng") or []
@@ -253,7 +270,6 @@ def restore_training_state(state: dict, path: str, *, model, ema, opt, scaler, r
         if len(rng) != world:
             note(f"note: {path} was saved by {len(rng)} process(es), this run has {world}: every process takes "
                  "rank 0's global RNG state (the data order and per-sample draws depend only on seed and step)")
-    return int(state["step"]), state.get("data_order")
 
 
 def config_changes(state: dict, cfg: Config) -> list[str]:
