@@ -115,6 +115,11 @@ def test_fresh_download_then_second_run_makes_no_get(hub, tmp_path):
     assert {r["source"] for r in again.values()} == {"cache"}
     assert hub.count("GET") == 0 and hub.count() == 0
     assert {k: v["sha256"] for k, v in again.items()} == {k: v["sha256"] for k, v in out.items()}
+    # the digests are in the cache sampling and training read: step 4 does not hash the downloads again
+    from repro.utils.hashing import HashCache
+
+    cache = HashCache()
+    assert all(cache.sha256(r["path"]) == r["sha256"] for r in out.values()) and cache.hashed == 0
 
 
 def test_sigkill_mid_file_resumes_with_range(hub, tmp_path):

@@ -27,7 +27,7 @@ from repro import paths
 from repro.hub.download import DiskFullError, DownloadError, OfflineError, download_url, human_size
 from repro.hub.hf import RemoteFile, cached_file, download_hf, hub_settings, partial_path, resolve_remote
 from repro.hub.manifest import AssetSpec, Manifest, load_manifest
-from repro.utils.io import sha256_file
+from repro.utils.hashing import HashCache
 from repro.utils.io import atomic_write_json
 
 SEARCH_DEPTH = 6  # /kaggle/input/<model>/<framework>/<variation>/<version>/<file> is 5 deep
@@ -59,42 +59,6 @@ def plain_cache_dir() -> Path:
     home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
     return Path(os.environ.get("HF_ASSETS_CACHE") or os.path.join(home, "assets")).expanduser() / "repro"
-
-
-class _HashStamps:
-    """sha256 of files hashed before, keyed by (size, mtime, inode): a second run does not re-read 7 GB."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.stamps = json.loads(path.read_text()) if path.is_file() else {}
-        except (OSError, ValueError):
-            print(f"note: unreadable hash stamps {path}; files will be re-hashed", flush=True)
-            self.stamps = {}
-        self.dirty = False
-
-    @staticmethod
-    def _key(p: Path) -> tuple[str, list]:
-        st = os.stat(p)
-        return os.path.realpath(p), [st.st_size, st.st_mtime_ns, st.st_ino]
-
-    def sha256(self, p: Path) -> str:
-        real, stamp = self._key(p)
-        entry = self.stamps.get(real)
-        if entry and entry[0] == stamp:
-            return entry[1]
-        digest = sha256_file(p)
-        self.remember(p, digest)
-        return digest
-
-    def remember(self, p: Path, digest: str) -> None:
-        real, stamp = self._key(p)
-        self.stamps[real] = [stamp, digest]
-        self.dirty = True
-
-    def save(self) -> None:
-        if self.dirty:
-            atomic_write_json(self.path, self.stamps)
 
 
 def _find_named(root: Path, filename: str, depth: int = SEARCH_DEPTH) -> list[Path]:
@@ -243,7 +207,7 @@ def fetch_assets(names: list[str] | None = None, dest: str | os.PathLike | None 
     for d in m.search_dirs:
         if d.when is None and not d.path.is_dir():
             print(f"note: search folder {d.path} does not exist; skipped", flush=True)
-    stamps = _HashStamps(paths.runs_dir() / "sha256_stamps.json")
+    stamps = HashCache()  # runs/sha256_cache.json, shared with sampling and training
     notes: list[str] = []
     records: dict[str, AssetRecord] = {}
     try:

@@ -2,7 +2,7 @@
 
 Sampling and training record the sha256 of every file that fixes their results (checkpoint, VA-VAE,
 latent statistics, `train.weight_init`) so that a resumed run can refuse a file that changed under
-it. Hashing a 10 GB checkpoint takes a minute, so each digest is kept in `runs/sha256_cache.json`:
+it; step 2 verifies downloads through the same cache, so step 4 does not read them again. Hashing a 10 GB checkpoint takes a minute, so each digest is kept in `runs/sha256_cache.json`:
 
     {"/real/path": [[size, mtime_ns, ctime_ns, inode], "hex digest"], ...}
 
@@ -78,6 +78,11 @@ class HashCache:
         if file_stamp(path)[1] == stamp:  # unchanged while it was read: the digest describes this file
             self.new[real] = [stamp, digest]
         return digest
+
+    def remember(self, path: str | os.PathLike, digest: str) -> None:
+        """Record a digest computed elsewhere (a download hashes the bytes as it writes them)."""
+        real, stamp = file_stamp(path)
+        self.new[real] = [stamp, digest]
 
     def save(self) -> None:
         """Merge the new digests into the cache file (re-read first: another process may have added some)."""
