@@ -225,8 +225,10 @@ def fetch_assets(names: list[str] | None = None, dest: str | os.PathLike | None 
                 f"{s.name} ({s.where})" for s in missing) + "; run once with network, or put the files under "
                 "--dest or a search folder")
         plans = []
+        probed = False  # one reachability check for all the files, not one per file (a group holds a dozen)
         for spec in missing:
-            remote = resolve_remote(spec, settings) if spec.is_hf else None
+            remote = resolve_remote(spec, settings, probe=not probed) if spec.is_hf else None
+            probed = probed or spec.is_hf
             if remote and spec.sha256 and remote.sha256 and remote.sha256 != spec.sha256:
                 raise DownloadError(f"{spec.name} ({spec.where}): the Hub serves sha256 {remote.sha256}, the manifest "
                                     f"pins {spec.sha256}; the upstream file changed, check the manifest")

@@ -82,12 +82,13 @@ def human_size(n: int | None) -> str:
 
 
 def progress_bar(total: int | None, initial: int, desc: str):
-    """tqdm (notebook-aware), off when HF_HUB_DISABLE_PROGRESS_BARS is set like the HF client's own bars."""
-    from tqdm.auto import tqdm
+    """The kit's bar (a widget in a live notebook, text refreshed every few seconds in a headless one), off when
+    HF_HUB_DISABLE_PROGRESS_BARS is set like the HF client's own bars."""
+    from repro.utils.progress import progress_bar as kit_bar
 
     disabled = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in ("1", "ON", "YES", "TRUE")
-    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                disable=disabled, leave=False)
+    return kit_bar(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                   disable=disabled, leave=False)
 
 
 def _failer(what: str):

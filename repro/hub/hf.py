@@ -166,13 +166,15 @@ def _probe(where: str, settings: HubSettings) -> None:
                            f"HF_ENDPOINT, or use --offline with files already on disk") from None
 
 
-def resolve_remote(spec: AssetSpec, settings: HubSettings) -> RemoteFile:
-    """HEAD the file on the Hub; every failure becomes a one-line ReproError naming asset/repo/file."""
+def resolve_remote(spec: AssetSpec, settings: HubSettings, probe: bool = True) -> RemoteFile:
+    """HEAD the file on the Hub; every failure becomes a one-line ReproError naming asset/repo/file.
+    `probe=False` skips the reachability check (a caller resolving several files probes with the first)."""
     where = _where(spec, settings)
     if settings.offline:
         raise OfflineError(f"{where}: offline mode (--offline or HF_HUB_OFFLINE=1) and the file is not on disk; "
                            f"run once with network, or put the file under --dest or a search folder")
-    _probe(where, settings)
+    if probe:
+        _probe(where, settings)
     url = client.file_url(spec.repo_id, spec.filename, repo_type=spec.repo_type, revision=spec.revision,
                           endpoint=settings.endpoint)
     token_hint = "set HF_TOKEN to a token that can read it" if not settings.token else "check that HF_TOKEN can read it"

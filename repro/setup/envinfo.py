@@ -217,11 +217,10 @@ def recommend(gpus: list[GPUInfo], bf16_runtime: Optional[bool] = None) -> dict[
     """The `recommended` block of env.json for these GPUs (step 3 reads it)."""
     precision, why = choose_precision(gpus, bf16_runtime)
     sampling = recommend_sampling(gpus, precision)
+    ddp = recommend_training(gpus, precision)  # one GPU or none: FSDP shards nothing, the same plan
     return {"device": "cuda" if gpus else "cpu", "precision": precision, "precision_reason": why,
             "sample_per_proc_batch_size": sampling["sample"], "sample_batch_reason": sampling["sample_reason"],
-            **recommend_training(gpus, precision),
-            "train_fsdp": recommend_training(gpus, precision, shards=max(len(gpus), 1)) if len(gpus) > 1 else
-            recommend_training(gpus, precision)}
+            **ddp, "train_fsdp": recommend_training(gpus, precision, shards=len(gpus)) if len(gpus) > 1 else ddp}
 
 
 # ----------------------------------------------------------------------------------------------

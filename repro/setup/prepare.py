@@ -37,9 +37,13 @@ def _is_preset(cfg: Config) -> bool:
 def sampling_assets(base: str) -> list[str]:
     """The downloadable assets (step 2's names) that sampling with preset `base` reads; kit-local ones
     (the tiny preset's generated weights) are not among them, so `tiny` needs no download at all."""
-    markers = _markers(load_config(find_config(base)))
-    return sorted({v.split(":", 1)[1].strip() for k, v in markers.items() if k in SAMPLING_PATH_KEYS
-                   and v.startswith((ASSET, ASSET_DIR)) and v.split(":", 1)[1].strip() not in LOCAL_ASSETS})
+    return [name for name in _sampling_asset_names(load_config(base)) if name not in LOCAL_ASSETS]
+
+
+def _sampling_asset_names(raw: Config) -> list[str]:
+    """The asset names (asset:NAME, asset_dir:NAME) of the config keys sampling reads, sorted."""
+    return sorted({v.split(":", 1)[1].strip() for k, v in _markers(raw).items()
+                   if k in SAMPLING_PATH_KEYS and v.startswith((ASSET, ASSET_DIR))})
 
 
 def _downloaded(name: str) -> bool:
@@ -81,8 +85,7 @@ def prepare_config(base: str, overrides: Optional[Sequence[str]] = None, demo: b
 
 def _resolve_preset(preset, raw: Config, resolved, cuda: bool) -> Config:
     markers = _markers(raw)
-    needed = sorted({v.split(":", 1)[1] for k, v in markers.items()
-                     if k in SAMPLING_PATH_KEYS and v.startswith((ASSET, ASSET_DIR))})
+    needed = _sampling_asset_names(raw)
 
     # Fetch the assets sampling reads, on rank 0, while every other process waits (kit-local ones are made).
     missing = du.broadcast_object([name for name in needed if not _downloaded(name)])

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from repro import paths, resources
+from repro import paths
+from repro.resources import find_config  # a path, or a preset name: tiny -> configs/tiny.yaml
 from repro.config import (Config, config_diff, config_from_dict, flatten, load_config, read_config_file,
                           save_config)
 from repro.config_checks import describe_missing, missing_upstream_defaults, with_upstream_defaults
@@ -55,11 +56,6 @@ HARDWARE_PROFILES: dict[str, list[envinfo.GPUInfo]] = {
     "a100-80gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-80GB", (8, 0), 80 * _G)],
     "h100-80gb": [envinfo.GPUInfo("NVIDIA H100 80GB HBM3", (9, 0), 80 * _G)],
 }
-
-
-def find_config(base: str | os.PathLike) -> Path:
-    """A config path, or a preset name: 'tiny' -> configs/tiny.yaml (of the checkout or the installed kit)."""
-    return resources.find_config(base)
 
 
 def default_resolved_path(base: str | os.PathLike) -> Path:
