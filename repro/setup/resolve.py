@@ -42,7 +42,7 @@ from repro.errors import ConfigError
 from repro.setup import envinfo
 from repro.utils.hardware import GiB
 
-ASSET, ASSET_DIR, RUNS = "asset:", "asset-dir:", "runs:"
+(ASSET, ASSET_DIR), RUNS = paths.ASSET_MARKERS, paths.RUNS_MARKER  # the markers, defined once in repro.paths
 
 _G = GiB
 # Hardware a user may plan for without being on it (`--profile t4`): same decisions as step 1 makes.
@@ -175,10 +175,7 @@ def _fill_paths(out: Config, assets: Any) -> list[str]:
             new = str(path.parent if kind == "asset-dir" else path)
             changes.append(f"{key}: {value} -> {new} ({origin})")
             _set(out, key, new)
-        elif value.startswith(RUNS):
-            new = str(paths.runs_path(value))
-            changes.append(f"{key}: {value} -> {new} (runs folder)")
-            _set(out, key, new)
+    changes += [f"{change} (runs folder)" for change in paths.resolve_runs_markers(out)]  # runs:REL, as every step
     if len(missing) == 1:
         raise missing[0]
     if missing:
