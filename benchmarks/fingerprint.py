@@ -1,6 +1,6 @@
 """Behaviour fingerprint of a kit checkout: sampling, extraction and training on tiny files, outputs hashed.
 
-Checks that a change meant to move code changes no behaviour: run it on a checkout from before and one
+Checks that a change meant to move code changes no behaviour (sampling, extraction, DiT and tokenizer training): run it on a checkout from before and one
 from after, then compare the two JSON files (the torch/numpy/python global RNG states saved in training
 checkpoints depend on what ran earlier in the process, so `rng` and the file bytes may differ; every
 tensor of model/EMA/optimizer, the data order, samples, shards, statistics, grids and logs may not).
@@ -101,6 +101,26 @@ train(config=str(kit / "configs/train/tiny_stage_0.yaml"),
 for p in sorted((work / "train/accum/checkpoints").glob("*.pt")):
     obj = torch.load(p, map_location="cpu", weights_only=True)
     res[f"accum_{p.name}"] = {k: tensors_sha(obj[k]) for k in ("model", "ema", "opt")}
+# 4. tokenizer training (step 9): plain, then with the PatchGAN, EMA and VF (a small frozen network)
+from repro.data.synthetic import make_digits_folder
+from steps.step9_train_tokenizer import main as train_tok
+make_digits_folder(work / "digits", size=16, per_class=4)
+tiny_tok = ["model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
+            "model.z_channels=4", "model.embed_dim=4", "model.resolution=16", "model.norm_groups=4",
+            "data.image_size=16", "train.global_batch_size=8", "train.log_every=1", "train.lr=0.002",
+            f"data.image_folder={work / 'digits'}", f"train.output_dir={work / 'tok'}"]
+gan = ["loss.disc_start=2", "loss.disc_num_layers=1", "train.ema_decay=0.9", "train.ckpt_every=3",
+       "train.exp_name=gan", "train.micro_batch_size=4"]
+train_tok(str(kit / "configs/tokenizer/digits_f4.yaml"), set=tiny_tok + ["train.max_steps=6", "train.exp_name=plain"])
+train_tok(str(kit / "configs/tokenizer/digits_f4.yaml"), set=tiny_tok + gan + ["train.max_steps=6"])
+for exp in ("plain", "gan"):
+    for p in sorted((work / "tok" / exp / "checkpoints").glob("*.pt")):
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+        res[f"tok_{exp}_{p.name}"] = {k: tensors_sha(obj[k]) for k in ("model", "ema", "opt", "step", "data_order")}
+    res[f"tok_{exp}_safetensors"] = sha(work / "tok" / exp / "tokenizer.safetensors")
+    rows = [json.loads(l) for l in (work / "tok" / exp / "log.jsonl").read_text().splitlines()]
+    res[f"tok_{exp}_log"] = [{k: v for k, v in r.items() if k in ("step", "loss", "rec_loss", "kl_loss", "g_loss",
+                                                                  "d_weight", "disc_loss", "lr")} for r in rows]
 out_json.write_text(json.dumps(res, indent=1, sort_keys=True))
 print("wrote", out_json)
 if compare is not None:

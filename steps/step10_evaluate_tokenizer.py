@@ -33,7 +33,7 @@ def main(tokenizer: Optional[str] = None, folder: Optional[str] = None, out: Opt
 
     if config is not None:
         from repro.tokenizer_training.config import load_tokenizer_config
-        from repro.tokenizer_training.loop import TOKENIZER_FILE, run_dir_of
+        from repro.tokenizer_training.trainer import TOKENIZER_FILE, run_dir_of
 
         cfg = load_tokenizer_config(config, list(set or []))  # a path, or a preset
         tokenizer = tokenizer or str(run_dir_of(cfg) / TOKENIZER_FILE)

@@ -30,7 +30,7 @@ def main(config: Optional[str] = None, set: Optional[list[str]] = None, time_bud
          device: Optional[str] = None) -> dict:
     """Train (or resume) the tokenizer of `config` (+ `set` overrides); returns step, tokenizer, dit_overrides, ..."""
     from repro.tokenizer_training.config import load_tokenizer_config
-    from repro.tokenizer_training.loop import train_tokenizer
+    from repro.tokenizer_training.trainer import train_tokenizer
 
     notes: list[str] = []
     cfg = load_tokenizer_config(config, list(set or []), notes=notes)  # a path, or a preset: tokenizer/digits_f4

@@ -50,7 +50,7 @@ def main(out: Path, data: Path) -> None:
     model = build_model(cfg.model, 4, cfg.data.num_classes)
     full = {k: v.clone() for k, v in model.state_dict().items()}
     strategy = make_strategy(cfg.train, torch.device("cpu"), dist.get_world_size())
-    strategy.shard(model)
+    strategy.shard(model, [*model.blocks, model])
     ema = strategy.make_ema(model, 0.99, on_cpu=False)
     gathered_ema = ema.state_dict()
     seen = {"ema_local": sum(t.numel() for t in ema.ema_params), "params": sum(p.numel() for p in model.parameters()),

@@ -20,7 +20,7 @@ from repro.data.synthetic import make_digits_folder
 from repro.errors import ConfigError, ReproError
 from repro.tokenizer.files import OFFICIAL_ARCH, load_tokenizer, load_vae, read_tokenizer_header
 from repro.tokenizer_training.config import load_tokenizer_config
-from repro.tokenizer_training.loop import train_tokenizer
+from repro.tokenizer_training.trainer import train_tokenizer
 from tests.conftest import FIXTURES, PROJECT_ROOT
 
 UPSTREAM = FIXTURES / "tokenizer_configs"

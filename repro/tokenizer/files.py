@@ -80,11 +80,13 @@ def build_tokenizer(arch: dict[str, Any]) -> AutoencoderKL:
                          embed_dim=arch["embed_dim"], resolution=arch["resolution"], norm_groups=arch["norm_groups"])
 
 
-def save_tokenizer(vae: torch.nn.Module, arch: dict[str, Any], path: str | os.PathLike,
+def save_tokenizer(vae, arch: dict[str, Any], path: str | os.PathLike,
                    info: Optional[dict[str, Any]] = None) -> Path:
-    """Write the inference tensors of `vae` and its architecture (+ `info`, JSON-able) as one safetensors file."""
+    """Write the inference tensors of `vae` (a module or its state dict) and its architecture (+ `info`,
+    JSON-able) as one safetensors file."""
     arch = check_arch(arch)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in vae.state_dict().items()
+    state = vae if isinstance(vae, dict) else vae.state_dict()
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()
                if k.startswith(INFERENCE_PREFIXES)}
     header = {"format": TOKENIZER_FORMAT, "arch": arch, **(info or {})}
     return atomic_save_safetensors(tensors, path, metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})

@@ -104,6 +104,16 @@ class TokenizerTrainConfig:
     keep_last: int = 2
     time_budget: Optional[float] = None  # seconds: save and stop before this
     resume: bool = True
+    # the one training engine's keys, meaning what they mean for step 7 (repro.training.engine)
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # kit: fsdp = FSDP2, encoder/decoder/discriminator sharded
+    fsdp_offload: bool = False  # kit: with fsdp, keep parameter/gradient/optimizer shards in host memory
+    compile: Optional[bool] = None  # kit: torch.compile encode+decode; null = on CUDA (eager on failure)
+    async_save: bool = True  # kit: write checkpoints on a background thread from a host copy
+    deterministic: bool = False  # kit: torch.use_deterministic_algorithms for bitwise-repeatable runs
+    ema_on_cpu: bool = False  # kit: keep the autoencoder's EMA in host memory
+    tensorboard: bool = False  # kit: also log to TensorBoard (run folder/tensorboard)
+    wandb: bool = False  # kit: also log to Weights & Biases, project train.wandb_project
+    wandb_project: Optional[str] = "repro-tokenizer"  # kit: the W&B project when train.wandb
 
 
 @dataclass

@@ -12,7 +12,8 @@ from repro.training.batches import BatchPlan, plan_batches
 from repro.training.checkpoints import find_resume_checkpoint, list_checkpoints, read_training_checkpoint
 from repro.training.data_order import DataOrder, DataPosition, MicroBatch, build_micro_batch
 from repro.training.ema import EMA
-from repro.training.loop import open_latents, run_dir_of, train
+from repro.training.dit import open_latents, train
+from repro.training.engine import run_dir_of, run_training
 from repro.training.step import StepRunner, make_optimizer
 
 __all__ = [

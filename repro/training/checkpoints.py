@@ -234,18 +234,26 @@ def choose_start(cfg: Config, ckpt_dir: Path, note: Callable[[str], None]
 
 
 def restore_training_state(state: dict, path: str, *, model, ema, opt, scaler, rank: int, world: int,
-                           note: Callable[[str], None], strategy=None) -> tuple[int, Optional[dict]]:
-    """Load weights, EMA, optimizer, scaler and this process's RNG states from `state` (strict, every
+                           note: Callable[[str], None], strategy=None, ema_source=None) -> tuple[int, Optional[dict]]:
+    """Load weights, EMA, optimizer(s), scaler and this process's RNG states from `state` (strict, every
     mismatch an error naming the file). Returns (step, saved data-order position or None).
-    `strategy` (repro.training.strategy; kit: issue 16) loads the single-file state into a sharded model."""
+    `strategy` (repro.training.strategy; kit: issue 16) loads the single-file state into a sharded model.
+    `ema_source` is the module the EMA follows (the model itself by default; the tokenizer's autoencoder);
+    `ema` None trains without one, and an EMA switched on since the checkpoint starts from the weights."""
+    ema_source = model if ema_source is None else ema_source
     model_sd, ema_sd = strip_prefixes(state["model"]), strip_prefixes(state["ema"])
     check_state_dict(model, model_sd, f"{path} ['model']")
-    check_state_dict(model, ema_sd, f"{path} ['ema']")
+    if ema is not None and ema_sd:
+        check_state_dict(ema_source, ema_sd, f"{path} ['ema']")
     if strategy is not None:
         strategy.load_model(model, model_sd)
     else:
         model.load_state_dict(model_sd, strict=True)
-    ema.load_state_dict(ema_sd)
+    if ema is not None and ema_sd:
+        ema.load_state_dict(ema_sd)
+    elif ema is not None:
+        ema.copy_from(ema_source)
+        note(f"note: {path} has no EMA (train.ema_decay was off): the EMA starts from its weights")
     try:
         if strategy is not None:
             strategy.load_optimizer(model, opt, state["opt"])
@@ -253,7 +261,7 @@ def restore_training_state(state: dict, path: str, *, model, ema, opt, scaler, r
             opt.load_state_dict(state["opt"])
     except (ValueError, KeyError, RuntimeError) as e:
         raise ReproError(f"{path}: the optimizer state does not fit this model ({e}); was it saved for "
-                         "another model.model_type?") from None
+                         "another model or config?") from None
     restore_scaler_and_rng(state, path, scaler, rank=rank, world=world, note=note)
     return int(state["step"]), state.get("data_order")
 
@@ -293,11 +301,11 @@ def rng_states_of_all_processes(world: int) -> list[dict]:
     return states
 
 
-def disk_room_note(ckpt_dir: Path, existing: list[tuple[int, Path]], step: int, train_cfg,
+def disk_room_note(ckpt_dir: Path, existing: list[tuple[int, Path]], step: int, train_cfg, max_steps: int,
                    checkpoint_bytes: int) -> Optional[str]:
     """A note for the start of a run (not after hours) when the disk cannot hold the checkpoints it keeps."""
     t = train_cfg
-    saves_left = len(range(step // t.ckpt_every + 1, t.max_steps // t.ckpt_every + 1)) + 1  # + the final save
+    saves_left = len(range(step // t.ckpt_every + 1, max_steps // t.ckpt_every + 1)) + 1  # + the final save
     keep = t.keep_last
     # the newest is written before older ones are removed: keep_last + 1 files at once
     wanted = min(keep + 1, len(existing) + saves_left) if keep > 0 else len(existing) + saves_left
@@ -332,11 +340,12 @@ def _read_run_record(path: Path) -> Optional[dict]:
     return record if isinstance(record, dict) else None
 
 
-def _configured_sources(cfg: Config) -> dict[str, str]:
-    return {k: v for k, v in (("train.weight_init", cfg.train.weight_init), ("train.ckpt", cfg.train.ckpt)) if v}
+def _configured_sources(cfg) -> dict[str, str]:
+    # the tokenizer's config has neither key: its runs start fresh or resume
+    return {k: v for k, v in ((k, getattr(cfg.train, k.split(".")[1], None)) for k in SOURCE_KEYS) if v}
 
 
-def check_run_identity(cfg: Config, run_dir: Path, kind: Optional[str], path: Optional[str],
+def check_run_identity(cfg, run_dir: Path, kind: Optional[str], path: Optional[str],
                        state: Optional[dict], note: Callable[[str], None]) -> dict:
     """{"run_id", "sources"} of this run (for the checkpoints' `kit`), after refusing a foreign checkpoint
     or a changed source file; writes `run_dir/run.json`. Rank 0 only (it reads and hashes files)."""

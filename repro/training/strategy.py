@@ -67,8 +67,8 @@ class Replicated:
     def describe(self) -> str:
         return f"strategy ddp ({'a full replica per process' if self.world > 1 else 'one process'})"
 
-    def shard(self, model: torch.nn.Module) -> None:
-        """Nothing to do: DDP wraps the forward model later (`wrap`)."""
+    def shard(self, model: torch.nn.Module, units: list[torch.nn.Module]) -> None:
+        """Nothing to do: DDP wraps the forward model later (`wrap`) or the trainer reduces gradients."""
 
     def close(self) -> None:
         """Nothing to release."""
@@ -87,11 +87,31 @@ class Replicated:
         return DDP(forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                    broadcast_buffers=False, gradient_as_bucket_view=True)
 
+    def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """The mean of every gradient over the processes, after the backward pass (what DDP does), for a
+        trainer whose forward is not one module call (the tokenizer: encode, decode, the GAN's adaptive weight)."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        # one collective per dtype over a flat copy, not one per tensor (hundreds of small all-reduces a step)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat.div_(self.world)
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
     # -- full state (rank 0 writes it) ------------------------------------------------------------
 
     def full_state(self, model, ema, opt) -> dict[str, Any]:
         """{'model', 'ema', 'opt'} in the single-file layout (every rank calls; only rank 0's is written)."""
-        return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict()}
+        return {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else {},
+                "opt": opt.state_dict()}
 
     def load_model(self, model, state_dict: dict) -> None:
         model.load_state_dict(state_dict, strict=True)
@@ -144,8 +164,9 @@ class Sharded(Replicated):
         return (f"strategy fsdp (FSDP2, each of {self.world} process(es) holds 1/{self.world} of the state per "
                 f"block{where})")
 
-    def shard(self, model: torch.nn.Module) -> None:
-        """fully_shard each transformer block, then the root, in place (before the optimizer is built)."""
+    def shard(self, model: torch.nn.Module, units: list[torch.nn.Module]) -> None:
+        """fully_shard each unit in order (the DiT: each transformer block, then the root), in place, before the
+        optimizer is built. Every parameter must lie in a unit whose forward runs (a module call)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
@@ -159,9 +180,8 @@ class Sharded(Replicated):
         kwargs: dict[str, Any] = {"mesh": self.mesh}
         if self.offload:
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
-        for block in model.blocks:
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
+        for unit in units:
+            fully_shard(unit, **kwargs)
         # the model returns unpatchify's view; the loss never modifies it in place, which is the case
         # FSDP2 warns about (a view's in-place op would skip its pre-backward hook)
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -178,6 +198,9 @@ class Sharded(Replicated):
     def wrap(self, forward_model):
         return forward_model  # fully_shard changed the module in place; no wrapper
 
+    def reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Nothing to do: FSDP2 reduce-scatters each unit's gradients in its backward pass."""
+
     # -- full state ------------------------------------------------------------------------------
 
     def _options(self, **kw):
@@ -190,11 +213,14 @@ class Sharded(Replicated):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         model_sd = get_model_state_dict(model, options=self._options(cpu_offload=True))
-        ema_sd = ema.state_dict()
-        osd = get_optimizer_state_dict(model, opt, options=self._options(cpu_offload=True))
+        ema_sd = ema.state_dict() if ema is not None else {}
+        named = {key: get_optimizer_state_dict(model, o, options=self._options(cpu_offload=True)) if o is not None
+                 else None for key, o in _optimizers(opt).items()}
         if not dist.is_main():
             return {"model": {}, "ema": {}, "opt": {}}
-        return {"model": model_sd, "ema": ema_sd, "opt": _indexed(model, osd)}
+        opt_sd = {key: _indexed(model, o, osd) if o is not None else {}
+                  for (key, osd), o in zip(named.items(), _optimizers(opt).values())}
+        return {"model": model_sd, "ema": ema_sd, "opt": opt_sd[None] if None in opt_sd else opt_sd}
 
     def load_model(self, model, state_dict: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
@@ -205,7 +231,10 @@ class Sharded(Replicated):
     def load_optimizer(self, model, opt, opt_state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, opt, _named(model, opt_state), options=self._options())
+        for key, o in _optimizers(opt).items():
+            own = opt_state if key is None else opt_state[key]
+            if o is not None:
+                set_optimizer_state_dict(model, o, _named(model, o, own), options=self._options())
 
     def load_weights(self, model, path, prefer: str = "model") -> None:
         state_dict = read_state_dict(path, prefer=prefer)
@@ -232,22 +261,29 @@ class Sharded(Replicated):
 # Optimizer state: parameter names (torch.distributed.checkpoint) <-> indices (Optimizer.state_dict)
 
 
-def _param_names(model: torch.nn.Module) -> list[str]:
-    # make_optimizer passes model.parameters(): index i of the optimizer is the i-th named parameter
-    return [name for name, _ in model.named_parameters()]
+def _optimizers(opt) -> dict:
+    """{None: opt} for one optimizer; {key: optimizer or None} for a trainer's `OptimizerSet` (the tokenizer's two)."""
+    return dict(opt.optimizers) if hasattr(opt, "optimizers") else {None: opt}
 
 
-def _indexed(model, osd: dict) -> dict:
+def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    # index i of an optimizer's state_dict is the i-th parameter of its groups, in order (the DiT's:
+    # model.parameters(), the i-th named parameter)
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in opt.param_groups for p in group["params"]]
+
+
+def _indexed(model, opt, osd: dict) -> dict:
     """A name-keyed full optimizer state -> the layout `opt.state_dict()` of the unsharded model has."""
-    index = {name: i for i, name in enumerate(_param_names(model))}
+    index = {name: i for i, name in enumerate(_param_names(model, opt))}
     state = {index[name]: value for name, value in osd["state"].items()}
     groups = [dict(g, params=[index[name] for name in g["params"]]) for g in osd["param_groups"]]
     return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
-def _named(model, opt_state: dict) -> dict:
+def _named(model, opt, opt_state: dict) -> dict:
     """The inverse of `_indexed`, for set_optimizer_state_dict."""
-    names = _param_names(model)
+    names = _param_names(model, opt)
     try:
         state = {names[int(i)]: value for i, value in opt_state["state"].items()}
         groups = [dict(g, params=[names[int(i)] for i in g["params"]]) for g in opt_state["param_groups"]]
