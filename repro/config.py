@@ -3,7 +3,8 @@
 Official configs (hustvl/LightningDiT `configs/*.yaml`) load unchanged: every
 section is a dataclass whose fields are the upstream keys, plus a few of the
 kit's own (marked "kit:"). Unknown keys and wrong types raise a ConfigError that
-names the key and the nearest valid one (after nanoGPT's configurator.py).
+names the key and the nearest valid one; building, overrides and YAML are
+`repro.config_builder`'s, shared with the tokenizer config.
 
     cfg = load_config("configs/lightningdit_xl_800ep.yaml", overrides=["sample.cfg_scale=4.0"])
     cfg.sample.cfg_scale            # 4.0
@@ -22,21 +23,17 @@ loads back with load_config unchanged, and resolving it again changes nothing.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import yaml
 
+from repro.config_builder import ConfigBuilder
 from repro.config_checks import check_supported, tokenizer_config_reason, with_upstream_defaults
 from repro.errors import ConfigError
-from repro.utils.io import atomic_write_text
 
 
 # Precision names the kit understands; "auto" is resolved from runs/env.json by step 3 (repro.resolve).
@@ -167,88 +164,10 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return ConfigBuilder.to_dict(self)
 
 
-# ----------------------------------------------------------------------------------------------
-# Building and checking
-
-
-def _nearest(name: str, valid: list[str], prefix: str = "") -> str:
-    if not prefix:  # a section key written at the top level ('cfg_scale: 4'): point at its section
-        owners = [f"{section}.{name}" for section, keys in _section_keys().items() if name in keys]
-        if owners:
-            return f"; did you mean '{owners[0]}'?"
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    if close:
-        return f"; did you mean '{prefix}{close[0]}'?"
-    return f"; valid keys: {', '.join(prefix + v for v in sorted(valid))}"
-
-
-def _section_keys() -> dict[str, tuple[str, ...]]:
-    hints = typing.get_type_hints(Config)
-    return {name: tuple(f.name for f in dataclasses.fields(tp)) for name, tp in hints.items()
-            if dataclasses.is_dataclass(tp)}
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats. Raise naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config key '{key}': expected {_tp_name(tp)}, got {value!r} ({type(value).__name__})"
-                          + _nearest_choice(value, tp))
-    if origin is Literal:
-        if any(value == choice and type(value) is type(choice) for choice in typing.get_args(tp)):
-            return value
-        raise ConfigError(f"config key '{key}': expected {_tp_name(tp)}, got {value!r}" + _nearest_choice(value, tp))
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads '1e-6' as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"config key '{key}': expected {_tp_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def _literal_choices(tp: Any) -> list[str]:
-    if typing.get_origin(tp) is Literal:
-        return [str(c) for c in typing.get_args(tp)]
-    return [c for arg in typing.get_args(tp) for c in _literal_choices(arg)]
-
-
-def _nearest_choice(value: Any, tp: Any) -> str:
-    choices = _literal_choices(tp)
-    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5) if isinstance(value, str) else []
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _tp_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(c) for c in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _tp_name(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _validate(cfg: "Config") -> "Config":
+def _validate(cfg: Config) -> Config:
     """Range checks that types cannot express; each names the key and a valid value."""
     positive = {"sample.per_proc_batch_size": cfg.sample.per_proc_batch_size,
                 "sample.num_sampling_steps": cfg.sample.num_sampling_steps,
@@ -273,35 +192,13 @@ def _validate(cfg: "Config") -> "Config":
     return cfg
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {raw!r}")
-    hints = _type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        full = f"{prefix}{key}"
-        if key not in hints:
-            raise ConfigError(f"unknown config key '{full}'{_nearest(str(key), names, prefix)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{full}.")
-        else:
-            kwargs[key] = _coerce(value, tp, full)
-    return cls(**kwargs)
+# Keys, types, overrides and YAML as for every typed config of the kit (repro.config_builder).
+BUILDER = ConfigBuilder(Config, "config", check=_validate, example="sample.cfg_scale=4.0")
 
 
 def config_from_dict(raw: dict[str, Any], check: bool = True) -> Config:
     """Build a Config from a parsed mapping (keys and types always checked; values unless check=False)."""
-    cfg = _build(Config, raw, "")
-    return _validate(cfg) if check else cfg
-
-
-def _parse_value(text: str) -> Any:
-    """`--set` values are YAML scalars: 4.0, true, null, 'text'."""
-    return yaml.safe_load(text) if text != "" else ""
+    return BUILDER.from_dict(raw, check=check)
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
@@ -309,32 +206,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
 
     All or nothing: the overrides go to a copy first, so a bad one leaves `cfg` untouched.
     """
-    work = copy.deepcopy(cfg)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. sample.cfg_scale=4.0)")
-        dotted, text = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        obj: Any = work
-        for i, part in enumerate(parts):
-            names = [f.name for f in dataclasses.fields(obj)]
-            full = ".".join(parts[: i + 1])
-            if part not in names:
-                raise ConfigError(f"unknown config key '{full}' in override '{item}'"
-                                  f"{_nearest(part, names, '.'.join(parts[:i]) + '.' if i else '')}")
-            tp = _type_hints(type(obj))[part]
-            if i < len(parts) - 1:
-                if not dataclasses.is_dataclass(tp):
-                    raise ConfigError(f"config key '{full}' is a value, not a section (override '{item}')")
-                obj = getattr(obj, part)
-            else:
-                if dataclasses.is_dataclass(tp):
-                    raise ConfigError(f"config key '{full}' is a section; set one of its keys (override '{item}')")
-                setattr(obj, part, _coerce(_parse_value(text), tp, full))
-    _validate(work)
-    for f in dataclasses.fields(cfg):
-        setattr(cfg, f.name, getattr(work, f.name))
-    return cfg
+    return BUILDER.apply_overrides(cfg, overrides)
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
@@ -373,8 +245,16 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (official schema) and apply overrides. `path=None` gives the defaults.
+class LoadedConfig(NamedTuple):
+    """One config file, parsed once and built once (step 3 reports what the file and the overrides change)."""
+
+    raw: dict[str, Any]  # the file's mapping as written ({} for the defaults)
+    as_written: Config  # the file, missing keys taking upstream's meaning; values not checked
+    config: Config  # as_written plus the overrides, checked
+
+
+def load_config_file(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> LoadedConfig:
+    """Read a YAML config (official schema) and apply overrides: the file, the config as written and the result.
 
     Keys the file leaves out take upstream's missing-key meaning (config_checks.UPSTREAM_WHEN_MISSING).
     Values are checked after the overrides, so `--set transport.path_type=Linear` repairs a file.
@@ -383,20 +263,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if (why := tokenizer_config_reason(raw)) is not None:
         raise ConfigError(f"{path}: this is a tokenizer config ({why}), not a LightningDiT config: train it with "
                           f"step 9 (python -m steps.step9_train_tokenizer --config {path}), evaluate it with step 10")
-    raw = with_upstream_defaults(raw) if path is not None else raw
     try:
-        return apply_overrides(_build(Config, raw, ""), overrides)
+        as_written = BUILDER.from_dict(with_upstream_defaults(raw) if path is not None else raw, check=False)
+        return LoadedConfig(raw, as_written, BUILDER.with_overrides(as_written, overrides))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (official schema) and apply overrides. `path=None` gives the defaults."""
+    return load_config_file(path, overrides).config
+
+
 def config_to_yaml(cfg: Config, header: str | list[str] | None = None) -> str:
     """YAML in the official schema; `header` lines become leading comments (they survive load_config)."""
-    lines = header.splitlines() if isinstance(header, str) else list(header or [])
-    comments = "".join(f"# {line}".rstrip() + "\n" for line in lines)
-    return comments + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return BUILDER.to_yaml(cfg, header)
 
 
 def save_config(cfg: Config, path: str | os.PathLike, header: str | list[str] | None = None) -> Path:
     """Write the resolved config (atomically) so every run records what it ran with."""
-    return atomic_write_text(path, config_to_yaml(cfg, header))
+    return BUILDER.save(cfg, path, header)

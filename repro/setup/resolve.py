@@ -34,9 +34,8 @@ from typing import Any, Mapping, Optional
 
 from repro import paths
 from repro.resources import find_config  # a path, or a preset name: tiny -> configs/tiny.yaml
-from repro.config import (Config, config_diff, config_from_dict, flatten, load_config, read_config_file,
-                          save_config)
-from repro.config_checks import describe_missing, missing_upstream_defaults, with_upstream_defaults
+from repro.config import Config, config_diff, flatten, load_config_file, save_config
+from repro.config_checks import describe_missing, missing_upstream_defaults
 from repro.data.synthetic import LOCAL_ASSETS, local_asset
 from repro.errors import ConfigError
 from repro.setup import envinfo
@@ -254,9 +253,9 @@ def resolve_file(base: str | os.PathLike, overrides: Optional[list[str]] = None,
     (and an `asset:` marker given with --set is filled like any other).
     """
     path = find_config(base)
-    raw = read_config_file(path)
-    overridden = load_config(path, overrides)  # checked after the overrides: --set may repair a refused value
-    as_written = config_from_dict(with_upstream_defaults(raw), check=False)
+    # one parse, one build: the file as written and, checked after the overrides (--set may repair a
+    # refused value), the config to resolve
+    raw, as_written, overridden = load_config_file(path, overrides)
     set_keys = {o.split("=", 1)[0].strip() for o in overrides or []}
     filled = {k: v for k, v in missing_upstream_defaults(raw).items() if k not in set_keys}
     changes = describe_missing(filled, path.name)

@@ -1,7 +1,7 @@
 """Tokenizer training configs (step 9): the kit's schema, defaults in one place, upstream's YAMLs loaded too.
 
 A kit tokenizer config has four sections (every key below; unknown keys and wrong types are errors
-naming the key, as in repro/config.py):
+naming the key; built, overridden and saved by repro.config_builder, as repro/config.py):
 
     model: {ch: 32, ch_mult: [1, 1, 2], num_res_blocks: 1, attn_resolutions: [], z_channels: 4, embed_dim: 4,
             resolution: 32, norm_groups: 32, init_from: null}
@@ -23,20 +23,14 @@ Fine-tuning the official tokenizer on your images is one line: `model.init_from:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
-
-import yaml
+from typing import Any, Literal, Optional
 
 from repro.config import read_config_file
+from repro.config_builder import ConfigBuilder
 from repro.errors import ConfigError
-from repro.utils.io import atomic_write_text
 
 
 @dataclass
@@ -125,81 +119,13 @@ class TokenizerConfig:
     train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return ConfigBuilder.to_dict(self)
 
     def arch(self) -> dict[str, Any]:
         """The AutoencoderKL architecture (repro.tokenizer.files.ARCH_FIELDS)."""
         return {k: copy.deepcopy(getattr(self.model, k)) for k in ("ch", "ch_mult", "num_res_blocks",
                                                                     "attn_resolutions", "z_channels", "embed_dim",
                                                                     "resolution", "norm_groups")}
-
-
-# ----------------------------------------------------------------------------------------------
-# Building from a mapping: keys and types checked, each error naming the key
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"tokenizer config key '{key}': expected {_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if any(value == c and type(value) is type(c) for c in choices):
-            return value
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
-        raise ConfigError(f"tokenizer config key '{key}': expected {_name(tp)}, got {value!r}"
-                          + (f"; did you mean '{close[0]}'?" if close else ""))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"tokenizer config key '{key}': expected a list of integers, got {value!r}")
-        return [_coerce(v, int, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-6 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"tokenizer config key '{key}': expected {_name(tp)}, got {value!r}")
-
-
-def _name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(c) for c in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return "a list of integers"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"tokenizer config section '{prefix.rstrip('.') or 'top'}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in hints:
-            close = difflib.get_close_matches(str(key), list(hints), n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(prefix + k for k in hints)}"
-            raise ConfigError(f"unknown tokenizer config key '{prefix}{key}'{hint}")
-        tp = hints[key]
-        kwargs[key] = (_build(tp, value, f"{prefix}{key}.") if dataclasses.is_dataclass(tp)
-                       else _coerce(value, tp, f"{prefix}{key}"))
-    return cls(**kwargs)
 
 
 def check_tokenizer_config(cfg: TokenizerConfig) -> TokenizerConfig:
@@ -236,25 +162,19 @@ def check_tokenizer_config(cfg: TokenizerConfig) -> TokenizerConfig:
     return cfg
 
 
+# Keys, types, overrides and YAML as for every typed config of the kit (repro.config_builder).
+BUILDER = ConfigBuilder(TokenizerConfig, "tokenizer config", check=check_tokenizer_config,
+                        example="train.max_steps=300")
+
+
 def tokenizer_config_from_dict(raw: dict[str, Any]) -> TokenizerConfig:
-    return check_tokenizer_config(_build(TokenizerConfig, raw, ""))
+    """A checked TokenizerConfig from a kit-schema mapping."""
+    return BUILDER.from_dict(raw)
 
 
-def apply_tokenizer_overrides(raw: dict[str, Any], overrides: Optional[list[str]]) -> dict[str, Any]:
-    """A copy of the kit-schema mapping `raw` with `section.key=value` overrides (YAML values: [1, 2, 2], null)."""
-    out = copy.deepcopy(raw)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.max_steps=300)")
-        dotted, text = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        obj = out
-        for part in parts[:-1]:
-            obj = obj.setdefault(part, {})
-            if not isinstance(obj, dict):
-                raise ConfigError(f"tokenizer config key '{dotted}' is not inside a section (override '{item}')")
-        obj[parts[-1]] = yaml.safe_load(text) if text != "" else ""
-    return out
+def apply_tokenizer_overrides(cfg: TokenizerConfig, overrides: Optional[list[str]]) -> TokenizerConfig:
+    """Apply `section.key=value` overrides (YAML values: [1, 2, 2], null) in place, all or nothing; returns cfg."""
+    return BUILDER.apply_overrides(cfg, overrides)
 
 
 def load_tokenizer_config(path: str | os.PathLike | None = None, overrides: Optional[list[str]] = None,
@@ -278,16 +198,19 @@ def load_tokenizer_config(path: str | os.PathLike | None = None, overrides: Opti
         if kit_key not in given:
             raise ConfigError(f"{path}: upstream config key '{upstream_key}' is empty (the file's comment may give one "
                               f"value per training stage): write it in, or pass --set {kit_key}=VALUE")
+        # the --set fills it on the typed config; its empty value must not reach the type check first
+        section, key = kit_key.split(".", 1)
+        raw.get(section, {}).pop(key, None)
     try:
-        return tokenizer_config_from_dict(apply_tokenizer_overrides(raw, overrides))
+        # types are checked as the file is read, values once the overrides are in (--set may repair one)
+        return BUILDER.with_overrides(BUILDER.from_dict(raw, check=False), overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
 def tokenizer_config_to_yaml(cfg: TokenizerConfig, header: str | list[str] | None = None) -> str:
-    lines = header.splitlines() if isinstance(header, str) else list(header or [])
-    return "".join(f"# {line}".rstrip() + "\n" for line in lines) + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return BUILDER.to_yaml(cfg, header)
 
 
 def save_tokenizer_config(cfg: TokenizerConfig, path: str | os.PathLike, header: str | list[str] | None = None) -> Path:
-    return atomic_write_text(path, tokenizer_config_to_yaml(cfg, header))
+    return BUILDER.save(cfg, path, header)
