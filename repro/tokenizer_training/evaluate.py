@@ -28,12 +28,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from repro import paths
 from repro.errors import ReproError
 from repro.evaluation.reconstruction import evaluate_reconstructions
 from repro.tokenizer.files import load_tokenizer, read_tokenizer_header
 from repro.tokenizer.images import to_uint8
 from repro.tokenizer_training.data import TokenizerImages
-from repro.tokenizer_training.parts import resolve_path
 from repro.utils.io import atomic_write_json
 from repro.utils.seeding import seed_from
 
@@ -108,11 +108,11 @@ def evaluate_tokenizer(tokenizer: str | os.PathLike, folder: str | os.PathLike, 
     x, used = images.centre_crops(limit)
     originals = to_uint8(x).numpy()
     recons = reconstruct(vae, x, batch_size=batch_size, posterior=posterior, device=dev)
-    lpips_net = build_lpips(resolve_path(lpips_trunk, "lpips_trunk"), resolve_path(lpips_heads, "lpips_heads"),
+    lpips_net = build_lpips(paths.resolve_file_value(lpips_trunk, "lpips_trunk"), paths.resolve_file_value(lpips_heads, "lpips_heads"),
                             device=dev, heads_md5=LPIPS_HEADS_MD5)
     metrics = evaluate_reconstructions(originals, recons, lpips=lpips_net)
     # rFID: only with the Inception weights (an asset not every machine has); one line says when it is skipped
-    weights = resolve_path(inception_weights, "inception_weights") if inception_weights else None
+    weights = paths.resolve_file_value(inception_weights, "inception_weights") if inception_weights else None
     n_fid = len(originals) if rfid_images is None else min(rfid_images, len(originals))
     if weights is None or not weights.is_file():
         metrics["rfid"], rfid_note = None, (f"rFID skipped: Inception weights {inception_weights} are not on disk "

@@ -37,13 +37,14 @@ from repro.tokenizer.files import downsample_ratio, save_tokenizer
 from repro.tokenizer.vf_loss import foundation_features
 from repro.tokenizer_training.config import TokenizerConfig, save_tokenizer_config
 from repro.tokenizer_training.data import TokenizerImages, build_batch
-from repro.tokenizer_training.parts import build_autoencoder, build_loss, lr_factor
+from repro.tokenizer_training.modules import build_autoencoder, build_loss
 from repro.training import checkpoints as ckpt
 from repro.training.batches import plan_batches
 from repro.training.data_order import DataOrder, DataPosition
 from repro.training.ema import EMA
 from repro.training.logs import RunLogger
 from repro.training.saver import check_shared_folder
+from repro.training.step import lr_factor
 from repro.utils import distributed as dist
 from repro.utils.hardware import autocast, default_device, make_scaler, resolve_precision
 from repro.utils.preemption import StopSignals, signal_name
