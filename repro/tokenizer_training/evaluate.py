@@ -31,7 +31,7 @@ import torch
 from repro import paths
 from repro.errors import ReproError
 from repro.evaluation.reconstruction import evaluate_reconstructions
-from repro.tokenizer.files import load_tokenizer, read_tokenizer_header
+from repro.tokenizer.loader import load_tokenizer, read_tokenizer_header
 from repro.tokenizer.images import to_uint8
 from repro.tokenizer_training.data import TokenizerImages
 from repro.utils.io import atomic_write_json

@@ -33,7 +33,7 @@ import torch
 
 from repro import paths
 from repro.errors import Preempted, ReproError
-from repro.tokenizer.files import downsample_ratio, save_tokenizer
+from repro.tokenizer.loader import downsample_ratio, save_tokenizer
 from repro.tokenizer.vf_loss import foundation_features
 from repro.tokenizer_training.config import TokenizerConfig, save_tokenizer_config
 from repro.tokenizer_training.data import TokenizerImages, build_batch

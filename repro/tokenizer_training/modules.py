@@ -20,7 +20,7 @@ import torch
 from repro import paths
 from repro.errors import CheckpointError, ConfigError
 from repro.tokenizer.discriminator import NLayerDiscriminator
-from repro.tokenizer.files import OFFICIAL_ARCH, build_tokenizer, check_arch, load_tokenizer, read_tokenizer_header
+from repro.tokenizer.loader import OFFICIAL_ARCH, build_tokenizer, check_arch, load_tokenizer, read_tokenizer_header
 from repro.tokenizer.losses import TokenizerLoss, TokenizerLossConfig
 from repro.tokenizer.lpips import LPIPS_HEADS_MD5, build_lpips
 from repro.tokenizer.vf_loss import FrozenFeatureNet, TokenGridFeatures, VFLoss
