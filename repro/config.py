@@ -59,7 +59,7 @@ class DataConfig:
 
 @dataclass
 class VAEConfig:
-    model_name: str = "vavae_f16d32"  # the official VA-VAE, or kit: `custom` = a tokenizer of step 9 (repro.tokenizer.files)
+    model_name: str = "vavae_f16d32"  # the official VA-VAE, or kit: `custom` = a tokenizer of step 9 (repro.tokenizer.loader)
     downsample_ratio: int = 16
     ckpt_path: Optional[str] = None  # kit: the VA-VAE weights file
     ch: int = 128  # kit: base width (128 official; 32 for CPU tests)

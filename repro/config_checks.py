@@ -45,7 +45,7 @@ SAMPLING_METHODS = ("euler", "midpoint", "heun2", "rk4", "dopri5")  # = repro.tr
 # upstream passes sample.sampling_method to torchdiffeq.odeint, which also knows these
 TORCHDIFFEQ_ONLY_METHODS = ("dopri8", "bosh3", "fehlberg2", "adaptive_heun", "heun3", "explicit_adams",
                             "implicit_adams", "fixed_adams", "scipy_solver")
-VAE_MODELS = ("vavae_f16d32", "custom")  # custom: repro.tokenizer.files (step 9)
+VAE_MODELS = ("vavae_f16d32", "custom")  # custom: repro.tokenizer.loader (step 9)
 
 
 def _suggest(value: Any, choices: Iterable[str]) -> str:

@@ -29,7 +29,34 @@ def runs_path(value: str) -> Path:
     return Path(value)
 
 
-ASSET_MARKERS = ("asset:", "asset-dir:")
+ASSET_MARKER, ASSET_DIR_MARKER = "asset:", "asset-dir:"  # a file / a folder of step 2's asset table
+ASSET_MARKERS = (ASSET_MARKER, ASSET_DIR_MARKER)
+
+
+def asset_name(value: str) -> str | None:
+    """NAME of an `asset:NAME` value, None for any other value."""
+    return value[len(ASSET_MARKER):] if value.startswith(ASSET_MARKER) else None
+
+
+def resolve_file_value(value: str | None, key: str) -> Path | None:
+    """A config value naming one file -> its path, for the keys read where no step 3 ran (steps 9 and 10).
+
+    `asset:NAME` -> the file step 2 recorded (None when the table lacks it or it is not on disk), `runs:REL`
+    -> under the runs folder, anything else -> the path as written (which may not exist); None for an empty
+    value. `asset-dir:` names a folder: a ConfigError naming `key`.
+    """
+    from repro.errors import ConfigError
+
+    if value is None or value == "":
+        return None
+    name = asset_name(value)
+    if name is not None:
+        entries, table = read_asset_table()
+        found = recorded_asset_path(entries, name, table.parent)
+        return found if found is not None and found.is_file() else None
+    if value.startswith(ASSET_DIR_MARKER):
+        raise ConfigError(f"config key '{key}' is {value!r}: name a file (asset:NAME), not a folder")
+    return runs_path(value)
 
 
 def resolve_runs_markers(cfg) -> list[str]:

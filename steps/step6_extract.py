@@ -40,7 +40,7 @@ def main(config: str | Config | None = None, *, source=None, out: str | None = N
     """Extract latents (this process's share under torchrun); returns the extraction report.
     official=True: fetch and unpack upstream's latents instead (one process); returns the unpack summary."""
     from repro.data.extract import extract_latents
-    from repro.tokenizer.files import load_vae
+    from repro.tokenizer.loader import load_vae
 
     with naming_config(config):  # advice in errors names this config, not `--config C`
         cfg = apply_overrides(copy.deepcopy(config), set) if isinstance(config, Config) else load_config(config, set)

@@ -69,7 +69,7 @@ def test_the_path_runs_learns_and_writes_what_the_docs_say(path):
     assert read_shard_info(shard)["posterior"] == "mean"
     ds = LatentShardDataset(path["root"] / "latents", latent_norm=False)
     x, _ = ds.raw(0)
-    from repro.tokenizer.files import load_tokenizer
+    from repro.tokenizer.loader import load_tokenizer
     from repro.tokenizer.images import center_crop_arr, pil_to_tensor
     vae, _ = load_tokenizer(path["tok"]["tokenizer"])
     image = Image.open(sorted((path["folder"] / "digit_0").iterdir())[0]).convert("RGB")
@@ -163,7 +163,7 @@ def test_one_class_is_unconditional_and_refuses_guidance(tmp_path):
 
 def test_odd_images_are_converted_and_unreadable_ones_reported(tmp_path):
     from repro.data.extract import extract_latents
-    from repro.tokenizer.files import build_tokenizer
+    from repro.tokenizer.loader import build_tokenizer
     from repro.tokenizer_training.data import TokenizerImages, build_batch
 
     folder = tmp_path / "odd" / "only_class"

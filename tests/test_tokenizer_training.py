@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from repro.config import load_config
 from repro.data.synthetic import make_digits_folder
 from repro.errors import ConfigError, ReproError
-from repro.tokenizer.files import OFFICIAL_ARCH, load_tokenizer, load_vae, read_tokenizer_header
+from repro.tokenizer.loader import OFFICIAL_ARCH, load_tokenizer, load_vae, read_tokenizer_header
 from repro.tokenizer_training.config import load_tokenizer_config
 from repro.tokenizer_training.trainer import train_tokenizer
 from tests.conftest import FIXTURES, PROJECT_ROOT

@@ -48,7 +48,22 @@ MAX_LABEL = 2**31 - 1
 
 
 class ImageLoadError(Exception):
-    """One unreadable image (corrupt, truncated, missing, bad label); extraction skips and reports it."""
+    """One unreadable image (corrupt, truncated, missing, bad label); extraction skips and reports it.
+
+    `ref` names the file (or `archive.tar::member`) and `named` is "ref: error", what a skip message
+    prints; str(e) is the error alone because step 6 stores it beside the path in the shard headers.
+    """
+
+    def __init__(self, message: str, ref: str = ""):
+        super().__init__(message)
+        self.ref = ref
+
+    def __reduce__(self):  # DataLoader workers pickle it: keep `ref`
+        return type(self), (str(self), self.ref)
+
+    @property
+    def named(self) -> str:
+        return f"{self.ref}: {self}" if self.ref else str(self)
 
 
 @dataclass(frozen=True)
@@ -75,9 +90,7 @@ class ImageSource:
         return len(self.items)
 
     def load(self, index: int) -> tuple[Image.Image, int]:
-        """(RGB PIL image, label) of item `index`; ImageLoadError when it cannot be read."""
-        from repro.tokenizer.images import ensure_rgb
-
+        """(RGB PIL image, label) of item `index`; ImageLoadError naming it when it cannot be read."""
         item = self.items[index]
         try:
             if item.tar is None:
@@ -92,17 +105,42 @@ class ImageSource:
                     text = f.read(item.label_size).decode("utf-8", "replace").strip()
                 label = _label_value(text)
                 if label is None:
-                    raise ImageLoadError(f"label file (.cls) holds {text[:40]!r}, not an integer in 0..{MAX_LABEL}")
-            img = Image.open(io.BytesIO(data))
-            img.load()  # decode now: a truncated or corrupt file fails here, not later
-            return ensure_rgb(img), label
+                    raise ImageLoadError(f"label file (.cls) holds {text[:40]!r}, not an integer in 0..{MAX_LABEL}",
+                                         item.ref)
         except ImageLoadError:
             raise
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-            # drop object addresses ("<_io.BytesIO object at 0x7f..>"): the report and shard headers
-            # must be byte-identical between runs
-            msg = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image data", str(e))
-            raise ImageLoadError(f"{type(e).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', msg)}") from None
+        except Exception as e:  # missing or unreadable file
+            raise ImageLoadError(_error_text(e), item.ref) from None
+        return decode_image(data, item.ref), label
+
+
+def decode_image(data: bytes, ref: str) -> Image.Image:
+    """The RGB image encoded in `data` (JPEG, PNG, WebP, ...; converted as upstream's loader does), decoded
+    now so that a truncated or corrupt file fails here; ImageLoadError naming `ref` otherwise."""
+    from repro.tokenizer.images import ensure_rgb
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return ensure_rgb(img)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise ImageLoadError(_error_text(e), ref) from None
+
+
+def read_image_file(path: str | os.PathLike) -> Image.Image:
+    """The RGB image of one file (`decode_image`); ImageLoadError naming the file when it cannot be read."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ImageLoadError(_error_text(e), str(path)) from None
+    return decode_image(data, str(path))
+
+
+def _error_text(e: Exception) -> str:
+    # drop object addresses ("<_io.BytesIO object at 0x7f..>"): the report and shard headers
+    # must be byte-identical between runs
+    msg = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image data", str(e))
+    return f"{type(e).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', msg)}"
 
 
 def _is_image(name: str) -> bool:

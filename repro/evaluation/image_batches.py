@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from repro.data.image_sources import IMAGE_EXTENSIONS, walk_folder
+from repro.data.image_sources import IMAGE_EXTENSIONS, ImageLoadError, walk_folder
 from repro.data.npz import FORMAT_HINT, IMAGE_KEY, NpyMember, npz_count, read_npy_member
 from repro.errors import ReproError
 from repro.utils.distributed import print0
@@ -253,15 +253,9 @@ def _crop(image: np.ndarray, size: int) -> np.ndarray:
 
 def _load_any(path: Path, size: int) -> np.ndarray:
     """One reference image as (size, size, 3) uint8: RGB as step 6 converts it, then ADM's centre crop."""
-    from PIL import Image
-
-    from repro.tokenizer.images import center_crop_arr, ensure_rgb
+    from repro.data.image_loader import read_file_square  # torch is imported with it: only when a folder is read
 
     try:
-        with Image.open(path) as im:
-            im = ensure_rgb(im)
-            if im.size != (size, size):
-                im = center_crop_arr(im, size)
-            return np.asarray(im, dtype=np.uint8)
-    except Exception as e:  # truncated, not an image, a decompression bomb...: named, never skipped
-        raise ReproError(f"{path}: unreadable reference image ({type(e).__name__}: {e}); remove or replace it") from None
+        return read_file_square(path, size)
+    except ImageLoadError as e:  # truncated, not an image, a decompression bomb...: named, never skipped
+        raise ReproError(f"{path}: unreadable reference image ({e}); remove or replace it") from None

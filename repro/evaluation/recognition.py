@@ -26,24 +26,16 @@ from repro.errors import ReproError
 
 def folder_images(folder: str | os.PathLike, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(uint8 (N, S, S, 3), labels (N,), class names) of a class folder, centre-cropped as step 6 does;
-    unreadable images are counted in a printed line and left out."""
-    from repro.data.image_sources import ImageLoadError, list_images
-    from repro.tokenizer.images import center_crop_arr
+    unreadable images are left out, named in one printed line."""
+    from repro.data.image_loader import read_squares
+    from repro.data.image_sources import list_images
 
     src = list_images(folder)
     if not src.class_names:
         raise ReproError(f"{folder} has no class sub-folders: the recognition check needs one folder per class")
-    images, labels, bad = [], [], 0
-    for i in range(len(src)):
-        try:
-            image, label = src.load(i)
-        except ImageLoadError:
-            bad += 1
-            continue
-        images.append(np.asarray(center_crop_arr(image, image_size)))
-        labels.append(label)
-    if bad:
-        print(f"recognition check: {bad} unreadable image(s) of {folder} left out", flush=True)
+    images, labels, _ = read_squares(src, image_size, what="recognition check")
+    if not images:
+        raise ReproError(f"no image of {folder} can be read: the recognition check needs readable real images")
     return np.stack(images), np.asarray(labels, dtype=np.int64), list(src.class_names)
 
 

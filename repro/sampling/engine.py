@@ -141,7 +141,7 @@ def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, prec
     """Load the LightningDiT checkpoint (EMA, strict), the VA-VAE and the latent statistics."""
     from repro.models.checkpoint import load_checkpoint
     from repro.models.lightningdit import build_model
-    from repro.tokenizer.files import load_vae
+    from repro.tokenizer.loader import load_vae
 
     # Every path and setting checked before anything heavy loads; precisions refused now if impossible.
     check_inputs(cfg)

@@ -1,7 +1,8 @@
 """Image <-> tensor conversions exactly as the upstream LightningDiT pipeline does them.
 
 Input side (extract_features.py / VA_VAE.img_transform): a PIL image goes through
-`ensure_rgb` (what torchvision's ImageFolder loader does), `center_crop_arr` (ADM), then
+`ensure_rgb` (what torchvision's ImageFolder loader does), `center_crop_arr` (ADM: `resize_short_side`
+then the central square; `square_crop` places the square anywhere), then
 `pil_to_tensor` (ToTensor + Normalize(0.5, 0.5)) to a (3,H,W) float tensor in [-1,1].
 
 Output side (VA_VAE.decode_to_images): `to_uint8` maps decoded images in [-1,1] to uint8
@@ -38,25 +39,44 @@ def ensure_rgb(pil_image: Image.Image) -> Image.Image:
                          "re-save the image as RGB PNG/JPEG") from None
 
 
-def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
-    """ADM's center crop (guided-diffusion image_datasets.py), used by upstream LightningDiT.
+def resize_short_side(pil_image: Image.Image, size: int) -> Image.Image:
+    """Short side -> `size`, ADM's way (guided-diffusion image_datasets.py): halve with BOX filtering while the
+    short side is at least twice the target (cheap and alias-free), then BICUBIC with the sides rounded.
 
-    Halve with BOX filtering while the short side is at least twice the target (cheap and
-    alias-free), resize so the short side equals `image_size` with BICUBIC (sizes rounded),
-    then cut the central image_size x image_size square.
+    The one resize of the kit: step 6's crop, the tokenizer's training crops, the recognition check and
+    the reference images all go through it. An image already at `size` comes back as a copy (PIL's
+    resize to the same size), so smaller and exact images take the same path as large ones.
     """
+    if size <= 0:
+        raise ReproError(f"resize_short_side: the image size must be positive, got {size}")
+    while min(*pil_image.size) >= 2 * size:
+        pil_image = pil_image.resize(tuple(side // 2 for side in pil_image.size), resample=Image.BOX)
+    scale = size / min(*pil_image.size)
+    return pil_image.resize(tuple(round(side * scale) for side in pil_image.size), resample=Image.BICUBIC)
+
+
+def square_crop(pil_image: Image.Image, size: int, offset=None) -> Image.Image:
+    """`resize_short_side`, then a size x size square: central, or at `offset` = (u, v) in [0, 1), the share
+    of the free width/height left of and above it (the tokenizer's random crop; upstream's RandomCrop).
+
+    u and v may be 0-d torch tensors: `int(u * (w - size + 1))` then computes in float32, as the
+    tokenizer's training crops always have (a float64 product could round differently).
+    """
+    pil_image = resize_short_side(pil_image, size)
+    w, h = pil_image.size
+    if offset is None:
+        left, top = (w - size) // 2, (h - size) // 2
+    else:
+        left, top = int(offset[0] * (w - size + 1)), int(offset[1] * (h - size + 1))
+    return Image.fromarray(np.asarray(pil_image)[top: top + size, left: left + size])
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """ADM's center crop (guided-diffusion image_datasets.py), used by upstream LightningDiT: the short
+    side resized to `image_size` (`resize_short_side`), then the central image_size x image_size square."""
     if image_size <= 0:
         raise ReproError(f"center_crop_arr: image_size must be positive, got {image_size}")
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(side // 2 for side in pil_image.size), resample=Image.BOX)
-
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(side * scale) for side in pil_image.size), resample=Image.BICUBIC)
-
-    arr = np.array(pil_image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return Image.fromarray(arr[top: top + image_size, left: left + image_size])
+    return square_crop(pil_image, image_size)
 
 
 def pil_to_tensor(pil_image: Image.Image) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -272,7 +272,7 @@ def extract_inference_state_dict(sd: dict) -> tuple[dict[str, torch.Tensor], int
     return kept, len(sd) - len(kept)
 
 
-def _check_against_model(kept: dict, expected: dict[str, torch.Size], path: Path, ch: int) -> None:
+def _check_against_model(kept: dict, expected: dict[str, tuple], path: Path, ch: int) -> None:
     for key, value in kept.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
@@ -294,6 +294,21 @@ def _check_against_model(kept: dict, expected: dict[str, torch.Size], path: Path
                                   f"{file_hint}; is vae.ch right? 128 for the official VA-VAE")
 
 
+def load_frozen(build: Callable[[], AutoencoderKL], tensors: dict, check: Callable[[dict, dict], None],
+                device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> AutoencoderKL:
+    """The tail every tokenizer load shares (the official file here, a step-9 file in repro.tokenizer.loader):
+    `build()` on the meta device (no random init of weights that are overwritten at once), `check(tensors,
+    expected shapes)` raising a CheckpointError that names the file and the fix, a strict load, then the model
+    on `device` (and `dtype`; None keeps the file's) in eval mode with frozen parameters (the tokenizer is fixed
+    while the DiT trains)."""
+    with torch.device("meta"):
+        model = build()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check(tensors, expected)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
 def load_vavae(path: str | os.PathLike, ch: int = 128, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """Build the VA-VAE, load the inference weights of `path` with strict=True, return it in eval mode.
@@ -305,12 +320,8 @@ def load_vavae(path: str | os.PathLike, ch: int = 128, device: str | torch.devic
     # Lightning-style checkpoint, so its run-metadata classes may be read as inert placeholders.
     raw = read_state_dict(path, metadata_placeholders=True)
     kept, dropped = extract_inference_state_dict(raw)
-    with torch.device("meta"):  # no random init of 70M parameters that are overwritten at once
-        model = AutoencoderKL(ch=ch)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    _check_against_model(kept, expected, path, ch)
-    model.load_state_dict(kept, strict=True, assign=True)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = load_frozen(lambda: AutoencoderKL(ch=ch), kept, lambda tensors, expected:
+                        _check_against_model(tensors, expected, path, ch), device=device, dtype=dtype)
     if dropped:
         inner = raw["state_dict"] if isinstance(raw.get("state_dict"), dict) else raw
         groups = Counter(str(k).split(".")[0] for k in inner if k not in kept)

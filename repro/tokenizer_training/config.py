@@ -122,7 +122,7 @@ class TokenizerConfig:
         return ConfigBuilder.to_dict(self)
 
     def arch(self) -> dict[str, Any]:
-        """The AutoencoderKL architecture (repro.tokenizer.files.ARCH_FIELDS)."""
+        """The AutoencoderKL architecture (repro.tokenizer.loader.ARCH_FIELDS)."""
         return {k: copy.deepcopy(getattr(self.model, k)) for k in ("ch", "ch_mult", "num_res_blocks",
                                                                     "attn_resolutions", "z_channels", "embed_dim",
                                                                     "resolution", "norm_groups")}
@@ -130,7 +130,7 @@ class TokenizerConfig:
 
 def check_tokenizer_config(cfg: TokenizerConfig) -> TokenizerConfig:
     """Range and consistency checks that types cannot express; each error names the key."""
-    from repro.tokenizer.files import check_arch, downsample_ratio
+    from repro.tokenizer.loader import check_arch, downsample_ratio
 
     check_arch(cfg.arch(), where="tokenizer config section 'model'")
     t, d, lo = cfg.train, cfg.data, cfg.loss

@@ -2,9 +2,10 @@
 
 The folder is listed as step 6 lists it (`repro.data.image_sources`: class folders, a labels file or
 WebDataset tars; grayscale, CMYK, palette, alpha and 16-bit images converted to RGB as upstream's loader
-does; listing problems reported). Each image is resized so its short side is `image_size` (ADM's halving
-with BOX, then BICUBIC, as step 6's crop; smaller images are enlarged the same way) and cropped to a square:
-at a random offset (upstream's ImageNetTrain: albumentations SmallestMaxSize + RandomCrop) or in the centre.
+does; listing problems reported) and read with the kit's one image reader (`repro.data.image_loader.read_square`):
+the short side resized to `image_size` (ADM's halving with BOX, then BICUBIC, as step 6's crop; smaller images
+are enlarged the same way) and cropped to a square at a random offset (upstream's ImageNetTrain:
+albumentations SmallestMaxSize + RandomCrop) or in the centre.
 
 Every random choice of sample j of the global batch of step s (crop offset, flip, and the posterior noise
 that `z = mean + std * eps` uses) comes from its own generator seeded by (seed, s, j), in the same order
@@ -21,26 +22,16 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
+from repro.data.image_loader import read_square
 from repro.data.image_sources import ImageLoadError, ImageSource, list_images
 from repro.errors import ReproError
 from repro.tokenizer.images import pil_to_tensor
 from repro.utils.seeding import seed_from
 
 SEED_TAG = "repro-tokenizer"
-
-
-def resize_short_side(image: Image.Image, size: int) -> Image.Image:
-    """Short side -> `size`: ADM's BOX halving while at least twice as large, then BICUBIC (as step 6)."""
-    while min(*image.size) >= 2 * size:
-        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
-    scale = size / min(*image.size)
-    if scale != 1.0:
-        image = image.resize(tuple(max(size, round(side * scale)) for side in image.size), resample=Image.BICUBIC)
-    return image
 
 
 class TokenizerImages:
@@ -64,36 +55,28 @@ class TokenizerImages:
                     f"{self.src.problems[0]['error']}" if self.src.problems else "")
         return f"{len(self)} images in {self.src.root} ({self.src.kind}{classes}){problems}"
 
-    def _load(self, index: int) -> tuple[int, Image.Image]:
-        """(index actually used, RGB image): an unreadable image is reported and the next readable one taken."""
+    def _read(self, index: int, offset) -> tuple[int, Image.Image]:
+        """(index actually used, its S x S crop at `offset`, None = centre): an unreadable image is reported
+        and the next readable one taken."""
         n = len(self)
         for k in range(n):
             i = (index + k) % n
             if i in self.bad:
                 continue
             try:
-                return i, self.src.load(i)[0]
+                return i, read_square(self.src, i, self.image_size, offset)[0]
             except ImageLoadError as e:
                 self.bad[i] = str(e)
-                self.note(f"note: image {self.src.items[i].ref} cannot be read ({e}): it is replaced by the next "
-                          f"readable image wherever it is drawn ({len(self.bad)} unreadable so far)")
+                self.note(f"note: image {e.ref} cannot be read ({e}): it is replaced by the next readable image "
+                          f"wherever it is drawn ({len(self.bad)} unreadable so far)")
         raise ReproError(f"no image of {self.src.root} can be read ({len(self.bad)} tried): check data.image_folder")
 
     def item(self, index: int, generator: torch.Generator) -> torch.Tensor:
         """Image `index` cropped (and maybe flipped) with draws from `generator`: (3, S, S) in [-1, 1]."""
         u = torch.rand(3, generator=generator)  # crop x, crop y, flip: always drawn, in this order
-        return self._prepare(self._load(index)[1], u, self.crop, self.random_flip)
-
-    def _prepare(self, image: Image.Image, u: torch.Tensor, crop: str, flip: bool) -> torch.Tensor:
-        size = self.image_size
-        image = resize_short_side(image, size)
-        w, h = image.size
-        if crop == "random":
-            left, top = int(u[0] * (w - size + 1)), int(u[1] * (h - size + 1))
-        else:
-            left, top = (w - size) // 2, (h - size) // 2
-        x = pil_to_tensor(Image.fromarray(np.asarray(image)[top:top + size, left:left + size]))
-        return x.flip(-1) if flip and bool(u[2] < 0.5) else x
+        offset = (u[0], u[1]) if self.crop == "random" else None
+        x = pil_to_tensor(self._read(index, offset)[1])
+        return x.flip(-1) if self.random_flip and bool(u[2] < 0.5) else x
 
     def centre_crops(self, limit: Optional[int] = None) -> tuple[torch.Tensor, list[int]]:
         """Centre crops (no flip) of the first `limit` readable images (all by default) and their indices;
@@ -102,10 +85,10 @@ class TokenizerImages:
         for i in range(len(self)):
             if limit is not None and len(out) >= limit:
                 break
-            j, image = self._load(i)
-            if j != i:  # unreadable (reported by _load): evaluation leaves it out
+            j, image = self._read(i, None)
+            if j != i:  # unreadable (reported by _read): evaluation leaves it out
                 continue
-            out.append(self._prepare(image, torch.zeros(3), "center", False))
+            out.append(pil_to_tensor(image))
             used.append(i)
         if not out:
             raise ReproError(f"no image of {self.src.root} can be read: check the folder")

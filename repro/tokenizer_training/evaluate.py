@@ -28,13 +28,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from repro import paths
 from repro.errors import ReproError
 from repro.evaluation.reconstruction import evaluate_reconstructions
-from repro.tokenizer.files import load_tokenizer, read_tokenizer_header
+from repro.tokenizer.loader import load_tokenizer, read_tokenizer_header
 from repro.tokenizer.images import to_uint8
 from repro.tokenizer_training.data import TokenizerImages
-from repro.tokenizer_training.parts import resolve_path
-from repro.utils.io import atomic_path, atomic_write_json
+from repro.utils.io import atomic_write_json
 from repro.utils.seeding import seed_from
 
 
@@ -60,19 +60,17 @@ def reconstruct(vae, images: torch.Tensor, batch_size: int = 64, posterior: str 
 
 def reconstruction_grid(originals: np.ndarray, reconstructions: np.ndarray, path: str | os.PathLike,
                         columns: int = 8, rows: int = 2) -> Path:
-    """A PNG with `rows` pairs of rows: originals, then their reconstructions underneath."""
-    from PIL import Image
+    """A PNG with `rows` pairs of rows: originals, then their reconstructions underneath (the sampling
+    grid writer's tiling; cells without an image stay black)."""
+    from repro.sampling.grid import save_grid
 
     n = min(len(originals), columns * rows)
     h, w = originals.shape[1:3]
-    grid = np.zeros((2 * rows * h, columns * w, 3), dtype=np.uint8)
+    cells = np.zeros((rows, 2, columns, h, w, 3), dtype=np.uint8)  # (pair, original/reconstruction, column)
     for k in range(n):
         r, c = divmod(k, columns)
-        grid[2 * r * h:(2 * r + 1) * h, c * w:(c + 1) * w] = originals[k]
-        grid[(2 * r + 1) * h:(2 * r + 2) * h, c * w:(c + 1) * w] = reconstructions[k]
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
-    return Path(path)
+        cells[r, 0, c], cells[r, 1, c] = originals[k], reconstructions[k]
+    return save_grid(cells.reshape(-1, h, w, 3), path, rows=2 * rows, cols=columns)
 
 
 def rfid(originals: np.ndarray, reconstructions: np.ndarray, weights: Path, device=None, batch_size: int = 50) -> float:
@@ -110,11 +108,11 @@ def evaluate_tokenizer(tokenizer: str | os.PathLike, folder: str | os.PathLike, 
     x, used = images.centre_crops(limit)
     originals = to_uint8(x).numpy()
     recons = reconstruct(vae, x, batch_size=batch_size, posterior=posterior, device=dev)
-    lpips_net = build_lpips(resolve_path(lpips_trunk, "lpips_trunk"), resolve_path(lpips_heads, "lpips_heads"),
+    lpips_net = build_lpips(paths.resolve_file_value(lpips_trunk, "lpips_trunk"), paths.resolve_file_value(lpips_heads, "lpips_heads"),
                             device=dev, heads_md5=LPIPS_HEADS_MD5)
     metrics = evaluate_reconstructions(originals, recons, lpips=lpips_net)
     # rFID: only with the Inception weights (an asset not every machine has); one line says when it is skipped
-    weights = resolve_path(inception_weights, "inception_weights") if inception_weights else None
+    weights = paths.resolve_file_value(inception_weights, "inception_weights") if inception_weights else None
     n_fid = len(originals) if rfid_images is None else min(rfid_images, len(originals))
     if weights is None or not weights.is_file():
         metrics["rfid"], rfid_note = None, (f"rFID skipped: Inception weights {inception_weights} are not on disk "

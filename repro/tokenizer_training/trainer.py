@@ -9,7 +9,7 @@ position), `repro.tokenizer_training.data`), background checkpoint saves, DDP or
 (gloo on CPU), compile on CUDA, the time budget, SIGTERM/SIGINT, TensorBoard and W&B, and
 
 - `tokenizer.safetensors` next to the checkpoints at every save: the inference weights (the EMA's when
-  `train.ema_decay` is set) with their architecture in the header (`repro.tokenizer.files`), what a DiT
+  `train.ema_decay` is set) with their architecture in the header (`repro.tokenizer.loader`), what a DiT
   config names with `vae.model_name: custom`;
 - `log.jsonl`, `log.txt`, `loss.png`: total loss, rec, KL, LPIPS, GAN, VF.
 
@@ -28,13 +28,14 @@ import torch
 
 from repro import paths
 from repro.errors import ConfigError, ReproError
-from repro.tokenizer.files import downsample_ratio, save_tokenizer
+from repro.tokenizer.loader import downsample_ratio, save_tokenizer
 from repro.tokenizer.vf_loss import foundation_features
 from repro.tokenizer_training.config import TokenizerConfig, save_tokenizer_config
 from repro.tokenizer_training.data import TokenizerImages, build_batch
-from repro.tokenizer_training.parts import build_autoencoder, build_loss, lr_factor
+from repro.tokenizer_training.modules import build_autoencoder, build_loss
 from repro.training import checkpoints as ckpt
 from repro.training.batches import plan_batches
+from repro.training.step import lr_factor
 from repro.training.engine import run_dir_of, run_training
 from repro.utils import distributed as dist
 from repro.utils.hardware import CompiledOrEager, autocast, compile_mode, use_compile_cache

@@ -85,7 +85,7 @@ class GridSampler:
                 self._said = True
             return None
         if self._vae is None:
-            from repro.tokenizer.files import load_vae
+            from repro.tokenizer.loader import load_vae
 
             self._vae = load_vae(self.cfg.vae, device=self.device)  # official VA-VAE or step 9's (kit: issue 13)
         return self._vae

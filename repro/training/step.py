@@ -13,6 +13,7 @@ step stay on the device until the trainer logs or saves.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -133,3 +134,15 @@ class StepRunner:
     def reset_sums(self) -> None:
         self.sums.zero_()
         self.samples = 0
+
+
+def lr_factor(step: int, max_steps: int, warmup: int, schedule: str) -> float:
+    """Learning-rate multiplier of optimizer step `step` (1-based): linear warm-up, then constant or cosine to 0.
+
+    The kit's learning-rate schedule (upstream trains at a constant rate); step 9's `train.warmup_steps` and
+    `train.lr_schedule` choose it.
+    """
+    warm = min(1.0, step / warmup) if warmup > 0 else 1.0
+    if schedule == "cosine":
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step - 1, max_steps) / max(max_steps, 1)))
+    return warm

@@ -1,4 +1,4 @@
-"""Tokenizer weight files: the official VA-VAE f16d32, or one the kit trained (step 9), chosen by the config.
+"""The tokenizer loader: the official VA-VAE f16d32, or one the kit trained (step 9), chosen by the config.
 
 A tokenizer trained by step 9 is one safetensors file holding the inference tensors of its
 AutoencoderKL (encoder, decoder, quant_conv, post_quant_conv: the upstream names) and, in its header, the
@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from repro.errors import CheckpointError, ConfigError
-from repro.tokenizer.vavae import INFERENCE_PREFIXES, AutoencoderKL, load_vavae
+from repro.tokenizer.vavae import INFERENCE_PREFIXES, AutoencoderKL, load_frozen, load_vavae
 from repro.utils.io import atomic_save_safetensors
 
 TOKENIZER_FORMAT = "repro-tokenizer/1"
@@ -121,10 +121,13 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a tokenizer written by step 9 (no '{HEADER_KEY}' header of format "
                               f"{TOKENIZER_FORMAT}); for the official VA-VAE set vae.model_name: vavae_f16d32")
     arch = check_arch(header.get("arch") or {}, where=f"{path} header")
-    tensors = load_file(str(path))
-    with torch.device("meta"):
-        model = build_tokenizer(arch)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model = load_frozen(lambda: build_tokenizer(arch), load_file(str(path)),
+                        lambda tensors, expected: _check_against_header(tensors, expected, path),
+                        device=device, dtype=None)  # the file's own dtype (step 9 writes float32)
+    return model, header
+
+
+def _check_against_header(tensors: dict, expected: dict[str, tuple], path: Path) -> None:
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:
@@ -134,8 +137,6 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") 
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, its header's architecture "
                                   f"needs {shape}: the file is damaged; save it again")
-    model.load_state_dict(tensors, strict=True, assign=True)
-    return model.to(device).eval().requires_grad_(False), header
 
 
 def load_vae(vae_cfg, device: str | torch.device = "cpu") -> torch.nn.Module:

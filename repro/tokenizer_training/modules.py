@@ -1,8 +1,10 @@
-"""What step 9 trains and trains with: the autoencoder (fresh or fine-tuned), LPIPS, PatchGAN, the VF network.
+"""The tokenizer's modules, what step 9 trains and trains with: the autoencoder (fresh or fine-tuned) and the
+loss with its LPIPS, PatchGAN and VF network.
 
 - `asset:NAME` values (model.init_from, loss.lpips_*, loss.vf_weights) are files of step 2's asset table
-  (`runs/assets.json`); `runs:REL` is a path under the runs folder. `model.init_from: asset:vavae-f16d32`
-  fetches the official tokenizer when the table lacks it (as step 4 fetches what sampling needs).
+  (`runs/assets.json`); `runs:REL` is a path under the runs folder (both through
+  `repro.paths.resolve_file_value`). `model.init_from: asset:vavae-f16d32` fetches the official tokenizer
+  when the table lacks it (as step 4 fetches what sampling needs).
 - LPIPS weights absent: one note, and training goes on without LPIPS (`repro.tokenizer.lpips.build_lpips`).
 - `loss.vf: dinov2`: DINOv2 ViT-L/14 through timm (upstream's own loader; `pip install timm`) with the
   weights of `loss.vf_weights`, frozen; tests hand a small frozen network to `train_tokenizer` instead.
@@ -18,7 +20,7 @@ import torch
 from repro import paths
 from repro.errors import CheckpointError, ConfigError
 from repro.tokenizer.discriminator import NLayerDiscriminator
-from repro.tokenizer.files import OFFICIAL_ARCH, build_tokenizer, check_arch, load_tokenizer, read_tokenizer_header
+from repro.tokenizer.loader import OFFICIAL_ARCH, build_tokenizer, check_arch, load_tokenizer, read_tokenizer_header
 from repro.tokenizer.losses import TokenizerLoss, TokenizerLossConfig
 from repro.tokenizer.lpips import LPIPS_HEADS_MD5, build_lpips
 from repro.tokenizer.vf_loss import FrozenFeatureNet, TokenGridFeatures, VFLoss
@@ -28,24 +30,17 @@ DINOV2_TIMM_NAME = "vit_large_patch14_dinov2.lvd142m"  # upstream foundation_mod
 DINOV2_INPUT = 224  # upstream resizes the images to 224 for DINOv2
 
 
-def resolve_path(value: Optional[str], key: str, fetch: bool = False) -> Optional[Path]:
-    """`asset:NAME` -> the file step 2 recorded (fetched first when `fetch`; None when absent), `runs:REL` ->
-    under the runs folder, else the path as written (which may not exist)."""
-    if value is None or value == "":
-        return None
-    if value.startswith("asset:"):
-        name = value[len("asset:"):]
-        entries, table = paths.read_asset_table()
-        found = paths.recorded_asset_path(entries, name, table.parent)
-        if (found is None or not found.is_file()) and fetch:
-            from repro.hub import fetch_assets
+def init_from_path(value: str) -> Optional[Path]:
+    """`model.init_from` -> its file; an `asset:NAME` not on disk yet is fetched first (step 2's fetch)."""
+    found = paths.resolve_file_value(value, "model.init_from")
+    name = paths.asset_name(value)
+    if found is None and name is not None:
+        from repro.hub import fetch_assets
 
-            print(f"{key}: {value} is not on disk yet: fetching it (step 2)", flush=True)
-            found = Path(fetch_assets([name])[0].path)
-        return found if found is not None and found.is_file() else None
-    if value.startswith("asset-dir:"):
-        raise ConfigError(f"tokenizer config key '{key}' is {value!r}: name a file (asset:NAME), not a folder")
-    return paths.runs_path(value)
+        print(f"model.init_from: {value} is not on disk yet: fetching it (step 2)", flush=True)
+        found = Path(fetch_assets([name])[0].path)
+        found = found if found.is_file() else None
+    return found
 
 
 def build_autoencoder(cfg: TokenizerConfig, note: Callable[[str], None] = print, initial: bool = True) -> torch.nn.Module:
@@ -57,7 +52,7 @@ def build_autoencoder(cfg: TokenizerConfig, note: Callable[[str], None] = print,
     source = cfg.model.init_from
     if not source or not initial:
         return vae
-    path = resolve_path(source, "model.init_from", fetch=True)
+    path = init_from_path(source)
     if path is None or not path.is_file():
         raise CheckpointError(f"model.init_from {source}: file not found ({path}); fix the path, or run "
                               f"`python -m steps.step2_download --only NAME` for an asset")
@@ -86,8 +81,8 @@ def build_loss(cfg: TokenizerConfig, device: torch.device, feature_net: Optional
     lo = cfg.loss
     lpips = None
     if lo.perceptual_weight > 0:
-        trunk = resolve_path(lo.lpips_trunk, "loss.lpips_trunk")
-        heads = resolve_path(lo.lpips_heads, "loss.lpips_heads")
+        trunk = paths.resolve_file_value(lo.lpips_trunk, "loss.lpips_trunk")
+        heads = paths.resolve_file_value(lo.lpips_heads, "loss.lpips_heads")
         if trunk is None or heads is None:
             note(f"note: LPIPS weights absent (loss.lpips_trunk {lo.lpips_trunk}, loss.lpips_heads {lo.lpips_heads}): "
                  "training goes on without LPIPS; `python -m steps.step2_download --only lpips-vgg16 "
@@ -101,7 +96,7 @@ def build_loss(cfg: TokenizerConfig, device: torch.device, feature_net: Optional
     vf, input_size = None, None
     if lo.vf is not None or feature_net is not None:
         if feature_net is None:
-            feature_net = dinov2_features(resolve_path(lo.vf_weights, "loss.vf_weights"), lo.vf_weights)
+            feature_net = dinov2_features(paths.resolve_file_value(lo.vf_weights, "loss.vf_weights"), lo.vf_weights)
             input_size = DINOV2_INPUT
         feature_net = FrozenFeatureNet(feature_net).to(device) if not isinstance(feature_net, FrozenFeatureNet) \
             else feature_net.to(device)
@@ -140,14 +135,3 @@ def dinov2_features(path: Optional[Path], value: Optional[str]) -> torch.nn.Modu
                               f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]})")
     net.load_state_dict(state, strict=True)
     return TokenGridFeatures(net.forward_features, prefix_tokens=int(getattr(net, "num_prefix_tokens", 1)))
-
-
-def lr_factor(step: int, max_steps: int, warmup: int, schedule: str) -> float:
-    """Learning-rate multiplier of optimizer step `step` (1-based): linear warm-up, then constant or cosine to 0."""
-    import math
-
-    warm = min(1.0, step / warmup) if warmup > 0 else 1.0
-    if schedule == "cosine":
-        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step - 1, max_steps) / max(max_steps, 1)))
-    return warm
-
