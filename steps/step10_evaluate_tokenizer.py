@@ -5,7 +5,7 @@ with a tokenizer of step 9. rFID needs the Inception weights (step 2's `fid-ince
 weights (`lpips-vgg16`, `lpips-vgg-heads`): without them one line says the metric is skipped. Writes
 OUT/metrics.json and OUT/reconstructions.png (originals above reconstructions).
 
-    python -m steps.step10_evaluate_tokenizer --tokenizer runs/tokenizer/own_data/tokenizer.safetensors \
+    python -m steps.step10_evaluate_tokenizer --tokenizer runs/tokenizer/own_data/tokenizer.safetensors \\
         --folder held_out/ --out runs/tokenizer/own_data/eval
     python -m steps.step10_evaluate_tokenizer --config tokenizer/digits_f4 --folder held_out/ --limit 500
     # notebook:  from steps.step10_evaluate_tokenizer import main; res = main(tokenizer=..., folder=...)
@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from repro.utils.cli import run_cli
+from repro.utils.cli import add_config_arguments, run_cli, step_parser
 
 
 def main(tokenizer: Optional[str] = None, folder: Optional[str] = None, out: Optional[str] = None,
@@ -46,19 +46,22 @@ def main(tokenizer: Optional[str] = None, folder: Optional[str] = None, out: Opt
                               batch_size=batch_size, posterior=posterior, rfid_images=rfid_images, device=device)
 
 
-def cli(argv: Optional[list[str]] = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m steps.step10_evaluate_tokenizer", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = step_parser("python -m steps.step10_evaluate_tokenizer", __doc__)
     p.add_argument("--tokenizer", help="tokenizer.safetensors of step 9")
     p.add_argument("--folder", help="held-out image folder")
     p.add_argument("--out", help="output folder (default: next to the tokenizer, eval/)")
-    p.add_argument("--config", help="the step-9 config instead of --tokenizer (and its data folders)")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides")
+    add_config_arguments(p, "the step-9 config instead of --tokenizer (and its data folders)", required=False)
     p.add_argument("--limit", type=int, help="the first N images only")
     p.add_argument("--rfid-images", type=int, help="rFID on the first N images only (Inception is slow on a CPU)")
     p.add_argument("--posterior", choices=["mean", "sample"], default="mean", help="decode the mean, or a draw")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", help="cpu, cuda (default: the GPU if any)")
-    a = p.parse_args(argv)
+    return p
+
+
+def cli(argv: Optional[list[str]] = None) -> dict:
+    a = build_parser().parse_args(argv)
     return run_cli(lambda: main(a.tokenizer, a.folder, a.out, a.config, a.set, a.limit, a.rfid_images, a.posterior,
                                 a.batch_size, a.device))
 

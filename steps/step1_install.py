@@ -19,7 +19,7 @@ from repro import resources
 from repro.setup import envinfo, install_plan
 from repro.errors import ReproError
 from repro.hub.client import HubClientError, check_client_version
-from repro.utils.cli import run_cli
+from repro.utils.cli import run_cli, step_parser
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,14 +56,18 @@ def main(dry_run: bool = False, requirements: str = "requirements.txt", install:
     return report
 
 
-def cli(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = step_parser("python -m steps.step1_install", __doc__)
     p.add_argument("--dry-run", action="store_true", help="print the install plan, install nothing")
     p.add_argument("--requirements", default="requirements.txt", help="requirements file to check")
     p.add_argument("--no-install", action="store_true", help="report only, skip the install plan")
     p.add_argument("--out", default=None, help="runs folder for env.json (default: $REPRO_RUNS_DIR or ./runs)")
     p.add_argument("--pip-arg", action="append", default=[], help="extra argument for pip (repeatable)")
-    args = p.parse_args(argv)
+    return p
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     run_cli(lambda: main(dry_run=args.dry_run, requirements=args.requirements, install=not args.no_install,
                          out=args.out, pip_args=args.pip_arg))
 

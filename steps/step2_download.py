@@ -6,11 +6,7 @@
     python -m steps.step2_download --dest /kaggle/working/weights   # files under a folder, not the HF cache
     python -m steps.step2_download --offline                        # only use what is on disk (or HF_HUB_OFFLINE=1)
     HF_ENDPOINT=https://hf-mirror.com python -m steps.step2_download   # a Hub mirror; HF_TOKEN for gated repos
-
-From a notebook cell:
-
-    from steps.step2_download import main
-    assets = main(only=["vavae-f16d32", "latents-stats"])
+    # notebook:  from steps.step2_download import main; assets = main(only=["vavae-f16d32", "latents-stats"])
 
 Files already in the Hugging Face cache, under --dest or in the manifest's search folders
 (/kaggle/input on Kaggle) are verified by sha256 and used without downloading. A killed download
@@ -24,7 +20,7 @@ import argparse
 
 from repro import paths
 from repro.hub import fetch_assets
-from repro.utils.cli import run_cli
+from repro.utils.cli import run_cli, step_parser
 
 
 def main(only: list[str] | None = None, dest: str | None = None, offline: bool = False,
@@ -34,14 +30,18 @@ def main(only: list[str] | None = None, dest: str | None = None, offline: bool =
     return {"assets": paths.read_asset_table()[0]}
 
 
-def cli(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m steps.step2_download", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = step_parser("python -m steps.step2_download", __doc__)
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="asset or group names from the manifest (default: every asset outside a group)")
     parser.add_argument("--dest", metavar="DIR", help="put files under DIR instead of the HF cache")
     parser.add_argument("--offline", action="store_true", help="never touch the network (like HF_HUB_OFFLINE=1)")
     parser.add_argument("--manifest", metavar="FILE", help="asset manifest (default: configs/assets.yaml)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cli(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     return run_cli(lambda: main(only=args.only, dest=args.dest, offline=args.offline, manifest=args.manifest))
 
 

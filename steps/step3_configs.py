@@ -1,13 +1,14 @@
 """Step 3: resolve a preset into the config every later step runs with (and records).
 
-    python -m steps.step3_configs --base configs/lightningdit_xl_800ep.yaml
-    python -m steps.step3_configs --base tiny --set sample.cfg_scale=4.0 sample.per_proc_batch_size=8
-    python -m steps.step3_configs --base lightningdit_xl_64ep --profile t4 --dry-run
-    # notebook:  from steps.step3_configs import main; res = main(base="configs/tiny.yaml", set=["sample.seed=1"])
+    python -m steps.step3_configs --config configs/lightningdit_xl_800ep.yaml
+    python -m steps.step3_configs --config tiny --set sample.cfg_scale=4.0 --set sample.per_proc_batch_size=8
+    python -m steps.step3_configs --config lightningdit_xl_64ep --profile t4 --dry-run
+    # notebook:  from steps.step3_configs import main; res = main(config="configs/tiny.yaml", set=["sample.seed=1"])
 
 Fills `asset:NAME` / `asset-dir:NAME` / `runs:REL` paths from runs/assets.json (step 2), turns
 `auto` precision and batch sizes into values for this machine from runs/env.json (step 1), applies
---set overrides (they win), prints every change, and writes runs/configs/<base>.resolved.yaml.
+--set overrides (they win), prints every change, and writes runs/configs/<preset>.resolved.yaml.
+`--base` (and `main(base=...)`) is the old name of `--config` and still works.
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from repro.errors import ConfigError
 from repro.setup.resolve import HARDWARE_PROFILES, default_resolved_path, resolve_file, write_resolved
-from repro.utils.cli import run_cli
+from repro.utils.cli import add_config_arguments, run_cli, step_parser
 
 
-def main(base: str, set: Optional[list[str]] = None, out: Optional[str] = None, dry_run: bool = False,
-         assets: Optional[str] = None, env: Optional[str] = None, profile: Optional[str] = None) -> dict:
-    """Returns {'config': Config, 'path': written file or None, 'changes': [str]}."""
-    cfg, changes, base_path = resolve_file(base, overrides=set, assets=assets, env=env, profile=profile)
+def main(config: Optional[str] = None, set: Optional[list[str]] = None, out: Optional[str] = None,
+         dry_run: bool = False, assets: Optional[str] = None, env: Optional[str] = None,
+         profile: Optional[str] = None, *, base: Optional[str] = None) -> dict:
+    """Resolve the preset `config` (`base`: its old name); returns {'config': Config, 'path': written file
+    or None, 'changes': [str]}."""
+    if (config is None) == (base is None):
+        raise ConfigError(f"step 3 takes one preset: pass config= (or its old name base=), got config={config!r} "
+                          f"and base={base!r}")
+    cfg, changes, base_path = resolve_file(config if base is None else base, overrides=set, assets=assets,
+                                           env=env, profile=profile)
     print(f"base: {base_path}")
     for line in changes or ["(no changes: the preset is already concrete)"]:
         print(f"  {line}")
@@ -33,19 +41,22 @@ def main(base: str, set: Optional[list[str]] = None, out: Optional[str] = None, 
     return {"config": cfg, "path": path, "changes": changes}
 
 
-def cli(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="preset YAML path or name (tiny, demo, lightningdit_xl_800ep, ...)")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="overrides such as sample.cfg_scale=4.0 (win over auto values)")
-    p.add_argument("--out", default=None, help="output file (default runs/configs/<base>.resolved.yaml)")
+def build_parser() -> argparse.ArgumentParser:
+    p = step_parser("python -m steps.step3_configs", __doc__)
+    add_config_arguments(p, "preset YAML path or name (tiny, demo, lightningdit_xl_800ep, ...); --base is its old name",
+                         aliases=("--base",), set_help="overrides such as sample.cfg_scale=4.0 (win over auto values)")
+    p.add_argument("--out", default=None, help="output file (default runs/configs/<preset>.resolved.yaml)")
     p.add_argument("--dry-run", action="store_true", help="print the changes, write nothing")
     p.add_argument("--assets", default=None, help="asset table (default runs/assets.json)")
     p.add_argument("--env", default=None, help="environment report (default runs/env.json)")
     p.add_argument("--profile", default=None, choices=sorted(HARDWARE_PROFILES),
                    help="plan for this hardware instead of the env report")
-    args = p.parse_args(argv)
-    run_cli(lambda: main(base=args.base, set=args.set, out=args.out, dry_run=args.dry_run,
+    return p
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    run_cli(lambda: main(config=args.config, set=args.set, out=args.out, dry_run=args.dry_run,
                          assets=args.assets, env=args.env, profile=args.profile))
 
 

@@ -30,7 +30,7 @@ from repro.sampling.run import run_sampling
 from repro.setup.prepare import prepare_config
 from repro.utils import distributed
 from repro.utils.hardware import default_device
-from repro.utils.cli import run_cli
+from repro.utils.cli import add_config_arguments, run_step, step_parser
 
 
 def main(config: Optional[str] = None, demo: Optional[bool] = None, num_samples: Optional[int] = None,
@@ -55,10 +55,10 @@ def _batch(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
-def cli(argv: Optional[Sequence[str]] = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m steps.step4_inference", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="preset name or YAML (default: demo, or lightningdit_xl_800ep with --num-samples)")
+def build_parser() -> argparse.ArgumentParser:
+    p = step_parser("python -m steps.step4_inference", __doc__)
+    add_config_arguments(p, "preset name or YAML (default: demo, or lightningdit_xl_800ep with --num-samples)",
+                         required=False)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--demo", action="store_true", default=None, help="the official demo: 8 labels, a 2x4 grid")
     mode.add_argument("--num-samples", type=int, help="FID mode: this many images (default sample.fid_num)")
@@ -68,21 +68,21 @@ def cli(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--class-balanced", action="store_true", help="exactly N / num_classes images per class")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="transformer precision")
     p.add_argument("--labels", type=int, nargs="+", help="class labels (cycled over the images)")
-    p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--compile", nargs="?", const="default",
                    help="torch.compile mode (default on a GPU: reduce-overhead = CUDA graphs; on CPU: eager)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="none", help="run the model eagerly")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this process's GPU, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--trajectory", type=int, metavar="K", help="also write each image's x0 strip at K grid steps")
-    a = p.parse_args(argv)
-    try:
-        return run_cli(lambda: main(config=a.config, demo=a.demo, num_samples=a.num_samples, out=a.out,
-                                    batch_size=a.batch_size, seed=a.seed, class_balanced=a.class_balanced,
-                                    precision=a.precision, labels=a.labels, set=a.set, compile=a.compile,
-                                    device=a.device, progress=not a.no_progress, trajectory=a.trajectory))
-    finally:
-        distributed.shutdown()
+    return p
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> dict:
+    a = build_parser().parse_args(argv)
+    return run_step(lambda: main(config=a.config, demo=a.demo, num_samples=a.num_samples, out=a.out,
+                                 batch_size=a.batch_size, seed=a.seed, class_balanced=a.class_balanced,
+                                 precision=a.precision, labels=a.labels, set=a.set, compile=a.compile,
+                                 device=a.device, progress=not a.no_progress, trajectory=a.trajectory))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from repro.data.stats import STATS_NAME, install_stats_file, validate_stats
 from repro.data.stats_recompute import recompute_stats_file, repair_advice
 from repro.errors import ConfigError, ReproError
 from repro.paths import refuse_asset_markers, resolve_runs_markers
-from repro.utils.cli import name_config, naming_config
+from repro.utils.cli import add_config_arguments, name_config, naming_config, run_step, step_parser
 
 
 def main(config: str | Config | None = None, recompute: bool = False, refetch: bool = False,
@@ -67,20 +67,20 @@ def _main(config, recompute, refetch, set, seed) -> dict:
     return {"verdict": verdict, "action": action, "path": str(path)}
 
 
-def cli(argv: list[str] | None = None) -> dict:
-    from repro.utils.cli import run_cli
-
-    p = argparse.ArgumentParser(prog="python -m steps.step5_fix_stats", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="YAML config (data.data_path, model.in_chans)")
+def build_parser() -> argparse.ArgumentParser:
+    p = step_parser("python -m steps.step5_fix_stats", __doc__)
+    add_config_arguments(p, "YAML config (data.data_path, model.in_chans)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--recompute", action="store_true", help="recompute from the latent shards")
     group.add_argument("--refetch", action="store_true", help="download the official file (step 2)")
-    p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--seed", type=int, default=0, help="seed of the latent subset (--recompute)")
-    args = p.parse_args(argv)
+    return p
 
-    def body():
-        result = main(args.config, recompute=args.recompute, refetch=args.refetch, set=args.set, seed=args.seed)
+
+def cli(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+
+    def refuse_unusable(result: dict) -> None:
         if not result["verdict"].ok:  # the fix as commands: this very command line with a repair flag
             again = shlex.join(["python", "-m", "steps.step5_fix_stats", *(sys.argv[1:] if argv is None else argv)])
             folder = Path(result["path"]).parent
@@ -88,9 +88,9 @@ def cli(argv: list[str] | None = None) -> dict:
             fixes.append(f"`{again} --refetch` (the official file)")
             raise ReproError(f"{result['path']} is not usable: {result['verdict'].reason}; repair it with "
                              + " or ".join(fixes))
-        return result
 
-    return run_cli(body)
+    return run_step(lambda: main(args.config, recompute=args.recompute, refetch=args.refetch, set=args.set,
+                                 seed=args.seed), finish=refuse_unusable)
 
 
 if __name__ == "__main__":

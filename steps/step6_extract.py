@@ -28,7 +28,7 @@ import torch
 from repro.config import Config, apply_overrides, load_config
 from repro.errors import ConfigError
 from repro.paths import refuse_asset_markers, resolve_runs_markers, runs_path
-from repro.utils.cli import naming_config
+from repro.utils.cli import add_config_arguments, naming_config, run_step, step_parser
 from repro.utils import distributed as dist
 from repro.utils.hardware import default_device
 
@@ -57,7 +57,7 @@ def main(config: str | Config | None = None, *, source=None, out: str | None = N
         for key, value in (("--out / data.data_path", out), ("vae.ckpt_path", cfg.vae.ckpt_path)):
             if not value:
                 raise ConfigError(f"{key} is not set: pass {'--out DIR' if key[0] == '-' else '--set vae.ckpt_path=FILE'}"
-                                  " or run `python -m steps.step3_configs --base C` and pass the config it writes")
+                                  " or run `python -m steps.step3_configs --config C` and pass the config it writes")
         dist.init(device)
         dev = default_device() if device is None else torch.device(device)
         vae = load_vae(cfg.vae, device=dev)  # the official VA-VAE, or a tokenizer of step 9 (vae.model_name: custom)
@@ -80,11 +80,9 @@ def _official(cfg: Config, out) -> dict:
     return unpack_parts([r.path for r in fetch_assets([OFFICIAL_GROUP])], out)
 
 
-def cli(argv: list[str] | None = None) -> dict:
-    from repro.utils.cli import run_cli
-
-    p = argparse.ArgumentParser(prog="python -m steps.step6_extract", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="YAML config (vae.ckpt_path, vae.ch, data.image_size)")
+def build_parser() -> argparse.ArgumentParser:
+    p = step_parser("python -m steps.step6_extract", __doc__)
+    add_config_arguments(p, "YAML config (vae.ckpt_path, vae.ch, data.image_size)")
     p.add_argument("--source", nargs="+", default=None, help="image folder, or .tar shards (default data.raw_data_dir)")
     p.add_argument("--out", default=None, help="output folder for shards (default data.data_path)")
     p.add_argument("--labels-file", default=None, help="labels file of a flat folder (default DIR/labels.txt|csv)")
@@ -94,18 +92,18 @@ def cli(argv: list[str] | None = None) -> dict:
                    help="sample: a posterior draw (upstream); mean: the posterior mean (deterministic); moments")
     p.add_argument("--seed", type=int, default=0, help="posterior-noise and statistics-subset seed")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    p.add_argument("--set", nargs="+", default=None, metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--workers", type=int, default=0, help="image-decoding processes (0 = this process)")
     p.add_argument("--official", action="store_true", help="fetch and unpack upstream's pre-extracted latents")
-    args = p.parse_args(argv)
+    return p
+
+
+def cli(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     source = args.source[0] if args.source and len(args.source) == 1 else args.source
-    try:
-        return run_cli(lambda: main(args.config, source=source, out=args.out, batch_size=args.batch_size,
-                                    shard_size=args.shard_size, store=args.store, seed=args.seed,
-                                    device=args.device, labels_file=args.labels_file, set=args.set,
-                                    workers=args.workers, official=args.official))
-    finally:
-        dist.shutdown()
+    return run_step(lambda: main(args.config, source=source, out=args.out, batch_size=args.batch_size,
+                                 shard_size=args.shard_size, store=args.store, seed=args.seed,
+                                 device=args.device, labels_file=args.labels_file, set=args.set,
+                                 workers=args.workers, official=args.official))
 
 
 if __name__ == "__main__":

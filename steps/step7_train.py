@@ -1,8 +1,8 @@
 """Step 7: train LightningDiT on the latents of step 6, in two stages, resumable after any kill.
 
-    python -m steps.step7_train --config configs/train/lightningdit_xl_800ep_stage_0.yaml \
+    python -m steps.step7_train --config configs/train/lightningdit_xl_800ep_stage_0.yaml \\
         --set data.data_path=/data/latents train.output_dir=/data/runs
-    python -m steps.step7_train --config configs/train/lightningdit_xl_800ep_stage_1.yaml \
+    python -m steps.step7_train --config configs/train/lightningdit_xl_800ep_stage_1.yaml \\
         --set data.data_path=/data/latents train.output_dir=/data/runs      # continues the same run
     torchrun --nproc_per_node=8 -m steps.step7_train --config configs/train/lightningdit_xl_800ep_stage_0.yaml
     python -m steps.step7_train --config configs/train/tiny_stage_0.yaml --time-budget 41000   # Kaggle: < 12 h
@@ -25,7 +25,7 @@ from typing import Optional
 from repro.config import load_config
 from repro.training import train
 from repro.utils import distributed as dist
-from repro.utils.cli import naming_config, run_cli
+from repro.utils.cli import add_config_arguments, naming_config, run_step, step_parser
 
 
 def main(config: Optional[str] = None, set: Optional[list[str]] = None, time_budget: Optional[float] = None) -> dict:
@@ -35,28 +35,23 @@ def main(config: Optional[str] = None, set: Optional[list[str]] = None, time_bud
         return train(cfg, time_budget=time_budget)
 
 
-def cli(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m steps.step7_train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="training YAML (official schema), e.g. configs/train/...")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. train.max_steps=1000 data.data_path=latents")
+def build_parser() -> argparse.ArgumentParser:
+    parser = step_parser("python -m steps.step7_train", __doc__)
+    add_config_arguments(parser, "training YAML (official schema), e.g. configs/train/...",
+                         set_help="config overrides, e.g. train.max_steps=1000 data.data_path=latents")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="save a checkpoint and exit cleanly before this many seconds (train.time_budget)")
-    args = parser.parse_args(argv)
+    return parser
 
-    def body() -> dict:
-        try:
-            result = main(config=args.config, set=args.set, time_budget=args.time_budget)
-            rank = dist.get_rank()
-        finally:
-            dist.shutdown()
-        if rank == 0:
-            loss = f"{result['loss']:.4f}" if result["loss"] is not None else "n/a"
-            print(f"done: step {result['step']} ({result['stopped']}); last loss {loss}; "
-                  f"checkpoint {result['checkpoint']}", flush=True)
-        return result
 
-    return run_cli(body)
+def cli(argv: Optional[list[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+
+    def done(result: dict) -> str:
+        loss = f"{result['loss']:.4f}" if result["loss"] is not None else "n/a"
+        return f"done: step {result['step']} ({result['stopped']}); last loss {loss}; checkpoint {result['checkpoint']}"
+
+    return run_step(lambda: main(config=args.config, set=args.set, time_budget=args.time_budget), finish=done)
 
 
 if __name__ == "__main__":

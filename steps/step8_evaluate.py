@@ -24,7 +24,7 @@ import argparse
 from repro.evaluation.evaluate import DEFAULT_BATCH_SIZE, METRICS, configured_reference, evaluate, resolve_assets
 from repro.paths import runs_path
 from repro.utils import distributed
-from repro.utils.cli import run_cli
+from repro.utils.cli import run_step, step_parser
 
 
 def main(samples: str, ref: str | None = None, metrics: str | list[str] = ",".join(METRICS),
@@ -40,8 +40,8 @@ def main(samples: str, ref: str | None = None, metrics: str | list[str] = ",".jo
                     batch_size=batch_size, device=device, out=out, cache_dir=cache_dir)
 
 
-def cli(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m steps.step8_evaluate", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = step_parser("python -m steps.step8_evaluate", __doc__)
     p.add_argument("--samples", required=True, help="npz (arr_0 uint8 NxHxWx3), folder of PNGs, or step 4's --out")
     p.add_argument("--ref", default=None, help="ADM reference batch npz (default: step 2's adm-ref-imagenet256), "
                    "or an npz / folder of your own images")
@@ -51,16 +51,14 @@ def cli(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="metrics.json path (default: next to the samples)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's GPU, else cpu)")
     p.add_argument("--cache-dir", default=None, help="where reference features are cached (default: next to --ref)")
-    args = p.parse_args(argv)
+    return p
 
-    def body() -> dict:
-        try:
-            return main(samples=args.samples, ref=args.ref, metrics=args.metrics, weights=args.weights,
-                        batch_size=args.batch_size, out=args.out, device=args.device, cache_dir=args.cache_dir)
-        finally:
-            distributed.shutdown()
 
-    return run_cli(body)
+def cli(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    return run_step(lambda: main(samples=args.samples, ref=args.ref, metrics=args.metrics, weights=args.weights,
+                                 batch_size=args.batch_size, out=args.out, device=args.device,
+                                 cache_dir=args.cache_dir))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ DiT config names with `vae.model_name: custom`, architecture in its header), `co
 `log.txt` and `loss.png`. Running the same command again resumes from the newest checkpoint.
 
     python -m steps.step9_train_tokenizer --config tokenizer/digits_f4 --set data.image_folder=my_images
-    python -m steps.step9_train_tokenizer --config vavae/configs/f16d32_vfdinov2.yaml \
+    python -m steps.step9_train_tokenizer --config vavae/configs/f16d32_vfdinov2.yaml \\
         --set data.image_folder=/data/scans train.max_steps=20000 model.init_from=asset:vavae-f16d32  # fine-tune
     torchrun --nproc_per_node=8 -m steps.step9_train_tokenizer --config C --time-budget 41000
     # notebook:  from steps.step9_train_tokenizer import main; res = main("tokenizer/digits_f4", set=[...])
@@ -23,7 +23,7 @@ import argparse
 from typing import Optional
 
 from repro.utils import distributed as dist
-from repro.utils.cli import run_cli
+from repro.utils.cli import add_config_arguments, run_step, step_parser
 
 
 def main(config: Optional[str] = None, set: Optional[list[str]] = None, time_budget: Optional[float] = None,
@@ -39,27 +39,23 @@ def main(config: Optional[str] = None, set: Optional[list[str]] = None, time_bud
     return train_tokenizer(cfg, time_budget=time_budget, device=device)
 
 
-def cli(argv: Optional[list[str]] = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m steps.step9_train_tokenizer", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="tokenizer YAML (kit schema, or upstream's vavae/configs/*.yaml)")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="overrides, e.g. data.image_folder=DIR train.max_steps=300 model.ch_mult=[1,2,2]")
+def build_parser() -> argparse.ArgumentParser:
+    p = step_parser("python -m steps.step9_train_tokenizer", __doc__)
+    add_config_arguments(p, "tokenizer YAML (kit schema, or upstream's vavae/configs/*.yaml)",
+                         set_help="overrides, e.g. data.image_folder=DIR train.max_steps=300 model.ch_mult=[1,2,2]")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="save and stop before this")
     p.add_argument("--device", default=None, help="cpu, cuda (default: this process's GPU, else cpu)")
-    a = p.parse_args(argv)
+    return p
 
-    def body() -> dict:
-        try:
-            result = main(a.config, set=a.set, time_budget=a.time_budget, device=a.device)
-            rank = dist.get_rank()
-        finally:
-            dist.shutdown()
-        if rank == 0:
-            print(f"done: step {result['step']} ({result['stopped']}); tokenizer {result['tokenizer']}; use it in a DiT "
-                  f"config with --set {' '.join(result['dit_overrides'])}", flush=True)
-        return result
 
-    return run_cli(body)
+def cli(argv: Optional[list[str]] = None) -> dict:
+    a = build_parser().parse_args(argv)
+
+    def done(result: dict) -> str:
+        return (f"done: step {result['step']} ({result['stopped']}); tokenizer {result['tokenizer']}; use it in a DiT "
+                f"config with --set {' '.join(result['dit_overrides'])}")
+
+    return run_step(lambda: main(a.config, set=a.set, time_budget=a.time_budget, device=a.device), finish=done)
 
 
 if __name__ == "__main__":

@@ -405,14 +405,33 @@ def _wheel(folder: Path, name: str, version: str, source: str) -> Path:
     return path
 
 
+def _venv_over_this_environment(venv: Path) -> str:
+    """A fresh venv (its own site-packages first) that also sees every package this interpreter sees;
+    returns its python.
+
+    `venv --system-site-packages` is not that when the tests themselves run in a venv (the README's
+    set-up): the nested venv is built on the base interpreter and sees the base's packages, not this
+    venv's (no torch there). A .pth file adding this interpreter's site folders (their own .pth files
+    processed, as at start-up) works from the system interpreter and from any venv alike.
+    """
+    import site
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    ours = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    lines = [f"import site; site.addsitedir({folder!r})\n" for folder in ours if Path(folder).is_dir()]
+    Path(purelib, "repro_tests_outer_environment.pth").write_text("".join(lines))
+    return py
+
+
 def test_step1_replaces_an_index_build_with_the_direct_url_build(tmp_path):
     """Real pip in a real virtual environment: the same name and version from an index is not the URL's build."""
     name = "repro-kit-url-probe"
     _wheel(tmp_path / "index", name, "1.0", "index")
     url_wheel = _wheel(tmp_path / "url", name, "1.0", "url")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    py = str(venv / "bin" / "python")
+    py = _venv_over_this_environment(tmp_path / "venv")
     pip = [py, "-m", "pip", "install", "--no-index", "--disable-pip-version-check", "--no-deps"]
     subprocess.run([*pip, "--find-links", str(tmp_path / "index"), name], check=True, capture_output=True)
     source = lambda: subprocess.run([py, "-c", "import url_probe_pkg; print(url_probe_pkg.SOURCE)"],  # noqa: E731

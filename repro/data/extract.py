@@ -143,13 +143,15 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
     if n == 0:
         raise ReproError(f"image source {src.root} lists no images ({len(src.problems)} problem(s), "
                          f"{src.ignored} other file(s)): check --source")
-    # Rank 0 prepares the folder: stale temp files out, foreign shards refused.
+    # The plan every process derives alike: shard k holds images k*shard_size.., and every shard carries
+    # the header a resumed run must match.
     num_shards = math.ceil(n / shard_size)
     names = {shard_name(0, k) for k in range(num_shards)}
     meta = {"kit": FORMAT_TAG, "store": "moments" if store == "moments" else "sample", "num_images_total": n,
             "image_size": image_size, "seed": seed, "shard_size": shard_size, "source_kind": src.kind}
     if store == "mean":
         meta["posterior"] = "mean"  # kit: recorded only here, so shards of the other stores stay as they were
+    # Rank 0 prepares the folder (stale temp files out, foreign shards refused) before anyone writes.
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # temp files of a killed run; before any process starts writing
@@ -158,7 +160,8 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
                     f"in {out} with {world} process(es), store={store}, image size {image_size}, seed {seed}")
     dist.barrier()
 
-    # This process's shards; finished ones are reused after checking they come from the same extraction.
+    # This process's shards (round-robin, so any process count writes the same files); finished ones are
+    # reused after checking they come from the same extraction.
     mine = [k for k in range(num_shards) if k % world == rank]
     todo, skipped = [], 0
     for k in mine:
@@ -175,7 +178,7 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
                              f"use a new --out folder, or delete the old shards to start over")
         skipped += 1
 
-    # Encode the remaining shards.
+    # Encode the remaining shards; the bar counts images (rank 0's share), one line per finished shard.
     from repro.utils.progress import progress_bar
 
     total = sum(min((k + 1) * shard_size, n) - k * shard_size for k in todo)

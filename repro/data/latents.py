@@ -81,6 +81,8 @@ def write_shard(path: str | os.PathLike, latents: torch.Tensor | None, latents_f
     `logvar_flip` (each (N, C, h, w)). `metadata` (JSON-able) goes into the header as one key,
     `repro` (read it back with `read_shard_info`).
     """
+    # The shard's kind from what was passed: a posterior draw with its flip (upstream's layout), or the
+    # four moment tensors; a mix of the two is a caller's bug.
     labels = torch.as_tensor(labels).to(torch.int64).reshape(-1)
     n = labels.shape[0]
     if latents is not None or latents_flip is not None:
@@ -95,6 +97,7 @@ def write_shard(path: str | os.PathLike, latents: torch.Tensor | None, latents_f
             raise ValueError(f"write_shard: moment shard needs mean, logvar, mean_flip, logvar_flip; missing {missing}")
         tensors = moments
         kind = "moments"
+    # Contiguous float32 CPU tensors of one row per label, each with storage of its own.
     out, storages = {}, set()
     for key, t in tensors.items():
         t = t.detach().to("cpu", torch.float32).contiguous()

@@ -199,6 +199,7 @@ def write_assets_json(records: Iterable[AssetRecord]) -> Path:
 def fetch_assets(names: list[str] | None = None, dest: str | os.PathLike | None = None, offline: bool = False,
                  manifest: str | os.PathLike | Manifest | None = None) -> list[AssetRecord]:
     """Make every selected asset present and verified; print a table; write runs/assets.json."""
+    # What to fetch, and where files may already be (a missing search folder is said, not an error).
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     specs = m.select(names)
     settings = hub_settings(offline)
@@ -211,6 +212,7 @@ def fetch_assets(names: list[str] | None = None, dest: str | os.PathLike | None 
     notes: list[str] = []
     records: dict[str, AssetRecord] = {}
     try:
+        # Files already on disk (cache, --dest, search folders), verified through the shared hash cache.
         missing = []
         for spec in specs:
             # Without a hash to check against, a plain-URL file (or any file offline) is taken by name.
@@ -224,6 +226,8 @@ def fetch_assets(names: list[str] | None = None, dest: str | os.PathLike | None 
             raise OfflineError("offline mode (--offline or HF_HUB_OFFLINE=1) and not on disk: " + "; ".join(
                 f"{s.name} ({s.where})" for s in missing) + "; run once with network, or put the files under "
                 "--dest or a search folder")
+        # The rest: ask the Hub what it serves (a changed upstream file is refused), look on disk once more
+        # under the name it gives, and plan a download for what is still missing.
         plans = []
         probed = False  # one reachability check for all the files, not one per file (a group holds a dozen)
         for spec in missing:
@@ -242,14 +246,16 @@ def fetch_assets(names: list[str] | None = None, dest: str | os.PathLike | None 
                 folder = dest or plain_cache_dir()
                 part = folder / (spec.filename + ".part")
             plans.append((spec, remote, folder, part))
+        # One disk-space check for all the planned downloads, then fetch them one by one.
         _free_disk_check(plans)
         for spec, remote, folder, _ in plans:
             records[spec.name] = rec = _fetch(spec, remote, folder, settings, dest)
             stamps.remember(rec.path, rec.sha256)
-    finally:
+    finally:  # what was found or fetched is recorded even when a later file fails
         stamps.save()
         if records:
             write_assets_json(records.values())
+    # The table in the order asked for, and a count of the files nothing could check.
     ordered = [records[s.name] for s in specs]
     print_table(ordered)
     unverified = [r.name for r in ordered if r.verified_by == "unverified"]

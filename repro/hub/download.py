@@ -162,6 +162,7 @@ class _Progress:
 def _stream_once(url: str, part: Path, state: _Progress, headers: Mapping[str, str], what: str,
                  timeout: tuple[float, float], bar, limit: int | None) -> None:
     """One GET (with Range when bytes are on disk) appended to `part`; stops reading past `limit` bytes."""
+    # Ask for the missing bytes only, uncompressed: the byte counts and the sha256 are of the file itself.
     req_headers = {"Accept-Encoding": "identity", **headers}
     if state.have:
         req_headers["Range"] = f"bytes={state.have}-"
@@ -170,6 +171,7 @@ def _stream_once(url: str, part: Path, state: _Progress, headers: Mapping[str, s
     except requests.exceptions.RequestException as e:
         raise NetworkError(f"{what}: cannot reach {_host(url)} ({type(e).__name__}); check the network, "
                            f"or run with --offline using files already on disk") from None
+    # What the server answered decides where the body goes: after the bytes on disk, or from byte 0.
     with contextlib.closing(resp):
         if resp.status_code == 416 and state.have:
             # Range starts past the end: the partial file is already whole (or stale); the caller checks it.
@@ -185,6 +187,8 @@ def _stream_once(url: str, part: Path, state: _Progress, headers: Mapping[str, s
         elif state.have:  # 200: the server ignored the Range header, so the body is the whole file
             state.hasher, state.have, state.restarted = hashlib.sha256(), 0, True
             bar.reset(total=bar.total)
+        # Append block by block, hashing as it goes, so a resume never reads the whole prefix again;
+        # fsync before returning: the caller trusts the size on disk.
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if state.have else os.O_TRUNC)
         try:
             with os.fdopen(open_no_follow(part, flags, "partial download", _failer(what)), "ab") as f:
@@ -229,6 +233,7 @@ def download_url(url: str, dest: str | os.PathLike, *, expected_size: int | None
     # Two processes fetching the same file (a second notebook, a forgotten terminal) must not
     # interleave their bytes in one partial file.
     with _exclusive(Path(lock_path or part.with_name(f".{part.name}.lock")), what):
+        # The bytes already on disk are a prefix to resume from, unless they are longer than the file.
         refuse_symlink(part, "partial download", _failer(what))
         have = part.stat().st_size if part.exists() else 0
         if expected_size is not None and have > expected_size:
@@ -236,6 +241,7 @@ def download_url(url: str, dest: str | os.PathLike, *, expected_size: int | None
             have = 0
         resumed_from = have
         state = _Progress(*_hash_prefix(part, what)) if have else _Progress(hashlib.sha256(), 0)
+        # Stream until the expected size, resuming a dropped connection that made progress.
         with progress_bar(expected_size, have, label or dest.name) as bar:
             for attempt in range(MAX_RESUMES + 1):
                 if expected_size is not None and state.have == expected_size:
@@ -254,6 +260,7 @@ def download_url(url: str, dest: str | os.PathLike, *, expected_size: int | None
                     continue
                 if expected_size is None or state.have >= expected_size:
                     break
+        # Verify size and sha256 before the rename: `dest` only ever holds a whole, checked file.
         have = state.have
         if state.restarted:
             resumed_from = 0

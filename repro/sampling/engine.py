@@ -108,6 +108,7 @@ def stats_path(cfg: Config) -> Path:
 
 def check_inputs(cfg: Config) -> None:
     """Every file and sampler setting the run needs, checked before anything heavy is loaded."""
+    # The three input files, each missing one named with the step-2 asset that provides it.
     files = {"ckpt_path": cfg.ckpt_path, "vae.ckpt_path": cfg.vae.ckpt_path}
     hints = {"ckpt_path": "lightningdit-xl-800ep", "vae.ckpt_path": "vavae-f16d32"}
     for key, value in files.items():
@@ -121,6 +122,7 @@ def check_inputs(cfg: Config) -> None:
     if not sp.is_file():
         raise ReproError(f"latent statistics not found: {sp} (config key 'data.data_path'); run "
                          "`python -m steps.step2_download --only latents-stats` or step 5 to compute them")
+    # Sampler settings the kit does not implement are refused, never ignored.
     s = cfg.sample
     if s.mode != "ODE":
         raise ReproError(f"config key 'sample.mode' is {s.mode!r}: only 'ODE' sampling exists (as upstream)")

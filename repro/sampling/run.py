@@ -261,6 +261,8 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     finally:
         if bar is not None:
             bar.close()
+    # A signal ends the run here (Preempted); otherwise the totals over processes: new images summed, the
+    # slowest process's time and the largest peak memory.
     _stop_if_signalled(stops.signum, images_dir, n)
     if setup.device.type == "cuda":
         torch.cuda.synchronize(setup.device)

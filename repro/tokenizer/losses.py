@@ -104,6 +104,8 @@ class TokenizerLoss(nn.Module):
         """
         cfg = self.config
         n = images.shape[0]
+        # Pixel reconstruction plus LPIPS, summed per image and averaged over the batch, then the KL term:
+        # the VAE's negative ELBO as taming writes it (a sum over pixels, so the weights keep their meaning).
         rec = reconstruction_loss(images, reconstructions, cfg.rec_loss)  # (N,3,H,W)
         log: dict[str, float] = {"rec_loss": rec.detach().mean().item()}
         if self.lpips is not None and cfg.perceptual_weight > 0:
@@ -115,6 +117,8 @@ class TokenizerLoss(nn.Module):
         loss = nll + cfg.kl_weight * kl
         log.update(nll_loss=nll.item(), kl_loss=kl.item())
 
+        # The generator's GAN term, off until disc_start; its weight balances the gradient norms of the
+        # NLL and the GAN term at the decoder's last layer, so neither dominates whatever their scales.
         factor = disc_factor(global_step, cfg.disc_start, cfg.disc_factor) if self.discriminator is not None else 0.0
         if factor > 0:
             if decoder_last_layer is None:
@@ -125,6 +129,8 @@ class TokenizerLoss(nn.Module):
             log.update(g_loss=g_loss.item(), d_weight=float(d_weight))
         log["disc_factor"] = factor
 
+        # VA-VAE's vision-foundation alignment of the latent (margin cosine + distance matrix), weighted the
+        # same adaptive way at the encoder's last layer when adaptive_vf is on.
         if self.vf is not None:
             if z is None or features is None:
                 raise ValueError("the VF loss needs z (the decoded latent) and the frozen features")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
+from repro import errors
 from repro.errors import ReproError
 from repro.utils.hardware import default_device
 
@@ -66,12 +68,31 @@ def comm_device() -> torch.device:
 
 
 def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank, so all processes take the same branch (identity with one process)."""
+    """Rank 0's `obj` on every rank, so all processes take the same branch (identity with one process).
+
+    Rank 0 pickles `obj` itself before the collective: an object that cannot be pickled (a lambda, an
+    open file) then fails on every rank with one message instead of failing on rank 0 alone while the
+    others wait for a broadcast that never comes.
+    """
     if not is_initialized():
         return obj
-    box = [obj]
+    # Rank 0: the bytes, or why there are none (bytes always pickle, so the collective itself cannot fail
+    # on one rank only).
+    payload: tuple[bytes | None, str | None] = (None, None)
+    cause: Exception | None = None
+    if is_main():
+        try:
+            payload = (pickle.dumps(obj), None)
+        except Exception as e:  # noqa: BLE001 - any pickling failure must reach every rank
+            cause, payload = e, (None, f"a {type(obj).__name__} ({type(e).__name__}: {e})")
+    box = [payload]
     dist.broadcast_object_list(box, src=0, device=comm_device())
-    return box[0]
+    data, error = box[0]
+    # Every rank: the same object, or one error naming what rank 0 could not send (rank 0 chains the cause).
+    if error is not None:
+        raise ReproError(f"rank 0 could not send {error} to the other ranks: broadcast_object takes picklable "
+                         "values only") from cause
+    return obj if is_main() else pickle.loads(data)
 
 
 def all_reduce_values(values: Sequence[float], op: str = "sum", cpu: bool = False) -> list[float]:
@@ -104,18 +125,44 @@ def cpu_group():
 
 
 def run_on_main(fn, *args, **kwargs):
-    """Run `fn` on rank 0 only and give its result to every rank; a ReproError there is raised on all
-    ranks (so no rank waits forever in a collective after rank 0 failed)."""
-    result, error = None, None
+    """Run `fn` on rank 0 only and give its result to every rank.
+
+    Whatever `fn` raises on rank 0 reaches every rank, so no rank waits forever in a collective after
+    rank 0 failed: rank 0 re-raises its own exception (type and traceback kept). The others raise the
+    same kit error (repro.errors type, one-line message, a Preempted's signal) for a ReproError, and for
+    anything else (a bug) a ReproError naming rank 0's exception type and message.
+    """
+    # Rank 0 runs `fn`, keeping what it raised instead of leaving before the broadcast.
+    result, failure, raised = None, None, None
     if is_main():
         try:
             result = fn(*args, **kwargs)
-        except ReproError as e:
-            error = str(e)
-    result, error = broadcast_object((result, error))
-    if error is not None:
-        raise ReproError(error)
-    return result
+        except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt and bugs too: the others must not hang
+            raised, failure = e, _describe_failure(e)
+    # One broadcast: the result, or the failure every rank raises.
+    if raised is not None:
+        broadcast_object((None, failure))
+        raise raised
+    result, failure = broadcast_object((result, failure))
+    if failure is None:
+        return result
+    # The other ranks: rank 0's kit error as it was, or a bug reported with its type name.
+    kit_name, message, signum = failure
+    if kit_name == "Preempted":
+        raise errors.Preempted(message, signum)
+    if kit_name is not None:
+        raise getattr(errors, kit_name)(message)
+    raise ReproError(f"rank 0 failed in {getattr(fn, '__name__', 'run_on_main')}: {message} "
+                     "(the traceback is in rank 0's output)")
+
+
+def _describe_failure(error: BaseException) -> tuple[str | None, str, int | None]:
+    """(kit error class name or None, message, signal number of a Preempted) for the other ranks: a
+    repro.errors type is raised again there from its message; anything else is named with its type."""
+    cls = type(error)
+    if isinstance(error, ReproError) and getattr(errors, cls.__name__, None) is cls:
+        return cls.__name__, str(error), getattr(error, "signum", None)
+    return None, f"{cls.__name__}: {error}", None
 
 
 def shutdown() -> None:

@@ -32,11 +32,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         suffix = path.suffix
     tmp_path = _create_temp(path.parent, f".{path.name}.", f".tmp{suffix}")
     try:
+        # The data reaches the disk before the rename: after a crash `path` is the old file or the new, whole.
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException as e:
+        # Nothing half-written stays behind; a full disk is said as such, whoever the writer was.
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         if disk_full(e):
