@@ -6,6 +6,7 @@
     python -m steps.step4_inference --config C --num-samples 50000 --class-balanced --set sample.cfg_scale=4.0
     torchrun --nproc_per_node=8 -m steps.step4_inference --config lightningdit_xl_800ep --batch-size 64
     python -m steps.step4_inference --config own.yaml --num-samples 100 --class-balanced --trajectory 8
+    python -m steps.step4_inference --labels "golden retriever" "tabby cat" 388   # ImageNet names or ids
     # notebook:  from steps.step4_inference import main; res = main(config="tiny", num_samples=16)
 
 Runs steps 2 and 3 first when their outputs are missing. Writes OUT/images/{i:06d}.png, then
@@ -35,7 +36,7 @@ from repro.utils.cli import run_cli
 
 def main(config: Optional[str] = None, demo: Optional[bool] = None, num_samples: Optional[int] = None,
          out: Optional[str] = None, batch_size: Optional[int | str] = None, seed: Optional[int] = None,
-         class_balanced: bool = False, precision: Optional[str] = None, labels: Optional[Sequence[int]] = None,
+         class_balanced: bool = False, precision: Optional[str] = None, labels: Optional[Sequence[int | str]] = None,
          set: Optional[list[str]] = None, compile: Optional[str | bool] = None, device: Optional[str] = None,
          progress: bool = True, trajectory: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> dict:
     """Returns paths (out_dir, images_dir, npz or grid, config, record), counts and the summary line."""
@@ -55,6 +56,10 @@ def _batch(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
+def _label(text: str) -> int | str:
+    return int(text) if text.strip().lstrip("+-").isdigit() else text
+
+
 def cli(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m steps.step4_inference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,7 +72,11 @@ def cli(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--seed", type=int, help="global seed (default sample.seed)")
     p.add_argument("--class-balanced", action="store_true", help="exactly N / num_classes images per class")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="transformer precision")
-    p.add_argument("--labels", type=int, nargs="+", help="class labels (cycled over the images)")
+    p.add_argument("--labels", type=_label, nargs="+", metavar="ID_OR_NAME",
+                   help='class ids or names, e.g. 207 "golden retriever" (cycled over the images; a typo gets a did-you-mean)')
+    p.add_argument("--class-names", nargs="+", metavar="NAME",
+                   help="the classes' names in label order, or a file with one a line (default: step 6's class "
+                        "folders, else ImageNet's for a 1000-class model); they title preview.png")
     p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--compile", nargs="?", const="default",
                    help="torch.compile mode (default on a GPU: reduce-overhead = CUDA graphs; on CPU: eager)")
@@ -80,7 +89,8 @@ def cli(argv: Optional[Sequence[str]] = None) -> dict:
         return run_cli(lambda: main(config=a.config, demo=a.demo, num_samples=a.num_samples, out=a.out,
                                     batch_size=a.batch_size, seed=a.seed, class_balanced=a.class_balanced,
                                     precision=a.precision, labels=a.labels, set=a.set, compile=a.compile,
-                                    device=a.device, progress=not a.no_progress, trajectory=a.trajectory))
+                                    device=a.device, progress=not a.no_progress, trajectory=a.trajectory,
+                                    class_names=a.class_names))
     finally:
         distributed.shutdown()
 

@@ -29,6 +29,7 @@ import torch
 from repro import paths
 from repro.config import Config, save_config
 from repro.errors import Preempted, ReproError
+from repro.data.class_names import describe_labels, names_for, resolve_labels
 from repro.data.npz import npz_count
 from repro.sampling import engine, plan
 from repro.sampling.grid import grid_shape, load_images, save_grid, save_preview
@@ -131,22 +132,28 @@ def _read_record(path: Path) -> Optional[dict]:
 
 def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Optional[int] = None,
                  batch_size: Optional[int | str] = None, seed: Optional[int] = None, class_balanced: bool = False,
-                 labels: Optional[Sequence[int]] = None, precision: Optional[str] = None,
+                 labels: Optional[Sequence[int | str]] = None, precision: Optional[str] = None,
                  compile: Optional[str | bool] = None, demo: bool = False, device: Optional[str] = None,
                  progress: bool = True, threaded_writer: bool = True, config_header: Sequence[str] = (),
                  trajectory: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> dict:
     """Sample (or finish sampling) `num_samples` images on this process's share of the batches.
 
-    `trajectory=K` also writes each image's x0 strip (see the module docstring); `class_names` title the
-    preview (default: the class folders step 6 recorded in data.data_path's extract_report.json)."""
+    `trajectory=K` also writes each image's x0 strip (see the module docstring). `labels` are ids or class
+    names; `class_names` (the names in label order, or a file with one a line) resolve them and title the
+    preview (default: the class folders step 6 recorded in data.data_path's extract_report.json, else
+    ImageNet's names for a 1000-class model: repro.data.class_names)."""
     rank, world = du.get_rank(), du.get_world_size()
 
     # --- What to sample: seed, labels, how many ---------------------------------------------------
     seed = cfg.sample.seed if seed is None else int(seed)
     num_classes = cfg.data.num_classes
+    names, names_source = names_for(num_classes, cfg.data.data_path, class_names)
     if demo and not labels:
         labels, why = plan.demo_labels(num_classes)
-        print0(f"demo labels: {labels} ({why})")
+        print0(f"demo labels: {describe_labels(labels, names)} ({why})")
+    elif labels and not all(isinstance(v, int) for v in labels):  # names ("golden retriever") or digit strings
+        labels = resolve_labels(labels, names, names_source)
+        print0(f"labels: {describe_labels(labels, names)}")
     if labels:
         plan.check_labels(labels, num_classes)
         if class_balanced:
@@ -161,7 +168,6 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     old = _read_record(record_path)
     steps = (engine.trajectory_steps(cfg.sample.num_sampling_steps, int(trajectory), cfg.sample.sampling_method)
              if trajectory else None)
-    names = _class_names(cfg, class_names)
     setup = engine.build_sampler(cfg, device=device, precision=precision, compile=compile)
     inputs = du.run_on_main(input_hashes, cfg)
     chosen = batch_size if batch_size is not None else (old["batch_size"] if old else cfg.sample.per_proc_batch_size)
@@ -314,24 +320,6 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
 
 
 FID_IMAGES = 50_000  # the FID protocol's sample count
-
-
-def _class_names(cfg: Config, given: Optional[Sequence[str]]) -> Optional[list[str]]:
-    """Names of the classes for the preview: as given, else step 6's record of the class folders."""
-    from repro.data.extract import report_class_names
-
-    if given:
-        names = [str(n) for n in given]
-    else:
-        folder = Path(cfg.data.data_path) if cfg.data.data_path else None
-        names = report_class_names(folder if folder is None or folder.is_dir() else folder.parent) if folder else None
-        if names is None:
-            return None
-    if len(names) != cfg.data.num_classes:
-        if given:
-            raise ReproError(f"{len(names)} class names given but data.num_classes is {cfg.data.num_classes}")
-        return None  # another folder's record: no names rather than wrong ones
-    return names
 
 
 def _estimate(setup, start: float, images: int, todo: int, world: int) -> None:
