@@ -38,7 +38,7 @@ from repro.utils import distributed as du
 from repro.utils.distributed import print0
 from repro.utils.hardware import GiB, describe_device, is_oom, peak_memory, reset_peak_memory
 from repro.utils.hashing import HashCache
-from repro.utils.io import atomic_write_json, remove_stale_temps
+from repro.utils.io import atomic_write_json, make_dirs, remove_stale_temps
 from repro.utils.preemption import BatchDropped, StopSignals, signal_name
 
 # Settings that change pixels; a resumed run must match them (the batch size too: see plan.py).
@@ -200,9 +200,9 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
             for i in plan.existing_indices(images_dir):
                 plan.image_path(images_dir, i).unlink(missing_ok=True)
     if du.is_main():
-        images_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(images_dir)
         if steps:
-            strips_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(strips_dir)
             remove_stale_temps(strips_dir)
         stale = remove_stale_temps(images_dir) + remove_stale_temps(out)
         if stale:
