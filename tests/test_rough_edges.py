@@ -142,3 +142,28 @@ def test_read_only_output_folder_is_one_line_in_steps_1_3_4_6(tmp_path):
                           f"this step's outputs, REPRO_RUNS_DIR=DIR for the runs folder, or run from a folder you " \
                           f"can write to", (args, proc.stderr)
         assert "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 4 without network: advice that names what step 4 users can run
+
+
+@pytest.mark.parametrize("how", ["no-network", "HF_HUB_OFFLINE"])
+def test_step4_offline_advice_names_runnable_commands(how, monkeypatch, capsys):
+    import socket
+
+    from steps.step4_inference import cli
+
+    if how == "no-network":
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exc:
+        cli(["--no-progress"])  # the official demo: needs the XL checkpoint and the VA-VAE
+    assert exc.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: step 4 needs ") and ("cannot reach" in line or "offline mode" in line)
+    assert "python -m steps.step2_download --only " in line and "python -m steps.step4_inference --config tiny" in line
+    assert "use --offline" not in line and "put the files under --dest" not in line  # step 4 takes neither flag
