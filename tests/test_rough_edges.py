@@ -167,3 +167,37 @@ def test_step4_offline_advice_names_runnable_commands(how, monkeypatch, capsys):
     assert line.startswith("error: step 4 needs ") and ("cannot reach" in line or "offline mode" in line)
     assert "python -m steps.step2_download --only " in line and "python -m steps.step4_inference --config tiny" in line
     assert "use --offline" not in line and "put the files under --dest" not in line  # step 4 takes neither flag
+
+
+# ----------------------------------------------------------------------------------------------
+# A second SIGTERM while sampling: exit 143 with the resume line, not an abort (-6)
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.05])
+def test_second_sigterm_during_sampling_exits_143_cleanly(tmp_path, gap):
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "steps.step4_inference", "--config", "tiny", "--num-samples", "400",
+                             "--batch-size", "4", "--no-progress", "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while len(list((out / "images").glob("[0-9]*.png"))) < 8:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(gap)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert "terminate called" not in output and proc.returncode in (143, -signal.SIGTERM), (proc.returncode, output)
+    if proc.returncode == 143:  # the second signal came while the run could still say what it left
+        assert re.search(r"stopped (at once by a second SIGTERM|by SIGTERM): \d+ of 400 images are written", output)
+    from repro.sampling.writer import read_png
+
+    assert all(read_png(p).shape == (64, 64, 3) for p in (out / "images").glob("[0-9]*.png"))  # complete PNGs only

@@ -39,7 +39,7 @@ from repro.utils.distributed import print0
 from repro.utils.hardware import GiB, describe_device, is_oom, peak_memory, reset_peak_memory
 from repro.utils.hashing import HashCache
 from repro.utils.io import atomic_write_json, make_dirs, remove_stale_temps
-from repro.utils.preemption import BatchDropped, StopSignals, signal_name
+from repro.utils.preemption import BatchDropped, StopNow, StopSignals, signal_name
 
 # Settings that change pixels; a resumed run must match them (the batch size too: see plan.py).
 _SAMPLE_KEYS = ("mode", "sampling_method", "atol", "rtol", "num_sampling_steps", "cfg_scale",
@@ -264,6 +264,10 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
         if is_oom(e):
             raise engine.oom_error(batch, setup, e) from None
         raise
+    except StopNow as e:  # the second signal: the writer thread has been joined, stop with 128 + signum
+        have = sum(1 for i in plan.existing_indices(images_dir) if i < n)
+        raise Preempted(f"stopped at once by a second {signal_name(e.signum)}: {have} of {n} images are written in "
+                        f"{images_dir} (queued ones were dropped); resume with the same command", e.signum) from None
     finally:
         if bar is not None:
             bar.close()
