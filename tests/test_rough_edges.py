@@ -201,3 +201,32 @@ def test_second_sigterm_during_sampling_exits_143_cleanly(tmp_path, gap):
     from repro.sampling.writer import read_png
 
     assert all(read_png(p).shape == (64, 64, 3) for p in (out / "images").glob("[0-9]*.png"))  # complete PNGs only
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps end by saying what they wrote
+
+
+def test_steps_4_and_6_end_with_the_paths_they_wrote(tmp_path, capsys):
+    from steps import step4_inference, step6_extract
+
+    demo = step4_inference.cli(["--config", "tiny", "--demo", "--no-progress", "--out", str(tmp_path / "demo"),
+                                "--set", "sample.num_sampling_steps=2"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("wrote: ") and demo["grid"] in last and demo["preview"] in last
+    assert demo["grid"].endswith("demo_samples.png") and demo["config"] in last
+    fid = step4_inference.main(config="tiny", num_samples=2, out=str(tmp_path / "fid"), progress=False,
+                               set=["sample.num_sampling_steps=2"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("wrote: ") and fid["npz"] in last and fid["npz"].endswith("samples.npz")
+
+    images = tmp_path / "images" / "cls"
+    images.mkdir(parents=True)
+    _good(images / "a.png", 0)
+    from steps import step3_configs
+
+    resolved = step3_configs.main(base="tiny")["path"]
+    out = tmp_path / "latents"
+    step6_extract.main(str(resolved), source=str(images.parent), out=str(out))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"wrote: 1 shard(s) in {out}, {out / 'latents_stats.pt'}, {out / 'extract_report.json'}"

@@ -262,6 +262,7 @@ def _finish(out: Path, src: ImageSource, num_shards: int, meta: dict, *, stats_s
                 f"{len(corrupt)} corrupt or badly labelled and {len(src.problems)} listing problem(s) (unlabelled, "
                 f"incomplete, bad label line, directory loop) skipped "
                 f"(listed in {out / REPORT_NAME}); statistics in {stats_path}")
+    dist.print0(f"wrote: {num_shards} shard(s) in {out}, {stats_path}, {out / REPORT_NAME}")
 
 
 def report_class_names(folder: str | os.PathLike) -> list[str] | None:

@@ -320,6 +320,9 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     if rate:
         result["summary"] += f"; {FID_IMAGES:,} images at this rate: {FID_IMAGES / rate / 3600:.2f} h"
     print0(result["summary"])
+    made = [result["grid"] or result["npz"], result["preview"], f"{images_dir}/ ({n} PNGs)", result["config"],
+            result["record"]] + ([f"{strips_dir}/ (x0 strips)"] if steps else [])
+    print0("wrote: " + ", ".join(str(m) for m in made if m))
     return result
 
 
