@@ -72,7 +72,7 @@ def quickstart() -> nbformat.NotebookNode:
         new_code_cell("from repro.sampling import load_images, show_samples\n"
                       "show_image(demo[\"grid\"])\n"
                       "images = load_images([Path(demo[\"images_dir\"]) / f\"{i:06d}.png\" for i in range(num_samples)])\n"
-                      "figure = show_samples(images, demo[\"labels\"], title=\"LightningDiT samples\")\n"
+                      "figure = show_samples(images, demo[\"labels\"], demo[\"class_names\"], title=\"LightningDiT samples\")\n"
                       "show_figure(figure, Path(demo[\"out_dir\"]) / \"samples_figure.png\")"),
     ]
     return notebook(cells)
@@ -130,7 +130,7 @@ def sample_fid() -> nbformat.NotebookNode:
                       "        first = np.frombuffer(f.read(8 * int(np.prod(shape[1:]))), dtype).reshape(-1, *shape[1:])\n"
                       "assert shape[0] == num_samples and shape[3] == 3 and dtype == np.uint8, (shape, dtype)\n"
                       "print(\"arr_0\", shape, dtype, \"| class counts min/max:\", np.bincount(labels).min(), np.bincount(labels).max())\n"
-                      "show_figure(show_samples(first, labels[:8], title=\"first samples\"), Path(run[\"out_dir\"]) / \"first_samples.png\")"),
+                      "show_figure(show_samples(first, labels[:8], run[\"class_names\"], title=\"first samples\"), Path(run[\"out_dir\"]) / \"first_samples.png\")"),
     ]
     return notebook(cells)
 

@@ -6,6 +6,7 @@
     python -m steps.step4_inference --config C --num-samples 50000 --class-balanced --set sample.cfg_scale=4.0
     torchrun --nproc_per_node=8 -m steps.step4_inference --config lightningdit_xl_800ep --batch-size 64
     python -m steps.step4_inference --config own.yaml --num-samples 100 --class-balanced --trajectory 8
+    python -m steps.step4_inference --labels "golden retriever" "tabby cat" 388   # ImageNet names or ids
     # notebook:  from steps.step4_inference import main; res = main(config="tiny", num_samples=16)
 
 Runs steps 2 and 3 first when their outputs are missing. Writes OUT/images/{i:06d}.png, then
@@ -35,7 +36,7 @@ from repro.utils.cli import add_config_arguments, run_step, step_parser
 
 def main(config: Optional[str] = None, demo: Optional[bool] = None, num_samples: Optional[int] = None,
          out: Optional[str] = None, batch_size: Optional[int | str] = None, seed: Optional[int] = None,
-         class_balanced: bool = False, precision: Optional[str] = None, labels: Optional[Sequence[int]] = None,
+         class_balanced: bool = False, precision: Optional[str] = None, labels: Optional[Sequence[int | str]] = None,
          set: Optional[list[str]] = None, compile: Optional[str | bool] = None, device: Optional[str] = None,
          progress: bool = True, trajectory: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> dict:
     """Returns paths (out_dir, images_dir, npz or grid, config, record), counts and the summary line."""
@@ -55,6 +56,10 @@ def _batch(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
+def _label(text: str) -> int | str:
+    return int(text) if text.strip().lstrip("+-").isdigit() else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = step_parser("python -m steps.step4_inference", __doc__)
     add_config_arguments(p, "preset name or YAML (default: demo, or lightningdit_xl_800ep with --num-samples)",
@@ -67,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="global seed (default sample.seed)")
     p.add_argument("--class-balanced", action="store_true", help="exactly N / num_classes images per class")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="transformer precision")
-    p.add_argument("--labels", type=int, nargs="+", help="class labels (cycled over the images)")
+    p.add_argument("--labels", type=_label, nargs="+", metavar="ID_OR_NAME",
+                   help='class ids or names, e.g. 207 "golden retriever" (cycled over the images; a typo gets a '
+                        'did-you-mean)')
+    p.add_argument("--class-names", nargs="+", metavar="NAME",
+                   help="the classes' names in label order, or a file with one a line (default: step 6's class "
+                        "folders, else ImageNet's for a 1000-class model); they title preview.png")
     p.add_argument("--compile", nargs="?", const="default",
                    help="torch.compile mode (default on a GPU: reduce-overhead = CUDA graphs; on CPU: eager)")
     p.add_argument("--no-compile", dest="compile", action="store_const", const="none", help="run the model eagerly")
@@ -82,7 +92,8 @@ def cli(argv: Optional[Sequence[str]] = None) -> dict:
     return run_step(lambda: main(config=a.config, demo=a.demo, num_samples=a.num_samples, out=a.out,
                                  batch_size=a.batch_size, seed=a.seed, class_balanced=a.class_balanced,
                                  precision=a.precision, labels=a.labels, set=a.set, compile=a.compile,
-                                 device=a.device, progress=not a.no_progress, trajectory=a.trajectory))
+                                 device=a.device, progress=not a.no_progress, trajectory=a.trajectory,
+                                 class_names=a.class_names))
 
 
 if __name__ == "__main__":

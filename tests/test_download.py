@@ -275,3 +275,48 @@ def test_free_disk_is_checked_before_any_get(hub, tmp_path):
     with pytest.raises(DiskFullError, match="not enough disk space for fid-inception"):
         main(manifest=str(manifest))
     assert hub.count("GET") == 0
+
+
+@pytest.fixture
+def small_hub(monkeypatch):
+    """latents_stats.pt as the real Hub serves it: a small non-LFS file, its ETag a git blob id, no sha256."""
+    with FakeHub.for_assets({"latents-stats": blob(2_000, 2)}, non_lfs={STATS}) as h:
+        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+        yield h
+
+
+@pytest.mark.parametrize("use_dest", [False, True], ids=["hf-cache", "dest"])
+def test_non_lfs_file_is_verified_by_git_blob_id_and_not_fetched_again(small_hub, tmp_path, use_dest):
+    manifest = str(serve_manifest(tmp_path, small_hub))
+    dest = str(tmp_path / "weights") if use_dest else None
+    first = main(manifest=manifest, dest=dest)["assets"]["latents-stats"]
+    assert first["source"] == "fetched" and first["verified_by"] == "hub git blob id"
+    small_hub.requests.clear()
+    again = main(manifest=manifest, dest=dest)["assets"]["latents-stats"]
+    assert small_hub.count("GET") == 0, small_hub.requests
+    assert again["sha256"] == first["sha256"] and again["verified_by"] in ("hub git blob id", "cache blob git id")
+    small_hub.requests.clear()
+    offline = main(manifest=manifest, dest=dest, offline=True)["assets"]["latents-stats"]
+    assert small_hub.count() == 0 and offline["sha256"] == first["sha256"]
+
+
+@pytest.mark.parametrize("use_dest", [False, True], ids=["hf-cache", "dest"])
+def test_same_size_non_lfs_file_with_other_bytes_is_fetched_again(small_hub, tmp_path, capsys, use_dest):
+    manifest = str(serve_manifest(tmp_path, small_hub))
+    dest = str(tmp_path / "weights") if use_dest else None
+    path = Path(main(manifest=manifest, dest=dest)["assets"]["latents-stats"]["path"])
+    good = small_hub.files[STATS]
+    real = Path(os.path.realpath(path))
+    real.write_bytes(bytes(b ^ 1 for b in good))  # same size, other content (a flipped bit, a bad copy)
+    capsys.readouterr()
+    small_hub.requests.clear()
+    rec = main(manifest=manifest, dest=dest)["assets"]["latents-stats"]
+    assert small_hub.count("GET") == 1 and Path(rec["path"]).read_bytes() == good
+    assert rec["source"] == "fetched" and "git blob id" in capsys.readouterr().out
+
+
+def test_mirror_serving_other_bytes_than_its_git_blob_id_is_refused(small_hub, tmp_path):
+    small_hub.corrupt.add(STATS)
+    with pytest.raises(HashMismatchError, match="latents-stats .*git blob id mismatch.*deleted"):
+        main(manifest=str(serve_manifest(tmp_path, small_hub)))
+    assert not list(hf_cache().rglob(STATS[1])) and not partials()

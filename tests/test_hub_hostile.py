@@ -135,7 +135,7 @@ def test_legitimate_etags_still_work(hub, tmp_path, monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", small.endpoint)
         manifest = str(serve_manifest(tmp_path, small))
         rec = main(only=["latents-stats"], manifest=manifest)["assets"]["latents-stats"]
-    assert rec["verified_by"] == "size" and Path(rec["path"]).read_bytes() == PAYLOAD + b"v2"
+    assert rec["verified_by"] == "hub git blob id" and Path(rec["path"]).read_bytes() == PAYLOAD + b"v2"
     assert len(Path(os.path.realpath(rec["path"])).name) == 40 and f"/snapshots/{'b' * 40}/" in rec["path"]
     from huggingface_hub import hf_hub_download
 

@@ -35,14 +35,14 @@ from pathlib import Path
 
 import torch
 
-from repro.data.image_loader import cropped_batches
+from repro.data.image_loader import CroppedImages, cropped_batches
 from repro.data.image_sources import ImageSource, list_images
 from repro.data.latents import image_seed, list_shards, read_shard_info, shard_name, write_shard
 from repro.data.stats import STATS_NAME, validate_stats, write_stats
 from repro.data.stats_recompute import compute_stats
 from repro.errors import ReproError
 from repro.utils import distributed as dist
-from repro.utils.io import atomic_write_json, remove_stale_temps
+from repro.utils.io import atomic_write_json, make_dirs, remove_stale_temps
 
 FORMAT_TAG = "repro-latents/1"
 REPORT_NAME = "extract_report.json"
@@ -112,6 +112,24 @@ def _extract_shard(vae, src: ImageSource, k: int, lo: int, hi: int, out: Path, m
     return len(labels), corrupt
 
 
+def _stale_corrupt(src: ImageSource, header: dict, image_size: int) -> str | None:
+    """Why a finished shard must be encoded again: an image it recorded as unreadable reads now (the user
+    fixed or replaced the file) or is another file; None when every recorded one still fails the same way."""
+    for index, ref, _error in header.get("corrupt", []):
+        i = int(index)
+        if i >= len(src) or src.items[i].ref != ref:
+            return f"image {i} was {ref}, the listing now has another file there"
+        if CroppedImages(src, i, i + 1, image_size)[0][3] is None:
+            return f"{ref}, unreadable when the shard was written, reads now"
+    return None
+
+
+def _named_bad(corrupt: list[dict], shown: int = 3) -> str:
+    """'a.jpg (OSError: ...), b.png (...) and 4 more': the first few unreadable files, for the console."""
+    named = ", ".join(f"{c['path']} ({c['error'][:80]})" for c in corrupt[:shown])
+    return named + (f" and {len(corrupt) - shown} more" if len(corrupt) > shown else "")
+
+
 def _check_out_dir(out: Path, expected: set[str]) -> None:
     foreign = [p.name for p in list_shards(out) if p.name not in expected]
     if foreign:
@@ -153,7 +171,7 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
         meta["posterior"] = "mean"  # kit: recorded only here, so shards of the other stores stay as they were
     # Rank 0 prepares the folder (stale temp files out, foreign shards refused) before anyone writes.
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
         remove_stale_temps(out)  # temp files of a killed run; before any process starts writing
         _check_out_dir(out, names)
         dist.print0(f"extracting {n} images ({src.kind}: {src.root}) into {num_shards} shard(s) of {shard_size} "
@@ -176,6 +194,10 @@ def extract_latents(vae, source, out_dir, *, image_size: int = 256, batch_size: 
         if header.get("kit") != FORMAT_TAG or diff:
             raise ReproError(f"{out / shard_name(0, k)} comes from a different extraction ({', '.join(diff) or 'not made by this kit'}); "
                              f"use a new --out folder, or delete the old shards to start over")
+        if (why := _stale_corrupt(src, header, image_size)) is not None:
+            print(f"[rank {rank}] {shard_name(0, k)}: {why}: encoding it again", flush=True)
+            todo.append(k)
+            continue
         skipped += 1
 
     # Encode the remaining shards; the bar counts images (rank 0's share), one line per finished shard.
@@ -214,6 +236,14 @@ def _finish(out: Path, src: ImageSource, num_shards: int, meta: dict, *, stats_s
             raise ReproError(f"{out / shard_name(0, k)} is missing after extraction; run the same command again")
         encoded += int(header["total_size"])
         corrupt += [{"index": i, "path": p, "error": e} for i, p, e in header.get("corrupt", [])]
+    if encoded == 0:  # nothing readable: no shard of zero latents stays behind to be reused by the next run
+        for k in range(num_shards):
+            (out / shard_name(0, k)).unlink(missing_ok=True)
+        raise ReproError(f"none of the {len(src)} image(s) of {src.root} could be read: {_named_bad(corrupt)}; "
+                         f"fix or replace them and run the same command again (no shard was kept)")
+    if corrupt:
+        dist.print0(f"warning: {len(corrupt)} image(s) could not be read and were left out: {_named_bad(corrupt)} "
+                    f"(all in {out / REPORT_NAME}); fix them and run the same command again to add them")
     stats_path = out / STATS_NAME
     stats = compute_stats(out, subset=stats_subset, seed=seed)  # the same code as step 5 --recompute
     old = validate_stats(stats_path, stats["mean"].shape[1])
@@ -235,6 +265,7 @@ def _finish(out: Path, src: ImageSource, num_shards: int, meta: dict, *, stats_s
                 f"{len(corrupt)} corrupt or badly labelled and {len(src.problems)} listing problem(s) (unlabelled, "
                 f"incomplete, bad label line, directory loop) skipped "
                 f"(listed in {out / REPORT_NAME}); statistics in {stats_path}")
+    dist.print0(f"wrote: {num_shards} shard(s) in {out}, {stats_path}, {out / REPORT_NAME}")
 
 
 def report_class_names(folder: str | os.PathLike) -> list[str] | None:

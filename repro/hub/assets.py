@@ -4,8 +4,8 @@
     records = fetch_assets(["vavae-f16d32"], dest="weights")  # one file, placed under weights/
 
 Order per asset: the HF cache (or the plain-URL cache), then `dest`, then the manifest's search
-folders (Kaggle's /kaggle/input on Kaggle): a file there whose sha256 matches is used as it is, with
-no GET. Missing Hugging Face files are resolved first (one HEAD each, so a wrong repo/file or a gated
+folders (Kaggle's /kaggle/input on Kaggle): a file there whose sha256 matches (for a small non-LFS
+file, its git blob id: the Hub's ETag) is used as it is, with no GET. Missing Hugging Face files are resolved first (one HEAD each, so a wrong repo/file or a gated
 repo fails within seconds, before any byte moves), free disk is checked, then files are fetched one
 by one with resume. The result goes to `runs/assets.json`:
 
@@ -25,7 +25,8 @@ from typing import Iterable
 
 from repro import paths
 from repro.hub.download import DiskFullError, DownloadError, OfflineError, download_url, human_size
-from repro.hub.hf import RemoteFile, cached_file, download_hf, hub_settings, partial_path, resolve_remote
+from repro.hub.hf import (RemoteFile, cached_file, download_hf, git_blob_id, hub_settings, partial_path,
+                          resolve_remote)
 from repro.hub.manifest import AssetSpec, Manifest, load_manifest
 from repro.utils.hashing import HashCache
 from repro.utils.io import atomic_write_json
@@ -40,7 +41,8 @@ class AssetRecord:
     size: int
     sha256: str
     source: str  # "fetched" | "found" (under --dest or a search folder) | "cache" (HF or plain-URL cache)
-    verified_by: str  # "pinned sha256" | "hub sha256" | "cache blob sha256" | "size" | "unverified"
+    verified_by: str  # "pinned sha256" | "hub sha256" | "cache blob sha256" | "hub git blob id" (a non-LFS file)
+    #                   | "cache blob git id" | "size" | "unverified"
     spec: AssetSpec = field(repr=False)
     resumed_from: int = 0
 
@@ -103,17 +105,23 @@ def _note(notes: list[str], msg: str) -> None:
         print(f"note: {msg}", flush=True)
 
 
-def _check(spec, path, source, sha, size, how, stamps, notes) -> AssetRecord | None:
-    """A record if the file at `path` matches `sha`/`size`; a note (not an error) if it does not."""
+def _check(spec, path, source, sha, size, how, stamps, notes, git: str | None = None) -> AssetRecord | None:
+    """A record if the file at `path` matches `sha`/`size` (or, with no sha256 known, the git blob id `git`);
+    a note (not an error) if it does not."""
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
         _note(notes, f"{spec.name}: ignoring {path}: {actual_size} bytes, expected {size}")
         return None
+    if sha is None and git is not None:
+        # A small non-LFS file: the Hub names it by its git blob id, not a sha256 (issue: no refetch).
+        if (blob_id := git_blob_id(path)) != git:
+            _note(notes, f"{spec.name}: ignoring {path}: git blob id {blob_id[:12]}… differs from expected {git[:12]}…")
+            return None
     digest = stamps.sha256(path)
     if sha is not None and digest != sha:
         _note(notes, f"{spec.name}: ignoring {path}: sha256 {digest[:12]}… differs from expected {sha[:12]}…")
         return None
-    verified = how if sha is not None else ("size" if size is not None else "unverified")
+    verified = how if sha is not None or git is not None else ("size" if size is not None else "unverified")
     return AssetRecord(spec.name, path, actual_size, digest, source, verified, spec)
 
 
@@ -121,18 +129,23 @@ def _find_local(spec, dest, search_dirs, settings, stamps, notes, remote: Remote
                 accept_unverified: bool = False) -> AssetRecord | None:
     pinned = spec.sha256
     sha = pinned or (remote.sha256 if remote else None)
+    git = None if sha else (remote.git_blob if remote else None)
     size = spec.size or (remote.size if remote else None)
-    how = "pinned sha256" if pinned else "hub sha256"
+    how = "pinned sha256" if pinned else ("hub sha256" if sha or not git else "hub git blob id")
     if spec.is_hf and (hit := cached_file(spec, settings)) is not None:
-        path, blob_sha = hit
-        rec = _check(spec, path, "cache", pinned or blob_sha or sha, size,
-                     how if (pinned or not blob_sha) else "cache blob sha256", stamps, notes)
+        path, blob_sha, blob_git = hit
+        if pinned or not (blob_sha or blob_git):
+            rec = _check(spec, path, "cache", sha, size, how, stamps, notes, git)
+        elif blob_sha:
+            rec = _check(spec, path, "cache", blob_sha, size, "cache blob sha256", stamps, notes)
+        else:
+            rec = _check(spec, path, "cache", None, size, "cache blob git id", stamps, notes, blob_git)
         if rec and (rec.verified_by != "unverified" or accept_unverified):
             return rec
     for path, source in _local_candidates(spec, dest, search_dirs):
-        if sha is None and not accept_unverified:
-            continue  # decided after the Hub tells us the sha256
-        rec = _check(spec, path, source, sha, size, how, stamps, notes)
+        if sha is None and git is None and not accept_unverified:
+            continue  # decided after the Hub tells us the sha256 (or the git blob id)
+        rec = _check(spec, path, source, sha, size, how, stamps, notes, git)
         if rec:
             return rec
     return None
@@ -162,7 +175,8 @@ def _fetch(spec: AssetSpec, remote: RemoteFile | None, folder: Path, settings, d
     print(f"fetching {spec.name}: {spec.where} ({human_size((remote and remote.size) or spec.size)})", flush=True)
     if remote is not None:
         got = download_hf(spec, remote, settings, dest, expected_sha256=spec.sha256)
-        how = "pinned sha256" if spec.sha256 else ("hub sha256" if remote.sha256 else "size")
+        how = "pinned sha256" if spec.sha256 else ("hub sha256" if remote.sha256 else
+                                                   "hub git blob id" if remote.git_blob else "size")
     else:
         got = download_url(spec.url, folder / spec.filename, expected_size=spec.size, expected_sha256=spec.sha256,
                            what=f"{spec.name} ({spec.url}, file {spec.filename})", label=spec.name,

@@ -20,6 +20,7 @@ headers unchecked. Here:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,8 @@ from urllib.parse import urljoin, urlparse
 from repro import __version__
 from repro.hub import client
 from repro.hub.client import MIN_HUB_VERSION, HubClientError, check_client_version, hub_errors  # noqa: F401
-from repro.hub.download import (AuthError, DownloadError, Downloaded, NetworkError, NotFoundError, OfflineError,
-                                download_url)
+from repro.hub.download import (AuthError, DownloadError, Downloaded, HashMismatchError, NetworkError, NotFoundError,
+                                OfflineError, download_url)
 from repro.hub.manifest import AssetSpec
 from repro.hub.untrusted import COMMIT, GIT_SHA1, SHA256, checked_hex, contained, shown
 from repro.utils.io import atomic_write_text
@@ -87,17 +88,28 @@ def storage_folder(spec: AssetSpec, settings: HubSettings) -> Path:
     return settings.cache_dir / client.repo_folder_name(spec.repo_id, spec.repo_type)
 
 
-def cached_file(spec: AssetSpec, settings: HubSettings) -> tuple[Path, str | None] | None:
-    """(path, sha256 named by its blob) of the file in the HF cache for the spec's revision, or None.
+def git_blob_id(path: str | os.PathLike) -> str:
+    """The id git (and the Hub's ETag for a non-LFS file) gives these bytes: sha1(b"blob <size>\\0" + bytes)."""
+    h = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    LFS blobs are named by their sha256, so a cached file can be verified without the network.
+
+def cached_file(spec: AssetSpec, settings: HubSettings) -> tuple[Path, str | None, str | None] | None:
+    """(path, sha256, git blob id) of the file in the HF cache for the spec's revision, or None.
+
+    Blobs are named by what the Hub's ETag said: the sha256 for an LFS file, the git blob id for a small
+    non-LFS one; either way a cached file can be verified without the network (the other digest is None).
     """
     found = client.find_in_cache(spec.repo_id, spec.filename, cache_dir=settings.cache_dir,
                                  revision=spec.revision, repo_type=spec.repo_type)
     if not isinstance(found, str) or not os.path.isfile(found):
         return None
     blob_name = Path(os.path.realpath(found)).name
-    return Path(found), (blob_name if SHA256.fullmatch(blob_name) else None)
+    return (Path(found), blob_name if SHA256.fullmatch(blob_name) else None,
+            blob_name if GIT_SHA1.fullmatch(blob_name) else None)
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,11 @@ class RemoteFile:
     etag: str  # blob name in the cache: the sha256 for LFS files, the git sha1 otherwise (checked)
     sha256: str | None  # advertised LFS sha256, None for small non-LFS files
     size: int | None
+
+    @property
+    def git_blob(self) -> str | None:
+        """The git blob id a non-LFS file's ETag is (None for an LFS file, which has its sha256)."""
+        return self.etag if self.sha256 is None and GIT_SHA1.fullmatch(self.etag) else None
 
 
 def _where(spec: AssetSpec, settings: HubSettings) -> str:
@@ -262,16 +279,29 @@ def download_hf(spec: AssetSpec, remote: RemoteFile, settings: HubSettings, dest
                   connect_timeout=settings.etag_timeout, read_timeout=max(settings.download_timeout, 10.0))
     if dest is not None:
         target = contained(dest, dest / spec.filename, _outside(spec, settings))
-        return download_url(remote.location, target, part_path=partial_path(spec, remote, settings, dest), **kwargs)
+        got = download_url(remote.location, target, part_path=partial_path(spec, remote, settings, dest), **kwargs)
+        return _check_git_blob(got, remote, what) if expected_sha256 is None else got
     blob, part, lock, pointer = _cache_paths(spec, remote, settings)
     lock.parent.mkdir(parents=True, exist_ok=True)
     got = download_url(remote.location, blob, part_path=part, lock_path=lock, **kwargs)
+    if expected_sha256 is None:
+        _check_git_blob(got, remote, what)
     _link_snapshot(pointer, blob)
     if spec.revision != remote.commit_hash:
         refs = storage_folder(spec, settings) / "refs"
         ref = contained(refs, refs / spec.revision, _outside(spec, settings))
         atomic_write_text(contained(settings.cache_dir, ref, _outside(spec, settings)), remote.commit_hash)
     return Downloaded(path=pointer, size=got.size, sha256=got.sha256, resumed_from=got.resumed_from)
+
+
+def _check_git_blob(got: Downloaded, remote: RemoteFile, what: str) -> Downloaded:
+    """A non-LFS file has no sha256 on the Hub, but its ETag is its git blob id: check that instead."""
+    if remote.git_blob is not None and (actual := git_blob_id(got.path)) != remote.git_blob:
+        got.path.unlink(missing_ok=True)
+        raise HashMismatchError(f"{what}: git blob id mismatch: the Hub's ETag says {remote.git_blob}, the bytes "
+                                f"give {actual}; the downloaded file was deleted, run again (if it repeats, the "
+                                f"mirror serves other bytes than it names: unset HF_ENDPOINT or try another)")
+    return got
 
 
 def _link_snapshot(pointer: Path, blob: Path) -> Path:

@@ -29,6 +29,7 @@ import torch
 from repro import paths
 from repro.config import Config, save_config
 from repro.errors import Preempted, ReproError
+from repro.data.class_names import describe_labels, names_for, resolve_labels
 from repro.data.npz import npz_count
 from repro.sampling import engine, plan
 from repro.sampling.grid import grid_shape, load_images, save_grid, save_preview
@@ -37,8 +38,8 @@ from repro.utils import distributed as du
 from repro.utils.distributed import print0
 from repro.utils.hardware import GiB, describe_device, is_oom, peak_memory, reset_peak_memory
 from repro.utils.hashing import HashCache
-from repro.utils.io import atomic_write_json, remove_stale_temps
-from repro.utils.preemption import BatchDropped, StopSignals, signal_name
+from repro.utils.io import atomic_write_json, make_dirs, remove_stale_temps
+from repro.utils.preemption import BatchDropped, StopNow, StopSignals, signal_name
 
 # Settings that change pixels; a resumed run must match them (the batch size too: see plan.py).
 _SAMPLE_KEYS = ("mode", "sampling_method", "atol", "rtol", "num_sampling_steps", "cfg_scale",
@@ -131,22 +132,28 @@ def _read_record(path: Path) -> Optional[dict]:
 
 def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Optional[int] = None,
                  batch_size: Optional[int | str] = None, seed: Optional[int] = None, class_balanced: bool = False,
-                 labels: Optional[Sequence[int]] = None, precision: Optional[str] = None,
+                 labels: Optional[Sequence[int | str]] = None, precision: Optional[str] = None,
                  compile: Optional[str | bool] = None, demo: bool = False, device: Optional[str] = None,
                  progress: bool = True, threaded_writer: bool = True, config_header: Sequence[str] = (),
                  trajectory: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> dict:
     """Sample (or finish sampling) `num_samples` images on this process's share of the batches.
 
-    `trajectory=K` also writes each image's x0 strip (see the module docstring); `class_names` title the
-    preview (default: the class folders step 6 recorded in data.data_path's extract_report.json)."""
+    `trajectory=K` also writes each image's x0 strip (see the module docstring). `labels` are ids or class
+    names; `class_names` (the names in label order, or a file with one a line) resolve them and title the
+    preview (default: the class folders step 6 recorded in data.data_path's extract_report.json, else
+    ImageNet's names for a 1000-class model: repro.data.class_names)."""
     rank, world = du.get_rank(), du.get_world_size()
 
     # --- What to sample: seed, labels, how many ---------------------------------------------------
     seed = cfg.sample.seed if seed is None else int(seed)
     num_classes = cfg.data.num_classes
+    names, names_source = names_for(num_classes, cfg.data.data_path, class_names)
     if demo and not labels:
         labels, why = plan.demo_labels(num_classes)
-        print0(f"demo labels: {labels} ({why})")
+        print0(f"demo labels: {describe_labels(labels, names)} ({why})")
+    elif labels and not all(isinstance(v, int) for v in labels):  # names ("golden retriever") or digit strings
+        labels = resolve_labels(labels, names, names_source)
+        print0(f"labels: {describe_labels(labels, names)}")
     if labels:
         plan.check_labels(labels, num_classes)
         if class_balanced:
@@ -161,7 +168,6 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     old = _read_record(record_path)
     steps = (engine.trajectory_steps(cfg.sample.num_sampling_steps, int(trajectory), cfg.sample.sampling_method)
              if trajectory else None)
-    names = _class_names(cfg, class_names)
     setup = engine.build_sampler(cfg, device=device, precision=precision, compile=compile)
     inputs = du.run_on_main(input_hashes, cfg)
     chosen = batch_size if batch_size is not None else (old["batch_size"] if old else cfg.sample.per_proc_batch_size)
@@ -194,9 +200,9 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
             for i in plan.existing_indices(images_dir):
                 plan.image_path(images_dir, i).unlink(missing_ok=True)
     if du.is_main():
-        images_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(images_dir)
         if steps:
-            strips_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(strips_dir)
             remove_stale_temps(strips_dir)
         stale = remove_stale_temps(images_dir) + remove_stale_temps(out)
         if stale:
@@ -258,6 +264,10 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
         if is_oom(e):
             raise engine.oom_error(batch, setup, e) from None
         raise
+    except StopNow as e:  # the second signal: the writer thread has been joined, stop with 128 + signum
+        have = sum(1 for i in plan.existing_indices(images_dir) if i < n)
+        raise Preempted(f"stopped at once by a second {signal_name(e.signum)}: {have} of {n} images are written in "
+                        f"{images_dir} (queued ones were dropped); resume with the same command", e.signum) from None
     finally:
         if bar is not None:
             bar.close()
@@ -312,28 +322,13 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     if rate:
         result["summary"] += f"; {FID_IMAGES:,} images at this rate: {FID_IMAGES / rate / 3600:.2f} h"
     print0(result["summary"])
+    made = [result["grid"] or result["npz"], result["preview"], f"{images_dir}/ ({n} PNGs)", result["config"],
+            result["record"]] + ([f"{strips_dir}/ (x0 strips)"] if steps else [])
+    print0("wrote: " + ", ".join(str(m) for m in made if m))
     return result
 
 
 FID_IMAGES = 50_000  # the FID protocol's sample count
-
-
-def _class_names(cfg: Config, given: Optional[Sequence[str]]) -> Optional[list[str]]:
-    """Names of the classes for the preview: as given, else step 6's record of the class folders."""
-    from repro.data.extract import report_class_names
-
-    if given:
-        names = [str(n) for n in given]
-    else:
-        folder = Path(cfg.data.data_path) if cfg.data.data_path else None
-        names = report_class_names(folder if folder is None or folder.is_dir() else folder.parent) if folder else None
-        if names is None:
-            return None
-    if len(names) != cfg.data.num_classes:
-        if given:
-            raise ReproError(f"{len(names)} class names given but data.num_classes is {cfg.data.num_classes}")
-        return None  # another folder's record: no names rather than wrong ones
-    return names
 
 
 def _estimate(setup, start: float, images: int, todo: int, world: int) -> None:

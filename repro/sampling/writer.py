@@ -117,8 +117,12 @@ class ImageWriter:
     def close(self) -> None:
         """Wait for every pending batch to be written; raise the writer's error, if any."""
         if self._thread is not None and self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
+            try:
+                self._queue.put(_STOP)  # blocks while the queue is full
+                self._thread.join()
+            except BaseException:  # a second SIGTERM/Ctrl-C while waiting: drop what is queued, then go
+                self.abort()
+                raise
         self._raise_error()
 
     def abort(self) -> None:
@@ -133,7 +137,13 @@ class ImageWriter:
             except queue.Empty:
                 break
         self._queue.put(_STOP)
-        self._thread.join()
+        # Wait for the batch in progress (a few PNGs) even through further signals: a daemon thread left
+        # inside torch when the interpreter exits aborts the whole process (exit -6, no message).
+        while self._thread.is_alive():
+            try:
+                self._thread.join()
+            except KeyboardInterrupt:
+                continue
         self._error = None
 
     def __enter__(self) -> "ImageWriter":

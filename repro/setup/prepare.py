@@ -83,6 +83,23 @@ def prepare_config(base: str, overrides: Optional[Sequence[str]] = None, demo: b
     return cfg, header + changes
 
 
+def _fetch_for_step4(names: list[str], preset) -> None:
+    """Step 2's fetch; without network (or offline) the advice names what step 4 users can run, not step 2's
+    flags (--offline, --dest), which step 4 does not take."""
+    from repro.hub import NetworkError, OfflineError, fetch_assets
+
+    try:
+        fetch_assets(names=names)
+    except (NetworkError, OfflineError) as e:
+        fact = ("offline mode (HF_HUB_OFFLINE=1) and not on disk" if isinstance(e, OfflineError)
+                else str(e).split("; ", 1)[0])
+        raise type(e)(f"step 4 needs {', '.join(names)} for {getattr(preset, 'name', preset)}: {fact}; fetch them "
+                      f"where the network is reachable with `python -m steps.step2_download --only {' '.join(names)}` "
+                      f"(step 2 takes --dest DIR, and --offline to use files already on disk), then run step 4 "
+                      f"again; or sample offline now with `python -m steps.step4_inference --config tiny` "
+                      f"(generated stand-in weights, no download)") from None
+
+
 def _resolve_preset(preset, raw: Config, resolved, cuda: bool) -> Config:
     markers = _markers(raw)
     needed = _sampling_asset_names(raw)
@@ -100,9 +117,7 @@ def _resolve_preset(preset, raw: Config, resolved, cuda: bool) -> Config:
         print0(f"step 4: asset(s) {', '.join(missing)} not downloaded yet: running step 2 "
                f"(python -m steps.step2_download --only {' '.join(missing)})")
         if du.is_main():
-            from repro.hub import fetch_assets
-
-            fetch_assets(names=missing)
+            _fetch_for_step4(missing, preset)
         du.barrier()
 
     # Asset paths sampling does not read (the FID reference batch) are left unset if absent.

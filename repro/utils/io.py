@@ -7,6 +7,7 @@ complete file, never a half-written one, even if the process is SIGKILLed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -27,10 +28,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     `suffix` keeps the extension for writers that look at it (PIL, numpy, safetensors).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     if suffix is None:
         suffix = path.suffix
-    tmp_path = _create_temp(path.parent, f".{path.name}.", f".tmp{suffix}")
+    try:
+        tmp_path = _create_temp(path.parent, f".{path.name}.", f".tmp{suffix}")
+    except OSError as e:
+        raise read_only_error(path.parent, e) or e
     try:
         # The data reaches the disk before the rename: after a crash `path` is the old file or the new, whole.
         yield tmp_path
@@ -51,6 +55,35 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
                                 f"{path.name}: free some space or write to a larger disk, then run the same command "
                                 "again (finished files are kept)") from e
         raise
+
+
+# A read-only mount (EROFS: a dataset folder on Kaggle or Colab), a folder of another user (EACCES), or one
+# the kernel refuses outright (EPERM: /sys, some network mounts).
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def read_only_error(folder: str | os.PathLike, exc: BaseException) -> "Exception | None":
+    """A one-line ReproError for 'cannot write in `folder`' (read-only, not ours), or None for other errors."""
+    if not (isinstance(exc, OSError) and exc.errno in READ_ONLY_ERRNOS):
+        return None
+    from repro.errors import ReproError
+
+    where = Path(exc.filename or folder)  # the folder that refused: the nearest one that exists
+    while not where.is_dir() and where != where.parent:
+        where = where.parent
+    return ReproError(f"cannot write in {where} ({os.strerror(exc.errno)}): the folder is read-only (a dataset or "
+                      f"input mount is) or not yours; write elsewhere: --out DIR for this step's outputs, "
+                      f"REPRO_RUNS_DIR=DIR for the runs folder, or run from a folder you can write to")
+
+
+def make_dirs(folder: str | os.PathLike) -> Path:
+    """`mkdir -p folder`; a read-only or foreign parent is one line naming it (read_only_error)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise read_only_error(folder, e) or e from None
+    return folder
 
 
 def _create_temp(folder: Path, prefix: str, suffix: str) -> Path:

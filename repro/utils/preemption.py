@@ -6,7 +6,9 @@ of either only sets `stops.signum`; the run checks it at its safe points (traini
 optimizer step; sampling: between batches, or it drops the batch in flight), writes what it has and
 raises `repro.errors.Preempted`, which the command line turns into exit code 128 + signal (143 for
 SIGTERM, 130 for SIGINT) and a notebook cell into an error. A second signal stops at once
-(KeyboardInterrupt): every file is written atomically, so even that loses only unsaved work.
+(`StopNow`, a KeyboardInterrupt carrying the signal): every file is written atomically, so even that
+loses only unsaved work; a run with helper threads joins them first (a thread still inside torch when
+the interpreter exits aborts the process: "terminate called without an active exception").
 
 Handlers exist only inside the block and only in the main thread (Python delivers signals there);
 the previous handlers (a notebook kernel's interrupt handler included) are restored on exit.
@@ -31,6 +33,15 @@ class BatchDropped(BaseException):
     """Raised by the handler inside `stops.droppable()`: the work in flight is abandoned.
 
     A BaseException (like KeyboardInterrupt), so no `except Exception` on the way swallows it."""
+
+
+class StopNow(KeyboardInterrupt):
+    """The second signal: stop at once. A KeyboardInterrupt (a notebook cell treats it as one) that keeps
+    the signal's number, so a run can still exit with 128 + signum (143 for a second SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal_name(signum))
+        self.signum = int(signum)
 
 
 def signal_name(signum: int) -> str:
@@ -60,7 +71,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt  # the second signal: stop now (files on disk are complete or absent)
+            raise StopNow(signum)  # the second signal: stop now (files on disk are complete or absent)
         self.signum = signum
         # os.write, not print: a handler may run while the main thread is inside print on the same stream
         with contextlib.suppress(OSError):
