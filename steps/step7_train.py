@@ -24,7 +24,6 @@ from typing import Optional
 
 from repro.config import load_config
 from repro.training import train
-from repro.utils import distributed as dist
 from repro.utils.cli import add_config_arguments, naming_config, run_step, step_parser
 
 

@@ -3,7 +3,7 @@
     from repro.training import train
     result = train(load_config("configs/train/tiny_stage_0.yaml"))   # {'step', 'checkpoint', 'loss', ...}
 
-Modules: `loop` (train, the training loop), `step` (one optimizer step), `batches` (how the global
+Modules: `engine` (run_training, the one training loop of every trainer), `dit` (train, the DiT trainer), `step` (one optimizer step), `batches` (how the global
 batch is split), `data_order` (seeded order and per-sample draws), `ema`, `checkpoints`, `logs`,
 `grids` (EMA sample grids through the sampling engine), `validation` (the `data.valid_path` loss).
 """
@@ -19,5 +19,5 @@ from repro.training.step import StepRunner, make_optimizer
 __all__ = [
     "BatchPlan", "DataOrder", "DataPosition", "EMA", "MicroBatch", "StepRunner", "build_micro_batch",
     "find_resume_checkpoint", "list_checkpoints", "make_optimizer", "open_latents",
-    "plan_batches", "read_training_checkpoint", "run_dir_of", "train",
+    "plan_batches", "read_training_checkpoint", "run_dir_of", "run_training", "train",
 ]
