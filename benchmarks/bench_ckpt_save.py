@@ -54,8 +54,7 @@ def fake_state(name: str, device: torch.device) -> dict:
 
 
 def write(path: Path, state: dict) -> None:
-    ckpt.save_training_checkpoint(path, model_state=state["model"], ema_state=state["ema"], opt_state=state["opt"],
-                                  scaler_state={}, step=1, data_order={}, rng=[], config={}, kit={})
+    ckpt.save_training_checkpoint(path, dict(state, config={}, scaler={}, step=1, data_order={}, rng=[], kit={}))
 
 
 def main() -> None:

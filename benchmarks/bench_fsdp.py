@@ -63,14 +63,13 @@ def measure(name: str, strategy_name: str, a, device: torch.device) -> dict:
         torch.manual_seed(0)
         model = build_model(cfg.model, a.latent, 1000).to(device)
         strategy = make_strategy(cfg.train, device, world)
-        strategy.shard(model)
+        strategy.shard(model, [*model.blocks, model])
         ema = strategy.make_ema(model, 0.9999, on_cpu=False)
         take_over_label_dropout(model)
         opt = make_optimizer(model, cfg.optimizer, strategy.param_device)
         m = a.micro_batch
         runner = StepRunner(model, strategy.wrap(model), opt, make_scaler(device, a.precision), ema,
-                            plan=BatchPlan(m * world, m, world, 1), precision=a.precision, device=device,
-                            max_grad_norm=None, use_cosine_loss=True)
+                            BatchPlan(m * world, m, world, 1), cfg, precision=a.precision, device=device)
         g = torch.Generator().manual_seed(dist.get_rank())
         batch = MicroBatch(torch.randn(m, 32, a.latent, a.latent, generator=g),
                            torch.randint(0, 1000, (m,), generator=g), torch.rand(m, generator=g),

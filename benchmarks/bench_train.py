@@ -78,9 +78,8 @@ def child(spec: dict) -> dict:
     scaler = make_scaler(device, spec["precision"])
     mode = compile_mode(spec["compile"], device, auto="default")  # None = the kit's default (compiled on CUDA)
     fwd = CompiledOrEager(model, mode, "training") if mode else model
-    runner = StepRunner(model, fwd, opt, scaler, ema, plan=BatchPlan(m, m, 1, 1), precision=spec["precision"],
-                        device=device, max_grad_norm=None, use_cosine_loss=True,
-                        channels_last=spec["channels_last"])
+    runner = StepRunner(model, fwd, opt, scaler, ema, BatchPlan(m, m, 1, 1), cfg, precision=spec["precision"],
+                        device=device, channels_last=spec["channels_last"])
     g = torch.Generator().manual_seed(0)
     batch = MicroBatch(torch.randn(m, 32, latent, latent, generator=g), torch.randint(0, 1000, (m,), generator=g),
                        torch.rand(m, generator=g), torch.randn(m, 32, latent, latent, generator=g))

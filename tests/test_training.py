@@ -174,9 +174,9 @@ def test_a_checkpoint_the_disk_cannot_hold_is_refused_before_writing(tmp_path):
                                               r"train\.keep_last \(now 3.*0000010\.pt"):
         ensure_room(tmp_path / "ckpts", too_big, 3, good)
     ensure_room(tmp_path / "ckpts", 10**6, 3, good)  # a megabyte fits
-    path = save_training_checkpoint(tmp_path / "ckpts" / "0000020.pt", model_state={"w": torch.ones(3)},
-                                    ema_state={"w": torch.ones(3)}, opt_state={}, scaler_state={}, step=20,
-                                    data_order={}, rng=[], config={}, kit={})
+    path = save_training_checkpoint(tmp_path / "ckpts" / "0000020.pt",
+                                    {"model": {"w": torch.ones(3)}, "ema": {"w": torch.ones(3)}, "opt": {},
+                                     "config": {}, "scaler": {}, "step": 20, "data_order": {}, "rng": [], "kit": {}})
     assert [p.name for p in (tmp_path / "ckpts").iterdir()] == [path.name]
 
 
@@ -187,9 +187,9 @@ def test_a_disk_that_fills_during_the_write_is_the_same_clear_error(small_disk):
     good = small_disk / "ckpts" / "0000010.pt"
     big_config = {"notes": "x" * (90 * 2**20)}  # not a tensor: the pre-write estimate misses it, the disk does not
     with pytest.raises(CheckpointError, match=r"does not fit in .*ckpts .*train\.keep_last \(now 2.*0000010\.pt"):
-        save_training_checkpoint(small_disk / "ckpts" / "0000020.pt", model_state={}, ema_state={}, opt_state={},
-                                 scaler_state={}, step=20, data_order={}, rng=[], config=big_config, kit={},
-                                 keep_last=2, last_good=good)
+        save_training_checkpoint(small_disk / "ckpts" / "0000020.pt",
+                                 {"model": {}, "ema": {}, "opt": {}, "config": big_config, "scaler": {}, "step": 20,
+                                  "data_order": {}, "rng": [], "kit": {}}, keep_last=2, last_good=good)
     assert list((small_disk / "ckpts").iterdir()) == []  # the temp file is gone, nothing half-written
 
 

@@ -83,6 +83,7 @@ def _signature(parts: list[Path]) -> list:
 def unpack_parts(parts: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
                  progress_every: float = 30.0) -> dict:
     """Unpack the tar.gz cut into `parts` (in name order) into `out_dir`; returns a summary dict."""
+    # Every part present, in name order (the archive was cut in that order)
     parts = sorted((Path(p) for p in parts), key=lambda p: p.name)
     if not parts:
         raise ReproError(f"no parts of the latent archive given: fetch them first (python -m steps.step2_download "
@@ -91,6 +92,7 @@ def unpack_parts(parts: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
     if missing:
         raise ReproError(f"part(s) of the latent archive not found: {', '.join(missing[:3])}: run python -m "
                          f"steps.step2_download --only {OFFICIAL_GROUP} again")
+    # Already unpacked from these same parts: nothing to do
     out = Path(out_dir)
     marker = out / MARKER
     if marker.is_file():
@@ -100,6 +102,7 @@ def unpack_parts(parts: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     for folder, _, _ in os.walk(out):  # temp files of a killed unpack, at any depth
         remove_stale_temps(folder)
+    # Stream the parts as one gzip tar; each file written atomically, files of an interrupted unpack kept
     counts = {"written": 0, "kept": 0, "folders": 0, "not_files": 0, "bytes": 0}
     stream = _Parts(parts)
     t0 = last = time.monotonic()
@@ -136,6 +139,7 @@ def unpack_parts(parts: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
                          "then the same command: files already unpacked are kept") from None
     finally:
         stream.close()
+    # Record what was unpacked from which parts: a rerun with the same parts reuses it
     folder, stats = find_shard_folder(out)
     record = {"parts": _signature(parts), "out_dir": str(out), "shard_folder": str(folder),
               "stats": str(stats) if stats.is_file() else None, "shards": len(list_shards(folder)), **counts}

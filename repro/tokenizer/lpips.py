@@ -223,12 +223,3 @@ def build_lpips(trunk_path: Optional[str | os.PathLike], heads_path: Optional[st
         return None
     return load_lpips(trunk_path, heads_path, device=device, heads_md5=heads_md5)
 
-
-def lpips_distance(lpips: LPIPS, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Per-image LPIPS (N,) of two [-1,1] batches, in chunks, without gradients (evaluation)."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            out.append(lpips(x[i:i + batch_size], y[i:i + batch_size]).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-

@@ -167,16 +167,6 @@ BUILDER = ConfigBuilder(TokenizerConfig, "tokenizer config", check=check_tokeniz
                         example="train.max_steps=300")
 
 
-def tokenizer_config_from_dict(raw: dict[str, Any]) -> TokenizerConfig:
-    """A checked TokenizerConfig from a kit-schema mapping."""
-    return BUILDER.from_dict(raw)
-
-
-def apply_tokenizer_overrides(cfg: TokenizerConfig, overrides: Optional[list[str]]) -> TokenizerConfig:
-    """Apply `section.key=value` overrides (YAML values: [1, 2, 2], null) in place, all or nothing; returns cfg."""
-    return BUILDER.apply_overrides(cfg, overrides)
-
-
 def load_tokenizer_config(path: str | os.PathLike | None = None, overrides: Optional[list[str]] = None,
                           notes: Optional[list[str]] = None) -> TokenizerConfig:
     """A kit tokenizer YAML, or upstream's LDM-style VA-VAE YAML (translated), plus `--set` overrides.
@@ -206,10 +196,6 @@ def load_tokenizer_config(path: str | os.PathLike | None = None, overrides: Opti
         return BUILDER.with_overrides(BUILDER.from_dict(raw, check=False), overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-
-
-def tokenizer_config_to_yaml(cfg: TokenizerConfig, header: str | list[str] | None = None) -> str:
-    return BUILDER.to_yaml(cfg, header)
 
 
 def save_tokenizer_config(cfg: TokenizerConfig, path: str | os.PathLike, header: str | list[str] | None = None) -> Path:

@@ -33,10 +33,9 @@ from repro.tokenizer.vf_loss import foundation_features
 from repro.tokenizer_training.config import TokenizerConfig, save_tokenizer_config
 from repro.tokenizer_training.data import TokenizerImages, build_batch
 from repro.tokenizer_training.modules import build_autoencoder, build_loss
-from repro.training import checkpoints as ckpt
 from repro.training.batches import plan_batches
 from repro.training.step import lr_factor
-from repro.training.engine import run_dir_of, run_training
+from repro.training.engine import Trainer, run_dir_of, run_training
 from repro.utils import distributed as dist
 from repro.utils.hardware import CompiledOrEager, autocast, compile_mode, use_compile_cache
 
@@ -92,7 +91,7 @@ class AutoencoderPass(torch.nn.Module):
         return posterior, z, self.vae.decode(z)  # rec (N, 3, H, W)
 
 
-class TokenizerTrainer:
+class TokenizerTrainer(Trainer):
     """The autoencoder, its loss parts and its two optimizers: what the engine needs from step 9."""
 
     what = "tokenizer"
@@ -135,10 +134,6 @@ class TokenizerTrainer:
             raise ReproError("set tokenizer config key 'train.max_steps' (or train.max_epochs): how long to train")
         self.num_items, self.data_dir = len(self.images), self.images.src.root
 
-    def choose_start(self, ckpt_dir: Path, note):
-        found = ckpt.resume_point(ckpt_dir, self.cfg.train.resume, note)
-        return ("resume", str(found[0]), found[1]) if found else (None, None, None)
-
     # --- Modules, loss parts, optimizers, EMA, scaler (the same initial weights on every process) ---
     def build(self, ctx, strategy, kind) -> None:
         cfg, t, device = self.cfg, self.cfg.train, ctx.device
@@ -167,9 +162,6 @@ class TokenizerTrainer:
         self.strategy, self.ctx = strategy, ctx
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
 
-    def after_restore(self, ctx, kind, path, state, strategy) -> None:
-        """Nothing beyond the engine's restore: a tokenizer run starts fresh (or from model.init_from) or resumes."""
-
     def save_config(self, path: Path) -> None:
         save_tokenizer_config(self.cfg, path, header=f"resolved tokenizer config of {self.run_dir} (step 9)")
 
@@ -184,9 +176,6 @@ class TokenizerTrainer:
                 f"({cfg.loss.rec_loss}) + KL{''.join(' + ' + p for p in parts_on)}"]
 
     # --- The steps ----------------------------------------------------------------------------------
-    def start(self, ctx, step: int, order) -> None:
-        """Nothing to start: each step reads its images (seeded per sample) in `train_step`."""
-
     def train_step(self, step: int, order) -> None:
         t = self.cfg.train
         factor = lr_factor(step, self.max_steps, t.warmup_steps, t.lr_schedule)
@@ -253,9 +242,6 @@ class TokenizerTrainer:
         scaler.update()
         return logs
 
-    def lr(self) -> float:
-        return float(self.opt.param_groups[0]["lr"])
-
     def log_values(self, ctx) -> dict:
         keys = sorted(self.window)
         means = dist.all_reduce_values([self.window[k] / self.window_steps for k in keys], "sum")
@@ -263,9 +249,6 @@ class TokenizerTrainer:
         self.last_loss = row["loss"]
         self.window, self.window_steps = {}, 0
         return row
-
-    def after_step(self, ctx, step: int, strategy) -> tuple[Optional[dict], float]:
-        return None, 0.0
 
     def export(self, state: dict, step: int) -> None:
         """`tokenizer.safetensors` (rank 0, at every save): the EMA's weights when there is one."""
@@ -288,6 +271,3 @@ class TokenizerTrainer:
         return {**out, "tokenizer": str(path) if path.is_file() else None, "loss_plot": str(self.run_dir / "loss.png"),
                 "dit_overrides": overrides, "latent_shape": list(getattr(self, "latent_shape", ())),
                 "class_names": self.images.src.class_names}
-
-    def close(self) -> None:
-        """Nothing to close: no reader threads."""

@@ -106,6 +106,7 @@ def _required(block: dict, key: str, where: str, out: Optional[dict] = None, kit
 def translate_upstream(raw: dict, source: str = "<config>", notes: Optional[list[str]] = None) -> dict:
     """The kit-schema mapping (model, loss, data, train, ckpt_path) of an upstream VA-VAE config."""
     notes = notes if notes is not None else []
+    # Top level: the tokenizer to test (step 10) and the weights to start from (two upstream spellings)
     _unknown(raw, ("ckpt_path", "init_weight", "weight_init", "model", "data", "lightning"), "top")
     out: dict[str, Any] = {"model": {}, "loss": {}, "data": {}, "train": {}}
     if raw.get("ckpt_path") is not None:
@@ -142,6 +143,7 @@ def translate_upstream(raw: dict, source: str = "<config>", notes: Optional[list
         notes.append(f"model.params.monitor ({params['monitor']}): Lightning's checkpoint metric; the kit keeps the "
                      "newest train.keep_last checkpoints and step 10 reports the held-out reconstruction")
     out["model"]["embed_dim"] = _required(params, "embed_dim", "model.params")
+    # The VF alignment: DINOv2 with the latent -> DINOv2 projection, as VA-VAE's released configs
     use_vf = params.get("use_vf")
     if use_vf is not None:
         if use_vf != "dinov2":
@@ -155,6 +157,7 @@ def translate_upstream(raw: dict, source: str = "<config>", notes: Optional[list
     elif params.get("reverse_proj"):
         notes.append("model.params.reverse_proj: true without use_vf has no effect upstream")
 
+    # ddconfig: the encoder/decoder layout, key for key
     dd = _section(_required(params, "ddconfig", "model.params"), "model.params.ddconfig")
     _unknown(dd, DD_KEYS + tuple(DD_FIXED), "model.params.ddconfig")
     _fixed(dd, DD_FIXED, "model.params.ddconfig")
@@ -166,6 +169,7 @@ def translate_upstream(raw: dict, source: str = "<config>", notes: Optional[list
         notes.append(f"ddconfig.z_channels {out['model']['z_channels']} != embed_dim {out['model']['embed_dim']}: the "
                      "latent has embed_dim channels (quant_conv maps between them), as upstream")
 
+    # lossconfig: LPIPSWithDiscriminator's weights and the PatchGAN start; fixed values checked, not ignored
     loss_cfg = _section(_required(params, "lossconfig", "model.params"), "model.params.lossconfig")
     _unknown(loss_cfg, ("target", "params"), "model.params.lossconfig")
     if loss_cfg.get("target") != LOSS_TARGET:
@@ -186,12 +190,14 @@ def translate_upstream(raw: dict, source: str = "<config>", notes: Optional[list
         notes.append("vf_loss_type: combined_v3 is not a parameter of upstream's released loss (the file says to "
                      "ignore it); the kit trains the released VF loss")
 
+    # data and lightning.trainer: the folders, the global batch, epochs, precision
     _translate_data(raw, out, notes)
     return out
 
 
 def _translate_data(raw: dict, out: dict, notes: list[str]) -> None:
     """`data` and `lightning.trainer`: image folders, the global batch, epochs and precision."""
+    # lightning.trainer: only the keys upstream main.py passes on
     lightning = _section(raw.get("lightning"), "lightning")
     _unknown(lightning, ("trainer",), "lightning")
     trainer = _section(lightning.get("trainer"), "lightning.trainer")
@@ -206,6 +212,7 @@ def _translate_data(raw: dict, out: dict, notes: list[str]) -> None:
     dp = _section(data.get("params"), "data.params")
     _unknown(dp, ("batch_size", "wrap", "num_workers", "train", "validation", "shuffle_val_dataloader",
                   "use_worker_init_fn", "shuffle_test_loader"), "data.params")
+    # The global batch: upstream's per-GPU batch x devices x nodes, split again over this run's processes
     per_gpu = int(_required(dp, "batch_size", "data.params"))
     devices = trainer.get("devices", 1)
     if isinstance(devices, str):
@@ -218,6 +225,7 @@ def _translate_data(raw: dict, out: dict, notes: list[str]) -> None:
                  f"train.global_batch_size {out['train']['global_batch_size']} (split over this run's processes)")
     if dp.get("num_workers"):
         out["data"]["num_workers"] = 1  # the kit reads ahead in one thread; worker count changes no pixels
+    # The image folders of the train and validation splits (ImageNet's class-folder layout)
     for split, key in (("train", "image_folder"), ("validation", "valid_folder")):
         ds = _section(dp.get(split), f"data.params.{split}")
         if not ds:
@@ -236,6 +244,7 @@ def _translate_data(raw: dict, out: dict, notes: list[str]) -> None:
         if split == "train":
             out["data"]["image_size"] = int(conf.get("size", 256))
             out["data"]["crop"] = "random" if conf.get("random_crop", True) else "center"
+    # How long and in what precision
     if "max_epochs" in trainer:
         epochs = _required(trainer, "max_epochs", "lightning.trainer", out, "train.max_epochs")
         out["train"]["max_epochs"] = int(epochs) if epochs is not None else None

@@ -122,15 +122,11 @@ def ensure_room(folder: str | os.PathLike, need: int, keep_last: int, last_good:
         raise CheckpointError(no_room_message(folder, need, free, keep_last, last_good))
 
 
-def save_training_checkpoint(path: str | os.PathLike, *, model_state: dict, ema_state: dict, opt_state: dict,
-                             scaler_state: dict, step: int, data_order: dict, rng: list[dict], config: dict,
-                             kit: dict, keep_last: int = 0, last_good: Optional[Path] = None) -> Path:
-    """Write atomically after checking the disk has room; a full disk is a CheckpointError, the old files intact."""
-    state = {
-        "model": model_state, "ema": ema_state, "opt": opt_state, "config": config,
-        "scaler": scaler_state, "step": int(step), "data_order": data_order, "rng": rng,
-        "kit": dict(kit, format=FORMAT),
-    }
+def save_training_checkpoint(path: str | os.PathLike, state: dict, *, keep_last: int = 0,
+                             last_good: Optional[Path] = None) -> Path:
+    """Write `state` (model, ema, opt, config, scaler, step, data_order, rng, kit) atomically after checking the
+    disk has room; a full disk is a CheckpointError, the old files intact."""
+    state = dict(state, step=int(state["step"]), kit=dict(state.get("kit") or {}, format=FORMAT))
     folder = Path(path).parent
     need = tensor_bytes(state)
     ensure_room(folder, need, keep_last, last_good)
@@ -233,36 +229,28 @@ def choose_start(cfg: Config, ckpt_dir: Path, note: Callable[[str], None]
     return None, None, None
 
 
-def restore_training_state(state: dict, path: str, *, model, ema, opt, scaler, rank: int, world: int,
-                           note: Callable[[str], None], strategy=None, ema_source=None) -> tuple[int, Optional[dict]]:
-    """Load weights, EMA, optimizer(s), scaler and this process's RNG states from `state` (strict, every
-    mismatch an error naming the file). Returns (step, saved data-order position or None).
-    `strategy` (repro.training.strategy; kit: issue 16) loads the single-file state into a sharded model.
-    `ema_source` is the module the EMA follows (the model itself by default; the tokenizer's autoencoder);
-    `ema` None trains without one, and an EMA switched on since the checkpoint starts from the weights."""
-    ema_source = model if ema_source is None else ema_source
+def restore_training_state(state: dict, path: str, parts, ctx, strategy) -> tuple[int, Optional[dict]]:
+    """Load a trainer's `parts` (model, ema following ema_source, opt, scaler) and this process's RNG states from
+    `state` (strict, every mismatch an error naming the file); `strategy` (repro.training.strategy) loads the
+    single-file state into a sharded model. Returns (step, saved data-order position or None). An EMA switched
+    on since the checkpoint starts from the weights; `ema` None trains without one."""
+    model, ema = parts.model, parts.ema
     model_sd, ema_sd = strip_prefixes(state["model"]), strip_prefixes(state["ema"])
     check_state_dict(model, model_sd, f"{path} ['model']")
     if ema is not None and ema_sd:
-        check_state_dict(ema_source, ema_sd, f"{path} ['ema']")
-    if strategy is not None:
-        strategy.load_model(model, model_sd)
-    else:
-        model.load_state_dict(model_sd, strict=True)
+        check_state_dict(parts.ema_source, ema_sd, f"{path} ['ema']")
+    strategy.load_model(model, model_sd)
     if ema is not None and ema_sd:
         ema.load_state_dict(ema_sd)
     elif ema is not None:
-        ema.copy_from(ema_source)
-        note(f"note: {path} has no EMA (train.ema_decay was off): the EMA starts from its weights")
+        ema.copy_from(parts.ema_source)
+        ctx.note(f"note: {path} has no EMA (train.ema_decay was off): the EMA starts from its weights")
     try:
-        if strategy is not None:
-            strategy.load_optimizer(model, opt, state["opt"])
-        else:
-            opt.load_state_dict(state["opt"])
+        strategy.load_optimizer(model, parts.opt, state["opt"])
     except (ValueError, KeyError, RuntimeError) as e:
         raise ReproError(f"{path}: the optimizer state does not fit this model ({e}); was it saved for "
-                         "another model or config?") from None
-    restore_scaler_and_rng(state, path, scaler, rank=rank, world=world, note=note)
+                         "another model.model_type or config?") from None
+    restore_scaler_and_rng(state, path, parts.scaler, rank=ctx.rank, world=ctx.world, note=ctx.note)
     return int(state["step"]), state.get("data_order")
 
 

@@ -133,14 +133,15 @@ class MicroBatchStream:
     position and the step number, so reading ahead never changes what is trained on.
     """
 
-    def __init__(self, dataset, order: DataOrder, plan, rank: int, *, start_step: int, end_step: int, seed: int,
-                 lognorm: bool, dropout_prob: float, null_class: int, prefetch: int = 0, pin: bool = False,
-                 horizontal_flip: bool = True):
+    def __init__(self, dataset, order: DataOrder, plan, rank: int, cfg, *, start_step: int, end_step: int,
+                 dropout_prob: float, pin: bool = False):
         self.ds, self.order, self.plan, self.rank = dataset, order, plan, rank
         self.start_step, self.end_step = start_step, end_step
-        self.kw = dict(seed=seed, lognorm=lognorm, dropout_prob=dropout_prob, null_class=null_class,
-                       horizontal_flip=horizontal_flip)
-        self.prefetch, self.pin = prefetch, pin
+        # the draws of each sample: train.global_seed, transport.use_lognorm, the null label, data.horizontal_flip
+        self.kw = dict(seed=cfg.train.global_seed, lognorm=cfg.transport.use_lognorm, dropout_prob=dropout_prob,
+                       null_class=cfg.data.num_classes, horizontal_flip=cfg.data.horizontal_flip)
+        # data.num_workers > 0: a thread reads two optimizer steps ahead
+        self.prefetch, self.pin = 2 * plan.accum_steps if cfg.data.num_workers > 0 else 0, pin
         self._stop = threading.Event()
 
     def _produce(self) -> Iterator[tuple[int, int, MicroBatch, DataPosition]]:

@@ -38,7 +38,7 @@ from repro.models.lightningdit import build_model
 from repro.training import checkpoints as ckpt
 from repro.training.batches import plan_batches
 from repro.training.data_order import MicroBatchStream
-from repro.training.engine import run_dir_of, run_training
+from repro.training.engine import Trainer, run_dir_of, run_training
 from repro.training.grids import GridSampler
 from repro.training.step import StepRunner, make_optimizer, normalise_optimizer_state, take_over_label_dropout
 from repro.training.validation import make_validation
@@ -95,11 +95,10 @@ def train(cfg: Config, *, time_budget: Optional[float] = None) -> dict:
     return run_training(DiTTrainer(cfg), time_budget=time_budget)
 
 
-class DiTTrainer:
+class DiTTrainer(Trainer):
     """LightningDiT + flow matching on latent shards: what the engine needs from step 7."""
 
     what = "LightningDiT"
-    kit_info: dict = {}
     nan_advice = ("Lower optimizer.lr, set optimizer.max_grad_norm (e.g. 1.0) or model.use_qknorm=true (upstream's "
                   "advice for NaN losses), or train in fp32")
 
@@ -139,9 +138,8 @@ class DiTTrainer:
             use_compile_cache(paths.runs_dir() / "compile_cache")
             forward_model = CompiledOrEager(model, mode, "training", note=ctx.note)
         forward_model = strategy.wrap(forward_model)  # DDP with several processes; FSDP needs no wrapper
-        self.runner = StepRunner(model, forward_model, self.opt, self.scaler, self.ema, plan=self.plan,
-                                 precision=ctx.precision, device=ctx.device, max_grad_norm=cfg.optimizer.max_grad_norm,
-                                 use_cosine_loss=cfg.transport.use_cosine_loss)
+        self.runner = StepRunner(model, forward_model, self.opt, self.scaler, self.ema, self.plan, cfg,
+                                 precision=ctx.precision, device=ctx.device)
         self.grids = GridSampler(cfg, stats=self.ds.stats, device=ctx.device, precision=ctx.precision, note=ctx.note)
 
     def after_restore(self, ctx, kind, path, state, strategy) -> None:
@@ -167,13 +165,8 @@ class DiTTrainer:
 
     # --- The steps ----------------------------------------------------------------------------------
     def start(self, ctx, step: int, order) -> None:
-        cfg, plan = self.cfg, self.plan
-        self.order = order
-        self.stream = MicroBatchStream(self.ds, order, plan, ctx.rank, start_step=step, end_step=self.max_steps,
-                                       seed=cfg.train.global_seed, lognorm=cfg.transport.use_lognorm,
-                                       dropout_prob=self.dropout_prob, null_class=cfg.data.num_classes,
-                                       horizontal_flip=cfg.data.horizontal_flip,
-                                       prefetch=2 * plan.accum_steps if cfg.data.num_workers > 0 else 0,
+        self.stream = MicroBatchStream(self.ds, order, self.plan, ctx.rank, self.cfg, start_step=step,
+                                       end_step=self.max_steps, dropout_prob=self.dropout_prob,
                                        pin=ctx.device.type == "cuda")
         self.batches = iter(self.stream)
 
@@ -191,9 +184,6 @@ class DiTTrainer:
     @property
     def first_bad(self) -> torch.Tensor:
         return self.runner.first_bad
-
-    def lr(self) -> float:
-        return float(self.opt.param_groups[0]["lr"])
 
     def log_values(self, ctx) -> dict:
         runner = self.runner
@@ -223,9 +213,6 @@ class DiTTrainer:
             dist.barrier()
         return row, seconds
 
-    def export(self, state: dict, step: int) -> None:
-        """Nothing beside the checkpoint: step 4 samples from it directly."""
-
     # --- The result -----------------------------------------------------------------------------------
     def final_loss(self, ctx) -> Optional[float]:
         if not self.runner.steps_done:
@@ -234,9 +221,6 @@ class DiTTrainer:
         if ctx.world > 1:
             torch.distributed.all_reduce(total)
         return float(total) / self.plan.global_batch
-
-    def result(self, out: dict) -> dict:
-        return out
 
     def close(self) -> None:
         if self.stream is not None:

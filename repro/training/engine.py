@@ -14,22 +14,10 @@ notebook's death or scale to many GPUs is written once here:
 - the distributed strategy (`train.strategy`: DDP or FSDP2, `repro.training.strategy`), the compiled
   or eager forward, autocast precision, determinism, and the log backends (TensorBoard, W&B).
 
-A trainer supplies only what differs (`repro.training.dit`, `repro.tokenizer_training.trainer`): its
-config (`cfg`, `cfg.train`), `run_dir`, `what` (its name in messages) and `nan_advice`, and
-
-    open(ctx)                       data, batch plan (`plan`), `max_steps`, `num_items`, `data_dir`
-    choose_start(ckpt_dir, note)    (kind, path, state): 'resume', or the trainer's own starts, or None
-    build(ctx, strategy, kind)      `model` (all trained modules: the checkpoint's 'model'), `ema_source`,
-                                    `ema`, `opt` (with state_dict/load_state_dict), `scaler`, `lr()`
-    after_restore(ctx, kind, path, state, strategy)   what its own starts add (weight_init, notes)
-    describe(ctx, order)            the lines that open the run's log
-    start(ctx, step, order)         its batch stream from `step` on
-    train_step(step, order)         one optimizer step; advances `order.position`
-    first_bad                       a device tensor: the first step with a non-finite loss, or -1
-    log_values(ctx)                 means since the last log (a collective), then a new window
-    after_step(ctx, step, strategy) validation / sample grids: (row to log or None, seconds)
-    export(state, step)             rank 0 at each save: files beside the checkpoint (the tokenizer file)
-    final_loss(ctx), result(out)    the result dict; close()
+A trainer (`Trainer` below; `repro.training.dit`, `repro.tokenizer_training.trainer`) supplies only what
+differs: its data and batch plan, where its own runs may start, its modules and optimizer(s), one
+optimizer step with its loss, its log values, extra work at a step (validation, grids) and files beside
+a checkpoint (the tokenizer file).
 """
 
 from __future__ import annotations
@@ -68,7 +56,71 @@ class Context:
     notes: list[str] = field(default_factory=list)
 
 
-def run_training(trainer, *, time_budget: Optional[float] = None, device: Optional[str] = None) -> dict:
+class Trainer:
+    """What a trainer gives the engine. Set in `__init__`: `cfg` (its typed config; `cfg.train` holds the
+    engine's keys), `run_dir`, `seed`; in `open`: `plan`, `max_steps`, `num_items`, `data_dir`; in `build`:
+    `model` (every trained module: the checkpoint's 'model'), `ema_source`, `ema` (or None), `opt` (an
+    optimizer, or an object with `optimizers`, `state_dict`, `load_state_dict`), `scaler`, `first_bad` (a
+    device tensor: the first step whose loss was not finite, -1 for none)."""
+
+    what = "training"  # its name in messages
+    kit_info: dict = {}  # added to every checkpoint's `kit`
+    nan_advice = "Lower the learning rate or train in fp32"
+
+    def open(self, ctx: Context) -> None:
+        """Open the data; set plan, max_steps, num_items, data_dir."""
+        raise NotImplementedError
+
+    def choose_start(self, ckpt_dir: Path, note) -> tuple[Optional[str], Optional[str], Optional[dict]]:
+        """(kind, path, state) on rank 0: this run's newest checkpoint ('resume'), or None for a fresh run."""
+        found = ckpt.resume_point(ckpt_dir, self.cfg.train.resume, note)
+        return ("resume", str(found[0]), found[1]) if found else (None, None, None)
+
+    def build(self, ctx: Context, strategy, kind: Optional[str]) -> None:
+        raise NotImplementedError
+
+    def after_restore(self, ctx: Context, kind: Optional[str], path: Optional[str], state: Optional[dict],
+                      strategy) -> None:
+        """What the trainer's own starts add after the engine's restore (weight_init, notes)."""
+
+    def save_config(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def describe(self, ctx: Context, order: DataOrder) -> list[str]:
+        return []
+
+    def start(self, ctx: Context, step: int, order: DataOrder) -> None:
+        """Start reading batches from `step` on (a read-ahead stream, say)."""
+
+    def train_step(self, step: int, order: DataOrder) -> None:
+        """One optimizer step; advances `order.position`."""
+        raise NotImplementedError
+
+    def log_values(self, ctx: Context) -> dict:
+        """The means since the last log (a collective), then a new window."""
+        raise NotImplementedError
+
+    def lr(self) -> float:
+        return float(self.opt.param_groups[0]["lr"])
+
+    def after_step(self, ctx: Context, step: int, strategy) -> tuple[Optional[dict], float]:
+        """Extra work at this step: (a row to log now, or None; the seconds it took)."""
+        return None, 0.0
+
+    def export(self, state: dict, step: int) -> None:
+        """Rank 0, at each save, with the full state: files beside the checkpoint."""
+
+    def final_loss(self, ctx: Context) -> Optional[float]:
+        return None
+
+    def result(self, out: dict) -> dict:
+        return out
+
+    def close(self) -> None:
+        """Release what `start` opened."""
+
+
+def run_training(trainer: Trainer, *, time_budget: Optional[float] = None, device: Optional[str] = None) -> dict:
     """Train until the trainer's `max_steps` (or the time budget); returns the trainer's result dict."""
     t_start = time.monotonic()
     dist.init(device)
@@ -84,7 +136,7 @@ def run_training(trainer, *, time_budget: Optional[float] = None, device: Option
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def training_loop(trainer, *, device: torch.device, time_budget: Optional[float], t_start: float,
+def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Optional[float], t_start: float,
                   stops: Optional[StopSignals] = None) -> dict:
     # --- Processes, precision, the run folder and the data ----------------------------------------
     t = trainer.cfg.train
@@ -123,9 +175,7 @@ def training_loop(trainer, *, device: torch.device, time_budget: Optional[float]
     # --- Restore the starting state --------------------------------------------------------------
     step, position = 0, None
     if state is not None:
-        step, saved_position = ckpt.restore_training_state(
-            state, path, model=model, ema=ema, ema_source=trainer.ema_source, opt=opt, scaler=scaler, rank=rank,
-            world=world, note=log.info, strategy=strategy)
+        step, saved_position = ckpt.restore_training_state(state, path, trainer, ctx, strategy)
         position = DataPosition.from_dict(saved_position) if saved_position else None
         log.info(f"{'resumed from' if kind == 'resume' else 'initialised from train.ckpt'} {path} at step {step}")
         if "kit" in state and state["kit"].get("seeding") != SEEDING:
@@ -187,26 +237,23 @@ def training_loop(trainer, *, device: torch.device, time_budget: Optional[float]
             trainer.export(state, at_step)  # before the copy: what it writes is read from the live state now
             state = state if strategy.gathers_copies else writer.snapshot(state)
             # everything the write reads is taken now: the loop moves on while it runs
-            fixed = dict(scaler_state=scaler.state_dict(), step=at_step, data_order=order.position.to_dict(),
-                         rng=rng, last_good=last_saved or _newest(ckpt_dir))
-            stall = time.perf_counter() - t0
-            writer.submit(lambda: write(target, state, fixed, stall))
+            fixed = {"scaler": scaler.state_dict(), "step": at_step, "data_order": order.position.to_dict(), "rng": rng}
+            stall, last_good = time.perf_counter() - t0, last_saved or _newest(ckpt_dir)
+            writer.submit(lambda: write(target, state, fixed, stall, last_good))
         dist.barrier()
         last_saved, last_saved_step = target, at_step
         waited = time.perf_counter() - t0
         return waited + (writer.last_write_seconds if writer.last_write_seconds is not None else save_estimate)
 
-    def write(target: Path, state: dict, fixed: dict, stall: float) -> None:
+    def write(target: Path, state: dict, fixed: dict, stall: float, last_good: Optional[Path]) -> None:
         """Rank 0 (a background thread with train.async_save): the atomic write, then pruning."""
         t0 = time.perf_counter()
-        ckpt.save_training_checkpoint(
-            target, model_state=state["model"], ema_state=state["ema"], opt_state=state["opt"],
-            config=trainer.cfg.to_dict(),
-            kit={**trainer.kit_info, "world_size": world, "micro_batch": plan.micro_batch,
-                 "accum_steps": plan.accum_steps, "global_batch": plan.global_batch, "precision": precision,
-                 "device": device.type, "torch": str(torch.__version__), "seeding": SEEDING, "strategy": strategy.name,
-                 **identity},
-            keep_last=t.keep_last, **fixed)
+        kit = {**trainer.kit_info, "world_size": world, "micro_batch": plan.micro_batch,
+               "accum_steps": plan.accum_steps, "global_batch": plan.global_batch, "precision": precision,
+               "device": device.type, "torch": str(torch.__version__), "seeding": SEEDING, "strategy": strategy.name,
+               **identity}
+        ckpt.save_training_checkpoint(target, {**state, "config": trainer.cfg.to_dict(), **fixed, "kit": kit},
+                                      keep_last=t.keep_last, last_good=last_good)
         removed = ckpt.prune_checkpoints(ckpt_dir, t.keep_last)
         extra = f"; removed {len(removed)} older (train.keep_last={t.keep_last})" if removed else ""
         how = f"written in the background; the step loop waited {stall:.2f}s for the copy" if writer.background else ""

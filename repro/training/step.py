@@ -63,12 +63,12 @@ class StepRunner:
     """Runs optimizer steps; `model` is the raw module, `forward_model` what to call (DDP/compiled)."""
 
     def __init__(self, model: torch.nn.Module, forward_model, opt: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, ema, *, plan, precision: str, device: torch.device,
-                 max_grad_norm: Optional[float], use_cosine_loss: bool, channels_last: bool = False):
+                 scaler: torch.amp.GradScaler, ema, plan, cfg, *, precision: str, device: torch.device,
+                 channels_last: bool = False):
         self.model, self.forward_model, self.opt, self.scaler, self.ema = model, forward_model, opt, scaler, ema
         self.plan, self.precision, self.device = plan, precision, device
-        self.max_grad_norm = max_grad_norm
-        self.use_cosine_loss = use_cosine_loss
+        self.max_grad_norm = cfg.optimizer.max_grad_norm
+        self.use_cosine_loss = cfg.transport.use_cosine_loss
         self.channels_last = channels_last
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_scale = plan.world_size / plan.global_batch
