@@ -30,19 +30,16 @@ from typing import Callable, Optional
 import torch
 
 from repro import paths
-from repro.errors import Preempted, ReproError
+from repro.errors import Preempted
 from repro.training import checkpoints as ckpt
 from repro.training.data_order import DataOrder, DataPosition
 from repro.training.logs import RunLogger, window_progress
-from repro.training.saver import CheckpointWriter, check_shared_folder
+from repro.training.saver import RunSaver, check_shared_folder
 from repro.training.strategy import make_strategy
 from repro.utils import distributed as dist
 from repro.utils.hardware import default_device, resolve_precision, set_determinism
 from repro.utils.preemption import StopSignals, signal_name
 from repro.utils.seeding import SEEDING
-
-_NONE = 2 ** 62  # "no non-finite step" when taking the minimum over processes
-
 
 @dataclass
 class Context:
@@ -170,7 +167,7 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
     # --- Modules, EMA, optimizer(s), scaler: the same initial weights on every process ------------
     strategy = make_strategy(t, device, world)  # ddp: a replica per process; fsdp: sharded per unit
     trainer.build(ctx, strategy, kind)
-    model, ema, opt, scaler = trainer.model, trainer.ema, trainer.opt, trainer.scaler
+    scaler = trainer.scaler
 
     # --- Restore the starting state --------------------------------------------------------------
     step, position = 0, None
@@ -195,83 +192,30 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
     for line in trainer.describe(ctx, order):
         log.info(line)
     log.info(f"{plan.describe()}; {strategy.describe()}; precision {precision} on {device.type}")
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    checkpoint_bytes = 2 * weights + 2 * trained  # model + EMA + Adam's two moments
-    existing = ckpt.list_checkpoints(ckpt_dir)
-    last_saved, last_saved_step = (existing[-1][1], step) if existing and existing[-1][0] == step else (None, None)
-    writer = CheckpointWriter(background=t.async_save)
+    kit = {**trainer.kit_info, "world_size": world, "micro_batch": plan.micro_batch, "accum_steps": plan.accum_steps,
+           "global_batch": plan.global_batch, "precision": precision, "device": device.type,
+           "torch": str(torch.__version__), "seeding": SEEDING, "strategy": strategy.name, **identity}
+    saver = RunSaver(trainer, strategy, ctx, log, step=step, order=order, kit=kit)
 
     def result(stopped: str) -> dict:
-        newest = ckpt.list_checkpoints(ckpt_dir)
-        final = last_saved or (newest[-1][1] if newest else None)
-        return trainer.result({"step": step, "checkpoint": str(final) if final else None,
+        return trainer.result({"step": step, "checkpoint": str(saver.newest) if saver.newest else None,
                                "loss": trainer.final_loss(ctx), "run_dir": str(run_dir), "stopped": stopped,
                                "batch_plan": plan.describe(), "precision": precision})
 
-    def check_finite() -> None:
-        first = trainer.first_bad.clone()
-        if world > 1:
-            first = torch.where(first < 0, torch.full_like(first, _NONE), first)
-            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
-            first = torch.where(first == _NONE, torch.full_like(first, -1), first)
-        bad = int(first)
-        if bad >= 0:
-            last = f"{last_saved} (step {last_saved_step})" if last_saved else "none yet (no checkpoint was written)"
-            raise ReproError(f"non-finite loss (NaN/inf) at step {bad} in {trainer.what} run {run_dir}: training "
-                             f"stopped without saving; the last good checkpoint is {last}. {trainer.nan_advice}, "
-                             "then run again")
-
-    def save(at_step: int) -> float:
-        """Write checkpoint `at_step` (rank 0; on a background thread from a host copy with
-        train.async_save), prune old ones; returns the seconds a save costs the loop (copy + write)."""
-        nonlocal last_saved, last_saved_step
-        check_finite()
-        writer.wait()  # the previous write is complete (its error is raised here)
-        t0 = time.perf_counter()
-        state = strategy.full_state(model, ema, opt)  # fsdp: gathered to rank 0's host memory (collective)
-        rng = ckpt.rng_states_of_all_processes(world)
-        target = ckpt.checkpoint_path(run_dir, at_step)
-        if main:
-            ckpt.ensure_room(ckpt_dir, ckpt.tensor_bytes(state), t.keep_last, last_saved or _newest(ckpt_dir))
-            trainer.export(state, at_step)  # before the copy: what it writes is read from the live state now
-            state = state if strategy.gathers_copies else writer.snapshot(state)
-            # everything the write reads is taken now: the loop moves on while it runs
-            fixed = {"scaler": scaler.state_dict(), "step": at_step, "data_order": order.position.to_dict(), "rng": rng}
-            stall, last_good = time.perf_counter() - t0, last_saved or _newest(ckpt_dir)
-            writer.submit(lambda: write(target, state, fixed, stall, last_good))
-        dist.barrier()
-        last_saved, last_saved_step = target, at_step
-        waited = time.perf_counter() - t0
-        return waited + (writer.last_write_seconds if writer.last_write_seconds is not None else save_estimate)
-
-    def write(target: Path, state: dict, fixed: dict, stall: float, last_good: Optional[Path]) -> None:
-        """Rank 0 (a background thread with train.async_save): the atomic write, then pruning."""
-        t0 = time.perf_counter()
-        kit = {**trainer.kit_info, "world_size": world, "micro_batch": plan.micro_batch,
-               "accum_steps": plan.accum_steps, "global_batch": plan.global_batch, "precision": precision,
-               "device": device.type, "torch": str(torch.__version__), "seeding": SEEDING, "strategy": strategy.name,
-               **identity}
-        ckpt.save_training_checkpoint(target, {**state, "config": trainer.cfg.to_dict(), **fixed, "kit": kit},
-                                      keep_last=t.keep_last, last_good=last_good)
-        removed = ckpt.prune_checkpoints(ckpt_dir, t.keep_last)
-        extra = f"; removed {len(removed)} older (train.keep_last={t.keep_last})" if removed else ""
-        how = f"written in the background; the step loop waited {stall:.2f}s for the copy" if writer.background else ""
-        log.info(f"saved checkpoint {target} ({time.perf_counter() - t0:.1f}s{'; ' + how if how else ''}){extra}")
-
     if step >= max_steps:
         log.info(f"nothing to do: step {step} already reaches the run's {max_steps} steps")
+        saver.close()
         strategy.close()
         log.close()
         return result("already_done")
-    if main and (room := ckpt.disk_room_note(ckpt_dir, existing, step, t, max_steps, checkpoint_bytes)):
+    if main and (room := saver.disk_room_note(step)):
         log.info(room)
 
     # --- The step loop --------------------------------------------------------------------------
     trainer.start(ctx, step, order)
     stopped = "max_steps"
     step_time: Optional[float] = None
-    save_time = save_estimate = checkpoint_bytes / 100e6 + 0.5  # seconds at ~100 MB/s, until a save is measured
+    save_time = saver.estimate
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < max_steps:
@@ -302,7 +246,7 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
 
             # Log: the one host synchronisation of a log window.
             if step % t.log_every == 0 or step == max_steps or extra_row is not None:
-                check_finite()
+                saver.check_finite()
                 seconds = time.perf_counter() - window_start
                 row = trainer.log_values(ctx)
                 row.update(images_per_sec=window_steps * plan.global_batch / seconds,
@@ -316,35 +260,35 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
 
             # Checkpoint.
             if step % t.ckpt_every == 0 or step == max_steps:
-                save_time = save(step) + extra_seconds
+                save_time = saver.save(step) + extra_seconds
 
         # --- Finish: a signal or a time-budget stop saves where it stands ----------------------------
         if stopped.startswith("signal:"):  # kit (issue 12)
             signum = int(stopped.split(":")[1])
-            fresh = step != last_saved_step and step > 0
+            fresh = step != saver.last_saved_step and step > 0
             if fresh:
-                save(step)
-            writer.wait()  # on disk (and its error raised) before the message says so
+                saver.save(step)
+            saver.wait()  # on disk (and its error raised) before the message says so
             dist.barrier()
-            written = (f"checkpoint written: {last_saved}" if fresh else f"newest checkpoint: {last_saved}"
-                       if last_saved else "no checkpoint (no optimizer step was taken)")
+            written = (f"checkpoint written: {saver.last_saved}" if fresh else f"newest checkpoint: {saver.last_saved}"
+                       if saver.last_saved else "no checkpoint (no optimizer step was taken)")
             message = (f"stopped by {signal_name(signum)} at step {step} of run {run_dir}; {written}; resume with "
                        "the same command")
             log.info(message, echo=False)
             raise Preempted(message, signum)
         if stopped == "time_budget":
-            saving = step != last_saved_step and step > 0
+            saving = step != saver.last_saved_step and step > 0
             log.info(f"time budget of {time_budget:.0f}s nearly used ({time.monotonic() - t_start:.0f}s elapsed) at "
                      f"step {step} of {max_steps}: {'saving and stopping' if saving else 'stopping (nothing new to save)'}"
                      "; run the same command again to continue")
             if saving:
-                save(step)
-        writer.wait()  # the last checkpoint is on disk before any process returns
+                saver.save(step)
+        saver.wait()  # the last checkpoint is on disk before any process returns
         dist.barrier()
         return result(stopped)
     finally:
         trainer.close()
-        writer.close()
+        saver.close()
         strategy.close()
         log.close()
 
@@ -352,8 +296,3 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
 def run_dir_of(cfg) -> Path:
     """`train.output_dir/train.exp_name`, a `runs:REL` output folder under the runs folder."""
     return paths.runs_path(cfg.train.output_dir) / cfg.train.exp_name
-
-
-def _newest(ckpt_dir: Path) -> Optional[Path]:
-    found = ckpt.list_checkpoints(ckpt_dir)
-    return found[-1][1] if found else None

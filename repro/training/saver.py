@@ -7,6 +7,9 @@ waits only for the copy; the next save, and the end of the run, first wait for t
 (re-raising its error, if any). `train.async_save=false` writes in the loop as before. The cost:
 host memory for one copy of the checkpoint (~10.8 GB for XL/1) while the run lasts.
 
+`RunSaver`: a run's checkpoints (the engine's): refuses to save non-finite weights, writes checkpoint N
+through the writer with everything a resume needs, prunes, and lets the trainer write its files beside it.
+
 `check_shared_folder`: with several processes only rank 0 writes checkpoints, logs and the config, and
 every rank later resumes from those files, so the run folder must be on a filesystem all nodes share.
 Rank 0 writes a probe file there and every rank must read it back; otherwise the run stops at its
@@ -24,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from repro.errors import ReproError
+from repro.training import checkpoints as ckpt
 from repro.utils import distributed as dist
 
 
@@ -89,6 +93,96 @@ class CheckpointWriter:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+
+
+class RunSaver:
+    """Checkpoints of one run: `save(step)` on every rank (rank 0 writes), `check_finite()` at each log."""
+
+    def __init__(self, trainer, strategy, ctx, log, *, step: int, order, kit: dict):
+        self.trainer, self.strategy, self.ctx, self.log, self.order, self.kit = trainer, strategy, ctx, log, order, kit
+        self.t = trainer.cfg.train
+        self.ckpt_dir = ckpt.checkpoint_dir(trainer.run_dir)
+        self.existing = ckpt.list_checkpoints(self.ckpt_dir)
+        found = self.existing and self.existing[-1][0] == step  # the run resumed from its newest checkpoint
+        self.last_saved, self.last_saved_step = (self.existing[-1][1], step) if found else (None, None)
+        params = list(trainer.model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in params)
+        trained = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        self.checkpoint_bytes = 2 * weights + 2 * trained  # model + EMA + Adam's two moments
+        self.estimate = self.checkpoint_bytes / 100e6 + 0.5  # seconds at ~100 MB/s, until a save is measured
+        self.writer = CheckpointWriter(background=self.t.async_save)
+
+    @property
+    def newest(self) -> Optional[Path]:
+        found = ckpt.list_checkpoints(self.ckpt_dir)
+        return self.last_saved or (found[-1][1] if found else None)
+
+    def disk_room_note(self, step: int) -> Optional[str]:
+        return ckpt.disk_room_note(self.ckpt_dir, self.existing, step, self.t, self.trainer.max_steps,
+                                   self.checkpoint_bytes)
+
+    def check_finite(self) -> None:
+        """Raise, on every process alike, when any process saw a non-finite loss (the last good checkpoint kept)."""
+        first = self.trainer.first_bad.clone()
+        if self.ctx.world > 1:  # the earliest bad step over the processes; -1 (none) must not win the minimum
+            none = torch.full_like(first, 2 ** 62)
+            first = torch.where(first < 0, none, first)
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+            first = torch.where(first == none, torch.full_like(first, -1), first)
+        bad = int(first)
+        if bad >= 0:
+            last = (f"{self.last_saved} (step {self.last_saved_step})" if self.last_saved
+                    else "none yet (no checkpoint was written)")
+            raise ReproError(f"non-finite loss (NaN/inf) at step {bad} in {self.trainer.what} run "
+                             f"{self.trainer.run_dir}: training stopped without saving; the last good checkpoint is "
+                             f"{last}. {self.trainer.nan_advice}, then run again")
+
+    def save(self, at_step: int) -> float:
+        """Write checkpoint `at_step` (rank 0; on a background thread from a host copy with
+        train.async_save), prune old ones; returns the seconds a save costs the loop (copy + write)."""
+        self.check_finite()
+        self.writer.wait()  # the previous write is complete (its error is raised here)
+        t0 = time.perf_counter()
+        trainer = self.trainer
+        # Gathered to rank 0's host memory under fsdp, and every process's RNG states: collectives
+        state = self.strategy.full_state(trainer.model, trainer.ema, trainer.opt)
+        rng = ckpt.rng_states_of_all_processes(self.ctx.world)
+        target = ckpt.checkpoint_path(trainer.run_dir, at_step)
+        if self.ctx.main:
+            last_good = self.last_saved or self._newest()
+            ckpt.ensure_room(self.ckpt_dir, ckpt.tensor_bytes(state), self.t.keep_last, last_good)
+            trainer.export(state, at_step)  # before the copy: what it writes is read from the live state now
+            state = state if self.strategy.gathers_copies else self.writer.snapshot(state)
+            # everything the write reads is taken now: the loop moves on while it runs
+            fixed = {"config": trainer.cfg.to_dict(), "scaler": trainer.scaler.state_dict(), "step": at_step,
+                     "data_order": self.order.position.to_dict(), "rng": rng, "kit": self.kit}
+            stall = time.perf_counter() - t0
+            self.writer.submit(lambda: self._write(target, {**state, **fixed}, stall, last_good))
+        dist.barrier()
+        self.last_saved, self.last_saved_step = target, at_step
+        waited = time.perf_counter() - t0
+        last = self.writer.last_write_seconds
+        return waited + (last if last is not None else self.estimate)
+
+    def _write(self, target: Path, state: dict, stall: float, last_good: Optional[Path]) -> None:
+        """Rank 0 (a background thread with train.async_save): the atomic write, then pruning."""
+        t0 = time.perf_counter()
+        ckpt.save_training_checkpoint(target, state, keep_last=self.t.keep_last, last_good=last_good)
+        removed = ckpt.prune_checkpoints(self.ckpt_dir, self.t.keep_last)
+        extra = f"; removed {len(removed)} older (train.keep_last={self.t.keep_last})" if removed else ""
+        how = (f"; written in the background; the step loop waited {stall:.2f}s for the copy"
+               if self.writer.background else "")
+        self.log.info(f"saved checkpoint {target} ({time.perf_counter() - t0:.1f}s{how}){extra}")
+
+    def _newest(self) -> Optional[Path]:
+        found = ckpt.list_checkpoints(self.ckpt_dir)
+        return found[-1][1] if found else None
+
+    def wait(self) -> None:
+        self.writer.wait()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _collect(obj: Any, out: list[torch.Tensor]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 
