@@ -64,6 +64,7 @@ class VAEConfig:
     ckpt_path: Optional[str] = None  # kit: the VA-VAE weights file
     ch: int = 128  # kit: base width (128 official; 32 for CPU tests)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # kit: decode precision: fp32 keeps images within 1 level of upstream
+    siglip_path: Optional[str] = None  # kit: SigLIP2 weights for VFM-VAE encoding when its checkpoint lacks them
 
 
 @dataclass

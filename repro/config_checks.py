@@ -45,7 +45,7 @@ SAMPLING_METHODS = ("euler", "midpoint", "heun2", "rk4", "dopri5")  # = repro.tr
 # upstream passes sample.sampling_method to torchdiffeq.odeint, which also knows these
 TORCHDIFFEQ_ONLY_METHODS = ("dopri8", "bosh3", "fehlberg2", "adaptive_heun", "heun3", "explicit_adams",
                             "implicit_adams", "fixed_adams", "scipy_solver")
-VAE_MODELS = ("vavae_f16d32", "custom")  # custom: repro.tokenizer.loader (step 9)
+VAE_MODELS = ("vavae_f16d32", "custom", "vfm_vae_f16d32")  # vfm_vae: repro.tokenizer.vfm_vae  # custom: repro.tokenizer.loader (step 9)
 
 
 def _suggest(value: Any, choices: Iterable[str]) -> str:
@@ -91,6 +91,9 @@ def check_supported(cfg) -> None:
                 "and one trained by step 9 ('custom'); another tokenizer's latents would be decoded by the wrong VAE",
                 "set vae.model_name: vavae_f16d32 with VA-VAE f16d32 weights (vae.ckpt_path) and latents, or "
                 "vae.model_name: custom with a tokenizer of step 9")
+    if v.model_name == "vfm_vae_f16d32" and v.downsample_ratio != 16:
+        _refuse("vae.downsample_ratio", v.downsample_ratio, "vae.model_name vfm_vae_f16d32 downsamples by 16",
+                "set vae.downsample_ratio: 16")
     if v.model_name == "vavae_f16d32" and v.downsample_ratio != 16:
         _refuse("vae.downsample_ratio", v.downsample_ratio, "vae.model_name vavae_f16d32 downsamples by 16",
                 "set vae.downsample_ratio: 16 (or vae.model_name: custom for a tokenizer of step 9)")

@@ -216,6 +216,9 @@ def fetch_assets(names: list[str] | None = None, dest: str | os.PathLike | None 
     # What to fetch, and where files may already be (a missing search folder is said, not an error).
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     specs = m.select(names)
+    for spec in specs:  # a restricted licence is said before the file is used (kit: VFM-VAE's non-commercial files)
+        if spec.licence and "non-commercial" in spec.licence.lower():
+            print(f"{spec.name}: licence {spec.licence}", flush=True)
     settings = hub_settings(offline)
     dest = Path(dest).expanduser() if dest is not None else None
     search_dirs = m.active_search_dirs()

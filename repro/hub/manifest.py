@@ -28,7 +28,7 @@ DEFAULT_MANIFEST = resources.configs_dir() / "assets.yaml"  # the checkout's, or
 
 _TOP_KEYS = ("version", "search_dirs", "assets")
 _ASSET_KEYS = ("repo_id", "filename", "revision", "repo_type", "url", "size", "sha256", "approx_size",
-               "description", "group")
+               "description", "group", "licence")
 _SEARCH_KEYS = ("path", "when")
 # Platforms a search dir can be limited to, with how each is detected (besides the folder existing).
 _PLATFORM_ENV = {"kaggle": "KAGGLE_KERNEL_RUN_TYPE", "colab": "COLAB_RELEASE_TAG"}
@@ -53,6 +53,7 @@ class AssetSpec:
     size: int | None = None
     sha256: str | None = None
     group: str | None = None  # kit (issue 16): fetched only when named, by its own or the group's name
+    licence: str | None = None  # kit: the file's licence, said when step 2 fetches a restricted one
 
     @property
     def is_hf(self) -> bool:
@@ -142,7 +143,7 @@ def _parse_asset(name: str, raw: Any, src: Path) -> AssetSpec:
     repo_id, url = raw.get("repo_id"), raw.get("url")
     if (repo_id is None) == (url is None):
         raise ReproError(f"{where}: give exactly one of 'repo_id' (Hugging Face file) or 'url' (plain URL)")
-    for key in ("repo_id", "url", "filename", "revision", "repo_type", "sha256", "description"):
+    for key in ("repo_id", "url", "filename", "revision", "repo_type", "sha256", "description", "licence"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise ReproError(f"{where}: key {key!r} must be a string, got {raw[key]!r}")
     if repo_id is not None and not _REPO_ID.match(repo_id):
@@ -179,7 +180,7 @@ def _parse_asset(name: str, raw: Any, src: Path) -> AssetSpec:
         raise ReproError(f"{where}: key 'group' must be a name (letters, digits, '.', '-', '_'), got {group!r}")
     return AssetSpec(name=name, filename=filename, description=raw.get("description") or name,
                      approx_size=approx, repo_id=repo_id, revision=raw.get("revision") or "main",
-                     repo_type=repo_type, url=url, size=size, sha256=sha, group=group)
+                     repo_type=repo_type, url=url, size=size, sha256=sha, group=group, licence=raw.get("licence"))
 
 
 def _parse_search_dir(i: int, raw: Any, src: Path) -> SearchDir:

@@ -158,7 +158,7 @@ def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, prec
     model = build_model(cfg.model, input_size=latent, num_classes=cfg.data.num_classes)
     load_checkpoint(model, cfg.ckpt_path)
     model = model.eval().requires_grad_(False).to(device)
-    vae = load_vae(cfg.vae, device=device)  # the official VA-VAE, or a tokenizer of step 9 (vae.model_name: custom)
+    vae = load_vae(cfg.vae, device=device, encoder=False)  # decodes only (VFM-VAE: no SigLIP2 tower)
     if getattr(vae, "embed_dim", cfg.model.in_chans) != cfg.model.in_chans:
         raise ReproError(f"the tokenizer {cfg.vae.ckpt_path} makes {vae.embed_dim}-channel latents but "
                          f"model.in_chans is {cfg.model.in_chans}: set model.in_chans={vae.embed_dim}")

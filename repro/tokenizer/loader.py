@@ -32,6 +32,7 @@ from repro.utils.io import atomic_save_safetensors
 TOKENIZER_FORMAT = "repro-tokenizer/1"
 HEADER_KEY = "repro-tokenizer"
 CUSTOM = "custom"  # vae.model_name of a tokenizer trained by step 9
+VFM_VAE = "vfm_vae_f16d32"  # vae.model_name of the VFM-VAE (repro.tokenizer.vfm_vae_load)
 # AutoencoderKL keyword arguments that make up an architecture, with their types
 ARCH_FIELDS = {"ch": int, "ch_mult": list, "num_res_blocks": int, "attn_resolutions": list, "z_channels": int,
                "embed_dim": int, "resolution": int, "norm_groups": int}
@@ -139,7 +140,7 @@ def _check_against_header(tensors: dict, expected: dict[str, tuple], path: Path)
                                   f"needs {shape}: the file is damaged; save it again")
 
 
-def load_vae(vae_cfg, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_vae(vae_cfg, device: str | torch.device = "cpu", encoder: bool = True) -> torch.nn.Module:
     """The tokenizer a config's `vae` section names, loaded strictly, eval mode, frozen.
 
     `vavae_f16d32`: the official file (`load_vavae`, width `vae.ch`); `custom`: a step-9 file whose header's
@@ -148,6 +149,10 @@ def load_vae(vae_cfg, device: str | torch.device = "cpu") -> torch.nn.Module:
     path = vae_cfg.ckpt_path
     if not path:
         raise ConfigError("config key 'vae.ckpt_path' is not set: give the tokenizer weights file")
+    if vae_cfg.model_name == VFM_VAE:  # `encoder=False`: decoding only, no SigLIP2 weights needed
+        from repro.tokenizer.vfm_vae_load import load_vfm_vae
+
+        return load_vfm_vae(path, with_encoder=encoder, siglip_path=getattr(vae_cfg, "siglip_path", None), device=device)
     if vae_cfg.model_name != CUSTOM:
         if read_tokenizer_header(path) is not None:
             raise ConfigError(f"vae.ckpt_path {path} is a tokenizer trained by step 9, but vae.model_name is "

@@ -87,7 +87,7 @@ class GridSampler:
         if self._vae is None:
             from repro.tokenizer.loader import load_vae
 
-            self._vae = load_vae(self.cfg.vae, device=self.device)  # official VA-VAE or step 9's (kit: issue 13)
+            self._vae = load_vae(self.cfg.vae, device=self.device, encoder=False)  # decodes only (kit: issue 13)
         return self._vae
 
     def images(self, model) -> np.ndarray:
