@@ -36,7 +36,7 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 class Samples(list):
-    """The images of one call (PIL images, or uint8 arrays with output_type='np'), with `.latents`
+    """The PIL images of one call (output_type 'np': one (N, H, W, 3) uint8 array instead), with `.latents`
     (N, C, h, w) float32 on the CPU (model space, before de-normalisation), `.labels` and `.seed`."""
 
     latents: torch.Tensor
@@ -115,20 +115,24 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, set: Optional[Sequence[str]] = None,
                         revision: str = "main", device: Optional[str] = None, precision: Optional[str] = None,
-                        compile: Optional[str | bool] = None) -> "Pipeline":
+                        compile: Optional[str | bool] = None,
+                        class_names: Optional[Sequence[str] | str] = None) -> "Pipeline":
         """Load from a preset, an asset name, a run folder, an exported folder, a YAML file or a Hub repo id;
-        `set` overrides config keys as `--set` does ("sample.cfg_scale=4.0")."""
+        `set` overrides config keys as `--set` does ("sample.cfg_scale=4.0"); `class_names` (in label order, or
+        a file with one a line) name the classes when neither step 6's record nor ImageNet's list applies."""
         from repro.hub.export import INDEX, read_export
 
         text, overrides = str(name_or_path), list(set or [])
         path = Path(text).expanduser()
-        kw = dict(device=device, precision=precision, compile=compile)
+        kw: dict[str, Any] = dict(device=device, precision=precision, compile=compile)
+        if class_names is not None:
+            kw["class_names"] = class_names
         # A folder: an export, or a run of step 7.
         if path.is_dir():
             if (path / INDEX).is_file():
                 cfg, info = read_export(path, overrides)
-                return cls(_with_assets(cfg), source=str(path), class_names=info.get("class_names"),
-                           step=info.get("step"), metrics=info.get("metrics"), **kw)
+                return cls(_with_assets(cfg), source=str(path), **{"class_names": info.get("class_names"), **kw},
+                           step=info.get("step"), metrics=info.get("metrics"))
             if (path / "config.yaml").is_file():
                 return cls._from_run(path, overrides, **kw)
             raise ReproError(f"{path} is a folder but holds neither {INDEX} (an export: Pipeline.export) nor "
@@ -147,8 +151,8 @@ class Pipeline:
 
         folder = fetch_shared(text, revision=revision)
         cfg, info = read_export(folder, overrides)
-        return cls(_with_assets(cfg), source=text, class_names=info.get("class_names"), step=info.get("step"),
-                   metrics=info.get("metrics"), **kw)
+        return cls(_with_assets(cfg), source=text, **{"class_names": info.get("class_names"), **kw},
+                   step=info.get("step"), metrics=info.get("metrics"))
 
     @classmethod
     def _from_config(cls, base: str, overrides: list[str], **kw) -> "Pipeline":
@@ -177,7 +181,7 @@ class Pipeline:
     def __call__(self, labels: Optional[int | str | Sequence[int | str]] = None, *, num_images: Optional[int] = None,
                  seed: Optional[int] = None, num_steps: Optional[int] = None, guidance: Optional[float] = None,
                  precision: Optional[str] = None, batch_size: Optional[int] = None,
-                 output_type: str = "pil") -> Samples | torch.Tensor:
+                 output_type: str = "pil") -> Samples | torch.Tensor | Any:
         """Images for `labels` (class ids or names, cycled to `num_images`; None: step 4's random labels).
         `num_steps`, `guidance` (the CFG scale) and `precision` override the config for this call."""
         from repro.data.class_names import resolve_labels
@@ -217,12 +221,11 @@ class Pipeline:
         import numpy as np
 
         arrays = np.concatenate(pixels)
-        if output_type == "pil":
-            from PIL import Image
+        if output_type == "np":
+            return arrays
+        from PIL import Image
 
-            out = Samples(Image.fromarray(a) for a in arrays)
-        else:
-            out = Samples(arrays)
+        out = Samples(Image.fromarray(a) for a in arrays)
         out.latents, out.labels, out.seed = latents, all_labels.tolist(), seed
         return out
 

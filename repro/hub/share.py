@@ -38,10 +38,10 @@ def _hub_failure(action: str, repo_id: str, endpoint: str, exc: BaseException) -
     """One line for a failed push: the repo, the endpoint, the HTTP status or the transport error, the fix."""
     from repro.hub.client import http_status, is_transport_error
 
-    if is_transport_error(exc):
+    status = http_status(exc)
+    if status == "?" and is_transport_error(exc):  # an HTTP error's class may derive from its transport's
         return NetworkError(f"{action} {repo_id}: cannot reach {endpoint} ({type(exc).__name__}); check the network "
                             "or HF_ENDPOINT, then run again")
-    status = http_status(exc)
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
     fix = ("set HF_TOKEN to a token with write access (or run `hf auth login`)" if status in (401, 403)
            else "check the repo id and try again")
