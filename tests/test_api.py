@@ -165,3 +165,18 @@ def test_wrong_names_are_one_line(tiny, tmp_path):
         tiny([1], output_type="pt")
     with pytest.raises(ReproError, match=r"label 'golden retriever' is a name, but this config's 10 classes have no names"):
         tiny(["golden retriever"])
+
+
+def test_step11_exports_and_a_refused_pickle_names_it(tiny_runs, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from repro.models.checkpoint import CheckpointError, read_checkpoint
+    from steps import step11_export
+
+    monkeypatch.setenv("REPRO_RUNS_DIR", str(tiny_runs))
+    result = step11_export.cli(["--from", "tiny", "--out", str(tmp_path / "export")])
+    assert "model.safetensors" in result["files"] and "exported LightningDiT-T/1" in capsys.readouterr().out
+    assert Pipeline.from_pretrained(result["folder"]).config.model.model_type == "LightningDiT-T/1"
+    torch.save({"ema": {}, "hook": os.system}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"EMA-only safetensors export of a kit run: `python -m steps.step11_export"):
+        read_checkpoint(tmp_path / "evil.pt")
