@@ -62,7 +62,10 @@ def _metrics(metrics: Optional[dict]) -> list[str]:
                  f"({metrics.get('reference_kind', 'reference')})."]
     sampler = metrics.get("sampler")
     if isinstance(sampler, dict) and sampler:
-        rows.append("Sampler: " + ", ".join(f"{k} {v}" for k, v in sampler.items() if not isinstance(v, dict)) + ".")
+        shown = [f"{k} {v}" for k, v in sampler.items()  # settings, not the measuring machine's paths
+                 if not isinstance(v, dict) and not str(v).startswith(("/", "~")) and not k.endswith(("path", "config"))]
+        if shown:
+            rows.append("Sampler: " + ", ".join(shown) + ".")
     return rows
 
 
