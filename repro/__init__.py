@@ -7,3 +7,12 @@ __version__ = "0.1.0"
 # a local checkout, a wheel). PLACEHOLDER until the project's public repository is fixed: the team lead
 # sets the real URL here and rebuilds the notebooks (python notebooks/build_all.py).
 KIT_SOURCE = "git+https://github.com/hustvl-repro/repro-kit.git"
+
+
+def __getattr__(name: str):
+    """`from repro import Pipeline` loads repro.api on first use, so `import repro` stays light (no torch)."""
+    if name == "Pipeline":
+        from repro.api import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'repro' has no attribute {name!r}")

@@ -29,6 +29,13 @@ the /resolve answer), `status` (key -> an HTTP status /resolve answers instead),
 starting at 0 whatever was asked), `drop_after` (key -> n: hang up after n body bytes of every
 answer), `extra` (key -> bytes appended to the served body, the advertised size unchanged).
 
+Uploads, as huggingface_hub's `HfApi.create_repo` / `upload_folder` / `create_commit` speak them: POST
+`/api/repos/create` (409 when the repo exists), POST `/api/validate-yaml` (a README's front matter, parsed), POST `/api/models/{repo}/preupload/{rev}` (every file
+"regular": the client then sends the bytes inside the commit, so no LFS or Xet transfer is needed; that
+keeps the fake small while the client runs its real upload path) and POST `/api/models/{repo}/commit/{rev}`
+(ndjson: the files are stored, served back as non-LFS files, and the hub's `revision_sha` moves to a new
+commit). `write_token`, when set, is the one token that may create repos and commit (401/403 otherwise).
+
 What tests look at: `requests` lists every request as (method, path, headers), path including the
 query, headers a dict with lower-case names; `count(method, contains)` and `ranges()` summarise them;
 `sent` counts the body bytes written per key until the client hung up.
@@ -36,7 +43,9 @@ query, headers a dict with lower-case names; `count(method, contains)` and `rang
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -92,6 +101,10 @@ class FakeHub:
         self.extra: dict = {}
         self.sent: dict = {}  # key -> body bytes written to clients so far (all answers)
         self.requests: list[tuple[str, str, dict]] = []
+        self.write_token: str | None = None
+        self.commits: list[dict] = []
+        self.created: set = set()
+        self.validated: list[str] = []  # model cards whose YAML front matter the client had checked  # {"repo", "summary", "files": [paths]} per commit received
         self._servers: list[ThreadingHTTPServer] = []
         self.endpoint = self.cdn = ""
 
@@ -111,6 +124,10 @@ class FakeHub:
         return cls(files, plain=plain, **kwargs)
 
     # -- what tests look at -------------------------------------------------------------------------
+    def repos(self) -> set:
+        """The repos that exist: created through the API, or holding a file."""
+        return self.created | {r for r, _ in self.files}
+
     def sha256(self, key) -> str:
         """The advertised sha256 of a served file (key: (repo_id, filename) or a plain name)."""
         return _sha256(self.files[key] if isinstance(key, tuple) else self.plain[key])
@@ -166,6 +183,65 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._handle(body=True)
 
+    def do_POST(self) -> None:
+        hub = self.hub
+        hub.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+        payload = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = unquote(urlsplit(self.path).path)
+        if hub.write_token is not None and self.headers.get("Authorization") != f"Bearer {hub.write_token}":
+            status = 401 if self.headers.get("Authorization") is None else 403
+            return self._json(status, {"error": "Invalid credentials"}, {"X-Error-Message": "Invalid credentials"})
+        if path == "/api/validate-yaml":  # a model card's front matter, checked before an upload (huggingface_hub 1.x+)
+            content = json.loads(payload).get("content", "")
+            front = content.split("---", 2)[1] if content.startswith("---") and content.count("---") >= 2 else ""
+            try:
+                yaml.safe_load(front)
+            except yaml.YAMLError as e:
+                return self._json(400, {"errors": [{"message": f"invalid YAML: {e}"}]})
+            hub.validated.append(content)
+            return self._json(200, {"errors": [], "warnings": []})
+        if path == "/api/repos/create":
+            spec = json.loads(payload)
+            repo_id = f"{spec['organization']}/{spec['name']}" if spec.get("organization") else spec["name"]
+            if repo_id in hub.repos():
+                return self._json(409, {"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo_id}"})
+            hub.created.add(repo_id)
+            return self._json(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id, "id": repo_id})
+        for action in ("preupload", "commit"):
+            marker = f"/{action}/"
+            if path.startswith("/api/models/") and marker in path:
+                repo_id = path[len("/api/models/"):path.index(marker)]
+                if repo_id not in hub.repos():
+                    return self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                return getattr(self, f"_{action}")(repo_id, payload)
+        self._json(404, {"error": "unknown route"})
+
+    def _preupload(self, repo_id: str, payload: bytes) -> None:
+        files = json.loads(payload)["files"]
+        self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                                   for f in files]})
+
+    def _commit(self, repo_id: str, payload: bytes) -> None:
+        hub, added, summary = self.hub, [], ""
+        for line in payload.splitlines():
+            item = json.loads(line)
+            if item["key"] == "header":
+                summary = item["value"].get("summary", "")
+            elif item["key"] == "file":
+                key = (repo_id, item["value"]["path"])
+                hub.files[key] = base64.b64decode(item["value"]["content"])
+                hub.non_lfs.add(key)
+                added.append(key[1])
+            else:
+                return self._json(400, {"error": f"the fake hub takes regular files only, got {item['key']}"})
+        hub.revision_sha = hashlib.sha1(f"{hub.revision_sha}{summary}{added}".encode()).hexdigest()
+        hub.commits.append({"repo": repo_id, "summary": summary, "files": added})
+        self._json(200, {"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{hub.revision_sha}",
+                         "commitOid": hub.revision_sha, "pullRequestUrl": None})
+
+    def _json(self, status: int, obj: dict, headers: Mapping[str, str] | None = None) -> None:
+        self._reply(status, {"Content-Type": "application/json", **(headers or {})}, json.dumps(obj).encode(), True)
+
     # -- routing -----------------------------------------------------------------------------------
     def _handle(self, body: bool) -> None:
         hub = self.hub
@@ -192,8 +268,7 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id, _, rest = path.lstrip("/").partition("/resolve/")
         revision, _, filename = rest.partition("/")
         repo_id, revision, filename = unquote(repo_id), unquote(revision), unquote(filename)
-        repos = {r for r, _ in hub.files}
-        if repo_id not in repos:
+        if repo_id not in hub.repos():
             return self._reply(404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},
                                b"Repository not found", body)
         if repo_id in hub.gated:

@@ -16,7 +16,7 @@ from steps import step3_configs, step5_fix_stats
 from tests.conftest import PROJECT_ROOT
 
 STEPS = ["step1_install", "step2_download", "step3_configs", "step4_inference", "step5_fix_stats", "step6_extract",
-         "step7_train", "step8_evaluate", "step9_train_tokenizer", "step10_evaluate_tokenizer"]
+         "step7_train", "step8_evaluate", "step9_train_tokenizer", "step10_evaluate_tokenizer", "step11_export"]
 WITH_CONFIG = ["step3_configs", "step4_inference", "step5_fix_stats", "step6_extract", "step7_train",
                "step9_train_tokenizer", "step10_evaluate_tokenizer"]  # the steps that take --config and --set
 

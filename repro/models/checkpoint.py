@@ -58,7 +58,8 @@ def _load_with_placeholders(path: Path, error: pickle.UnpicklingError) -> Any:
     if not names or refused:
         raise CheckpointError(
             f"{path} holds Python objects that a weights-only load refuses ({', '.join(refused[:5]) or error}); "
-            "they are not executed. Use the official file or a safetensors export of its weights"
+            "they are not executed. Use the official file, or an EMA-only safetensors export of a kit run: "
+            "`python -m steps.step11_export --from RUN_FOLDER --out DIR` (Pipeline.from_pretrained(RUN).export(DIR))"
         ) from None
     stubs = [(type(n.rpartition(".")[2], (MetadataPlaceholder,), {"original": n}), n) for n in names]
     with torch.serialization.safe_globals(stubs):
@@ -96,7 +97,8 @@ def read_checkpoint(path: str | os.PathLike, metadata_placeholders: bool = False
             return _load_with_placeholders(path, e)
         raise CheckpointError(
             f"{path} holds Python objects that a weights-only load refuses ({str(e).splitlines()[0]}); "
-            "this file is not a plain checkpoint and is not executed. Use the official file or a safetensors export"
+            "this file is not a plain checkpoint and is not executed. Use the official file, or an EMA-only safetensors "
+            "export of a kit run: `python -m steps.step11_export --from RUN_FOLDER --out DIR`"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(

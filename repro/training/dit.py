@@ -209,7 +209,9 @@ class DiTTrainer(Trainer):
             build = lambda: build_model(cfg.model, self.latent_size, cfg.data.num_classes).to(ctx.device)  # noqa: E731
             with strategy.ema_for_grid(self.ema, self.model, build) as m:
                 if ctx.main:
-                    ctx.note(f"EMA sample grid {self.grids(m, step, self.run_dir)} ({time.perf_counter() - t0:.1f}s)")
+                    grid = self.grids(m, step, self.run_dir)
+                    ctx.note(f"EMA sample grid {grid} ({time.perf_counter() - t0:.1f}s)")
+                    ctx.image(step, "samples/ema_grid", grid)  # kit (issue 22): the grid in TensorBoard / W&B too
             dist.barrier()
         return row, seconds
 

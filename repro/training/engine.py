@@ -51,6 +51,7 @@ class Context:
     precision: str
     note: Callable[[str], None]
     notes: list[str] = field(default_factory=list)
+    image: Callable[[int, str, Path], None] = lambda step, tag, path: None  # a PNG to TensorBoard / W&B (rank 0)
 
 
 class Trainer:
@@ -162,7 +163,7 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
     log = RunLogger(run_dir, enabled=main, resume_step=int(state["step"]) if state else None, cfg=trainer.cfg)
     for n in ctx.notes:
         log.info(n, echo=False)
-    ctx.note = log.info
+    ctx.note, ctx.image = log.info, log.image
 
     # --- Modules, EMA, optimizer(s), scaler: the same initial weights on every process ------------
     strategy = make_strategy(t, device, world)  # ddp: a replica per process; fsdp: sharded per unit

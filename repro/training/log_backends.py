@@ -9,6 +9,14 @@ With `train.tensorboard: true` the kit writes the same tags under `RUN/tensorboa
 kit never contacts W&B unless asked: `WANDB_MODE=offline` keeps it on disk); a resumed run continues
 the same W&B run (its id is kept in `RUN/wandb_run_id.txt`).
 
+Besides numbers, both get the EMA sample grids the DiT trainer writes every `train.sample_every` steps
+(`samples/ema_grid`, `log_image`) and step 8's numbers when a run folder is evaluated
+(`repro.Pipeline.from_pretrained(RUN).evaluate()` -> `log_evaluation`: `eval/fid`, `eval/is`, ... at the
+checkpoint's step). W&B plots every key against the training step as its own x axis (`trainer/step`,
+`define_metric`), not against W&B's internal step counter, which only moves forward: so after a resume
+from an older checkpoint (a kill after later rows were logged) the re-logged rows are kept, not dropped
+as rows "below the last step".
+
 Both packages are optional imports: asking for one that is not installed stops the run at its start
 with the `pip install` that fixes it. Every backend has `log(step, row)` and `close()`; the JSONL
 file of `repro.training.logs.RunLogger` is the kit's own and always on.
@@ -38,7 +46,23 @@ class MetricsBackend(Protocol):
 
     def log(self, step: int, row: dict[str, Any]) -> None: ...
 
+    def log_image(self, step: int, tag: str, image: str | Path) -> None: ...
+
     def close(self) -> None: ...
+
+
+def read_rgb(image: str | Path):
+    """(H, W, 3) uint8 of a PNG the kit wrote (a sample grid)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(image) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# The W&B x axis of every key: the training step, logged with each row (W&B's own step only moves forward).
+WANDB_STEP = "trainer/step"
+WANDB_PREFIXES = ("train/", "Loss/", "samples/", "eval/")
 
 
 def numbers(row: dict[str, Any]) -> dict[str, float]:
@@ -55,7 +79,7 @@ def missing_package(key: str, package: str) -> ConfigError:
 class TensorBoardBackend:
     name = "tensorboard"
 
-    def __init__(self, run_dir: Path, config_text: str = "", resume_step: Optional[int] = None):
+    def __init__(self, run_dir: Path, config_text: str = "", resume_step: Optional[int] = None, purge: bool = True):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # torch's writer needs the tensorboard package for its event protos
@@ -63,7 +87,7 @@ class TensorBoardBackend:
         self.log_dir = Path(run_dir) / "tensorboard"
         # purge_step: events past the resumed step (written before a kill) are hidden, one curve per run
         self.writer = SummaryWriter(log_dir=str(self.log_dir),
-                                    purge_step=resume_step + 1 if resume_step is not None else None)
+                                    purge_step=resume_step + 1 if resume_step is not None and purge else None)
         if config_text and resume_step is None:
             self.writer.add_text("training configs", config_text, global_step=0)
 
@@ -72,6 +96,10 @@ class TensorBoardBackend:
             if key in ("step", "time"):
                 continue
             self.writer.add_scalar(UPSTREAM_TAGS.get(key, f"train/{key}"), value, step)
+        self.writer.flush()
+
+    def log_image(self, step: int, tag: str, image: str | Path) -> None:
+        self.writer.add_image(tag, read_rgb(image), step, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:
@@ -104,6 +132,9 @@ class WandbBackend:
         try:
             self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir),
                                   config=config)
+            self.run.define_metric(WANDB_STEP)
+            for prefix in WANDB_PREFIXES:
+                self.run.define_metric(f"{prefix}*", step_metric=WANDB_STEP)
         except Exception as e:  # not logged in, no network, a bad entity: one line, with the ways out
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ReproError(f"Weights & Biases could not start a run in project {project!r} ({first}): run "
@@ -112,7 +143,12 @@ class WandbBackend:
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         values = {UPSTREAM_TAGS.get(k, f"train/{k}"): v for k, v in numbers(row).items() if k not in ("step", "time")}
-        self.run.log(values, step=step)
+        self.run.log({**values, WANDB_STEP: step})  # no step=: W&B would drop rows below its last step
+
+    def log_image(self, step: int, tag: str, image: str | Path) -> None:
+        import wandb
+
+        self.run.log({tag: wandb.Image(read_rgb(image), caption=f"step {step}"), WANDB_STEP: step})
 
     def close(self) -> None:
         self.run.finish()
@@ -133,3 +169,27 @@ def open_backends(cfg, run_dir: str | Path, resume_step: Optional[int] = None) -
             b.close()
         raise
     return out
+
+
+def log_evaluation(cfg, run_dir: str | Path, step: Optional[int], metrics: dict[str, Any]) -> list[str]:
+    """Step 8's numbers of a run folder's checkpoint into the backends its config logs to, as `eval/<metric>` at
+    the checkpoint's step (TensorBoard events past it are kept: the training curves stay); returns their names."""
+    scores = {f"eval/{k}": v for k, v in numbers(metrics).items() if k in ("fid", "sfid", "is", "prec", "recall")}
+    if not scores or step is None:
+        return []
+    out: list[MetricsBackend] = []
+    try:
+        if cfg.train.tensorboard:
+            out.append(TensorBoardBackend(Path(run_dir), resume_step=step, purge=False))
+        if cfg.train.wandb:
+            out.append(WandbBackend(Path(run_dir), cfg.train.wandb_project, cfg.train.exp_name, cfg.to_dict()))
+        for backend in out:
+            if isinstance(backend, TensorBoardBackend):
+                for tag, value in scores.items():
+                    backend.writer.add_scalar(tag, value, step)
+            else:
+                backend.run.log({**scores, WANDB_STEP: step})
+    finally:
+        for backend in out:
+            backend.close()
+    return [b.name for b in out]

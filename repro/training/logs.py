@@ -121,6 +121,13 @@ class RunLogger:
         if time.time() - self._last_plot >= self.plot_interval:
             self.plot()
 
+    def image(self, step: int, tag: str, path: str | Path) -> None:
+        """A PNG the run wrote (an EMA sample grid) to the TensorBoard / W&B backends; log.txt names it already."""
+        if not self.enabled:
+            return
+        for backend in self.backends:
+            backend.log_image(step, tag, path)
+
     def plot(self) -> Optional[Path]:
         """Redraw `loss.png` from every logged row (atomic write)."""
         if not self.enabled or not self.rows:
