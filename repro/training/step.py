@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -64,12 +64,14 @@ class StepRunner:
 
     def __init__(self, model: torch.nn.Module, forward_model, opt: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, ema, *, plan, precision: str, device: torch.device,
-                 max_grad_norm: Optional[float], use_cosine_loss: bool, channels_last: bool = False):
+                 max_grad_norm: Optional[float], use_cosine_loss: bool, channels_last: bool = False,
+                 loss_fn: Optional[Callable] = None):
         self.model, self.forward_model, self.opt, self.scaler, self.ema = model, forward_model, opt, scaler, ema
         self.plan, self.precision, self.device = plan, precision, device
         self.max_grad_norm = max_grad_norm
         self.use_cosine_loss = use_cosine_loss
         self.channels_last = channels_last
+        self.loss_fn = loss_fn  # kit (issue 23): the process's loss (repro.transport.loss_function); None = flow matching
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_scale = plan.world_size / plan.global_batch
         # device-side running sums since the last log (loss, mse, cos) and the samples they cover
@@ -97,8 +99,11 @@ class StepRunner:
                 x1, x0 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x0))
             with self._no_sync(last=k == self.plan.accum_steps - 1):
                 with autocast(self.device, self.precision):
-                    out = training_losses(self.forward_model, x1, mb.y, use_cosine_loss=self.use_cosine_loss,
-                                          t=mb.t, x0=x0)
+                    if self.loss_fn is not None:
+                        out = self.loss_fn(self.forward_model, x1, mb.y, t=mb.t, x0=x0)
+                    else:
+                        out = training_losses(self.forward_model, x1, mb.y, use_cosine_loss=self.use_cosine_loss,
+                                              t=mb.t, x0=x0)
                 loss_sum = out["loss"].sum()
                 self.scaler.scale(loss_sum * self.loss_scale).backward()
             # Running sums for the log, kept on the device (no host synchronisation).
