@@ -93,6 +93,9 @@ def check_supported(cfg) -> None:
         _refuse("model.learn_sigma", True, "the flow-matching LightningDiT predicts velocity only (upstream "
                 "train.py never passes learn_sigma, so no released checkpoint has the doubled output)",
                 "remove the key or set model.learn_sigma: false")
+    if m.model_type.startswith("UNet-") and m.use_checkpoint:  # kit (issue 23)
+        _refuse("model.use_checkpoint", True, "gradient checkpointing is LightningDiT's (per transformer block); the "
+                "UNet does not implement it", "set model.use_checkpoint: false")
     if v.model_name not in VAE_MODELS:  # upstream loads tokenizer/configs/<model_name>.yaml
         _refuse("vae.model_name", v.model_name, "the kit's tokenizers are the official VA-VAE f16d32 ('vavae_f16d32') "
                 "and one trained by step 9 ('custom'); another tokenizer's latents would be decoded by the wrong VAE",

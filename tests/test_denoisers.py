@@ -205,3 +205,37 @@ def test_step4_samples_a_unet_ddpm_checkpoint_image_by_image(unet_run, latents, 
     assert x.shape[0] == 6 and np.abs(x - y).max() <= 1  # any batch size: the same images, to rounding
     steps = 20 if "sample.num_sampling_steps=20" in sampler else 10
     assert len(sorted(Path(a["trajectories_dir"]).glob("*.png"))) == 6 and a["trajectory_steps"] == [0, round((steps - 1) / 2), steps - 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# notebook 04 with denoiser=unet
+
+
+def run_notebook_04(tmp_path: Path, **params) -> dict:
+    out = tmp_path / "out.ipynb"
+    cmd = [sys.executable, "-m", "papermill", str(PROJECT_ROOT / "notebooks" / "04_own_data.ipynb"), str(out),
+           "--no-progress-bar", *[a for k, v in params.items() for a in ("-p", k, str(v))]]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=3600,
+                          env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / "w" / "own_data" / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_notebook_04_runs_headless_with_a_unet_and_ddim(tmp_path):
+    summary = run_notebook_04(tmp_path, workdir=tmp_path / "w", denoiser="unet", images_per_class=7, tokenizer_steps=3,
+                              dit_steps=3, samples_per_class=2, sampling_steps=4, trajectory=2, rfid_images=0)
+    dit_yaml = load_config(tmp_path / "w" / "own_data" / "dit.yaml")
+    assert dit_yaml.model.model_type == "UNet-Mini" and dit_yaml.transport.process == "ddpm"
+    assert dit_yaml.sample.sampling_method == "ddim"
+    with np.load(summary["samples_npz"]) as f:
+        assert f["arr_0"].shape == (20, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_acceptance_notebook_04_with_a_unet_recognises_at_least_90_percent(tmp_path):
+    """The full default run with denoiser=unet (UNet-Mini, DDPM ε, DDIM 50 steps)."""
+    summary = run_notebook_04(tmp_path, workdir=tmp_path / "w", denoiser="unet")
+    print(f"recognised {summary['recognised']:.3f}, classifier held-out {summary['heldout_accuracy']:.3f}, "
+          f"stage times {summary['times']}")
+    assert summary["recognised"] >= 0.9 and summary["heldout_accuracy"] >= 0.9
