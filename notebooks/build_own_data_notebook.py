@@ -69,10 +69,12 @@ if tok_eval:
 
 EXTRACT = '''\
 from repro.config import load_config, save_config
+from repro.models.denoisers import combination_overrides
 from repro.resources import find_config
 from steps import step6_extract
 dit_yaml = work / "dit.yaml"
-dit_set = tok["dit_overrides"] + [f"data.data_path={work / 'latents'}", f"train.output_dir={work}", "train.exp_name=dit",
+process = process or {"dit": "flow", "unet": "ddpm"}[denoiser]  # each family's own process unless set
+dit_set = tok["dit_overrides"] + combination_overrides(denoiser, process) + [f"data.data_path={work / 'latents'}", f"train.output_dir={work}", "train.exp_name=dit",
                                   f"data.num_classes={num_classes}", f"train.max_steps={dit_steps}",
                                   f"sample.cfg_scale={guidance}", f"sample.num_sampling_steps={sampling_steps}"]
 save_config(load_config(find_config(dit_config), dit_set), dit_yaml, header="notebook 04: the DiT config of this run")
@@ -116,8 +118,9 @@ if dit is not None and dit["step"] >= dit_steps:
     show_figure(show_samples(images[keep], labels[keep], class_names, cols=per_row, max_images=len(keep), size=1.0,
                              title=f"samples, cfg {guidance:g}"), work / "sample_grid.png")
     if trajectory:
-        print(f"x0 strip of image 0 ({class_names[labels[0]]}): the predicted clean image x_t + (1 - t) v at grid "
-              f"steps {samples['trajectory_steps']} of {sampling_steps - 1}, noisiest left")
+        clean = "x_t + (1 - t) v" if process == "flow" else "x̂ of each DDIM/DDPM step"
+        print(f"x0 strip of image 0 ({class_names[labels[0]]}): the predicted clean image {clean} at "
+              f"steps {samples['trajectory_steps']}, noisiest left")
         show_image(Path(samples["trajectories_dir"]) / "000000.png")'''
 
 EVALUATE = '''\
@@ -164,11 +167,13 @@ def own_data_notebook() -> nbformat.NotebookNode:
             Param("images_per_class", int, 160, "digits per class (scikit-learn has about 175)"),
             Param("tokenizer_config", str, "tokenizer/digits_f4", "step 9 preset or YAML (upstream's VA-VAE YAMLs too)"),
             Param("dit_config", str, "train/own_data", "DiT preset or YAML (LightningDiT-Mini/2)"),
+            Param("denoiser", str, "dit", "dit (LightningDiT-Mini/2) or unet (UNet-Mini)"),
+            Param("process", str, "", "flow or ddpm (ε, DDIM); empty: flow for dit, ddpm for unet"),
             Param("tokenizer_steps", int, 300, "tokenizer optimizer steps (batch 32)"),
             Param("dit_steps", int, 1500, "DiT optimizer steps (batch 64)"),
             Param("samples_per_class", int, 20, "samples per class for the grid and the check"),
             Param("cfg_scale", float, 3.0, "classifier-free guidance on all channels (1 class: none)"),
-            Param("sampling_steps", int, 50, "Euler grid points"),
+            Param("sampling_steps", int, 50, "Euler grid points (DDIM: steps)"),
             Param("trajectory", int, 8, "x0 strip panels per sample (0: none)"),
             Param("rfid_images", int, 500, "rFID on this many held-out images when the Inception weights exist"),
             Param("tokenizer_time_budget", float, 0.0, "seconds for the tokenizer stage, 0 for none"),

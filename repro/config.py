@@ -132,6 +132,11 @@ class TransportConfig:
     train_eps: Optional[float] = None
     use_cosine_loss: bool = True
     use_lognorm: bool = True
+    process: str = "flow"  # kit: flow (LightningDiT's flow matching) | ddpm (repro.transport.ddpm: ε or v, DDIM/DDPM)
+    schedule: str = "linear"  # kit: ddpm noise schedule: linear | scaled_linear | cosine (Nichol & Dhariwal)
+    num_timesteps: int = 1000  # kit: ddpm's T
+    beta_start: float = 1e-4  # kit: ddpm's first β (linear, scaled_linear; Ho et al. 1e-4)
+    beta_end: float = 0.02  # kit: ddpm's last β (linear, scaled_linear; Ho et al. 0.02)
 
 
 @dataclass
@@ -151,6 +156,8 @@ class SampleConfig:
     cfg_channels: Optional[int] = 3  # kit: guided channels; 3 = upstream quirk, null = all
     precision: Precision = "fp32"  # kit: fp32 (+TF32 on sm_80+) = upstream inference.py; auto | bf16 | fp16 opt in
     seed: int = 0  # kit: global sampling seed
+    eta: float = 0.0  # kit: DDIM's η with transport.process ddpm (0 deterministic, 1 = DDPM with β̃)
+    ddpm_variance: str = "beta_tilde"  # kit: sampling_method ddpm's fixed variance: beta | beta_tilde (Ho et al.)
 
 
 @dataclass

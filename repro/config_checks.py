@@ -40,11 +40,18 @@ UPSTREAM_WHEN_MISSING: dict[str, Any] = {
 MODEL_TYPES = ("LightningDiT-B/1", "LightningDiT-B/2", "LightningDiT-L/2", "LightningDiT-XL/1",
                "LightningDiT-XL/2", "LightningDiT-1p0B/1", "LightningDiT-1p0B/2", "LightningDiT-1p6B/1",
                "LightningDiT-1p6B/2", "LightningDiT-T/1",
-               "LightningDiT-Mini/2")  # = repro.models.lightningdit.LIGHTNINGDIT_MODELS
+               "LightningDiT-Mini/2",  # = repro.models.lightningdit.LIGHTNINGDIT_MODELS
+               "UNet-T", "UNet-Mini", "UNet-S", "UNet-B", "UNet-L")  # kit (issue 23): repro.models.unet.UNET_MODELS
 SAMPLING_METHODS = ("euler", "midpoint", "heun2", "rk4", "dopri5")  # = repro.transport.METHODS
 # upstream passes sample.sampling_method to torchdiffeq.odeint, which also knows these
 TORCHDIFFEQ_ONLY_METHODS = ("dopri8", "bosh3", "fehlberg2", "adaptive_heun", "heun3", "explicit_adams",
                             "implicit_adams", "fixed_adams", "scipy_solver")
+# kit (issue 23): the DDPM process (repro.transport.ddpm)
+PROCESSES = ("flow", "ddpm")
+DDPM_SAMPLING_METHODS = ("ddim", "ddpm")  # = repro.transport.DDPM_METHODS
+DDPM_SCHEDULES = ("linear", "scaled_linear", "cosine")  # = repro.transport.SCHEDULES
+DDPM_PREDICTIONS = ("noise", "velocity")  # = repro.transport.PREDICTIONS
+DDPM_VARIANCES = ("beta", "beta_tilde")  # = repro.transport.VARIANCES
 VAE_MODELS = ("vavae_f16d32", "custom", "vfm_vae_f16d32")  # vfm_vae: repro.tokenizer.vfm_vae  # custom: repro.tokenizer.loader (step 9)
 
 
@@ -86,6 +93,9 @@ def check_supported(cfg) -> None:
         _refuse("model.learn_sigma", True, "the flow-matching LightningDiT predicts velocity only (upstream "
                 "train.py never passes learn_sigma, so no released checkpoint has the doubled output)",
                 "remove the key or set model.learn_sigma: false")
+    if m.model_type.startswith("UNet-") and m.use_checkpoint:  # kit (issue 23)
+        _refuse("model.use_checkpoint", True, "gradient checkpointing is LightningDiT's (per transformer block); the "
+                "UNet does not implement it", "set model.use_checkpoint: false")
     if v.model_name not in VAE_MODELS:  # upstream loads tokenizer/configs/<model_name>.yaml
         _refuse("vae.model_name", v.model_name, "the kit's tokenizers are the official VA-VAE f16d32 ('vavae_f16d32') "
                 "and one trained by step 9 ('custom'); another tokenizer's latents would be decoded by the wrong VAE",
@@ -109,8 +119,15 @@ def check_supported(cfg) -> None:
     # Transport: the linear path with velocity prediction, the only one the released models use.
     _one_of("transport.path_type", t.path_type, ("Linear",), ("GVP", "VP"),
             why=" (the rectified-flow path of every released LightningDiT)")
-    _one_of("transport.prediction", t.prediction, ("velocity",), ("noise", "score"),
-            why=" (every released LightningDiT predicts velocity)")
+    _one_of("transport.process", t.process, PROCESSES)
+    if t.process == "ddpm":
+        check_ddpm(cfg)
+    else:
+        _one_of("transport.prediction", t.prediction, ("velocity",), ("noise", "score"),
+                why=" (every released LightningDiT predicts velocity)")
+        if s.sampling_method in DDPM_SAMPLING_METHODS:
+            _refuse("sample.sampling_method", s.sampling_method, "DDIM and DDPM sample the DDPM process, and "
+                    "transport.process is flow", "set transport.process: ddpm, or an ODE method (euler, ...)")
     if t.loss_weight is not None:
         _refuse("transport.loss_weight", t.loss_weight, "upstream weights the loss only for noise/score "
                 "prediction; with velocity prediction it has no effect", "set transport.loss_weight: null")
@@ -124,7 +141,8 @@ def check_supported(cfg) -> None:
         _refuse("sample.mode", "SDE", "upstream's Sampler has an SDE integrator but inference.py raises "
                 "NotImplementedError for any mode but ODE, and the kit samples ODE only", "set sample.mode: ODE")
     _one_of("sample.mode", s.mode, ("ODE",))
-    _one_of("sample.sampling_method", s.sampling_method, SAMPLING_METHODS, TORCHDIFFEQ_ONLY_METHODS)
+    if t.process == "flow":
+        _one_of("sample.sampling_method", s.sampling_method, SAMPLING_METHODS, TORCHDIFFEQ_ONLY_METHODS)
     if s.reverse:
         _refuse("sample.reverse", True, "it integrates from data to noise, which makes no images",
                 "set sample.reverse: false")
@@ -139,6 +157,40 @@ def check_supported(cfg) -> None:
                 "remove the key, or set model.use_checkpoint: true for gradient checkpointing")
     if d.valid_path is not None and not str(d.valid_path).strip():
         _refuse("data.valid_path", d.valid_path, "an empty path", "set a latent folder or null")
+
+
+def check_ddpm(cfg) -> None:
+    """kit (issue 23): transport.process ddpm: its own keys, and the flow-only values that would mean nothing."""
+    t, s = cfg.transport, cfg.sample
+    _one_of("transport.prediction", t.prediction, DDPM_PREDICTIONS, ("score",),
+            why=" with transport.process ddpm (noise = ε, Ho et al.; velocity = v, Salimans & Ho)")
+    _one_of("transport.schedule", t.schedule, DDPM_SCHEDULES)
+    if t.num_timesteps < 2:
+        _refuse("transport.num_timesteps", t.num_timesteps, "the DDPM process needs at least 2 timesteps",
+                "set transport.num_timesteps: 1000")
+    if t.schedule != "cosine" and not 0 < t.beta_start < t.beta_end < 1:
+        _refuse("transport.beta_start", t.beta_start, f"β must rise within (0, 1), and beta_end is {t.beta_end}",
+                "set transport.beta_start: 1.0e-4 and transport.beta_end: 0.02 (Ho et al.)")
+    for key, on in (("transport.use_cosine_loss", t.use_cosine_loss), ("transport.use_lognorm", t.use_lognorm)):
+        if on:
+            _refuse(key, True, "it belongs to flow matching; the DDPM loss is the MSE on ε (or v) at a uniform "
+                    "timestep (Ho et al.)", f"set {key}: false")
+    if s.sampling_method not in DDPM_SAMPLING_METHODS:
+        why = ("an ODE solver of flow matching" if s.sampling_method in SAMPLING_METHODS + TORCHDIFFEQ_ONLY_METHODS
+               else "not a sampler of the DDPM process")
+        _refuse("sample.sampling_method", s.sampling_method, f"{why}, and transport.process is ddpm",
+                "set sample.sampling_method: ddim (or ddpm)" + _suggest(s.sampling_method, DDPM_SAMPLING_METHODS))
+    if s.num_sampling_steps > t.num_timesteps:
+        _refuse("sample.num_sampling_steps", s.num_sampling_steps, f"the process has {t.num_timesteps} timesteps",
+                f"set at most {t.num_timesteps}")
+    if s.eta < 0 or (s.eta > 0 and s.sampling_method != "ddim"):
+        _refuse("sample.eta", s.eta, "η is DDIM's noise level (>= 0; 0 deterministic)",
+                "set sample.eta: 0.0, or sample.sampling_method: ddim")
+    _one_of("sample.ddpm_variance", s.ddpm_variance, DDPM_VARIANCES)
+    for key, value in (("sample.timestep_shift", s.timestep_shift), ("sample.cfg_interval_start", s.cfg_interval_start)):
+        if value:
+            _refuse(key, value, "it is defined on flow matching's time grid; the DDPM samplers do not implement it",
+                    f"set {key}: 0.0")
 
 
 def tokenizer_config_reason(raw: Any) -> Optional[str]:

@@ -91,8 +91,14 @@ def test_accepted_values_that_mean_the_default():
 def test_enumerations_match_the_implementations():
     from torchdiffeq._impl.odeint import SOLVERS
 
-    assert set(MODEL_TYPES) == set(LIGHTNINGDIT_MODELS)
+    from repro import config_checks as cc
+    from repro import transport
+    from repro.models.unet import UNET_MODELS
+
+    assert set(MODEL_TYPES) == set(LIGHTNINGDIT_MODELS) | set(UNET_MODELS)  # kit (issue 23): the UNet family too
     assert set(SAMPLING_METHODS) == set(METHODS)
+    assert (cc.DDPM_SAMPLING_METHODS, cc.DDPM_SCHEDULES, cc.DDPM_PREDICTIONS, cc.DDPM_VARIANCES) == (
+        transport.DDPM_METHODS, transport.SCHEDULES, transport.PREDICTIONS, transport.VARIANCES)
     assert set(SAMPLING_METHODS) | set(TORCHDIFFEQ_ONLY_METHODS) == set(SOLVERS)  # upstream's spellings
 
 

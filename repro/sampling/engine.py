@@ -25,7 +25,8 @@ import torch
 from repro.config import Config
 from repro.data.stats import STATS_NAME, load_latent_stats
 from repro.errors import ReproError
-from repro.transport import METHODS, sample_ode
+from repro.transport import DDPM_METHODS, METHODS, is_ddpm, sample_ode
+from repro.transport import process
 from repro.utils.hardware import (CompiledOrEager, GiB, autocast, compile_mode, configure_backends, default_device,
                                   resolve_precision, use_compile_cache)
 
@@ -126,12 +127,13 @@ def check_inputs(cfg: Config) -> None:
     s = cfg.sample
     if s.mode != "ODE":
         raise ReproError(f"config key 'sample.mode' is {s.mode!r}: only 'ODE' sampling exists (as upstream)")
-    if s.sampling_method not in METHODS:
+    methods = DDPM_METHODS if is_ddpm(cfg.transport) else METHODS  # kit (issue 23): the process's samplers
+    if s.sampling_method not in methods:
         raise ReproError(f"config key 'sample.sampling_method' is {s.sampling_method!r}; choose one of "
-                         f"{', '.join(METHODS)}")
+                         f"{', '.join(methods)}")
     if s.reverse or s.likelihood:
         raise ReproError("config keys 'sample.reverse' / 'sample.likelihood' must be false to generate images")
-    if s.sampling_method != "dopri5" and s.num_sampling_steps < 2:
+    if s.sampling_method not in ("dopri5", *DDPM_METHODS) and s.num_sampling_steps < 2:
         raise ReproError(f"config key 'sample.num_sampling_steps' must be >= 2, got {s.num_sampling_steps}")
     if s.cfg_channels is not None and not 1 <= s.cfg_channels <= cfg.model.in_chans:
         raise ReproError(f"config key 'sample.cfg_channels' must be in [1, {cfg.model.in_chans}] or null, "
@@ -142,7 +144,7 @@ def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, prec
                   compile: Optional[str | bool] = None) -> SamplerSetup:
     """Load the LightningDiT checkpoint (EMA, strict), the VA-VAE and the latent statistics."""
     from repro.models.checkpoint import load_checkpoint
-    from repro.models.lightningdit import build_model
+    from repro.models.denoisers import build_denoiser
     from repro.tokenizer.loader import load_vae
 
     # Every path and setting checked before anything heavy loads; precisions refused now if impossible.
@@ -155,7 +157,7 @@ def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, prec
     # Statistics, the DiT (EMA weights, strict) and the VA-VAE, which must agree on the channel count.
     latent = cfg.data.image_size // cfg.vae.downsample_ratio
     mean, std = load_latent_stats(stats_path(cfg), cfg.model.in_chans)
-    model = build_model(cfg.model, input_size=latent, num_classes=cfg.data.num_classes)
+    model = build_denoiser(cfg.model, latent, cfg.data.num_classes, cfg.transport.process)
     load_checkpoint(model, cfg.ckpt_path)
     model = model.eval().requires_grad_(False).to(device)
     vae = load_vae(cfg.vae, device=device, encoder=False)  # decodes only (VFM-VAE: no SigLIP2 tower)
@@ -193,11 +195,34 @@ def sample_latents(setup: SamplerSetup, noise: torch.Tensor, labels: torch.Tenso
     s = setup.cfg.sample
     z = noise.to(setup.device, torch.float32, non_blocking=True)
     y = labels.to(setup.device, torch.int64, non_blocking=True)
+    if is_ddpm(setup.cfg.transport):
+        return _sample_ddpm(setup, noise, z, y, stats, model)
     with torch.inference_mode(), autocast(setup.device, setup.precision):
         x = sample_ode(model or setup.model, z, y, method=s.sampling_method, num_steps=s.num_sampling_steps,
                        timestep_shift=s.timestep_shift, cfg_scale=s.cfg_scale,
                        cfg_interval_start=s.cfg_interval_start, null_class=setup.num_classes,
                        cfg_channels=s.cfg_channels, atol=s.atol, rtol=s.rtol, stats=stats)
+    return x.float()
+
+
+def step_generators(noise: torch.Tensor) -> list[torch.Generator]:
+    """kit (issue 23): one generator per image for a stochastic sampler's step noise, seeded from the image's own
+    starting noise (itself a function of (seed, index) only), so an image never depends on its batch."""
+    import hashlib
+
+    from repro.utils.seeding import seed_from
+
+    rows = noise.detach().to("cpu", torch.float32).contiguous().numpy()
+    return [torch.Generator().manual_seed(seed_from("repro-ddpm-steps", hashlib.sha256(r.tobytes()).hexdigest()))
+            for r in rows]
+
+
+def _sample_ddpm(setup: SamplerSetup, noise, z, y, stats, model, on_clean=None) -> torch.Tensor:
+    s = setup.cfg.sample
+    stochastic = s.sampling_method == "ddpm" or s.eta > 0
+    with torch.inference_mode(), autocast(setup.device, setup.precision):
+        x = process.sample(model or setup.model, z, y, setup.cfg.transport, s, null_class=setup.num_classes,
+                           stats=stats, generators=step_generators(noise) if stochastic else None, on_clean=on_clean)
     return x.float()
 
 
@@ -210,7 +235,9 @@ def trajectory_steps(num_steps: int, k: int, method: str = "euler") -> list[int]
     trajectory strip shows the predicted clean sample. The grid has num_steps points and num_steps - 1 steps."""
     from repro.transport.ode import FIXED_METHODS
 
-    if method not in FIXED_METHODS:
+    if method in DDPM_METHODS:  # kit (issue 23): DDIM/DDPM take num_steps steps, each with its own x̂
+        num_steps += 1
+    elif method not in FIXED_METHODS:
         raise ReproError(f"--trajectory reads the predicted sample at the grid points of a fixed-step sampler "
                          f"({', '.join(FIXED_METHODS)}); sample.sampling_method is {method!r}")
     total = num_steps - 1
@@ -249,6 +276,12 @@ def sample_latents_with_trajectory(setup: SamplerSetup, noise: torch.Tensor, lab
     from repro.transport import model_rows_per_sample
 
     s = setup.cfg.sample
+    if is_ddpm(setup.cfg.transport):  # the sampler's own x̂ of each chosen step (kit: issue 23)
+        kept, wanted = [], set(steps)
+        keep = lambda i, x_hat: kept.append(x_hat[:noise.shape[0]].float().clone()) if i in wanted else None  # noqa: E731
+        z = noise.to(setup.device, torch.float32)
+        x = _sample_ddpm(setup, noise, z, labels.to(setup.device, torch.int64), stats, None, on_clean=keep)
+        return x, torch.stack(kept, dim=1)
     calls_per_step = model_rows_per_sample(2, s.sampling_method)[0]  # model calls of one step, guidance off
     recorder = _CleanPredictions(setup.model, steps, calls_per_step, noise.shape[0], s)
     x = sample_latents(setup, noise, labels, stats, model=recorder)

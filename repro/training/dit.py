@@ -34,8 +34,9 @@ import torch
 from repro import paths
 from repro.config import Config, save_config
 from repro.errors import ConfigError, ReproError
-from repro.models.lightningdit import build_model
+from repro.models.denoisers import build_denoiser, family_of
 from repro.training import checkpoints as ckpt
+from repro.transport import is_ddpm
 from repro.training.batches import plan_batches
 from repro.training.data_order import MicroBatchStream
 from repro.training.engine import Trainer, run_dir_of, run_training
@@ -104,6 +105,8 @@ class DiTTrainer(Trainer):
 
     def __init__(self, cfg: Config):
         self.cfg = check_resolved(cfg)
+        if family_of(self.cfg.model.model_type) == "unet":
+            self.what = "UNet"
         self.run_dir = run_dir_of(self.cfg)
         self.seed = self.cfg.train.global_seed
         self.max_steps = self.cfg.train.max_steps
@@ -119,6 +122,10 @@ class DiTTrainer(Trainer):
         self.plan = plan_batches(cfg.train, ctx.world, fits=_fits_gpu(cfg, self.latent_size, ctx.precision, ctx.device))
         self.num_items, self.data_dir = len(self.ds), self.ds.data_dir
 
+    def build_denoiser(self):
+        cfg = self.cfg
+        return build_denoiser(cfg.model, self.latent_size, cfg.data.num_classes, cfg.transport.process)
+
     def choose_start(self, ckpt_dir: Path, note):
         return ckpt.choose_start(self.cfg, ckpt_dir, note)  # this run's newest, train.ckpt or train.weight_init
 
@@ -126,8 +133,9 @@ class DiTTrainer(Trainer):
     def build(self, ctx, strategy, kind) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.train.global_seed)
-        self.model = model = self.ema_source = build_model(cfg.model, self.latent_size, cfg.data.num_classes).to(ctx.device)
-        strategy.shard(model, [*model.blocks, model])  # fsdp: one unit per transformer block, then the root
+        # kit (issue 23): the denoiser of model.model_type (LightningDiT or UNet) for transport.process
+        self.model = model = self.ema_source = self.build_denoiser().to(ctx.device)
+        strategy.shard(model, [*model.blocks, model])  # fsdp: one unit per transformer block (UNet stage), then the root
         self.ema = strategy.make_ema(model, cfg.train.ema_decay, on_cpu=cfg.train.ema_on_cpu)
         self.dropout_prob = take_over_label_dropout(model)
         self.opt = make_optimizer(model, cfg.optimizer, strategy.param_device)
@@ -161,7 +169,9 @@ class DiTTrainer(Trainer):
         return [f"run folder {self.run_dir}; {cfg.model.model_type} ({n_params / 1e6:.2f}M parameters) on {len(ds)} "
                 f"latents {ds.channels}x{size}x{size} from {ds.data_dir} ({order.steps_per_epoch} steps per epoch)",
                 f"gradient checkpointing {'on' if cfg.model.use_checkpoint else 'off'}; EMA {cfg.train.ema_decay} on "
-                f"{'cpu' if cfg.train.ema_on_cpu else ctx.device.type}; lognorm {cfg.transport.use_lognorm}"]
+                f"{'cpu' if cfg.train.ema_on_cpu else ctx.device.type}; lognorm {cfg.transport.use_lognorm}"
+                + (f"; process ddpm ({cfg.transport.schedule} schedule, T {cfg.transport.num_timesteps}, predicts "
+                   f"{cfg.transport.prediction})" if is_ddpm(cfg.transport) else "")]
 
     # --- The steps ----------------------------------------------------------------------------------
     def start(self, ctx, step: int, order) -> None:
@@ -206,7 +216,7 @@ class DiTTrainer(Trainer):
         # EMA sample grid (rank 0): a host-memory EMA is swapped into the model, a sharded one gathered.
         if cfg.train.sample_every and step % cfg.train.sample_every == 0:
             t0 = time.perf_counter()
-            build = lambda: build_model(cfg.model, self.latent_size, cfg.data.num_classes).to(ctx.device)  # noqa: E731
+            build = lambda: self.build_denoiser().to(ctx.device)  # noqa: E731
             with strategy.ema_for_grid(self.ema, self.model, build) as m:
                 if ctx.main:
                     grid = self.grids(m, step, self.run_dir)
@@ -231,8 +241,8 @@ class DiTTrainer(Trainer):
 
 def _fits_gpu(cfg: Config, latent_size: int, precision: str, device: torch.device):
     """For an "auto" micro-batch on a GPU: does the computed budget fit the card (step 3's rule)?"""
-    if device.type != "cuda":
-        return None
+    if device.type != "cuda" or family_of(cfg.model.model_type) == "unet":
+        return None  # the computed budget is LightningDiT's; a UNet's "auto" micro-batch is the global one
     from repro.models.cost import block_saved_fn, fits_on_card
 
     block_saved = block_saved_fn(cfg.model, latent_size, precision, cfg.data.num_classes)

@@ -35,7 +35,7 @@ import torch
 from repro.data.latents import LatentShardDataset, list_shards
 from repro.data.stats import STATS_NAME
 from repro.errors import ReproError
-from repro.transport import training_losses
+from repro.transport import loss_function
 from repro.utils import distributed as dist
 from repro.utils.hardware import autocast
 from repro.utils.seeding import seed_from
@@ -87,6 +87,7 @@ class ValidationLoss:
         self.seed = int(cfg.train.global_seed)
         self.horizontal_flip = bool(cfg.data.horizontal_flip)
         self.use_cosine_loss = bool(cfg.transport.use_cosine_loss)
+        self.loss_fn = loss_function(cfg.transport)  # kit (issue 23): flow matching's or DDPM's
         self.path = str(self.ds.data_dir)
 
     def __len__(self) -> int:
@@ -116,7 +117,7 @@ class ValidationLoss:
                 x0 = torch.stack([d[3] for d in draws]).to(self.device)
                 w = torch.tensor(weights, dtype=torch.float64)
                 with autocast(self.device, self.precision):
-                    out = training_losses(model, x1, y, use_cosine_loss=self.use_cosine_loss, t=t, x0=x0)
+                    out = self.loss_fn(model, x1, y, t=t, x0=x0)
                 sums[0] += (out["mse"].double().cpu() * w).sum()
                 if out["cos"] is not None:
                     sums[1] += (out["cos"].double().cpu() * w).sum()

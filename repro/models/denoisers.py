@@ -1,0 +1,61 @@
+"""Any denoiser with any process: which family a `model.model_type` names, and building it for its process.
+
+| denoiser | process | comes from |
+|---|---|---|
+| LightningDiT | flow matching (velocity, ODE samplers) | hustvl/LightningDiT (the upstream recipe) |
+| LightningDiT | DDPM (ε, fixed variance, DDPM/DDIM) | explainingai-code/DiT-PyTorch, facebookresearch/DiT |
+| UNet | DDPM (ε, DDIM 50 steps) | lightdiff's latent UNet |
+| UNet | flow matching | the kit's combination |
+
+`build_denoiser(model_cfg, input_size, num_classes, process)` is what training, sampling and the grids call. A
+LightningDiT is built exactly as before (upstream's time input, whatever the process); a UNet embeds t * 1000 under
+flow matching (t in [0, 1]) and the timestep index under DDPM (0..T-1), so both see the same frequencies.
+`combination_overrides(denoiser, process)` are the config overrides notebook 04 and the benchmark use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from repro.models.lightningdit import LIGHTNINGDIT_MODELS, build_model
+from repro.models.unet import UNET_MODELS
+
+FAMILIES = {"dit": LIGHTNINGDIT_MODELS, "unet": UNET_MODELS}
+FLOW_TIME_SCALE = 1000.0  # a UNet under flow matching: t in [0, 1] -> the sinusoid's usual 0..1000 range
+
+
+def family_of(model_type: str) -> str:
+    """'dit' or 'unet' for a registry name (an unknown name is 'dit', whose registry names the error)."""
+    return "unet" if model_type in UNET_MODELS else "dit"
+
+
+def build_denoiser(model_cfg, input_size: int, num_classes: int, process: str = "flow") -> torch.nn.Module:
+    """The denoiser of `model.model_type` for `transport.process` (model(x, t, y) -> ε, v or velocity)."""
+    if family_of(model_cfg.model_type) == "dit":
+        return build_model(model_cfg, input_size, num_classes)
+    return UNET_MODELS[model_cfg.model_type](input_size=input_size, in_channels=model_cfg.in_chans,
+                                             num_classes=num_classes, class_dropout_prob=model_cfg.class_dropout_prob,
+                                             time_scale=FLOW_TIME_SCALE if process == "flow" else 1.0)
+
+
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """FSDP2 units in order: LightningDiT's transformer blocks or the UNet's stages, then the root."""
+    return [*model.blocks, model]
+
+
+# Notebook 04 and benchmarks/bench_denoisers.py: one combination as config overrides on configs/train/own_data.yaml.
+SMALL_MODELS = {"dit": "LightningDiT-Mini/2", "unet": "UNet-Mini"}
+DDPM_KEYS = ["transport.process=ddpm", "transport.prediction=noise", "transport.schedule=linear",
+             "transport.num_timesteps=1000", "transport.use_cosine_loss=false", "transport.use_lognorm=false"]
+
+
+def combination_overrides(denoiser: str, process: str, sampler: str = "ddim") -> list[str]:
+    """Overrides that turn the own-data preset (LightningDiT-Mini/2 + flow) into `denoiser` + `process`."""
+    if denoiser not in SMALL_MODELS:
+        raise ValueError(f"denoiser must be one of {', '.join(SMALL_MODELS)}, got {denoiser!r}")
+    if process not in ("flow", "ddpm"):
+        raise ValueError(f"process must be flow or ddpm, got {process!r}")
+    out = [f"model.model_type={SMALL_MODELS[denoiser]}"]
+    if process == "ddpm":
+        out += DDPM_KEYS + [f"sample.sampling_method={sampler}"]
+    return out
