@@ -76,9 +76,9 @@ def test_dependencies_are_requirements_txt_and_torch_is_a_range():
 
 
 def test_requires_python_is_the_first_version_the_code_runs_on():
-    """3.10: repro/config.py needs types.UnionType; every file parses as 3.10 source (no 3.11 syntax)."""
+    """3.10: repro/config_builder.py needs types.UnionType; every file parses as 3.10 source (no 3.11 syntax)."""
     assert PYPROJECT["project"]["requires-python"] == ">=3.10"
-    assert "types.UnionType" in (PROJECT_ROOT / "repro" / "config.py").read_text()
+    assert "types.UnionType" in (PROJECT_ROOT / "repro" / "config_builder.py").read_text()  # reads `X | Y` annotations
     for path in [*(PROJECT_ROOT / "repro").rglob("*.py"), *(PROJECT_ROOT / "steps").rglob("*.py")]:
         ast.parse(path.read_text(), filename=str(path), feature_version=(3, 10))
     for name in ("tomllib", "typing.Self", "ExceptionGroup", "datetime.UTC", "StrEnum"):  # 3.11-only library names
