@@ -55,7 +55,9 @@ def installed_requirements() -> list[str]:
     from repro.errors import ReproError
 
     try:
-        lines = importlib.metadata.requires("repro") or []
+        from repro import DISTRIBUTION
+
+        lines = importlib.metadata.requires(DISTRIBUTION) or []
     except importlib.metadata.PackageNotFoundError:
         raise ReproError("requirements.txt not found and the kit is not pip-installed: pass --requirements FILE "
                          "or run from the kit's folder") from None

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from repro.errors import ReproError
 from repro.utils.io import atomic_path, atomic_save_safetensors
 
 _COLOURS = [(220, 40, 40), (40, 160, 60), (40, 80, 220), (230, 190, 30), (160, 60, 200), (30, 190, 200),
@@ -71,7 +72,11 @@ def make_digits_folder(folder: str | os.PathLike, size: int = 32, per_class: int
     files are kept (a rerun writes nothing). Returns {'folder', 'num_images', 'classes', 'held_out', 'num_held_out'}.
     """
     from PIL import Image
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ReproError("scikit-learn's digits need scikit-learn: pip install 'repro-latent-kit[own-data]' "
+                         "(or scikit-learn), or give your own image folder") from None
 
     digits = load_digits()
     classes = [f"digit_{c}" for c in range(10)]

@@ -45,9 +45,13 @@ def _grey(images: np.ndarray) -> np.ndarray:
 
 def fit_classifier(images: np.ndarray, labels: np.ndarray, seed: int = 0, test_fraction: float = 0.2):
     """(LogisticRegression fitted on a stratified 1 - test_fraction share, its accuracy on the rest)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-    from threadpoolctl import threadpool_limits
+    try:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import train_test_split
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        raise ReproError("the recognition check fits a scikit-learn classifier: pip install "
+                         "'repro-latent-kit[own-data]' (scikit-learn, threadpoolctl)") from None
 
     if len(np.unique(labels)) < 2:
         raise ReproError("the recognition check needs at least two classes (an unconditional model has none to check)")

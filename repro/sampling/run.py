@@ -257,7 +257,7 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
                 if steps:
                     writer.submit((strips, idx.start, True), [plan.image_path(strips_dir, i) for i in idx])
                 if k == mine[0]:  # the wall time, estimated from the first batch, before the bulk starts
-                    _estimate(setup, start, len(idx), todo, world)
+                    _estimate(setup, start, len(idx), todo, world, fid=not demo)
                 if bar is not None:
                     bar.update(len(idx))
     except (RuntimeError, MemoryError) as e:
@@ -319,7 +319,7 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
                          f"{'-' if rate is None else f'{rate:.3g}'} images/s, "
                          f"peak memory {peak / GiB:.2f} GiB ({peak_what}), {setup.precision}, "
                          f"batch {batch} x {world} process(es)")
-    if rate:
+    if rate and not demo:  # a demo grid's pace (warm-up included, 8 images) says nothing about FID-50K
         result["summary"] += f"; {FID_IMAGES:,} images at this rate: {FID_IMAGES / rate / 3600:.2f} h"
     print0(result["summary"])
     made = [result["grid"] or result["npz"], result["preview"], f"{images_dir}/ ({n} PNGs)", result["config"],
@@ -331,17 +331,19 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
 FID_IMAGES = 50_000  # the FID protocol's sample count
 
 
-def _estimate(setup, start: float, images: int, todo: int, world: int) -> None:
-    """Print this run's and an FID-50K run's wall time at the first batch's pace (all processes alike)."""
+def _estimate(setup, start: float, images: int, todo: int, world: int, fid: bool = True) -> None:
+    """Print this run's and (`fid`) an FID-50K run's wall time at the first batch's pace (all processes alike)."""
     if setup.device.type == "cuda":
         torch.cuda.synchronize(setup.device)
     seconds = time.perf_counter() - start
     if seconds <= 0 or images == 0:
         return
     rate = images * world / seconds  # images per second over all processes
+    fid_time = f", {FID_IMAGES / rate / 3600:.2f} h for {FID_IMAGES:,} images" if fid else ""
+    left = todo * world / rate
     print0(f"first batch: {seconds:.1f}s for {images} image(s) per process -> about "
-           f"{todo * world / rate / 60:.1f} min for this run, {FID_IMAGES / rate / 3600:.2f} h for "
-           f"{FID_IMAGES:,} images on {world} process(es) ({describe_device(setup.device)})")
+           f"{f'{left:.0f} s' if left < 60 else f'{left / 60:.1f} min'} for this run{fid_time} on {world} process(es) "
+           f"({describe_device(setup.device)})")
 
 
 def _stop_if_signalled(signum: Optional[int], images_dir: Path, n: int) -> None:

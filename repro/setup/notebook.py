@@ -99,6 +99,41 @@ def configure_environment(workdir: str = "", drive_mount: bool = False,
 
 
 # ---------------------------------------------------------------------------------------------------
+# A runtime without a GPU
+
+# How to get a GPU where the notebook runs (the menus as Colab and Kaggle name them).
+GPU_HOWTO = {
+    "colab": "Runtime -> Change runtime type -> Hardware accelerator: T4 GPU -> Save, then run all cells again",
+    "kaggle": "Settings -> Accelerator -> GPU T4 x2, and Settings -> Internet on (downloads need it), then run all "
+              "cells again",
+    "local": "run it where torch sees a CUDA GPU (torch.cuda.is_available() is False here)",
+}
+
+
+def gpu_check(platform: str, values: Optional[dict[str, Any]] = None, defaults: Optional[dict[str, Any]] = None,
+              fallback: Optional[dict[str, Any]] = None, gpu: Optional[bool] = None) -> dict[str, Any]:
+    """The notebook's `values`, for this runtime. With a CUDA GPU they are returned unchanged. Without one,
+    print how to get one on `platform` (GPU_HOWTO) and replace each `fallback` key whose value is still the
+    notebook's default (`defaults`) by its fallback, a run that finishes in minutes on a CPU, saying so;
+    a value the user set is kept. `gpu`: whether a GPU is visible (None: ask torch)."""
+    values = dict(values or {})
+    if gpu is None:
+        gpu = visible_gpus() > 0
+    if gpu:
+        return values
+    print(f"no GPU on this runtime: to get one, {GPU_HOWTO.get(platform, GPU_HOWTO['local'])}.", flush=True)
+    changed = {k: v for k, v in (fallback or {}).items() if k in values and values[k] == (defaults or {}).get(k)}
+    if changed:
+        values.update(changed)
+        told = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+        print(f"meanwhile this run uses {told} so that it finishes in minutes on the CPU (set cpu_fallback=False "
+              "to run the defaults on the CPU anyway: hours)", flush=True)
+    elif fallback:
+        print("the values you set are kept: on a CPU this run may take hours", flush=True)
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------
 # One process per GPU
 
 

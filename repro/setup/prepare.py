@@ -5,7 +5,8 @@ A preset (`asset:`/`asset-dir:`/`runs:` paths or `auto` values) is resolved as s
 (`repro.setup.resolve`) and the result is written where step 3 writes it,
 runs/configs/<name>.resolved.yaml. Every process runs the same code on the same inputs: rank 0
 fetches what is missing (step 2's `repro.hub.fetch_assets`), all wait, then each resolves for itself.
-A concrete config (real paths) is used as written.
+A concrete config (real paths) is used as written: give step 4 the file step 3 wrote (`--config
+runs/configs/<name>.resolved.yaml`, as notebook 00 does) and step 3's `--profile` and `--set` choices hold.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def prepare_config(base: str, overrides: Optional[Sequence[str]] = None, demo: b
         resolved = default_resolved_path(preset)
         cfg = _resolve_preset(preset, raw, resolved, cuda)
         header.append(f"resolved: {resolved}")
+    else:  # step 3's resolved file (its --profile and --set choices kept), or a config written by hand
+        print0(f"step 4: {preset} is a resolved config (no asset: markers, no auto values): used as written, "
+               "step 3 is not run again")
 
     # The demo's fixed settings, then the user's overrides (an override naming an asset is filled too).
     changes = []

@@ -5,12 +5,14 @@ is the one taming-transformers' `LPIPS` (used by LDM and VA-VAE's `LPIPSWithDisc
 richzhang/PerceptualSimilarity's v0.1 `vgg` model use. Two weight files, both in their official formats:
 
 - Trunk: torchvision's ImageNet VGG16, `vgg16-397923af.pth` (what `torchvision.models.vgg16(pretrained=True)`
-  downloads): a plain state dict with `features.{0,2,5,7,10,12,14,17,19,21,24,26,28}.{weight,bias}`
+  downloads), loaded into torchvision's own `vgg16(weights=None).features` up to relu5_3 (indices 0..29; the
+  last max-pool, index 30, is not needed), so the file's keys load unchanged: a plain state dict with `features.{0,2,5,7,10,12,14,17,19,21,24,26,28}.{weight,bias}`
   (the 13 convolutions, 26 tensors) and `classifier.{0,3,6}.{weight,bias}` (unused here, counted and
   dropped). The `397923af` in the name is the start of the file's sha256 (torch.hub's convention) and is
   checked whenever the file name carries such a prefix.
-- Heads: the LPIPS v0.1 linear layers, `vgg.pth` (richzhang `lpips/weights/v0.1/vgg.pth`; taming calls
-  the same format `vgg_lpips` and saves it as `vgg.pth`, md5 `d507d7349b931f0638a25a48a722f98a`):
+- Heads: the LPIPS v0.1 linear layers, `vgg.pth` (richzhang/PerceptualSimilarity `lpips/weights/v0.1/vgg.pth`,
+  pinned in configs/assets.yaml to commit 082bb24f with its sha256 `LPIPS_HEADS_SHA256`; taming calls the
+  same file `vgg_lpips`, md5 `d507d7349b931f0638a25a48a722f98a`):
   a plain state dict with exactly `lin{k}.model.1.weight`, k = 0..4, of shapes (1, C_k, 1, 1),
   C = 64, 128, 256, 512, 512 (`model.0` is a Dropout, inactive in eval mode, so it is not built here).
 
@@ -39,9 +41,11 @@ from repro.utils.io import sha256_file
 VGG16_TRUNK_FILE = "vgg16-397923af.pth"
 LPIPS_HEADS_FILE = "vgg.pth"
 LPIPS_HEADS_MD5 = "d507d7349b931f0638a25a48a722f98a"  # taming-transformers' MD5_MAP["vgg_lpips"]
+# sha256 of the same file (PerceptualSimilarity commit 082bb24f, 7,289 bytes); step 2 checks it on download
+LPIPS_HEADS_SHA256 = "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"
 
-# torchvision vgg16().features up to relu5_3: conv widths, "M" = 2x2 max-pool (indices 4, 9, 16, 23)
-_VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+# torchvision vgg16().features index of relu5_3: the trunk stops there (index 30 is the last max-pool)
+_RELU5_3 = 29
 # features[] index of the ReLU after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (the LPIPS taps)
 _TAPS = (3, 8, 15, 22, 29)
 HEAD_CHANNELS = (64, 128, 256, 512, 512)
@@ -51,19 +55,16 @@ _SCALE = (0.458, 0.448, 0.450)
 
 
 class VGG16Features(nn.Module):
-    """torchvision's VGG16 `features` up to relu5_3, with the same module indices (so the same keys)."""
+    """torchvision's VGG16 `features` up to relu5_3 (its own module, so the same indices and keys)."""
 
     def __init__(self):
         super().__init__()
-        layers: list[nn.Module] = []
-        channels = 3
-        for item in _VGG16_LAYOUT:
-            if item == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                layers += [nn.Conv2d(channels, item, kernel_size=3, padding=1), nn.ReLU(inplace=False)]
-                channels = item
-        self.features = nn.Sequential(*layers)  # indices 0..29
+        from torchvision.models import vgg16
+
+        self.features = vgg16(weights=None).features[:_RELU5_3 + 1]  # indices 0..29
+        for layer in self.features:
+            if isinstance(layer, nn.ReLU):
+                layer.inplace = False  # the taps are ReLU outputs the next layers must not overwrite
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         taps = []

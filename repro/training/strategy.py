@@ -31,7 +31,7 @@ from repro.models.checkpoint import check_state_dict, load_checkpoint, read_stat
 from repro.training.ema import EMA, ShardedEMA
 from repro.training.grids import weights_swapped_in
 from repro.utils import distributed as dist
-from repro.utils.hardware import make_scaler
+from repro.utils.hardware import make_scaler, require_torch
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -144,6 +144,7 @@ class Sharded(Replicated):
     gathers_copies = True  # full_state gathers fresh host copies: nothing to copy again
 
     def __init__(self, device: torch.device, world: int, offload: bool = False):
+        require_torch("fsdp2")  # the run stops here, before any work, on a torch without FSDP2
         super().__init__(device, world)
         self.offload = bool(offload)
         self.mesh = None

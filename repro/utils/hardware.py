@@ -92,8 +92,28 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=DTYPES[precision], cache_enabled=False)
 
 
+# torch features the kit uses that are newer than some torch a platform may ship: (first release, what uses it).
+# The floor in pyproject.toml covers every feature on the common path; the rest are checked where they are used.
+TORCH_FEATURES = {
+    "grad_scaler": ("2.3", "fp16 training's gradient scaler (torch.amp.GradScaler)"),
+    "fsdp2": ("2.6", "train.strategy: fsdp (FSDP2's torch.distributed.fsdp.fully_shard)"),
+}
+
+
+def require_torch(feature: str, installed: Optional[str] = None) -> None:
+    """ReproError naming the feature and the torch release it needs when this torch (`installed`) is older."""
+    from packaging.version import Version
+
+    needed, what = TORCH_FEATURES[feature]
+    installed = installed or torch.__version__
+    if Version(installed).release < Version(needed).release:
+        raise ReproError(f"{what} needs torch >= {needed}; this is torch {installed}: upgrade it "
+                         f"(pip install -U 'torch>={needed}', the CUDA build for this machine) or do without it")
+
+
 def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """A gradient scaler, enabled only for fp16 (bf16 has fp32's exponent range and needs none)."""
+    require_torch("grad_scaler")
     return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
 
 

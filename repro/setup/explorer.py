@@ -1,0 +1,123 @@
+"""Notebook 00's interactive explorer: type a class name, move the guidance and steps sliders, pick a seed,
+press the button, see a grid of that class.
+
+The drawing is one library call, `draw_grid`, which the button runs and the tests call headless; the
+widgets around it are built only where a notebook frontend can show them (Colab, a kernel started by
+Jupyter Server: `repro.utils.progress.widget_frontend`, `REPRO_PROGRESS=widget` forces it). Under papermill
+or in a terminal `explorer()` says so in one line and builds nothing, so a saved notebook holds no dead
+widget. ipywidgets 7.x (what Colab has shipped) and 8.x both work: the class box is a `Combobox`
+(ipywidgets >= 7.5) with completion over the model's class names.
+
+    from repro.setup.explorer import explorer, draw_grid
+    explorer(config="runs/configs/demo.resolved.yaml")                   # the widgets (a notebook frontend)
+    draw_grid(config, "golden retriever", guidance=4.0, steps=50, seed=1)  # what its button does
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+from repro import paths
+from repro.config import load_config
+from repro.data.class_names import names_for
+from repro.errors import ReproError
+from repro.resources import find_config
+from repro.sampling.run import run_sampling
+from repro.setup.prepare import prepare_config
+from repro.utils.progress import widget_frontend
+
+EXPLORER_DIR = "runs:explorer"  # one grid at a time: new settings replace it (step 4's demo folder rule)
+MIN_IPYWIDGETS = (7, 5)  # Combobox arrived in ipywidgets 7.5; Colab has shipped 7.x, Jupyter installs 8.x
+
+
+def draw_grid(config: str, class_name: str | int, guidance: float, steps: int, seed: int, num_images: int = 4,
+              out: str = EXPLORER_DIR, device: Optional[str] = None, show: bool = True) -> dict:
+    """Sample `num_images` images of one class (a name, with did-you-mean on a typo, or an id) with this
+    guidance scale, number of Euler grid points and seed; write and (`show`) display their grid.
+
+    Returns step 4's result for the run (`grid`, `images_dir`, `labels`, ...)."""
+    if steps < 2:
+        raise ReproError(f"steps={steps}: the Euler grid needs at least 2 points (1 step)")
+    if guidance < 1.0:
+        raise ReproError(f"guidance={guidance}: classifier-free guidance scales start at 1.0 (no guidance)")
+    label = class_name.strip() if isinstance(class_name, str) else class_name
+    if label == "":
+        raise ReproError("type a class name (or a class id) first")
+    cfg, header = prepare_config(config, overrides=[f"sample.cfg_scale={guidance}",
+                                                    f"sample.num_sampling_steps={steps}"])
+    result = run_sampling(cfg, out_dir=out, num_samples=num_images, labels=[label], seed=seed, demo=True,
+                          device=device, progress=False, config_header=header)
+    if show:
+        from repro.setup.notebook import show_image
+
+        show_image(result["grid"])
+    return result
+
+
+def class_choices(config: str) -> list[str]:
+    """What the class box completes: the model's class names (ImageNet's 1000, or step 6's class folders),
+    else its class ids as text."""
+    cfg = load_config(find_config(config))  # a preset's asset-dir: path finds no class folders: ImageNet's or ids
+    names, _ = names_for(cfg.data.num_classes, cfg.data.data_path)
+    return list(names) if names else [str(i) for i in range(cfg.data.num_classes)]
+
+
+def _ipywidgets():
+    try:
+        import ipywidgets
+    except ImportError:
+        raise ReproError("the explorer needs ipywidgets: pip install 'ipywidgets>=7.5' (or the kit's "
+                         "[notebooks] extra), then run this cell again") from None
+    version = tuple(int(v) for v in re.findall(r"\d+", ipywidgets.__version__)[:2])
+    if version < MIN_IPYWIDGETS or not hasattr(ipywidgets, "Combobox"):
+        raise ReproError(f"the explorer needs ipywidgets >= 7.5 (its Combobox); this runtime has "
+                         f"{ipywidgets.__version__}: pip install -U 'ipywidgets>=7.5'")
+    return ipywidgets
+
+
+def build_explorer(config: str, choices: Sequence[str], class_name: str = "", guidance: float = 4.0,
+                   steps: int = 50, seed: int = 0, num_images: int = 4, device: Optional[str] = None) -> Any:
+    """The widgets (a VBox), wired to `draw_grid`; its `.draw` attribute is the button's callback. Building
+    them needs no frontend (the tests press the button headless); showing them does."""
+    w = _ipywidgets()
+    box = w.Combobox(value=class_name or (choices[0] if choices else ""), options=list(choices),
+                     description="class", placeholder="type a class name", ensure_option=False)
+    scale = w.FloatSlider(value=guidance, min=1.0, max=10.0, step=0.5, description="guidance")
+    points = w.IntSlider(value=steps, min=2, max=250, step=1, description="steps")
+    seed_box = w.IntText(value=seed, description="seed")
+    button = w.Button(description="draw the grid", button_style="primary")
+    shown = w.Output()
+
+    def draw(_button=None) -> Optional[dict]:
+        with shown:
+            if hasattr(shown, "clear_output"):
+                shown.clear_output(wait=True)
+            try:
+                return draw_grid(config, box.value, scale.value, points.value, seed_box.value,
+                                 num_images=num_images, device=device)
+            except ReproError as e:  # a typo in the class name: its did-you-mean, not a traceback
+                print(f"error: {e}")
+                return None
+
+    button.on_click(draw)
+    ui = w.VBox([box, scale, points, seed_box, button, shown])
+    ui.draw = draw
+    return ui
+
+
+def explorer(config: str, guidance: float = 4.0, steps: int = 50, seed: int = 0, num_images: int = 4,
+             device: Optional[str] = None) -> Any:
+    """Show the explorer where a notebook frontend can draw it; elsewhere one line saying how to draw a grid
+    without it, and None."""
+    if not widget_frontend():
+        print(f"explorer: no notebook frontend here (papermill, a terminal), so no widgets; the same grid: "
+              f"draw_grid({str(config)!r}, 'CLASS NAME', guidance={guidance}, steps={steps}, seed={seed}) "
+              f"from repro.setup.explorer (written to {paths.runs_path(EXPLORER_DIR)})", flush=True)
+        return None
+    from IPython.display import display
+
+    ui = build_explorer(config, class_choices(config), guidance=guidance, steps=steps, seed=seed,
+                        num_images=num_images, device=device)
+    display(ui)
+    return ui
