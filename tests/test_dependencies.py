@@ -55,7 +55,7 @@ FEATURE_EXTRAS = {
     "repro/data/synthetic.py": ["own-data"], "repro/evaluation/recognition.py": ["own-data"],
     "repro/training/log_backends.py": ["tensorboard", "wandb"], "repro/tokenizer_training/modules.py": ["vf"],
     "repro/setup/explorer.py": ["notebooks"], "repro/setup/notebook.py": ["notebooks"],
-    "repro/utils/progress.py": ["notebooks"],
+    "repro/utils/progress.py": ["notebooks"], "repro/tokenizer/vfm_vae.py": ["vfm-vae"],
 }
 
 
@@ -118,7 +118,7 @@ def test_the_distribution_is_named_apart_from_its_import_names():
     import repro
 
     assert PYPROJECT["name"] == repro.DISTRIBUTION == "repro-latent-kit"  # "repro" is taken on PyPI
-    assert "repro-latent-kit[notebooks,own-data]" in PYPROJECT["optional-dependencies"]["test"]
+    assert "repro-latent-kit[notebooks,own-data,vfm-vae]" in PYPROJECT["optional-dependencies"]["test"]
 
 
 def test_torch_features_newer_than_the_floor_are_named_with_their_version():

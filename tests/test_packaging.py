@@ -63,11 +63,11 @@ def test_every_package_is_listed_and_configs_ship_as_package_data():
 
 
 def test_dependencies_are_requirements_txt_and_torch_is_a_range():
-    """requirements.txt (what CI and a checkout's tests install) is the core + the `notebooks` and `own-data`
-    extras; tests/test_dependencies.py compares the declarations with what the code imports."""
+    """requirements.txt (what CI and a checkout's tests install) is the core + the `notebooks`, `own-data` and
+    `vfm-vae` extras; tests/test_dependencies.py compares the declarations with what the code imports."""
     project = PYPROJECT["project"]
     extras = project["optional-dependencies"]
-    declared = requirement_set(project["dependencies"] + extras["notebooks"] + extras["own-data"])
+    declared = requirement_set(project["dependencies"] + extras["notebooks"] + extras["own-data"] + extras["vfm-vae"])
     lines = [ln.split("#")[0].strip() for ln in (PROJECT_ROOT / "requirements.txt").read_text().splitlines()]
     assert declared == requirement_set(filter(None, lines)), "pyproject.toml and requirements.txt disagree"
     for name in ("torch", "torchvision"):

@@ -294,8 +294,13 @@ class SiglipFeatures(nn.Module):
 
     def __init__(self, siglip_config: dict[str, Any], layers: list[int], scale_factor: float):
         super().__init__()
-        from transformers import SiglipVisionConfig, SiglipVisionModel
+        try:
+            from transformers import SiglipVisionConfig, SiglipVisionModel
+        except ImportError:
+            from repro.errors import ConfigError
 
+            raise ConfigError("vae.model_name vfm_vae_f16d32 builds its SigLIP2 encoder with transformers: pip install "
+                              "'repro-latent-kit[vfm-vae]' (or pip install 'transformers>=4.50')") from None
         tower = SiglipVisionModel(SiglipVisionConfig(**siglip_config))
         tower = getattr(tower, "vision_model", tower)  # transformers 4.x: the inner transformer
         self.vision_model = nn.Module()
