@@ -1,0 +1,140 @@
+"""Tokenizer objective and schedule with non-trivial parameters: a perceptual weight that is not 1 with an
+LPIPS that is not 0, a warm-up that is not 0 (digits_f4 uses 100), and the step the discriminator starts.
+
+Expected values are written out by hand from the documented formulas (repro/tokenizer/losses.py docstring):
+rec = |x - x_rec| + perceptual_weight * LPIPS(x, x_rec) broadcast over every pixel, nll = sum(rec) / N;
+the GAN terms are on from global_step >= disc_start (taming's adopt_weight); the learning rate of 1-based
+optimizer step s is lr * min(1, s / warmup) (times the cosine factor), so step 1 already trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from repro.tokenizer.discriminator import NLayerDiscriminator, generator_loss, hinge_d_loss
+from repro.tokenizer.losses import TokenizerLoss, TokenizerLossConfig, kl_divergence
+from repro.tokenizer.lpips import LPIPS
+from repro.tokenizer.vavae import AutoencoderKL
+# lr_factor lives with the tokenizer training parts today; if it moves, only this import changes.
+from repro.tokenizer_training.parts import lr_factor
+
+
+def _tiny_vae():
+    return AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=4, embed_dim=4,
+                         resolution=16)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.manual_seed(0)
+    vae = _tiny_vae()
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    post = vae.encode(images)
+    rec = vae.decode(post.sample())
+    return vae, images, post, rec
+
+
+@pytest.fixture(scope="module")
+def lpips():
+    torch.manual_seed(1)
+    net = LPIPS()  # random VGG trunk; positive heads so the distance is a clearly non-zero number
+    with torch.no_grad():
+        for head in net.heads:
+            head.weight.abs_()
+    return net
+
+
+# ---------------------------------------------------------------------------------------------------
+# Perceptual weight
+
+
+@pytest.mark.parametrize("weight", [0.3, 2.5])
+def test_perceptual_weight_scales_the_lpips_term(batch, lpips, weight):
+    vae, images, post, rec = batch
+    n, _, h, w = images.shape
+    with torch.no_grad():
+        distance = lpips(images, rec)  # (N,)
+    assert distance.min() > 1e-4
+    cfg = TokenizerLossConfig(kl_weight=1e-3, perceptual_weight=weight)
+    loss, log = TokenizerLoss(cfg, lpips=lpips).autoencoder_loss(images, rec, post, global_step=1)
+    nll = ((rec - images).abs().sum() + weight * 3 * h * w * distance.sum()) / n
+    expected = nll + 1e-3 * kl_divergence(post).sum() / n
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert log["nll_loss"] == pytest.approx(nll.item(), rel=1e-5)
+    assert log["p_loss"] == pytest.approx(distance.mean().item(), rel=1e-5)
+    off, off_log = TokenizerLoss(TokenizerLossConfig(kl_weight=1e-3, perceptual_weight=0.0),
+                                 lpips=lpips).autoencoder_loss(images, rec, post, global_step=1)
+    assert "p_loss" not in off_log
+    assert loss.item() - off.item() == pytest.approx(weight * 3 * h * w * distance.mean().item(), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The discriminator's first step
+
+
+@pytest.mark.parametrize("disc_start", [1, 7])
+def test_gan_terms_start_exactly_at_disc_start(batch, disc_start):
+    vae, images, post, rec = batch
+    torch.manual_seed(2)
+    disc = NLayerDiscriminator(ndf=8, n_layers=2)
+    loss_fn = TokenizerLoss(TokenizerLossConfig(kl_weight=1e-3, disc_start=disc_start, disc_factor=0.7),
+                            discriminator=disc)
+    last = vae.decoder.conv_out.weight
+    with torch.no_grad():
+        hinge = hinge_d_loss(disc(images), disc(rec)).item()
+        g = generator_loss(disc(rec)).item()
+    base = ((rec - images).abs().sum() / 3 + 1e-3 * kl_divergence(post).sum() / 3).item()
+    assert hinge > 0
+    for step in (disc_start - 1, disc_start, disc_start + 1):
+        on = step >= disc_start
+        assert loss_fn.gan_active(step) is on, step
+        d_loss, d_log = loss_fn.discriminator_loss(images, rec, step)
+        assert d_loss.item() == pytest.approx(0.7 * hinge if on else 0.0, rel=1e-5, abs=0.0), step
+        loss, log = loss_fn.autoencoder_loss(images, rec, post, step, last)
+        assert log["disc_factor"] == (0.7 if on else 0.0) and ("g_loss" in log) is on, step
+        expected = base + (log["d_weight"] * 0.7 * g if on else 0.0)
+        assert loss.item() == pytest.approx(expected, rel=1e-5), step
+
+
+# ---------------------------------------------------------------------------------------------------
+# Warm-up
+
+
+@pytest.mark.parametrize("warmup", [100, 7])
+def test_warm_up_is_linear_from_the_first_step(warmup):
+    for step in range(1, 3 * warmup):
+        assert lr_factor(step, 10_000, warmup, "constant") == pytest.approx(min(1.0, step / warmup), rel=1e-12)
+    assert lr_factor(1, 300, warmup, "constant") > 0  # step 1 already trains
+    # cosine on top: 1-based steps, the first at the full cosine factor 1, the last (max_steps + 1) at 0
+    for step in (1, warmup // 2, warmup, 150, 300):
+        expected = min(1.0, step / warmup) * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / 300))
+        assert lr_factor(step, 300, warmup, "cosine") == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert lr_factor(1, 300, 0, "constant") == 1.0 and lr_factor(1, 300, 0, "cosine") == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training loop, read from its log: which step first trains the discriminator, the lr of step 1
+
+
+def test_the_run_logs_disc_loss_from_disc_start_and_a_warm_up_lr_at_step_1(tmp_path):
+    from repro.data.synthetic import make_digits_folder
+    from repro.tokenizer_training.loop import train_tokenizer
+    from tests.test_tokenizer_training import tiny_cfg
+
+    make_digits_folder(tmp_path / "digits" / "train", size=16, per_class=1)
+    cfg = tiny_cfg(tmp_path / "digits", tmp_path / "out", "train.max_steps=3", "loss.disc_start=2",
+                   "loss.disc_num_layers=1", "train.warmup_steps=4", "train.lr_schedule=constant",
+                   "train.global_batch_size=4")
+    res = train_tokenizer(cfg)
+    rows = [json.loads(line) for line in (Path(res["run_dir"]) / "log.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert ["disc_loss" in r for r in rows] == [False, True, True]
+    assert ["g_loss" in r for r in rows] == [False, True, True]  # the generator's GAN term starts together
+    assert all(r["disc_loss"] > 0.1 for r in rows[1:])  # a hinge loss near 1, not a zero-weighted one
+    assert [r["lr"] for r in rows] == pytest.approx([0.002 / 4, 0.002 * 2 / 4, 0.002 * 3 / 4])
