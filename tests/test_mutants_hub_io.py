@@ -131,3 +131,93 @@ def test_atomic_writers_fsync_the_temp_file_before_the_rename(tmp_path, calls):
     _check_order(calls, tmp_path / "e.txt")
     assert (tmp_path / "e.txt").read_text() == "hello"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.json", "c.pt", "d.safetensors", "e.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rest of repro.utils.io, from mutation testing (docs/mutation_testing.md)
+
+
+def test_temp_names_never_reuse_an_existing_file_and_give_up_after_100_tries(tmp_path, monkeypatch):
+    import secrets
+
+    names = iter(["aaaaaaaa", "aaaaaaaa", "bbbbbbbb"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(names))  # the random part, made predictable
+    squatter = tmp_path / ".out.bin.aaaaaaaa.tmp.bin"
+    squatter.write_bytes(b"someone else's")
+    rio.atomic_write_bytes(tmp_path / "out.bin", b"mine")
+    assert squatter.read_bytes() == b"someone else's"  # O_EXCL: an existing name is skipped, never truncated
+    assert (tmp_path / "out.bin").read_bytes() == b"mine"
+    tries = []
+    monkeypatch.setattr(secrets, "token_hex", lambda n: tries.append(n) or "aaaaaaaa")
+    with pytest.raises(FileExistsError, match=r"no free temp name for \.out\.bin\.\*\.tmp\.bin in "):
+        rio.atomic_write_bytes(tmp_path / "out.bin", b"again")
+    assert len(tries) == 100 and (tmp_path / "out.bin").read_bytes() == b"mine"
+
+
+def test_json_is_written_sorted_indented_and_with_paths_as_text(tmp_path):
+    rio.atomic_write_json(tmp_path / "a.json", {"b": [1, 2], "a": Path("/x/y")})
+    assert (tmp_path / "a.json").read_text() == '{\n  "a": "/x/y",\n  "b": [\n    1,\n    2\n  ]\n}\n'
+    rio.atomic_write_text(tmp_path / "t.txt", "é")
+    assert (tmp_path / "t.txt").read_bytes() == "é".encode("utf-8")
+
+
+def test_remove_stale_temps_counts_and_removes_only_temp_files(tmp_path):
+    for name in (".a.pt.1234abcd.tmp.pt", ".b.json.0000ffff.tmp.json", ".c.0a0a0a0a.tmp"):
+        (tmp_path / name).write_bytes(b"partial")
+    for name in ("a.pt", "tmp.txt", ".hidden", "x.TMP"):
+        (tmp_path / name).write_bytes(b"keep")
+    assert rio.remove_stale_temps(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "a.pt", "tmp.txt", "x.TMP"]
+    assert rio.remove_stale_temps(tmp_path) == 0 and rio.remove_stale_temps(tmp_path / "absent") == 0
+
+
+def test_disk_full_is_recognised_through_causes_and_contexts():
+    import errno
+
+    assert rio.disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert not rio.disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not rio.disk_full(ValueError("bad value")) and not rio.disk_full(None)
+    assert rio.disk_full(RuntimeError("safetensors: No space left on device (os error 28)"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "disk")
+        except OSError as inner:
+            raise RuntimeError("writer failed") from inner
+    except RuntimeError as outer:
+        assert rio.disk_full(outer)
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "disk")
+        except OSError:
+            raise KeyError("during handling")  # noqa: B904 - the implicit context is what is followed
+    except KeyError as outer:
+        assert rio.disk_full(outer)
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__cause__, b.__cause__ = b, a  # a cycle ends
+    assert not rio.disk_full(a)
+
+
+def test_a_full_disk_becomes_one_line_naming_the_file_and_nothing_is_left(tmp_path):
+    import errno
+
+    from repro.errors import ReproError
+
+    with pytest.raises(ReproError, match=r"the disk holding .* is full \(\d+ MB free\) while writing out\.bin"):
+        with rio.atomic_path(tmp_path / "out.bin") as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyError):  # any other error passes through, the temp file is removed too
+        with rio.atomic_path(tmp_path / "out.bin"):
+            raise KeyError("x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sha256_file_reads_in_chunks_to_the_same_digest(tmp_path):
+    import hashlib
+
+    data = random.Random(0).randbytes(10_000)
+    (tmp_path / "f").write_bytes(data)
+    assert rio.sha256_file(tmp_path / "f", chunk_size=7) == hashlib.sha256(data).hexdigest()
+    (tmp_path / "e").write_bytes(b"")
+    assert rio.sha256_file(tmp_path / "e") == hashlib.sha256(b"").hexdigest()
