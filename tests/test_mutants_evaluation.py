@@ -140,3 +140,121 @@ def test_inception_features_of_non_square_images_match_torch_fidelity_fed_nchw(w
         pool_sq, _ = net(torch.from_numpy(square.transpose(0, 3, 1, 2).copy()))
     np.testing.assert_allclose(InceptionExtractor(weights, device="cpu")(square)["pool"], pool_sq.numpy(),
                                rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# From mutation testing of repro/evaluation/metrics.py (docs/mutation_testing.md)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_frechet_errors_name_the_argument_at_fault():
+    from repro.errors import ReproError
+    from repro.evaluation import frechet_distance
+
+    mu, sigma = np.zeros(3), np.eye(3)
+    bad_mu = np.array([0.0, np.nan, np.inf])
+    negative = np.diag([1.0, 1.0, -1.0])
+    cases = [((np.zeros((3, 1)), sigma, mu, sigma), r"^mu1 must be a vector \(d,\), got shape \(3, 1\)"),
+             ((mu, sigma, bad_mu, sigma), r"^mu2 has 2 non-finite entries"),
+             ((bad_mu, sigma, mu, sigma), r"^mu1 has 2 non-finite entries"),
+             ((mu, np.eye(2), mu, sigma), r"^sigma1 must have shape \(3, 3\) to match its mean, got \(2, 2\)"),
+             ((mu, sigma, mu, np.full((3, 3), np.nan)), r"^sigma2 has 9 non-finite entries"),
+             ((mu, negative, mu, sigma), r"^sigma1 is not a covariance matrix"),
+             ((mu, sigma, mu, negative), r"^sigma2 is not a covariance matrix"),
+             ((np.full(3, 1e200), sigma, -np.full(3, 1e200), sigma), r"not finite .* overflow float64")]
+    for args, message in cases:
+        with pytest.raises(ReproError, match=message):
+            frechet_distance(*args)
+    from repro.evaluation.metrics import psd_eigen
+
+    with pytest.raises(ReproError, match=r"^sigma is not a covariance matrix"):
+        psd_eigen(negative)
+
+
+def test_frechet_small_values_zero_and_tiny_covariances_follow_the_closed_form():
+    from repro.evaluation import frechet_distance
+
+    # FD of diagonal Gaussians = |dmu|^2 + sum (sqrt(a) - sqrt(b))^2
+    assert frechet_distance(np.zeros(2), np.eye(2), np.array([0.5, 0.0]), np.eye(2)) == pytest.approx(0.25)
+    assert frechet_distance(np.zeros(2), np.zeros((2, 2)), np.array([0.3, 0.4]), np.zeros((2, 2))) == pytest.approx(0.25)
+    a, b = np.array([4.0, 1.0, 9.0]) * 1e-20, np.array([1.0, 1.0, 4.0]) * 1e-20  # features of scale 1e-10
+    expected = 1e-20 * (1.0 + 0.0 + 1.0)
+    assert frechet_distance(np.zeros(3), np.diag(a), np.zeros(3), np.diag(b)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_and_inception_score_compute_float32_inputs_in_float64():
+    from repro.evaluation import frechet_distance
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((40, 6)), rng.standard_normal((40, 6)) * 1.3 + 0.1
+    stats = [v.astype(np.float32) for v in (x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))]
+    as64 = [v.astype(np.float64) for v in stats]
+    assert frechet_distance(*stats) == pytest.approx(frechet_distance(*as64), rel=1e-13)
+    logits = (rng.standard_normal((30, 50)) * 4).astype(np.float32)
+    assert inception_score(logits, splits=3) == pytest.approx(inception_score(logits.astype(np.float64), splits=3),
+                                                               rel=1e-13)
+
+
+def test_frechet_of_identical_rank_deficient_statistics_is_rounding_small():
+    from repro.evaluation import feature_statistics, frechet_distance
+
+    feats = np.random.default_rng(1).standard_normal((6, 64)) * 3.0  # rank 5 covariance in 64 dimensions
+    mu, sigma = feature_statistics(feats)
+    assert frechet_distance(mu, sigma, mu, sigma) <= 1e-10 * np.trace(sigma)
+
+
+def test_feature_statistics_row_limits():
+    from repro.errors import ReproError
+    from repro.evaluation import feature_statistics
+
+    two = np.array([[1.0, 2.0], [3.0, 6.0]])
+    mu, sigma = feature_statistics(two)
+    np.testing.assert_allclose(sigma, np.cov(two, rowvar=False))
+    mu, sigma = feature_statistics(np.array([[1.0], [2.0], [4.0]]))  # one feature column is fine
+    assert sigma.shape == (1, 1) and sigma[0, 0] == pytest.approx(np.var([1, 2, 4], ddof=1))
+    for bad in (np.ones((1, 3)), np.ones(5)):
+        with pytest.raises(ReproError, match=r"statistics need at least 2 feature rows, got shape"):
+            feature_statistics(bad)
+
+
+def test_inception_score_input_checks_defaults_and_detection():
+    from repro.errors import ReproError
+
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((11, 6)) * 2
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    chunks = [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 11)]  # default splits=10: ceil(11 / 10) = 2 rows
+    assert inception_score(logits) == pytest.approx(_is_reference(torch.from_numpy(p), chunks), rel=1e-10)
+    assert inception_score(logits[:1], splits=1) == pytest.approx(1.0)  # one row is a valid (trivial) input
+    for bad, message in ((np.ones((0, 5)), r"needs an \(N, classes\) array, got shape \(0, 5\)"),
+                         (np.ones((3, 1)), r"needs an \(N, classes\) array, got shape \(3, 1\)"),
+                         (np.ones(4), r"needs an \(N, classes\) array, got shape \(4,\)"),
+                         (np.array([[0.0, np.nan]]), r"^inception_score: logits/probabilities contain NaN or inf$")):
+        with pytest.raises(ReproError, match=message):
+            inception_score(bad, splits=1)
+    with pytest.raises(ReproError, match=r"inputs must be 'auto', 'logits' or 'probs', got 'softmax'"):
+        inception_score(logits, inputs="softmax")
+    with pytest.raises(ReproError, match=r"splits must be >= 1, got 0"):
+        inception_score(logits, splits=0)
+    # auto: non-negative rows that do not sum to 1 are logits; rows within 1e-4 of 1 are probabilities
+    positive = rng.random((10, 6)) * 0.5  # row sums ~1.5
+    assert inception_score(positive, splits=2) == pytest.approx(inception_score(positive, splits=2, inputs="logits"))
+    nearly = p[:10] * (1 + 5e-5)
+    assert inception_score(nearly, splits=2) == pytest.approx(inception_score(p[:10], splits=2, inputs="probs"),
+                                                              rel=1e-9)
+    # probabilities given unnormalised are normalised per row
+    assert inception_score(p[:10] * 3.0, splits=2, inputs="probs") == pytest.approx(
+        inception_score(p[:10], splits=2, inputs="probs"), rel=1e-12)
+
+
+def test_precision_recall_shape_checks_device_argument_and_recall_ties():
+    from repro.errors import ReproError
+
+    real = np.array([[x, 0.0] for x in (0, 1, 3, 7, 15)])
+    fake = np.array([[x, 0.0] for x in (5, 12, 27)])
+    assert precision_recall(real, fake, k=1, device="cpu") == pytest.approx((2 / 3, 1.0))
+    # roles swapped at k=2: 27 lies on the boundary of 15's ball (144 <= 144) and counts for recall
+    assert precision_recall(fake, real, k=2) == pytest.approx((1.0, 1.0))
+    for a, b in ((real, np.ones((5, 3))), (np.ones(5), real), (real, np.ones(5))):
+        with pytest.raises(ReproError, match=r"precision_recall needs \(N, D\) arrays of the same D, got \("):
+            precision_recall(a, b, k=1)
