@@ -43,7 +43,8 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
                  "-k", "frechet or inception_score or feature_statistics or precision_recall"]),
     "io": (["repro/utils/io.py"],
            ["tests/test_mutants_hub_io.py", "tests/test_resume_safety.py", "tests/test_checkpoint.py"]),
-    "transport": (["repro/transport/*"], ["tests/test_transport.py", "tests/test_sampling.py"]),
+    "transport": (["repro/transport/*"],
+                  ["tests/test_transport.py", "tests/test_sampling.py", "tests/test_mutants_transport.py"]),
     "lightningdit": (["repro/models/lightningdit.py"],
                      ["tests/test_lightningdit.py", "tests/test_mutants_lightningdit.py"]),
     "checkpoint": (["repro/models/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_mutants_training.py"]),
@@ -117,13 +118,14 @@ def run_target(name: str, max_children: int, show: bool, keep: bool) -> dict:
         executed = sum(counts.get(s, 0) for s in DETECTED_OR_NOT)
         killed = sum(counts.get(s, 0) for s in KILLED)
         survivors = sorted(k for k, s in status.items() if s == "survived")
+        other = {k: s for k, s in sorted(status.items()) if s not in ("killed", "survived")}
         diffs = {}
         for mutant in survivors:
             diffs[mutant] = subprocess.run(["mutmut", "show", mutant], cwd=work, env=env, capture_output=True,
                                            text=True).stdout
         summary = {"target": name, "files": files, "tests": selection, "counts": counts, "total": len(status),
                    "kill_rate": killed / executed if executed else None, "seconds": round(seconds),
-                   "survivors": survivors, "survivor_diffs": diffs}
+                   "survivors": survivors, "survivor_diffs": diffs, "other": other}
         out = ROOT / "runs" / "mutation"
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
