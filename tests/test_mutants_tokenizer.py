@@ -138,3 +138,52 @@ def test_the_run_logs_disc_loss_from_disc_start_and_a_warm_up_lr_at_step_1(tmp_p
     assert ["g_loss" in r for r in rows] == [False, True, True]  # the generator's GAN term starts together
     assert all(r["disc_loss"] > 0.1 for r in rows[1:])  # a hinge loss near 1, not a zero-weighted one
     assert [r["lr"] for r in rows] == pytest.approx([0.002 / 4, 0.002 * 2 / 4, 0.002 * 3 / 4])
+
+
+# ---------------------------------------------------------------------------------------------------
+# From mutation testing of repro/tokenizer/losses.py (docs/mutation_testing.md)
+
+
+def test_loss_averages_over_the_batch_not_the_channels():
+    torch.manual_seed(3)
+    vae = _tiny_vae()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1  # a batch of 2: not the 3 channels
+    post = vae.encode(images)
+    rec = vae.decode(post.sample())
+    loss, log = TokenizerLoss(TokenizerLossConfig(kl_weight=1e-3)).autoencoder_loss(images, rec, post, 1)
+    expected = (rec - images).abs().sum() / 2 + 1e-3 * kl_divergence(post).sum() / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert log["total_loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert log["kl_loss"] == pytest.approx(kl_divergence(post).mean().item(), rel=1e-6)
+    assert log["rec_loss"] == pytest.approx((rec - images).abs().mean().item(), rel=1e-6)
+
+
+def test_vf_term_fixed_and_adaptive_weight_and_its_log(batch):
+    from repro.tokenizer.vf_loss import VFLoss, vf_weight
+
+    vae, images, post, rec = batch
+    torch.manual_seed(4)
+    z = post.sample()
+    features = torch.randn(3, 16, *z.shape[-2:])
+    vf = VFLoss(z.shape[1], 16)
+    terms = vf(z, features)
+    base = ((rec - images).abs().sum() / 3 + 1e-3 * kl_divergence(post).sum() / 3)
+    fixed = TokenizerLoss(TokenizerLossConfig(kl_weight=1e-3, vf_weight=0.7, adaptive_vf=False), vf=vf)
+    loss, log = fixed.autoencoder_loss(images, rec, post, 1, z=z, features=features)
+    assert loss.item() == pytest.approx(base.item() + 0.7 * terms["loss"].item(), rel=1e-5)
+    assert log["vf_loss"] == pytest.approx(terms["loss"].item(), rel=1e-6) and log["vf_weight"] == 0.7
+    assert log["vf_cos"] == pytest.approx(terms["cos"].item(), rel=1e-6)
+    assert log["vf_distmat"] == pytest.approx(terms["distmat"].item(), rel=1e-6)
+    adaptive = TokenizerLoss(TokenizerLossConfig(kl_weight=1e-3, vf_weight=0.7, adaptive_vf=True), vf=vf)
+    last = vae.encoder.conv_out.weight
+    loss, log = adaptive.autoencoder_loss(images, rec, post, 1, z=z, features=features, encoder_last_layer=last)
+    nll = (rec - images).abs().sum() / 3
+    w = float(vf_weight(nll, vf(z, features)["loss"], last, 0.7, True))
+    assert w != pytest.approx(0.7) and log["vf_weight"] == pytest.approx(w, rel=1e-4)
+    assert loss.item() == pytest.approx(base.item() + w * terms["loss"].item(), rel=1e-4)
+    with pytest.raises(ValueError, match=r"^the VF loss needs z \(the decoded latent\) and the frozen features$"):
+        fixed.autoencoder_loss(images, rec, post, 1, z=z)
+    with pytest.raises(ValueError, match=r"^the VF loss needs z"):
+        fixed.autoencoder_loss(images, rec, post, 1, features=features)
+    with pytest.raises(ValueError, match=r"^the adaptive VF weight needs encoder_last_layer \(vae\.encoder"):
+        adaptive.autoencoder_loss(images, rec, post, 1, z=z, features=features)
