@@ -187,3 +187,29 @@ def test_vf_term_fixed_and_adaptive_weight_and_its_log(batch):
         fixed.autoencoder_loss(images, rec, post, 1, features=features)
     with pytest.raises(ValueError, match=r"^the adaptive VF weight needs encoder_last_layer \(vae\.encoder"):
         adaptive.autoencoder_loss(images, rec, post, 1, z=z, features=features)
+
+
+def test_options_reach_the_loss_mse_vanilla_zero_factor_and_a_batch_of_two(lpips):
+    from repro.tokenizer.discriminator import vanilla_d_loss
+
+    torch.manual_seed(5)
+    vae = _tiny_vae()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    post = vae.encode(images)
+    rec = vae.decode(post.sample())
+    with torch.no_grad():
+        distance = lpips(images, rec)
+    cfg = TokenizerLossConfig(rec_loss="mse", kl_weight=0.0, perceptual_weight=0.5, disc_start=0)
+    loss, _ = TokenizerLoss(cfg, lpips=lpips).autoencoder_loss(images, rec, post, 3)  # no discriminator: no GAN
+    expected = ((rec - images).pow(2).sum() + 0.5 * 3 * 16 * 16 * distance.sum()) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    disc = NLayerDiscriminator(ndf=8, n_layers=1)
+    vanilla = TokenizerLoss(TokenizerLossConfig(disc_start=0, disc_loss="vanilla"), discriminator=disc)
+    with torch.no_grad():
+        ref = vanilla_d_loss(disc(images), disc(rec)).item()
+        g = generator_loss(disc(rec)).item()
+    assert vanilla.discriminator_loss(images, rec, 1)[0].item() == pytest.approx(ref, rel=1e-5)
+    _, log = vanilla.autoencoder_loss(images, rec, post, 1, vae.decoder.conv_out.weight)
+    assert log["g_loss"] == pytest.approx(g, rel=1e-5)
+    off = TokenizerLoss(TokenizerLossConfig(disc_start=0, disc_factor=0.0), discriminator=disc)
+    assert not off.gan_active(10)
