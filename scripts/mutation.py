@@ -1,0 +1,174 @@
+"""Mutation testing of the numerics modules with mutmut, one module (or group) at a time, against its own tests.
+
+    python scripts/mutation.py metrics                # one target by its short name
+    python scripts/mutation.py repro/utils/io.py      # or by path
+    python scripts/mutation.py metrics io transport   # several, one after another
+    python scripts/mutation.py --list                 # the targets and the tests each runs
+    python scripts/mutation.py io --show              # also print the diff of every surviving mutant
+
+Not part of the test suite (pytest never collects scripts/). Each target runs in a fresh copy of the
+checkout (tracked and untracked-not-ignored files) under a temp folder, so the working tree never gets a
+`mutants/` folder and several targets never share mutmut's cache. In that copy, pyproject.toml's
+[tool.mutmut] section gets the target's `only_mutate` and test selection; everything else comes from the
+checkout's own section. mutmut runs each mutant only against the tests that executed the mutated function
+(its stats pass), in a forked process; `--max-children` defaults to 1 (CPU is shared here).
+
+Results: a table per target (killed, survived, no tests, timeout, other) and the kill rate
+killed / (killed + survived + timeout + other), i.e. over the mutants that some selected test executes;
+"no tests" are mutants in functions none of the target's tests call (counted, not hidden). A JSON summary
+per target goes to runs/mutation/<name>.json. docs/mutation_testing.md records the measured rates and
+explains each survivor that is kept (equivalent mutants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# target -> (files to mutate, pytest selection). Selections leave out the slow end-to-end tests of a file
+# (subprocesses, notebooks, torchrun) where the unit tests cover the module; see docs/mutation_testing.md.
+TARGETS: dict[str, tuple[list[str], list[str]]] = {
+    "metrics": (["repro/evaluation/metrics.py"],
+                ["tests/test_evaluation.py", "tests/test_mutants_evaluation.py",
+                 "-k", "frechet or inception_score or feature_statistics or precision_recall"]),
+    "io": (["repro/utils/io.py"],
+           ["tests/test_mutants_hub_io.py", "tests/test_resume_safety.py", "tests/test_checkpoint.py"]),
+    "transport": (["repro/transport/*"],
+                  ["tests/test_transport.py", "tests/test_sampling.py", "tests/test_mutants_transport.py"]),
+    "lightningdit": (["repro/models/lightningdit.py"],
+                     ["tests/test_lightningdit.py", "tests/test_mutants_lightningdit.py"]),
+    "checkpoint": (["repro/models/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_mutants_training.py"]),
+    "cost": (["repro/models/cost.py"], ["tests/test_benchmarks.py"]),
+    "sampling": (["repro/sampling/*"],
+                 ["tests/test_sampling.py", "tests/test_inference.py", "tests/test_mutants_sampling.py"]),
+    "losses": (["repro/tokenizer/losses.py"],
+               ["tests/test_tokenizer_losses.py", "tests/test_mutants_tokenizer.py", "-k", "not the_run_logs"]),
+    "step": (["repro/training/step.py"], ["tests/test_training.py", "tests/test_mutants_training.py"]),
+    "assets": (["repro/hub/assets.py"], ["tests/test_download.py", "tests/test_mutants_hub_io.py"]),
+}
+_PATHS = {files[0]: name for name, (files, _) in TARGETS.items()}
+KILLED = ("killed", "caught by type check")
+DETECTED_OR_NOT = ("killed", "survived", "timeout", "suspicious", "segfault", "caught by type check")
+
+
+def checkout_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         check=True, capture_output=True).stdout.decode()
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
+def copy_checkout(dest: Path) -> None:
+    for rel in checkout_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+
+
+def with_target(pyproject: str, only_mutate: list[str], selection: list[str]) -> str:
+    """The checkout's pyproject.toml with its [tool.mutmut] keys for this target replaced."""
+    keys = {"only_mutate": only_mutate, "pytest_add_cli_args_test_selection": selection}
+    lines = pyproject.splitlines()
+    start = lines.index("[tool.mutmut]")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    body = [ln for ln in lines[start + 1:end] if ln.split("=")[0].strip() not in keys]
+    body += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    return "\n".join(lines[:start + 1] + body + lines[end:]) + "\n"
+
+
+def parse_results(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^\s+(\S+__mutmut_\d+): (.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def run_target(name: str, max_children: int, show: bool, keep: bool) -> dict:
+    files, selection = TARGETS[name]
+    work = Path(tempfile.mkdtemp(prefix=f"repro-mutation-{name}-"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    try:
+        copy_checkout(work)
+        pyproject = work / "pyproject.toml"
+        pyproject.write_text(with_target(pyproject.read_text(), files, selection))
+        t0 = time.monotonic()
+        run = subprocess.run(["mutmut", "run", "--max-children", str(max_children)], cwd=work, env=env,
+                             capture_output=True, text=True)
+        seconds = time.monotonic() - t0
+        results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, env=env, capture_output=True,
+                                 text=True).stdout
+        status = parse_results(results)
+        if run.returncode != 0 or not status:
+            tail = "\n".join((run.stdout + run.stderr).splitlines()[-30:])
+            raise SystemExit(f"mutmut failed for {name} (exit {run.returncode}) in {work}:\n{tail}")
+        counts: dict[str, int] = {}
+        for s in status.values():
+            counts[s] = counts.get(s, 0) + 1
+        executed = sum(counts.get(s, 0) for s in DETECTED_OR_NOT)
+        killed = sum(counts.get(s, 0) for s in KILLED)
+        survivors = sorted(k for k, s in status.items() if s == "survived")
+        other = {k: s for k, s in sorted(status.items()) if s not in ("killed", "survived")}
+        diffs = {}
+        for mutant in survivors:
+            diffs[mutant] = subprocess.run(["mutmut", "show", mutant], cwd=work, env=env, capture_output=True,
+                                           text=True).stdout
+        summary = {"target": name, "files": files, "tests": selection, "counts": counts, "total": len(status),
+                   "kill_rate": killed / executed if executed else None, "seconds": round(seconds),
+                   "survivors": survivors, "survivor_diffs": diffs, "other": other}
+        out = ROOT / "runs" / "mutation"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        rate = f"{100 * summary['kill_rate']:.1f}%" if executed else "n/a"
+        print(f"{name}: {len(status)} mutants, " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+              + f"; kill rate {rate} of the {executed} executed; {seconds:.0f} s; summary runs/mutation/{name}.json",
+              flush=True)
+        if show:
+            for mutant, diff in diffs.items():
+                print(f"--- survived: {mutant}\n{diff}")
+        return summary
+    finally:
+        if keep:
+            print(f"(kept {work})")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("targets", nargs="*", help="short names or module paths (see --list)")
+    parser.add_argument("--list", action="store_true", help="print the targets and their tests")
+    parser.add_argument("--all", action="store_true", help="every target (hours on 2 CPU cores)")
+    parser.add_argument("--max-children", type=int, default=1)
+    parser.add_argument("--show", action="store_true", help="print the diff of each surviving mutant")
+    parser.add_argument("--keep", action="store_true", help="keep the temp copy (mutmut browse, mutmut show)")
+    args = parser.parse_args(argv)
+    if shutil.which("mutmut") is None:
+        print("mutmut is not installed: pip install mutmut", file=sys.stderr)
+        return 2
+    if args.list or not (args.targets or args.all):
+        for name, (files, selection) in TARGETS.items():
+            print(f"{name:13s} {' '.join(files):32s} {' '.join(selection)}")
+        return 0
+    names = list(TARGETS) if args.all else [_PATHS.get(t, t) for t in args.targets]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        print(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(TARGETS)}", file=sys.stderr)
+        return 2
+    for name in names:
+        run_target(name, args.max_children, args.show, args.keep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
