@@ -20,8 +20,8 @@ from repro.tokenizer.discriminator import NLayerDiscriminator, generator_loss, h
 from repro.tokenizer.losses import TokenizerLoss, TokenizerLossConfig, kl_divergence
 from repro.tokenizer.lpips import LPIPS
 from repro.tokenizer.vavae import AutoencoderKL
-# lr_factor lives with the tokenizer training parts today; if it moves, only this import changes.
-from repro.tokenizer_training.parts import lr_factor
+# lr_factor: the learning-rate schedule, beside make_optimizer
+from repro.training.step import lr_factor
 
 
 def _tiny_vae():
@@ -123,7 +123,7 @@ def test_warm_up_is_linear_from_the_first_step(warmup):
 
 def test_the_run_logs_disc_loss_from_disc_start_and_a_warm_up_lr_at_step_1(tmp_path):
     from repro.data.synthetic import make_digits_folder
-    from repro.tokenizer_training.loop import train_tokenizer
+    from repro.tokenizer_training.trainer import train_tokenizer
     from tests.test_tokenizer_training import tiny_cfg
 
     make_digits_folder(tmp_path / "digits" / "train", size=16, per_class=1)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _vae():
-    from repro.tokenizer.files import build_tokenizer
+    from repro.tokenizer.loader import build_tokenizer
 
     torch.manual_seed(0)
     return build_tokenizer({"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "z_channels": 4,
