@@ -124,7 +124,8 @@ def parse_size(value: Any, where: str) -> int:
 
 def _nearest(key: str, valid: Iterable[str]) -> str:
     valid = list(valid)
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5) or [v for v in valid if v.startswith(key)][:1]
+    # a name the typed one begins (vavae -> vavae-f16d32) before the closest spelling (vavae ~ vfm-vae)
+    close = [v for v in valid if v.startswith(key)][:1] or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
