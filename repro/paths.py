@@ -91,7 +91,7 @@ def refuse_asset_markers(cfg, keys) -> None:
         value = values.get(key)
         if isinstance(value, str) and value.startswith(ASSET_MARKERS):
             raise ConfigError(f"config key '{key}' is {value!r}, an asset marker that step 3 fills in: run "
-                              f"`python -m steps.step3_configs --base C` and pass the config it writes to --config, "
+                              f"`python -m steps.step3_configs --config C` and pass the config it writes to --config, "
                               f"or pass --set {key}=PATH")
 
 

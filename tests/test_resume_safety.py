@@ -229,7 +229,7 @@ def test_runs_marker_is_a_folder_under_the_runs_folder_in_steps_5_6_7(tmp_path, 
     # an asset: marker only step 3 can fill in: the advice names the command with this config
     tiny = str(PROJECT_ROOT / "configs" / "tiny.yaml")
     with pytest.raises(ConfigError, match=rf"'vae.ckpt_path' is 'asset:[^']+'.*`python -m steps.step3_configs "
-                                          rf"--base {tiny}`"):
+                                          rf"--config {tiny}`"):
         step6_extract.main(tiny, source=str(images), out="runs:x")
 
 

@@ -131,7 +131,7 @@ def _resolve_preset(preset, raw: Config, resolved, cuda: bool) -> Config:
         print0(f"step 4: not needed for sampling and not downloaded, left unset: {', '.join(optional)}")
 
     # Resolve as step 3 does, on every process; rank 0 writes step 3's file.
-    print0(f"step 4: running step 3 (python -m steps.step3_configs --base {preset})")
+    print0(f"step 4: running step 3 (python -m steps.step3_configs --config {preset})")
     cfg, changes, _ = resolve_file(preset, overrides=optional, runtime_batch=cuda)
     for line in changes:
         print0(f"  {line}")
