@@ -51,6 +51,8 @@ class DataConfig:
     num_workers: int = 8
     latent_norm: bool = True
     latent_multiplier: float = 1.0
+    latent_scaling: Literal["channel", "global", "global_means"] = "channel"  # kit (issue 23): channel = latent_norm's per-channel statistics (upstream); global = x * 1/sigma, sigma over every latent element (SD, lightdiff); global_means = sigma over the posterior means
+    latent_scale: Optional[float] = None  # kit (issue 23): the global factor 1/sigma; null = from latents_scale.json beside the shards (step 7 records it in the run's config)
     valid_path: Optional[str] = None  # latent folder: validation loss at each checkpoint (repro.training.validation)
     raw_data_dir: Optional[str] = None  # kit: image folder / tar shards for step 6 extraction
     stats_subset: int = 10000  # kit: latents used for latents_stats.pt (upstream: 10,000)

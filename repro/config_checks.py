@@ -18,6 +18,7 @@ tests/test_config_keys.py.
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, Iterable, Optional
 
 from repro.errors import ConfigError
@@ -52,6 +53,7 @@ DDPM_SAMPLING_METHODS = ("ddim", "ddpm")  # = repro.transport.DDPM_METHODS
 DDPM_SCHEDULES = ("linear", "scaled_linear", "cosine")  # = repro.transport.SCHEDULES
 DDPM_PREDICTIONS = ("noise", "velocity")  # = repro.transport.PREDICTIONS
 DDPM_VARIANCES = ("beta", "beta_tilde")  # = repro.transport.VARIANCES
+LATENT_SCALINGS = ("channel", "global", "global_means")  # kit (issue 23): data.latent_scaling
 VAE_MODELS = ("vavae_f16d32", "custom", "vfm_vae_f16d32")  # vfm_vae: repro.tokenizer.vfm_vae  # custom: repro.tokenizer.loader (step 9)
 
 
@@ -116,6 +118,8 @@ def check_supported(cfg) -> None:
         _refuse("sample.cfg_scale", s.cfg_scale, "data.num_classes is 1 (an unconditional model): there is no class "
                 "to guide towards", "set sample.cfg_scale: 1.0")
 
+    check_latent_scaling(d)
+
     # Transport: the linear path with velocity prediction, the only one the released models use.
     _one_of("transport.path_type", t.path_type, ("Linear",), ("GVP", "VP"),
             why=" (the rectified-flow path of every released LightningDiT)")
@@ -157,6 +161,22 @@ def check_supported(cfg) -> None:
                 "remove the key, or set model.use_checkpoint: true for gradient checkpointing")
     if d.valid_path is not None and not str(d.valid_path).strip():
         _refuse("data.valid_path", d.valid_path, "an empty path", "set a latent folder or null")
+
+
+def check_latent_scaling(d) -> None:
+    """kit (issue 23): data.latent_scaling / data.latent_scale and the keys they exclude."""
+    _one_of("data.latent_scaling", d.latent_scaling, LATENT_SCALINGS)
+    if d.latent_scaling != "channel" and d.latent_norm:
+        _refuse("data.latent_norm", True, f"data.latent_scaling {d.latent_scaling} scales by one global factor "
+                "instead of the per-channel statistics of latents_stats.pt", "set data.latent_norm: false, or "
+                "data.latent_scaling: channel")
+    if d.latent_scale is not None:
+        if d.latent_scaling == "channel":
+            _refuse("data.latent_scale", d.latent_scale, "data.latent_scaling is channel, which never uses a global "
+                    "factor", "remove data.latent_scale, or set data.latent_scaling: global")
+        if not math.isfinite(d.latent_scale) or d.latent_scale <= 0:
+            _refuse("data.latent_scale", d.latent_scale, "the factor multiplies every latent and is divided out "
+                    "before decoding", "give a finite number > 0 (1/sigma), or null to read latents_scale.json")
 
 
 def check_ddpm(cfg) -> None:

@@ -38,8 +38,8 @@ import torch
 from repro.data.image_loader import CroppedImages, cropped_batches
 from repro.data.image_sources import ImageSource, list_images
 from repro.data.latents import image_seed, list_shards, read_shard_info, shard_name, write_shard
-from repro.data.stats import STATS_NAME, validate_stats, write_stats
-from repro.data.stats_recompute import compute_stats
+from repro.data.stats import SCALE_NAME, STATS_NAME, validate_stats, write_scale_file, write_stats
+from repro.data.stats_recompute import compute_global_scales, compute_stats
 from repro.errors import ReproError
 from repro.utils import distributed as dist
 from repro.utils.io import atomic_write_json, make_dirs, remove_stale_temps
@@ -249,6 +249,8 @@ def _finish(out: Path, src: ImageSource, num_shards: int, meta: dict, *, stats_s
     old = validate_stats(stats_path, stats["mean"].shape[1])
     if not (old.ok and torch.equal(old.mean, stats["mean"]) and torch.equal(old.std, stats["std"])):
         write_stats(stats_path, stats, backup=True)
+    # kit (issue 23): the global factors of data.latent_scaling, in a file of their own (stats bytes unchanged)
+    write_scale_file(out / SCALE_NAME, compute_global_scales(out, subset=stats_subset, seed=seed))
     store_name = meta.get("posterior", meta["store"])  # sample | moments | mean
     report = {
         "out_dir": str(out), "source": src.root, "source_kind": src.kind, "store": store_name,

@@ -135,12 +135,16 @@ class LatentShardDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_dir: str | os.PathLike, *, latent_norm: bool = True, latent_multiplier: float = 1.0,
-                 stats_path: str | os.PathLike | None = None):
+                 stats_path: str | os.PathLike | None = None, global_scale: float | None = None):
         from safetensors import safe_open
 
         self.data_dir = Path(data_dir)
         self.latent_norm = bool(latent_norm)
         self.latent_multiplier = float(latent_multiplier)
+        # kit (issue 23): data.latent_scaling global(_means): one factor 1/sigma instead of per-channel statistics
+        if global_scale is not None and self.latent_norm:
+            raise ReproError("a global latent scale replaces the per-channel statistics: pass latent_norm=False")
+        self.global_scale = float(global_scale) if global_scale is not None else None
         # Every shard of the folder, in upstream's sorted order; none is an error with the fix.
         self.files = list_shards(self.data_dir)
         if not self.files:
@@ -252,11 +256,20 @@ class LatentShardDataset(torch.utils.data.Dataset):
             x = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
         return x, y
 
+    def posterior_mean(self, index: int, flip: bool = False) -> torch.Tensor:
+        """kit (issue 23): the posterior mean of a moment shard's latent (C, h, w), not normalised."""
+        if self.store != "moments":
+            raise ReproError(f"latent folder {self.data_dir} holds sample shards: no posterior means are stored")
+        k, row = self._locate(index)
+        return self._handle(k).get_slice("mean_flip" if flip else "mean")[row:row + 1][0].float()
+
     def get(self, index: int, flip: bool, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
         """(x (C, h, w) float32 normalised as upstream, y int)."""
         x, y = self.raw(index, flip, generator)
         if self.latent_norm:
             x = (x - self._mean) / self._std
+        elif self.global_scale is not None:  # kit (issue 23): x * 1/sigma, no mean shift
+            x = x * self.global_scale
         return x * self.latent_multiplier, y
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

@@ -4,12 +4,17 @@ Upstream (hustvl/LightningDiT `datasets/img_latent_dataset.py`) stores `{'mean',
 (1, C, 1, 1) float32, and normalises a training latent as `(x - mean) / std * latent_multiplier`.
 Everything here works on the file alone; computing statistics from latent shards sits above the
 dataset, in `repro.data.stats_recompute`.
+
+kit (issue 23): `latents_scale.json` (`SCALE_NAME`) beside it holds the global factors of
+`data.latent_scaling` (SD/lightdiff-style `x * 1/sigma`, one sigma over every latent element); a file of
+its own, so the bytes of `latents_stats.pt` stay upstream's.
 """
 
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import shutil
@@ -20,9 +25,11 @@ from pathlib import Path
 import torch
 
 from repro.errors import ReproError
-from repro.utils.io import atomic_path, atomic_write_bytes
+from repro.utils.io import atomic_path, atomic_write_bytes, atomic_write_json
 
 STATS_NAME = "latents_stats.pt"  # upstream's name, inside data.data_path
+SCALE_NAME = "latents_scale.json"  # kit (issue 23): the global factors, beside STATS_NAME
+GLOBAL_SCALINGS = ("global", "global_means")  # data.latent_scaling values that use SCALE_NAME
 
 
 @dataclass(repr=False)
@@ -148,3 +155,52 @@ def install_stats_file(source: str | os.PathLike, path: str | os.PathLike, chann
     backup_existing(path)
     with atomic_path(path) as tmp:
         shutil.copyfile(source, tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# kit (issue 23): latents_scale.json, {"global": {...}, "global_means": {...}, ...}
+
+
+def read_scale_file(path: str | os.PathLike) -> dict | None:
+    """The record of a `latents_scale.json` (None when there is none); an unreadable one is a ReproError."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ReproError(f"{path} is not readable JSON ({e}); delete it (it is recomputed from the shards) or "
+                         f"re-run step 5 --recompute") from e
+    if not isinstance(record, dict):
+        raise ReproError(f"{path} holds a {type(record).__name__}, expected a JSON object; delete it")
+    return record
+
+
+def scale_of(record: dict | None, scaling: str, source: str) -> float:
+    """The factor 1/sigma of `scaling` in a latents_scale.json record, checked (finite, > 0)."""
+    entry = (record or {}).get(scaling)
+    if not isinstance(entry, dict) or "scale" not in entry:
+        why = (record or {}).get("unavailable", {}).get(scaling, "it has no such entry")
+        raise ReproError(f"{source} holds no '{scaling}' factor ({why}); recompute it with step 5 --recompute, or "
+                         f"set data.latent_scale to the factor")
+    scale = entry["scale"]
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ReproError(f"{source}['{scaling}']['scale'] is {scale!r}, expected a finite number > 0")
+    return float(scale)
+
+
+def global_scale_factor(data) -> float | None:
+    """A `DataConfig`'s global factor: `latent_scale` when `latent_scaling` is global(_means), else None."""
+    if data.latent_scaling not in GLOBAL_SCALINGS:
+        return None
+    if data.latent_scale is None:
+        raise ReproError(f"data.latent_scaling is {data.latent_scaling} but data.latent_scale is null here: give the "
+                         f"factor, or let step 7 read it from {SCALE_NAME} beside the shards")
+    return float(data.latent_scale)
+
+
+def write_scale_file(path: str | os.PathLike, record: dict) -> Path:
+    """Write the record atomically (sorted JSON: equal factors give equal bytes)."""
+    return atomic_write_json(path, record)

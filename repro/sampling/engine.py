@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from repro.config import Config
-from repro.data.stats import STATS_NAME, load_latent_stats
+from repro.data.stats import GLOBAL_SCALINGS, SCALE_NAME, STATS_NAME, load_latent_stats, read_scale_file, scale_of
 from repro.errors import ReproError
 from repro.transport import DDPM_METHODS, METHODS, is_ddpm, sample_ode
 from repro.transport import process
@@ -47,6 +47,7 @@ class SamplerSetup:
     vae_precision: str
     latent_shape: tuple[int, int, int]  # (C, h, w)
     num_classes: int
+    scale: Optional[float] = None  # kit (issue 23): data.latent_scaling global(_means)'s factor 1/sigma
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,8 +120,9 @@ def check_inputs(cfg: Config) -> None:
         if not Path(value).expanduser().is_file():
             raise ReproError(f"{key} not found: {value} (config key '{key}'); fix the path or run "
                              f"`python -m steps.step2_download --only {hints[key]}`")
-    sp = stats_path(cfg)
-    if not sp.is_file():
+    if cfg.data.latent_scaling in GLOBAL_SCALINGS:  # kit (issue 23): one factor, no per-channel statistics
+        latent_scale_of(cfg)
+    elif not (sp := stats_path(cfg)).is_file():
         raise ReproError(f"latent statistics not found: {sp} (config key 'data.data_path'); run "
                          "`python -m steps.step2_download --only latents-stats` or step 5 to compute them")
     # Sampler settings the kit does not implement are refused, never ignored.
@@ -140,6 +142,23 @@ def check_inputs(cfg: Config) -> None:
                          f"got {s.cfg_channels}")
 
 
+def latent_scale_of(cfg: Config) -> Optional[float]:
+    """kit (issue 23): the global factor of `data.latent_scaling` global(_means): `data.latent_scale` (a
+    training run's config.yaml records it), else `latents_scale.json` beside the statistics; None for channel."""
+    d = cfg.data
+    if d.latent_scaling not in GLOBAL_SCALINGS:
+        return None
+    if d.latent_scale is not None:
+        return float(d.latent_scale)
+    path = stats_path(cfg).parent / SCALE_NAME
+    record = read_scale_file(path)
+    if record is None:
+        raise ReproError(f"data.latent_scaling is {d.latent_scaling} and data.latent_scale is null, but {path} does not "
+                         "exist: set data.latent_scale to the factor the model was trained with (its run's "
+                         "config.yaml records it), or write the file with step 5 --recompute on the latent shards")
+    return scale_of(record, d.latent_scaling, str(path))
+
+
 def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, precision: Optional[str] = None,
                   compile: Optional[str | bool] = None) -> SamplerSetup:
     """Load the LightningDiT checkpoint (EMA, strict), the VA-VAE and the latent statistics."""
@@ -156,7 +175,8 @@ def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, prec
     configure_backends(device)
     # Statistics, the DiT (EMA weights, strict) and the VA-VAE, which must agree on the channel count.
     latent = cfg.data.image_size // cfg.vae.downsample_ratio
-    mean, std = load_latent_stats(stats_path(cfg), cfg.model.in_chans)
+    scale = latent_scale_of(cfg)  # kit (issue 23): global scaling reads no latents_stats.pt
+    mean, std = load_latent_stats(stats_path(cfg), cfg.model.in_chans) if scale is None else (None, None)
     model = build_denoiser(cfg.model, latent, cfg.data.num_classes, cfg.transport.process)
     load_checkpoint(model, cfg.ckpt_path)
     model = model.eval().requires_grad_(False).to(device)
@@ -166,23 +186,31 @@ def build_sampler(cfg: Config, device: Optional[str | torch.device] = None, prec
                          f"model.in_chans is {cfg.model.in_chans}: set model.in_chans={vae.embed_dim}")
     # The sampler calls the compiled model when asked; the eager one stays for memory probes.
     setup = sampler_from_parts(cfg, compile_for_sampling(model, compile, device), device=device, precision=prec,
-                               vae=vae, stats=(mean, std))
+                               vae=vae, stats=(mean, std) if scale is None else None, scale=scale)
     setup.eager_model = model
     return setup
 
 
 def sampler_from_parts(cfg: Config, model: torch.nn.Module, *, device: torch.device, precision: str = "fp32",
                        vae: Optional[torch.nn.Module] = None,
-                       stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> SamplerSetup:
+                       stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                       scale: Optional[float] = None) -> SamplerSetup:
     """A SamplerSetup around a model already in memory (training's EMA grids): no files are read.
 
-    `stats` (mean, std) de-normalise latents for `vae`; without a VA-VAE only latents can be sampled."""
+    `stats` (mean, std) de-normalise latents for `vae`; without a VA-VAE only latents can be sampled. A
+    global `data.latent_scaling` needs its factor: `scale`, else `data.latent_scale` (step 7 fills it in)."""
+    if cfg.data.latent_scaling in GLOBAL_SCALINGS and scale is None:
+        if cfg.data.latent_scale is None:
+            raise ReproError(f"data.latent_scaling is {cfg.data.latent_scaling} but data.latent_scale is null: "
+                             "give the factor the model was trained with")
+        scale = float(cfg.data.latent_scale)
     latent = cfg.data.image_size // cfg.vae.downsample_ratio
     mean, std = (s.to(device) for s in stats) if stats is not None else (None, None)
     vae_prec = resolve_precision(cfg.vae.precision, device, "vae.precision")
     return SamplerSetup(cfg=cfg, model=model, eager_model=model, vae=vae, mean=mean, std=std, device=device,
                         precision=precision, vae_precision=vae_prec, latent_shape=(cfg.model.in_chans, latent, latent),
-                        num_classes=cfg.data.num_classes)
+                        num_classes=cfg.data.num_classes,
+                        scale=scale if cfg.data.latent_scaling in GLOBAL_SCALINGS else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,10 +325,13 @@ def decode_strips(setup: SamplerSetup, predictions: torch.Tensor, first_index: i
 
 
 def denormalize(setup: SamplerSetup, x: torch.Tensor) -> torch.Tensor:
-    """Model latents -> VA-VAE latents: upstream `(x * std) / latent_multiplier + mean`."""
+    """Model latents -> VA-VAE latents: upstream `(x * std) / latent_multiplier + mean`; kit (issue 23): a
+    global scaling's `x / latent_multiplier / scale` (the dataset's `x * scale * latent_multiplier` undone)."""
     d = setup.cfg.data
     if d.latent_norm:
         return (x * setup.std) / d.latent_multiplier + setup.mean
+    if setup.scale is not None:
+        return x / d.latent_multiplier / setup.scale
     return x / d.latent_multiplier  # training scaled by the multiplier only
 
 

@@ -63,14 +63,21 @@ def open_latents(cfg: Config):
     from repro.data.extract import report_class_names
     from repro.data.latents import LatentShardDataset
     from repro.data.official_latents import find_shard_folder
+    from repro.data.stats import GLOBAL_SCALINGS, global_scale_factor
+    from repro.data.stats_recompute import global_scale
 
     if not cfg.data.data_path:
         raise ConfigError("data.data_path is not set: point it at the latent shards written by step 6 "
                           "(python -m steps.step6_extract --config C --source IMAGES --out FOLDER)")
     # kit (issue 16): upstream's unpacked latents (step 6 --official) too, whose shards sit folders down
     folder, stats_path = find_shard_folder(cfg.data.data_path)
+    # kit (issue 23): a global scaling's factor, from latents_scale.json (computed once if missing) unless
+    # data.latent_scale gives it; kept in cfg, so the run's config.yaml records what sampling must undo
+    if cfg.data.latent_scaling in GLOBAL_SCALINGS and cfg.data.latent_scale is None:
+        cfg.data.latent_scale = dist.run_on_main(global_scale, folder, cfg.data.latent_scaling,
+                                                 subset=cfg.data.stats_subset, note=dist.print0)
     ds = LatentShardDataset(folder, latent_norm=cfg.data.latent_norm, latent_multiplier=cfg.data.latent_multiplier,
-                            stats_path=stats_path)
+                            stats_path=stats_path, global_scale=global_scale_factor(cfg.data))
     if ds.channels != cfg.model.in_chans:
         raise ReproError(f"latent shards in {ds.data_dir} have {ds.channels} channels but model.in_chans is "
                          f"{cfg.model.in_chans}: they come from another tokenizer; re-extract with the VA-VAE "

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from repro.data.latents import LatentShardDataset, list_shards
-from repro.data.stats import STATS_NAME
+from repro.data.stats import STATS_NAME, global_scale_factor
 from repro.errors import ReproError
 from repro.transport import loss_function
 from repro.utils import distributed as dist
@@ -55,7 +55,9 @@ def open_validation_latents(cfg) -> LatentShardDataset:
         raise ReproError(f"data.valid_path {folder} has no {STATS_NAME} (upstream normalises validation latents with "
                          f"the folder's own statistics): run `python -m steps.step5_fix_stats --config C --recompute "
                          f"--set data.data_path={folder}`, or {fix}")
-    ds = LatentShardDataset(folder, latent_norm=cfg.data.latent_norm, latent_multiplier=cfg.data.latent_multiplier)
+    # kit (issue 23): a global scaling uses the training set's factor (step 7 has filled data.latent_scale)
+    ds = LatentShardDataset(folder, latent_norm=cfg.data.latent_norm, latent_multiplier=cfg.data.latent_multiplier,
+                            global_scale=global_scale_factor(cfg.data))
     size = cfg.data.image_size // cfg.vae.downsample_ratio
     if ds.channels != cfg.model.in_chans or ds.latent_size != size:
         raise ReproError(f"data.valid_path {folder} holds {ds.channels}x{ds.latent_size} latents but the model takes "
