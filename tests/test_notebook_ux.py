@@ -148,7 +148,7 @@ def test_step4_samples_with_step3s_profile(tiny_resolved, tmp_path, capsys):
 def test_explorer_button_draws_a_grid_of_the_typed_class(tiny_resolved, capsys):
     from PIL import Image
 
-    from repro.setup.explorer import build_explorer, class_choices, draw_grid, explorer
+    from repro.explorer import build_explorer, class_choices, draw_grid, explorer
 
     path = tiny_resolved()
     choices = class_choices(path)
