@@ -42,7 +42,7 @@ QUICKSTART_PARAMS = [
 ]
 
 EXPLORER_CELL = """\
-from repro.setup.explorer import draw_grid, explorer
+from repro.explorer import draw_grid, explorer
 ui = explorer(config=resolved["path"], steps=steps or resolved["config"].sample.num_sampling_steps, device=device or None)"""
 
 

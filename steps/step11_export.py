@@ -30,6 +30,7 @@ def main(source: str, out: Optional[str] = None, push_to_hub: Optional[str] = No
     from repro.hub.export import read_index
     from repro.hub.share import push_folder
     from repro.paths import runs_dir, runs_path
+    from repro.utils.io import wrote_line
 
     if out is None and push_to_hub is None:
         raise ConfigError("pass --out DIR (the folder to write), --push-to-hub OWNER/NAME, or both")
@@ -44,6 +45,7 @@ def main(source: str, out: Optional[str] = None, push_to_hub: Optional[str] = No
     result["summary"] = (f"exported {pipe.config.model.model_type} (step {pipe.step}) to {folder}: {', '.join(files)}"
                          + (f"; pushed to {result['url']}" if result["url"] else ""))
     print(result["summary"], flush=True)
+    print(wrote_line([folder]) + f" ({len(files)} files)", flush=True)
     return result
 
 

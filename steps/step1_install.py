@@ -20,6 +20,7 @@ from repro.setup import envinfo, install_plan
 from repro.errors import ReproError
 from repro.hub.client import HubClientError, check_client_version
 from repro.utils.cli import run_cli, step_parser
+from repro.utils.io import wrote_line
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def main(dry_run: bool = False, requirements: str = "requirements.txt", install:
     except HubClientError as err:
         report["problems"].append(str(err))
     env_path = envinfo.write_env_json(report, Path(out) / "env.json" if out else None)
-    print(f"wrote {env_path}", flush=True)
+    print(wrote_line([env_path]), flush=True)
     if report["problems"] and fail_on_problems:
         raise ReproError(" | ".join(report["problems"]))
     return report

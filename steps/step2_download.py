@@ -21,12 +21,16 @@ import argparse
 from repro import paths
 from repro.hub import fetch_assets
 from repro.utils.cli import run_cli, step_parser
+from repro.utils.io import wrote_line
 
 
 def main(only: list[str] | None = None, dest: str | None = None, offline: bool = False,
          manifest: str | None = None) -> dict:
     """Fetch (or find) the selected assets; returns the content of runs/assets.json."""
-    fetch_assets(names=only, dest=dest, offline=offline, manifest=manifest)
+    records = fetch_assets(names=only, dest=dest, offline=offline, manifest=manifest)
+    fetched = sum(r.source == "fetched" for r in records)
+    recorded = f"{len(records)} asset file(s) ({fetched} fetched now, {len(records) - fetched} already present)"
+    print(wrote_line([paths.assets_json(), recorded] if records else []), flush=True)
     return {"assets": paths.read_asset_table()[0]}
 
 

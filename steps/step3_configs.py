@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from repro.errors import ConfigError
 from repro.setup.resolve import HARDWARE_PROFILES, default_resolved_path, resolve_file, write_resolved
 from repro.utils.cli import add_config_arguments, run_cli, step_parser
+from repro.utils.io import wrote_line
 
 
 def main(config: Optional[str] = None, set: Optional[list[str]] = None, out: Optional[str] = None,
@@ -37,7 +38,7 @@ def main(config: Optional[str] = None, set: Optional[list[str]] = None, out: Opt
     path = None
     if not dry_run:
         path = write_resolved(cfg, out or default_resolved_path(base_path), base=base_path, changes=changes)
-        print(f"wrote {path}", flush=True)
+    print(wrote_line([path]) + (" (--dry-run)" if dry_run else ""), flush=True)
     return {"config": cfg, "path": path, "changes": changes}
 
 

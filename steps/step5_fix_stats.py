@@ -28,6 +28,7 @@ from repro.data.stats_recompute import recompute_stats_file, repair_advice
 from repro.errors import ConfigError, ReproError
 from repro.paths import refuse_asset_markers, resolve_runs_markers
 from repro.utils.cli import add_config_arguments, name_config, naming_config, run_step, step_parser
+from repro.utils.io import wrote_line
 
 
 def main(config: str | Config | None = None, recompute: bool = False, refetch: bool = False,
@@ -53,6 +54,7 @@ def _main(config, recompute, refetch, set, seed) -> dict:
     if not recompute and not refetch:
         if not verdict.ok:
             print(name_config(repair_advice(data_dir), config), flush=True)
+        print(wrote_line([]) + f" (checked {path})", flush=True)
         return {"verdict": verdict, "action": "none", "path": str(path)}
     if recompute:
         action = recompute_stats_file(data_dir, channels, subset=cfg.data.stats_subset, seed=seed)
@@ -64,6 +66,7 @@ def _main(config, recompute, refetch, set, seed) -> dict:
         action = f"refetched from {fetched}"
     verdict = validate_stats(path, channels)
     print(f"{action}; {STATS_NAME} verdict now: {verdict}", flush=True)
+    print(wrote_line([path]), flush=True)
     return {"verdict": verdict, "action": action, "path": str(path)}
 
 

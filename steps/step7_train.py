@@ -45,12 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-
-    def done(result: dict) -> str:
-        loss = f"{result['loss']:.4f}" if result["loss"] is not None else "n/a"
-        return f"done: step {result['step']} ({result['stopped']}); last loss {loss}; checkpoint {result['checkpoint']}"
-
-    return run_step(lambda: main(config=args.config, set=args.set, time_budget=args.time_budget), finish=done)
+    return run_step(lambda: main(config=args.config, set=args.set, time_budget=args.time_budget))
 
 
 if __name__ == "__main__":

@@ -50,12 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli(argv: Optional[list[str]] = None) -> dict:
     a = build_parser().parse_args(argv)
-
-    def done(result: dict) -> str:
-        return (f"done: step {result['step']} ({result['stopped']}); tokenizer {result['tokenizer']}; use it in a DiT "
-                f"config with --set {' '.join(result['dit_overrides'])}")
-
-    return run_step(lambda: main(a.config, set=a.set, time_budget=a.time_budget, device=a.device), finish=done)
+    return run_step(lambda: main(a.config, set=a.set, time_budget=a.time_budget, device=a.device))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def test_steps_1_to_8_run_on_the_tiny_preset_without_any_extra(tmp_path):
         proc = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, f"{args[0]}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert proc.stdout.strip().splitlines()[-1].startswith("wrote: "), f"{args[0]} ends without a wrote: line"
         return proc.stdout
 
     probe = subprocess.run([sys.executable, "-c", "import sklearn"], env=env, capture_output=True, text=True)

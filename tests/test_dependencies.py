@@ -54,7 +54,7 @@ PLATFORM_ONLY = {"google"}  # google.colab: imported only on Colab, which has it
 FEATURE_EXTRAS = {
     "repro/data/synthetic.py": ["own-data"], "repro/evaluation/recognition.py": ["own-data"],
     "repro/training/log_backends.py": ["tensorboard", "wandb"], "repro/tokenizer_training/modules.py": ["vf"],
-    "repro/setup/explorer.py": ["notebooks"], "repro/setup/notebook.py": ["notebooks"],
+    "repro/explorer.py": ["notebooks"], "repro/setup/notebook.py": ["notebooks"],
     "repro/utils/progress.py": ["notebooks"], "repro/tokenizer/vfm_vae.py": ["vfm-vae"],
 }
 
@@ -139,7 +139,7 @@ def test_torch_features_newer_than_the_floor_are_named_with_their_version():
 def test_ipywidgets_7_and_8_are_both_accepted():
     import ipywidgets
 
-    from repro.setup.explorer import MIN_IPYWIDGETS, _ipywidgets
+    from repro.explorer import MIN_IPYWIDGETS, _ipywidgets
 
     notebooks = {_name(r): str(Requirement(r).specifier) for r in PYPROJECT["optional-dependencies"]["notebooks"]}
     assert notebooks["ipywidgets"] == ">=7.5" and MIN_IPYWIDGETS == (7, 5)

@@ -526,10 +526,10 @@ def test_step3_command_line_writes_the_resolved_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     cfg = load_config(out)
     assert (cfg.sample.cfg_scale, cfg.sample.num_sampling_steps) == (2.5, 7)
-    assert "sample.cfg_scale:" in proc.stdout and "(--set)" in proc.stdout and f"wrote {out}" in proc.stdout
+    assert "sample.cfg_scale:" in proc.stdout and "(--set)" in proc.stdout and proc.stdout.strip().splitlines()[-1] == f"wrote: {out}"
     dry = subprocess.run([*cmd[:-4], "--dry-run"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
-    assert dry.returncode == 0 and "wrote" not in dry.stdout
+    assert dry.returncode == 0 and dry.stdout.strip().splitlines()[-1] == "wrote: nothing (--dry-run)"
     bad = subprocess.run([*cmd[:5], "--set", "sample.no_such_key=1"], cwd=PROJECT_ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "sample.no_such_key" in bad.stderr

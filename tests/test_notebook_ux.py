@@ -111,7 +111,7 @@ def test_quickstart_defaults_on_a_cpu(tmp_path, monkeypatch, python3_kernel):
     assert "7 NFE per image" in text  # the preset's 8 grid points, not the demo's 250
     assert text.count("8 images (8 new)") == 1  # the summary once
     assert "50,000" not in text  # no FID-50K estimate for a demo grid
-    assert text.count("wrote ") >= 1 and text.count("tiny.resolved.yaml\n") == 1  # step 3 ran once
+    assert text.count("wrote: ") >= 1 and text.count("tiny.resolved.yaml\n") == 1  # step 3 ran once
     assert "running step 3" not in text and "used as written, step 3 is not run again" in text
     assert "explorer: no notebook frontend here" in text
 
@@ -148,7 +148,7 @@ def test_step4_samples_with_step3s_profile(tiny_resolved, tmp_path, capsys):
 def test_explorer_button_draws_a_grid_of_the_typed_class(tiny_resolved, capsys):
     from PIL import Image
 
-    from repro.setup.explorer import build_explorer, class_choices, draw_grid, explorer
+    from repro.explorer import build_explorer, class_choices, draw_grid, explorer
 
     path = tiny_resolved()
     choices = class_choices(path)

@@ -29,7 +29,7 @@ from repro.evaluation.features import InceptionExtractor, extract_features
 from repro.evaluation.image_batches import ImageBatches
 from repro.evaluation.reference import FRECHET, check_reference, open_reference  # noqa: F401 (check_reference: API)
 from repro.utils import distributed as du
-from repro.utils.io import atomic_write_json
+from repro.utils.io import atomic_write_json, wrote_line
 
 METRICS = ("fid", "sfid", "is", "prec", "recall")
 IS_SPLIT_SIZE = 5000  # ADM compute_inception_score(split_size=5000)
@@ -171,6 +171,7 @@ def evaluate(samples: str | os.PathLike, ref: str | os.PathLike, metrics: str | 
         })
         atomic_write_json(out_path, result)
         print(summary_line(result), flush=True)
+        print(wrote_line([out_path]), flush=True)
         return result
 
     return du.run_on_main(compute)

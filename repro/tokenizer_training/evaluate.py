@@ -34,7 +34,7 @@ from repro.evaluation.reconstruction import evaluate_reconstructions
 from repro.tokenizer.loader import load_tokenizer, read_tokenizer_header
 from repro.tokenizer.images import to_uint8
 from repro.tokenizer_training.data import TokenizerImages
-from repro.utils.io import atomic_write_json
+from repro.utils.io import atomic_write_json, wrote_line
 from repro.utils.seeding import seed_from
 
 
@@ -133,4 +133,5 @@ def evaluate_tokenizer(tokenizer: str | os.PathLike, folder: str | os.PathLike, 
                          f"{lpips_text}; {rfid_note}")
     atomic_write_json(out / "metrics.json", result)
     print(result["summary"], flush=True)
+    print(wrote_line([out / "metrics.json", grid]), flush=True)
     return result

@@ -263,6 +263,13 @@ class TokenizerTrainer(Trainer):
     def final_loss(self, ctx) -> Optional[float]:
         return self.last_loss
 
+    def done_line(self, result: dict) -> str:
+        return (f"done: step {result['step']} ({result['stopped']}); tokenizer {result['tokenizer']}; use it in a DiT "
+                f"config with --set {' '.join(result['dit_overrides'])}")
+
+    def written(self, result: dict) -> list:
+        return [*super().written(result), result["tokenizer"]]
+
     def result(self, out: dict) -> dict:
         cfg, path = self.cfg, self.tokenizer_path
         overrides = ["vae.model_name=custom", f"vae.ckpt_path={path}", f"vae.downsample_ratio={downsample_ratio(cfg.arch())}",

@@ -38,6 +38,7 @@ from repro.training.saver import RunSaver, check_shared_folder
 from repro.training.strategy import make_strategy
 from repro.utils import distributed as dist
 from repro.utils.hardware import default_device, resolve_precision, set_determinism
+from repro.utils.io import wrote_line
 from repro.utils.preemption import StopSignals, signal_name
 from repro.utils.seeding import SEEDING
 
@@ -114,6 +115,16 @@ class Trainer:
     def result(self, out: dict) -> dict:
         return out
 
+    def done_line(self, result: dict) -> str:
+        """The line rank 0 prints when the run ends, above its `wrote:` line."""
+        loss = f"{result['loss']:.4f}" if result["loss"] is not None else "n/a"
+        return f"done: step {result['step']} ({result['stopped']}); last loss {loss}; checkpoint {result['checkpoint']}"
+
+    def written(self, result: dict) -> list:
+        """What the run wrote, for its closing `wrote:` line: the newest checkpoint, the log, the config."""
+        run_dir = Path(result["run_dir"])
+        return [result["checkpoint"], run_dir / "log.jsonl", run_dir / "config.yaml"]
+
     def close(self) -> None:
         """Release what `start` opened."""
 
@@ -129,7 +140,10 @@ def run_training(trainer: Trainer, *, time_budget: Optional[float] = None, devic
         budget = time_budget if time_budget is not None else trainer.cfg.train.time_budget
         # kit (issue 12): SIGTERM/SIGINT finish the optimizer step, write a checkpoint, raise Preempted
         with StopSignals("finishing this optimizer step, then writing a checkpoint") as stops:
-            return training_loop(trainer, device=dev, time_budget=budget, t_start=t_start, stops=stops)
+            result = training_loop(trainer, device=dev, time_budget=budget, t_start=t_start, stops=stops)
+        dist.print0(trainer.done_line(result))
+        dist.print0(wrote_line(trainer.written(result)))
+        return result
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 

@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 if TYPE_CHECKING:
     import torch
@@ -101,6 +101,13 @@ def _create_temp(folder: Path, prefix: str, suffix: str) -> Path:
         os.close(fd)
         return name
     raise FileExistsError(f"no free temp name for {prefix}*{suffix} in {folder}")
+
+
+def wrote_line(items: "Iterable[Any]") -> str:
+    """The line every step ends with: `wrote: a, b, c` (None and empty entries left out; `wrote: nothing`
+    when nothing was written), so a user, a notebook cell or a script finds a step's files in its last line."""
+    named = [str(item) for item in items if item]
+    return "wrote: " + (", ".join(named) if named else "nothing")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -1,34 +1,50 @@
 """Notebook 00's interactive explorer: type a class name, move the guidance and steps sliders, pick a seed,
 press the button, see a grid of that class.
 
-The drawing is one library call, `draw_grid`, which the button runs and the tests call headless; the
+The drawing is one call, `draw_grid`, which the button runs and the tests call headless: the public API's
+`Pipeline.from_pretrained(config)` (loaded once per config and device, so each press only samples) and
+`pipe(class, num_images=..., seed=..., num_steps=..., guidance=...)`, image i being step 4's image i. It sits
+next to repro/api.py, above the rows it calls. The
 widgets around it are built only where a notebook frontend can show them (Colab, a kernel started by
 Jupyter Server: `repro.utils.progress.widget_frontend`, `REPRO_PROGRESS=widget` forces it). Under papermill
 or in a terminal `explorer()` says so in one line and builds nothing, so a saved notebook holds no dead
 widget. ipywidgets 7.x (what Colab has shipped) and 8.x both work: the class box is a `Combobox`
 (ipywidgets >= 7.5) with completion over the model's class names.
 
-    from repro.setup.explorer import explorer, draw_grid
+    from repro.explorer import explorer, draw_grid
     explorer(config="runs/configs/demo.resolved.yaml")                   # the widgets (a notebook frontend)
     draw_grid(config, "golden retriever", guidance=4.0, steps=50, seed=1)  # what its button does
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from repro import paths
-from repro.config import load_config
+from repro.api import Pipeline
+from repro.config import apply_overrides, load_config, save_config
 from repro.data.class_names import names_for
 from repro.errors import ReproError
 from repro.resources import find_config
-from repro.sampling.run import run_sampling
-from repro.setup.prepare import prepare_config
+from repro.sampling.grid import grid_shape, save_grid
+from repro.utils.io import make_dirs
 from repro.utils.progress import widget_frontend
 
 EXPLORER_DIR = "runs:explorer"  # one grid at a time: new settings replace it (step 4's demo folder rule)
 MIN_IPYWIDGETS = (7, 5)  # Combobox arrived in ipywidgets 7.5; Colab has shipped 7.x, Jupyter installs 8.x
+_PIPELINES: dict[tuple[str, Optional[str]], Pipeline] = {}  # (config, device) -> the loaded pipeline
+
+
+def pipeline(config: str, device: Optional[str] = None) -> Pipeline:
+    """The explorer's Pipeline for `config` on `device`, loaded on the first press and kept for the next ones."""
+    key = (str(config), device)
+    if key not in _PIPELINES:
+        _PIPELINES[key] = Pipeline.from_pretrained(str(config), device=device)
+    return _PIPELINES[key]
 
 
 def draw_grid(config: str, class_name: str | int, guidance: float, steps: int, seed: int, num_images: int = 4,
@@ -36,7 +52,8 @@ def draw_grid(config: str, class_name: str | int, guidance: float, steps: int, s
     """Sample `num_images` images of one class (a name, with did-you-mean on a typo, or an id) with this
     guidance scale, number of Euler grid points and seed; write and (`show`) display their grid.
 
-    Returns step 4's result for the run (`grid`, `images_dir`, `labels`, ...)."""
+    Returns {'grid': its PNG, 'out_dir' (the grid and the config.yaml it was drawn with), 'labels', 'seed',
+    'images': the PIL images}."""
     if steps < 2:
         raise ReproError(f"steps={steps}: the Euler grid needs at least 2 points (1 step)")
     if guidance < 1.0:
@@ -44,10 +61,16 @@ def draw_grid(config: str, class_name: str | int, guidance: float, steps: int, s
     label = class_name.strip() if isinstance(class_name, str) else class_name
     if label == "":
         raise ReproError("type a class name (or a class id) first")
-    cfg, header = prepare_config(config, overrides=[f"sample.cfg_scale={guidance}",
-                                                    f"sample.num_sampling_steps={steps}"])
-    result = run_sampling(cfg, out_dir=out, num_samples=num_images, labels=[label], seed=seed, demo=True,
-                          device=device, progress=False, config_header=header)
+    pipe = pipeline(config, device)
+    images = pipe(label, num_images=num_images, seed=seed, num_steps=steps, guidance=guidance)
+    # What the grid was drawn with, beside it: the config with this press's steps and guidance.
+    folder = make_dirs(paths.runs_path(str(out)))
+    save_config(apply_overrides(copy.deepcopy(pipe.config), [f"sample.cfg_scale={guidance}", f"sample.num_sampling_steps={steps}"]),
+                folder / "config.yaml")
+    rows, cols = grid_shape(len(images), 4)
+    grid = save_grid(np.stack([np.asarray(image) for image in images]), folder / "grid.png", rows, cols)
+    result = {"grid": str(grid), "out_dir": str(folder), "labels": images.labels, "seed": images.seed,
+              "images": list(images)}
     if show:
         from repro.setup.notebook import show_image
 
@@ -113,7 +136,7 @@ def explorer(config: str, guidance: float = 4.0, steps: int = 50, seed: int = 0,
     if not widget_frontend():
         print(f"explorer: no notebook frontend here (papermill, a terminal), so no widgets; the same grid: "
               f"draw_grid({str(config)!r}, 'CLASS NAME', guidance={guidance}, steps={steps}, seed={seed}) "
-              f"from repro.setup.explorer (written to {paths.runs_path(EXPLORER_DIR)})", flush=True)
+              f"from repro.explorer (written to {paths.runs_path(EXPLORER_DIR)})", flush=True)
         return None
     from IPython.display import display
 
