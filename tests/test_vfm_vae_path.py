@@ -1,0 +1,101 @@
+"""The VFM-VAE path offline, end to end, on a tiny random VFM-VAE served by the local fake hub (tests/tiny_vfm_vae.py):
+step 2 fetches it by name, step 3 resolves `asset:vfm-vae-f16d32`, step 6 extracts latents from an image folder,
+step 7 trains a tiny LightningDiT on them, step 4 samples and decodes with the VFM-VAE, step 8 evaluates (random
+Inception weights); then a SIGKILLed VFM-VAE extraction resumes to the same shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("transformers", reason="VFM-VAE's encoder needs transformers (pip install transformers)")
+from repro.data.synthetic import make_digits_folder
+from repro.resources import find_config
+from tests.fakehub import FakeHub, serve_manifest
+from tests.test_evaluation import write_random_inception
+from tests.tiny_vfm_vae import TINY_IMAGE, TINY_Z, VFM_VAE_ASSET, tiny_vfm_vae_bytes, vfm_vae_repo
+
+
+def write_vfm_config(root: Path) -> Path:
+    """configs/tiny.yaml with the VFM-VAE: `vae.ckpt_path: asset:vfm-vae-f16d32`, 4-channel latents."""
+    raw = yaml.safe_load(find_config("tiny").read_text())
+    raw["ckpt_path"] = None  # the DiT comes from step 7 (given to step 4 with --set)
+    raw["vae"].update(model_name="vfm_vae_f16d32", ckpt_path=f"asset:{VFM_VAE_ASSET}")
+    raw["model"]["in_chans"] = TINY_Z
+    raw["data"].update(data_path=str(root / "latents"), image_size=TINY_IMAGE)
+    raw["train"].update(output_dir=str(root / "output"), max_steps=6, ckpt_every=6, log_every=2)
+    raw["sample"].update(num_sampling_steps=4, cfg_scale=1.5)
+    path = root / "tiny_vfm_vae.yaml"
+    path.write_text("# Reproduces: no number. configs/tiny.yaml with a tiny random VFM-VAE (tests/tiny_vfm_vae.py)\n"
+                    + yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vfm")
+    with pytest.MonkeyPatch.context() as mp, FakeHub(files={vfm_vae_repo(): tiny_vfm_vae_bytes()}) as hub:
+        mp.setenv("REPRO_RUNS_DIR", str(root / "runs"))  # the module fixture outlives the per-test settings
+        mp.setenv("HF_HOME", str(root / "hf"))
+        mp.setenv("HF_ENDPOINT", hub.endpoint)
+        yield _run(root, hub)
+
+
+def _run(root: Path, hub: FakeHub) -> dict:
+    from steps import step2_download, step3_configs, step4_inference, step6_extract, step7_train, step8_evaluate
+
+    manifest = serve_manifest(root, hub)
+    assets = step2_download.main(only=[VFM_VAE_ASSET], manifest=str(manifest))["assets"]
+    resolved = step3_configs.main(config=str(write_vfm_config(root)), out=str(root / "resolved.yaml"))
+    folder = Path(make_digits_folder(root / "digits", size=TINY_IMAGE, per_class=2)["folder"])
+    report = step6_extract.main(str(resolved["path"]), source=str(folder), store="mean", batch_size=8, shard_size=12)
+    dit = step7_train.main(str(resolved["path"]))
+    samples = step4_inference.main(config=str(resolved["path"]), num_samples=8, out=str(root / "samples"),
+                                   set=[f"ckpt_path={dit['checkpoint']}"], batch_size=4, progress=False)
+    metrics = step8_evaluate.main(samples["out_dir"], ref=str(folder), metrics="fid", batch_size=8,
+                                  weights=str(write_random_inception(root / "inception-random.pth")))
+    return dict(root=root, hub=hub, assets=assets, resolved=resolved, folder=folder, report=report, dit=dit,
+                samples=samples, metrics=metrics)
+
+
+def test_step2_fetches_the_named_checkpoint_and_step3_resolves_it(path):
+    repo, filename = vfm_vae_repo()
+    assert path["hub"].count("GET", Path(filename).name) >= 1  # the file itself (its CDN redirect counts too)
+    entry = path["assets"][VFM_VAE_ASSET]
+    local = Path(entry["path"] if isinstance(entry, dict) else entry)
+    assert local.read_bytes() == tiny_vfm_vae_bytes()
+    cfg = path["resolved"]["config"]
+    assert Path(cfg.vae.ckpt_path) == local and cfg.vae.model_name == "vfm_vae_f16d32"
+
+
+def test_step6_latents_are_the_vfm_vae_posterior_mean(path):
+    from repro.data.latents import LatentShardDataset, list_shards
+    from repro.tokenizer.images import center_crop_arr, pil_to_tensor
+    from repro.tokenizer.vfm_vae_load import load_vfm_vae
+    from PIL import Image
+
+    assert path["report"]["num_encoded"] == 20 and len(list_shards(path["root"] / "latents")) == 2
+    ds = LatentShardDataset(path["root"] / "latents", latent_norm=False)
+    x, _ = ds.raw(0)
+    assert tuple(x.shape) == (TINY_Z, 4, 4)
+    vae = load_vfm_vae(path["resolved"]["config"].vae.ckpt_path)
+    image = Image.open(sorted((path["folder"] / "digit_0").iterdir())[0]).convert("RGB")
+    with torch.no_grad():
+        mean = vae.encode(pil_to_tensor(center_crop_arr(image, TINY_IMAGE))[None]).mean[0]
+    torch.testing.assert_close(x, mean, rtol=1e-5, atol=1e-5)
+    stats = torch.load(path["root"] / "latents" / "latents_stats.pt", weights_only=True)
+    assert tuple(stats["mean"].shape) == (1, TINY_Z, 1, 1)
+
+
+def test_step7_trains_step4_decodes_with_the_vfm_vae_and_step8_scores(path):
+    losses = [json.loads(line)["loss"] for line in (Path(path["dit"]["run_dir"]) / "log.jsonl").read_text().splitlines()]
+    assert path["dit"]["step"] == 6 and all(np.isfinite(losses))
+    with np.load(path["samples"]["npz"]) as f:
+        images = f["arr_0"]
+    assert images.shape == (8, TINY_IMAGE, TINY_IMAGE, 3) and images.dtype == np.uint8 and images.std() > 0
+    assert np.isfinite(path["metrics"]["fid"]) and path["metrics"]["fid"] > 0
