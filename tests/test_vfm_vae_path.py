@@ -99,3 +99,46 @@ def test_step7_trains_step4_decodes_with_the_vfm_vae_and_step8_scores(path):
         images = f["arr_0"]
     assert images.shape == (8, TINY_IMAGE, TINY_IMAGE, 3) and images.dtype == np.uint8 and images.std() > 0
     assert np.isfinite(path["metrics"]["fid"]) and path["metrics"]["fid"] > 0
+
+
+def test_a_killed_vfm_vae_extraction_resumes_to_the_same_shards(path, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from repro.data.extract import extract_latents
+    from repro.tokenizer.vfm_vae_load import load_vfm_vae
+    from tests.conftest import PROJECT_ROOT
+
+    cfg = path["resolved"]["config"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the child (OMP_NUM_THREADS=1): CPU rounding depends on the thread count
+    try:
+        extract_latents(load_vfm_vae(cfg.vae.ckpt_path), path["folder"], tmp_path / "ref", image_size=TINY_IMAGE,
+                        batch_size=4, shard_size=4, seed=0, stats_subset=16)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "steps.step6_extract", "--config", str(path["resolved"]["path"]), "--source",
+           str(path["folder"]), "--out", str(out), "--batch-size", "4", "--shard-size", "4", "--device", "cpu",
+           "--set", "data.stats_subset=16"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT))
+    # niced, so that this poller wins the CPU and kills it between shards on a busy machine
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.nice(19))
+    deadline = time.time() + 90
+    while not list(out.glob("latents_rank*.safetensors")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list(out.glob("latents_rank*.safetensors")))
+    assert 1 <= done_at_kill < 5 and not (out / "extract_report.json").exists()
+    rerun = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads((out / "extract_report.json").read_text())
+    assert report["shards_reused"] == done_at_kill and report["shards_written"] == 5 - done_at_kill
+    shards = lambda folder: {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}  # noqa: E731
+    assert shards(out) == shards(tmp_path / "ref") and len(shards(out)) == 5
+    assert (out / "latents_stats.pt").read_bytes() == (tmp_path / "ref" / "latents_stats.pt").read_bytes()
