@@ -142,3 +142,32 @@ def test_a_killed_vfm_vae_extraction_resumes_to_the_same_shards(path, tmp_path):
     shards = lambda folder: {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}  # noqa: E731
     assert shards(out) == shards(tmp_path / "ref") and len(shards(out)) == 5
     assert (out / "latents_stats.pt").read_bytes() == (tmp_path / "ref" / "latents_stats.pt").read_bytes()
+
+
+def test_step4_latent_shards_are_upstreams_layout_and_decode_to_the_pngs(path, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from repro.sampling.latent_shards import pack_shards
+    from repro.tokenizer.vfm_vae_load import load_vfm_vae
+    from steps import step4_inference
+
+    out = tmp_path / "shards"
+    res = step4_inference.main(config=str(path["resolved"]["path"]), num_samples=6, out=str(out), batch_size=4,
+                               set=[f"ckpt_path={path['dit']['checkpoint']}"], progress=False, latent_shards=True)
+    assert [Path(p).name for p in res["latent_shards"]] == ["samples_rank00_shard000.safetensors"]
+    with safe_open(res["latent_shards"][0], "pt") as f:
+        assert set(f.keys()) == {"latents", "labels"}
+    shard = load_file(res["latent_shards"][0])
+    assert shard["latents"].shape == (6, TINY_Z, 4, 4) and shard["latents"].dtype == torch.float32
+    assert shard["labels"].dtype == torch.int32 and shard["labels"].tolist() == res["labels"]
+    # the latents are the tokenizer's: decoding them gives the PNGs (upstream's tools/decode does the same)
+    vae = load_vfm_vae(path["resolved"]["config"].vae.ckpt_path, with_encoder=False)
+    with torch.no_grad():
+        pixels = ((vae.decode(shard["latents"][:1]) + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    with np.load(res["npz"]) as f:
+        png = torch.from_numpy(f["arr_0"][0]).permute(2, 0, 1)
+    assert (pixels[0].int() - png.int()).abs().max() <= 1
+    # shards of 10,000 in upstream; smaller here to see the numbering
+    names = [p.name for p in pack_shards(out, 6, shard_images=4)]
+    assert names == ["samples_rank00_shard000.safetensors", "samples_rank00_shard001.safetensors"]
