@@ -15,6 +15,8 @@ OUT/samples.npz (ADM evaluator format) or OUT/demo_samples.png, with OUT/config.
 image at K evenly spread steps of the sampling grid (noisiest left), decoded. The kit's convention: t = 0
 noise, t = 1 data, x_t = t x1 + (1 - t) x0, v = x1 - x0, so the prediction is x1_hat = x_t + (1 - t) v
 (with the guided v where CFG is on). The preview is titled with the class names step 6 recorded.
+--latent-shards also writes OUT/samples_rank00_shard{s:03d}.safetensors (`latents` in the tokenizer's space,
+`labels` int32; 10,000 a shard, image order): VFM-VAE's tools/preprocess_for_lightningdit sampling output.
 The same command gives byte-identical images on 1 or K processes and after any interruption: run it
 again to finish (on CPU, with the same torch thread count per process: see repro/sampling/plan.py). --precision: fp32 (upstream's; the presets' sample.precision) | auto (bf16 on Ampere+, fp16 on older GPUs,
 fp32 on CPU: faster, moves the latents slightly) | bf16 | fp16.
@@ -38,7 +40,8 @@ def main(config: Optional[str] = None, demo: Optional[bool] = None, num_samples:
          out: Optional[str] = None, batch_size: Optional[int | str] = None, seed: Optional[int] = None,
          class_balanced: bool = False, precision: Optional[str] = None, labels: Optional[Sequence[int | str]] = None,
          set: Optional[list[str]] = None, compile: Optional[str | bool] = None, device: Optional[str] = None,
-         progress: bool = True, trajectory: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> dict:
+         progress: bool = True, trajectory: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
+         latent_shards: bool = False) -> dict:
     """Returns paths (out_dir, images_dir, npz or grid, config, record), counts and the summary line."""
     if demo is None:  # no arguments at all = the official demo
         demo = num_samples is None and config is None
@@ -49,7 +52,8 @@ def main(config: Optional[str] = None, demo: Optional[bool] = None, num_samples:
     return run_sampling(cfg, out_dir=out, num_samples=num_samples, batch_size=batch_size, seed=seed,
                         class_balanced=class_balanced, labels=list(labels) if labels else None,
                         precision=precision, compile=compile, demo=demo, device=device, progress=progress,
-                        config_header=header, trajectory=trajectory, class_names=class_names)
+                        config_header=header, trajectory=trajectory, class_names=class_names,
+                        latent_shards=latent_shards)
 
 
 def _batch(text: str) -> int | str:
@@ -84,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this process's GPU, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--trajectory", type=int, metavar="K", help="also write each image's x0 strip at K grid steps")
+    p.add_argument("--latent-shards", action="store_true",
+                   help="also write the latents as upstream's samples_rank00_shardNNN.safetensors (latents, labels)")
     return p
 
 
@@ -93,7 +99,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> dict:
                                  batch_size=a.batch_size, seed=a.seed, class_balanced=a.class_balanced,
                                  precision=a.precision, labels=a.labels, set=a.set, compile=a.compile,
                                  device=a.device, progress=not a.no_progress, trajectory=a.trajectory,
-                                 class_names=a.class_names))
+                                 class_names=a.class_names, latent_shards=a.latent_shards))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from repro.errors import Preempted, ReproError
 from repro.data.class_names import describe_labels, names_for, resolve_labels
 from repro.data.npz import npz_count
 from repro.sampling import engine, plan
+from repro.sampling import latent_shards as latent_files
 from repro.sampling.grid import grid_shape, load_images, save_grid, save_preview
 from repro.sampling.writer import ImageWriter, pack_npz
 from repro.utils import distributed as du
@@ -135,13 +136,15 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
                  labels: Optional[Sequence[int | str]] = None, precision: Optional[str] = None,
                  compile: Optional[str | bool] = None, demo: bool = False, device: Optional[str] = None,
                  progress: bool = True, threaded_writer: bool = True, config_header: Sequence[str] = (),
-                 trajectory: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> dict:
+                 trajectory: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
+                 latent_shards: bool = False) -> dict:
     """Sample (or finish sampling) `num_samples` images on this process's share of the batches.
 
     `trajectory=K` also writes each image's x0 strip (see the module docstring). `labels` are ids or class
     names; `class_names` (the names in label order, or a file with one a line) resolve them and title the
     preview (default: the class folders step 6 recorded in data.data_path's extract_report.json, else
-    ImageNet's names for a 1000-class model: repro.data.class_names)."""
+    ImageNet's names for a 1000-class model: repro.data.class_names). `latent_shards` also writes the
+    tokenizer-space latents in upstream's shard layout (repro.sampling.latent_shards)."""
     rank, world = du.get_rank(), du.get_world_size()
 
     # --- What to sample: seed, labels, how many ---------------------------------------------------
@@ -217,6 +220,8 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     done = plan.existing_indices(images_dir)
     if steps:  # a batch is done when its images and its strips exist
         done &= plan.existing_indices(strips_dir)
+    if latent_shards:  # ... and its latents, when asked for
+        done &= latent_files.done_indices(out)
     mine = plan.pending_batches(plan.my_batches(total, rank, world), batch, n, done)
     already = sum(1 for i in range(n) if i in done)
     todo = sum(len(plan.batch_indices(k, batch, n)) for k in mine)
@@ -253,6 +258,9 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
                             x = engine.sample_latents(setup, noise, all_labels[idx.start:idx.stop], stats)
                 except BatchDropped:
                     break
+                if latent_shards:  # saved before the PNGs: a batch with PNGs and no latents is sampled again
+                    latent_files.save_batch(out, idx.start, engine.denormalize(setup, x),
+                                            all_labels[idx.start:idx.stop])
                 writer.submit((x, idx.start, False), [plan.image_path(images_dir, i) for i in idx])
                 if steps:
                     writer.submit((strips, idx.start, True), [plan.image_path(strips_dir, i) for i in idx])
@@ -304,6 +312,8 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
             if new or npz_count(npz) != n:
                 pack_npz(images_dir, n, npz, labels=all_labels.numpy())
             result["npz"] = str(npz)
+        if latent_shards:
+            result["latent_shards"] = [str(p) for p in latent_files.pack_shards(out, n)]
     du.barrier()
 
     # --- Summary: model calls and rows per image, speed, peak memory -------------------------------

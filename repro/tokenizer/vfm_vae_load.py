@@ -12,6 +12,11 @@ a count, each for a stated reason:
 The SigLIP2 tower's weights come from the checkpoint when it holds them; otherwise, when encoding, from the
 hub's google/siglip2-large-patch16-512 `model.safetensors` (`siglip_path`; step 2 asset `siglip2-large-512`),
 whose `vision_model.*` tensors are the tower (its text tower and logit scale/bias are dropped and counted).
+
+The architecture is the official f16d32 unless the file says otherwise: a dict that carries `G_kwargs` (upstream's
+name for the generator's architecture) and `vfm_config` (the SigLIP tower's config.json values) beside `G_ema` is
+built from them (checked key by key by `check_g_kwargs`), so a small file written for tests or a smaller
+tokenizer goes through `vae.model_name: vfm_vae_f16d32` unchanged; arguments given to `load_vfm_vae` win.
 """
 
 from __future__ import annotations
@@ -32,6 +37,18 @@ SIGLIP_PREFIX = "vfm_encoder.encoder.vision_model.vision_model."
 ALWAYS_DROPPED = {"vfm_encoder.encoder.text_model.": "SigLIP text tower (the tokenizer is unconditional)",
                   "ldm_adapter.linear_proj.": "VF-loss projection (training only)"}
 SIGLIP_FILE_DROPPED = ("text_model.", "logit_scale", "logit_bias")  # the hub file's CLIP-style extras
+
+
+def file_architecture(raw: Any, path: Path) -> tuple[Optional[dict], Optional[dict]]:
+    """(G_kwargs, vfm_config) the file carries beside `G_ema`, each None when absent (the official file)."""
+    out = []
+    for key in ("G_kwargs", "vfm_config"):
+        value = raw.get(key) if isinstance(raw, dict) and "G_ema" in raw else None
+        if value is not None and not isinstance(value, dict):
+            raise CheckpointError(f"{path}: '{key}' is a {type(value).__name__}, not a dict of architecture values; "
+                                  "save the file again with a plain dict (or without it for the official f16d32)")
+        out.append(value)
+    return out[0], out[1]
 
 
 def generator_state(raw: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -106,14 +123,19 @@ def _materialize_position_ids(model: torch.nn.Module) -> None:
 
 def load_vfm_vae(path: str | os.PathLike, *, with_encoder: bool = True, siglip_path: Optional[str | os.PathLike] = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, num_fp16_res: int = 0,
-                 g_kwargs: dict[str, Any] = OFFICIAL_G_KWARGS, siglip_config: dict[str, Any] = SIGLIP2_LARGE_512,
+                 g_kwargs: Optional[dict[str, Any]] = None, siglip_config: Optional[dict[str, Any]] = None,
                  siglip_precision: str = "fp32") -> VFMVAE:
     """The VFM-VAE of `path`, strictly loaded, eval mode, frozen. `with_encoder=False` builds the decoder only
     (no SigLIP, no transformers needed at run time beyond import); `num_fp16_res` runs that many top decoder
     blocks in float16 on CUDA (0: upstream's decode tools); `siglip_precision` "bf16" is upstream's CUDA
-    setting for the tower (its latents differ from float32 ones by bf16 rounding)."""
+    setting for the tower (its latents differ from float32 ones by bf16 rounding). `g_kwargs`/`siglip_config`
+    None: the file's own `G_kwargs`/`vfm_config` when it carries them, else the official f16d32 / SigLIP2-L."""
     path = Path(path)
-    state = generator_state(read_checkpoint(path, metadata_placeholders=True, mmap=True), path)
+    raw = read_checkpoint(path, metadata_placeholders=True, mmap=True)
+    file_g, file_vfm = file_architecture(raw, path)
+    g_kwargs = g_kwargs or file_g or OFFICIAL_G_KWARGS
+    siglip_config = siglip_config or file_vfm or SIGLIP2_LARGE_512
+    state = generator_state(raw, path)
     prefixes = dict(ALWAYS_DROPPED)
     if not with_encoder:
         prefixes["vfm_encoder."] = "SigLIP2 tower (decoding only)"
