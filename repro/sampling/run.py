@@ -226,7 +226,7 @@ def run_sampling(cfg: Config, *, out_dir: Optional[str] = None, num_samples: Opt
     already = sum(1 for i in range(n) if i in done)
     todo = sum(len(plan.batch_indices(k, batch, n)) for k in mine)
     print0(f"sampling {n} images into {out}: {already} already there; batch {batch} x {world} process(es), "
-           f"{setup.precision} on {describe_device(setup.device)}, VA-VAE decode {setup.vae_precision}")
+           f"{setup.precision} on {describe_device(setup.device)}, {cfg.vae.model_name} decode {setup.vae_precision}")
 
     # --- Sample: the accelerator runs the ODE while a thread decodes and writes the last batch ----
     if mine:
