@@ -50,7 +50,8 @@ t0 = time.perf_counter()
 plan = load_or_plan(work / "plan.json", budget_s=time_budget_minutes * 60 - (time.perf_counter() - t_start),
                     image_size=image_size, num_images=len(source), num_classes=num_classes,
                     tokenizer_config=tokenizer_config, samples_per_class=samples_per_class,
-                    sampling_steps=sampling_steps, cfg_scale=guidance, tokenizer_steps=tokenizer_steps or None,
+                    sampling_steps=sampling_steps, cfg_scale=guidance, check_steps=check_steps,
+                    tokenizer_steps=tokenizer_steps or None,
                     dit_steps=dit_steps or None)
 print("\\n".join(plan.lines))
 times["plan"] = time.perf_counter() - t0'''
@@ -138,7 +139,7 @@ from steps import step8_evaluate
 summary = {"times": times, "plan": plan.lines, "tokenizer": tok_eval and {k: tok_eval[k] for k in ("psnr", "ssim", "lpips", "rfid")}}
 if samples is not None:
     t0 = time.perf_counter()
-    check = recognition_check(folder, samples["npz"], image_size)
+    check = recognition_check(folder, samples["npz"], image_size, steps=check_steps)
     print(check["summary"])
     summary["check"] = check
     entries, table = read_asset_table()
@@ -199,6 +200,7 @@ def own_data_notebook() -> nbformat.NotebookNode:
             Param("cfg_scale", float, 3.0, "classifier-free guidance on all channels (1 class: none)"),
             Param("sampling_steps", int, 50, "Euler grid points"),
             Param("trajectory", int, 8, "x0 strip panels per sample (0: none)"),
+            Param("check_steps", int, 400, "training steps of the check's classifier (batch 64)"),
             Param("rfid_images", int, 500, "rFID on this many held-out images when the Inception weights exist"),
             Param("tokenizer_time_budget", float, 0.0, "seconds: stop the tokenizer stage early (0: the plan's steps)"),
             Param("dit_time_budget", float, 0.0, "seconds: stop the DiT stage early (0: the plan's steps)"),
