@@ -194,7 +194,7 @@ def own_data_notebook() -> nbformat.NotebookNode:
             Param("time_budget_minutes", float, 15.0, "the whole run's wall time: the plan sizes both models to it"),
             Param("tokenizer_config", str, "tokenizer/photos_f4", "step 9 preset or YAML (tokenizer/digits_f4: L1 only)"),
             Param("dit_config", str, "train/own_data", "DiT preset or YAML (LightningDiT-Mini/2)"),
-            Param("tokenizer_steps", int, 0, "tokenizer optimizer steps (batch 32); 0: the plan's"),
+            Param("tokenizer_steps", int, 0, "tokenizer optimizer steps; 0: the plan's"),
             Param("dit_steps", int, 0, "DiT optimizer steps (batch 64); 0: the plan's"),
             Param("samples_per_class", int, 20, "samples per class for the grid and the check"),
             Param("cfg_scale", float, 3.0, "classifier-free guidance on all channels (1 class: none)"),

@@ -7,7 +7,8 @@ one optimizer step of each model costs (a few real steps on random data, seconds
 - the tokenizer: downsampling factor so the latent grid is 8x8 (f2 at 16 px, f4 at 32 px, f8 at 64 px),
   latent channels (`latent_channels`, 8 by default: at 32 px f4 c8 keeps 4x more than c4 for the same step
   cost, the difference between blurred and sharp colour photographs in benchmarks/RESULTS.md), width 32;
-  steps to fill its share, a 5% linear warm-up and a cosine decay to 0, EMA of the weights;
+  steps to fill its share, a 5% linear warm-up and a cosine decay to 0 (no EMA: in a run this short the
+  weights still improve fast to the end, and the decayed learning rate already averages the last steps);
 - the DiT: LightningDiT-Mini/2 on the 8x8 latents (16 tokens), steps to fill the rest, an EMA decay with a
   horizon of about a tenth of the run (so the short runs of a CPU average enough steps but not stale ones);
 - the fixed costs first (reading, extraction, sampling, the tokenizer's evaluation and the classifier
@@ -31,7 +32,7 @@ import torch
 from repro.errors import ReproError
 
 TOKENIZER_SHARE = 0.4  # of the training time (tokenizer + DiT), the rest to the DiT
-TOKENIZER_BATCH, DIT_BATCH = 32, 64
+DIT_BATCH = 64
 LATENT_SIDE = 8  # the latent grid the tokenizer's factor aims at (LightningDiT-Mini/2: 16 tokens)
 MIN_TOKENIZER_STEPS, MIN_DIT_STEPS = 100, 300
 GAN_STEP_COST = 1.6  # a tokenizer step with the PatchGAN's two passes and the adaptive weight, measured at 32 px
@@ -80,7 +81,7 @@ def _time_steps(step, repeats: int = 3) -> float:
 
 
 def measure_tokenizer_step(tokenizer_config: str, overrides: list[str], image_size: int) -> float:
-    """Seconds per optimizer step (batch 32, fp32, this process's threads) of the tokenizer the overrides give."""
+    """Seconds per optimizer step (the preset's batch, fp32, this process's threads) of the tokenizer the overrides give."""
     from repro.resources import find_config
     from repro.tokenizer_training.config import load_tokenizer_config
     from repro.tokenizer_training.modules import build_autoencoder
@@ -88,7 +89,7 @@ def measure_tokenizer_step(tokenizer_config: str, overrides: list[str], image_si
     cfg = load_tokenizer_config(find_config(tokenizer_config), overrides)
     vae = build_autoencoder(cfg, note=lambda m: None)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-4)
-    x = torch.rand(TOKENIZER_BATCH, 3, image_size, image_size) * 2 - 1
+    x = torch.rand(cfg.train.global_batch_size, 3, image_size, image_size) * 2 - 1
 
     def step():
         post = vae.encode(x)
@@ -155,7 +156,8 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
     from repro.resources import find_config
     from repro.tokenizer_training.config import load_tokenizer_config
 
-    gan = load_tokenizer_config(find_config(tokenizer_config)).loss.disc_start is not None
+    preset = load_tokenizer_config(find_config(tokenizer_config))
+    gan, batch = preset.loss.disc_start is not None, preset.train.global_batch_size
     factor = tokenizer_factor(image_size)
     if image_size % factor:
         raise ReproError(f"image_size {image_size} is not a multiple of the tokenizer's factor {factor}")
@@ -175,7 +177,7 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
     guided = 2 if num_classes > 1 and cfg_scale != 1.0 else 1
     fixed = {"check": check_steps * step_seconds["check"] + 10,
              "sampling": step_seconds["dit_forward_100"] * num_samples / 100 * sampling_steps * guided,
-             "extract_and_eval": (num_images + 200) / TOKENIZER_BATCH * tok_s / 3 + 15}
+             "extract_and_eval": (num_images + 200) / batch * tok_s / 3 + 15}
     train_s = budget_s - sum(fixed.values())
     # 3. the training time split, steps from the measured step times
     if tokenizer_steps is None:
@@ -184,7 +186,7 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
         dit_steps = max(MIN_DIT_STEPS, int((train_s - tokenizer_steps * tok_s) / dit_s))
     estimate = {"tokenizer": tokenizer_steps * tok_s, "dit": dit_steps * dit_s, **fixed}
     tok_set += [f"train.max_steps={tokenizer_steps}", f"train.warmup_steps={max(10, tokenizer_steps // 20)}",
-                "train.lr_schedule=cosine", f"train.ema_decay={ema_decay_for(tokenizer_steps, 0.05)}",
+                "train.lr_schedule=cosine",
                 f"train.ckpt_every={max(100, tokenizer_steps // 4)}"]
     if gan:  # the adversarial term refines a tokenizer that already reconstructs: the last 40% of the run
         tok_set.append(f"loss.disc_start={int(0.6 * tokenizer_steps)}")
@@ -194,7 +196,7 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
     lines = [f"plan for {num_images} images, {num_classes} class(es), {image_size} px, budget {budget_s / 60:.1f} min "
              f"(measured here: tokenizer {tok_s:.2f} s/step, DiT {dit_s:.2f} s/step):",
              f"  tokenizer f{factor}, {latent_channels} latent channels ({side}x{side}x{latent_channels} latents), width 32: "
-             f"{tokenizer_steps} steps of {TOKENIZER_BATCH}, cosine learning rate, ~{estimate['tokenizer'] / 60:.1f} min",
+             f"{tokenizer_steps} steps of {batch}, cosine learning rate, ~{estimate['tokenizer'] / 60:.1f} min",
              f"  DiT {model_type} on {side}x{side} latents: {dit_steps} steps of {DIT_BATCH}, EMA decay {dit_ema:.4f}, "
              f"~{estimate['dit'] / 60:.1f} min",
              f"  fixed: sampling {num_samples} images ~{fixed['sampling'] / 60:.1f} min, check ~{fixed['check'] / 60:.1f} "
