@@ -47,7 +47,7 @@ times["data"] = time.perf_counter() - t0'''
 PLAN = '''\
 from repro.setup.own_data_plan import load_or_plan
 t0 = time.perf_counter()
-plan = load_or_plan(work / "plan.json", budget_s=time_budget_minutes * 60 - (time.perf_counter() - t_start),
+plan = load_or_plan(work / "plan.json", budget_s=time_budget_minutes * 60,
                     image_size=image_size, num_images=len(source), num_classes=num_classes,
                     tokenizer_config=tokenizer_config, samples_per_class=samples_per_class,
                     sampling_steps=sampling_steps, cfg_scale=guidance, check_steps=check_steps,

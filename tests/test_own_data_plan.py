@@ -17,7 +17,8 @@ def test_the_factor_brings_the_latents_to_8x8_and_the_ema_follows_the_run():
 
 def test_the_plan_fills_the_budget_and_says_so():
     plan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
-    assert abs(sum(plan.estimate_s.values()) - 900) < 30  # the whole notebook, fixed costs included
+    total = sum(plan.estimate_s.values())  # the whole notebook, fixed costs included, with a safety margin
+    assert 0.85 * 900 < total <= 900
     assert plan.estimate_s["tokenizer"] > 0.2 * 900 and plan.estimate_s["dit"] > 0.3 * 900
     assert "model.ch_mult=[1,1,2]" in plan.tokenizer_set and "model.embed_dim=8" in plan.tokenizer_set
     assert f"train.max_steps={plan.tokenizer_steps}" in plan.tokenizer_set
