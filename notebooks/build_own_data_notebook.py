@@ -21,7 +21,7 @@ if threads > 0:
     torch.set_num_threads(threads)
 work = env.root / "own_data"
 times = {}
-t0 = time.perf_counter()
+t_start = t0 = time.perf_counter()
 if image_folder:
     folder, held_out = Path(image_folder).expanduser().absolute(), held_out_folder or image_folder
     if not held_out_folder:
@@ -44,16 +44,28 @@ if num_classes == 1:
     print("one class: an unconditional model, sampled without classifier-free guidance")
 times["data"] = time.perf_counter() - t0'''
 
+PLAN = '''\
+from repro.setup.own_data_plan import load_or_plan
+t0 = time.perf_counter()
+plan = load_or_plan(work / "plan.json", budget_s=time_budget_minutes * 60,
+                    image_size=image_size, num_images=len(source), num_classes=num_classes,
+                    tokenizer_config=tokenizer_config, samples_per_class=samples_per_class,
+                    sampling_steps=sampling_steps, cfg_scale=guidance, check_steps=check_steps,
+                    tokenizer_steps=tokenizer_steps or None,
+                    dit_steps=dit_steps or None)
+print("\\n".join(plan.lines))
+times["plan"] = time.perf_counter() - t0'''
+
 TOKENIZER = '''\
 from steps import step9_train_tokenizer
 t0 = time.perf_counter()
 tok = launch(step9_train_tokenizer.main, gpus=gpus, config=tokenizer_config,
-             set=[f"data.image_folder={folder}", f"data.image_size={image_size}", f"train.max_steps={tokenizer_steps}",
-                  f"train.output_dir={work}", "train.exp_name=tokenizer"],
+             set=[f"data.image_folder={folder}", *plan.tokenizer_set, f"train.output_dir={work}",
+                  "train.exp_name=tokenizer"],
              time_budget=tokenizer_time_budget or None)
 times["tokenizer"] = time.perf_counter() - t0
-tokenizer_done = tok["step"] >= tokenizer_steps
-print(f"tokenizer: step {tok['step']} of {tokenizer_steps} ({tok['stopped']}), {tok['tokenizer']}")
+tokenizer_done = tok["step"] >= plan.tokenizer_steps
+print(f"tokenizer: step {tok['step']} of {plan.tokenizer_steps} ({tok['stopped']}), {tok['tokenizer']}")
 if not tokenizer_done:
     print("the time budget stopped the tokenizer: run the notebook again to continue (the next stages wait)")
 show_image(tok["loss_plot"])'''
@@ -74,8 +86,10 @@ from repro.resources import find_config
 from steps import step6_extract
 dit_yaml = work / "dit.yaml"
 process = process or {"dit": "flow", "unet": "ddpm"}[denoiser]  # each family's own process unless set
-dit_set = tok["dit_overrides"] + combination_overrides(denoiser, process) + [f"data.data_path={work / 'latents'}", f"train.output_dir={work}", "train.exp_name=dit",
-                                  f"data.num_classes={num_classes}", f"train.max_steps={dit_steps}",
+# the plan sizes the DiT; a UNet (or DDPM) takes the family's model and process keys over it
+family = [o for o in combination_overrides(denoiser, process) if denoiser == "unet" or not o.startswith("model.model_type=")]
+dit_set = tok["dit_overrides"] + plan.dit_set + family + [f"data.data_path={work / 'latents'}", f"train.output_dir={work}",
+                                                         "train.exp_name=dit", f"data.num_classes={num_classes}",
                                   f"sample.cfg_scale={guidance}", f"sample.num_sampling_steps={sampling_steps}"]
 save_config(load_config(find_config(dit_config), dit_set), dit_yaml, header="notebook 04: the DiT config of this run")
 report = None
@@ -94,8 +108,8 @@ if report is not None:
     t0 = time.perf_counter()
     dit = launch(step7_train.main, gpus=gpus, config=str(dit_yaml), time_budget=dit_time_budget or None)
     times["dit"] = time.perf_counter() - t0
-    print(f"DiT: step {dit['step']} of {dit_steps} ({dit['stopped']}); checkpoint {dit['checkpoint']}")
-    if dit["step"] < dit_steps:
+    print(f"DiT: step {dit['step']} of {plan.dit_steps} ({dit['stopped']}); checkpoint {dit['checkpoint']}")
+    if dit["step"] < plan.dit_steps:
         print("the time budget stopped training: run the notebook again to continue (sampling waits)")
     show_image(Path(dit["run_dir"]) / "loss.png")'''
 
@@ -104,7 +118,7 @@ import numpy as np
 from repro.sampling.grid import show_samples
 from steps import step4_inference
 samples = None
-if dit is not None and dit["step"] >= dit_steps:
+if dit is not None and dit["step"] >= plan.dit_steps:
     t0 = time.perf_counter()
     samples = launch(step4_inference.main, gpus=gpus, config=str(dit_yaml), out=str(work / "samples"),
                      num_samples=samples_per_class * num_classes, class_balanced=True,
@@ -127,27 +141,43 @@ EVALUATE = '''\
 from repro.evaluation.recognition import recognition_check
 from repro.paths import read_asset_table, recorded_asset_path
 from steps import step8_evaluate
-summary = {"times": times, "tokenizer": tok_eval and {k: tok_eval[k] for k in ("psnr", "ssim", "lpips", "rfid")}}
+summary = {"times": times, "plan": plan.lines, "tokenizer": tok_eval and {k: tok_eval[k] for k in ("psnr", "ssim", "lpips", "rfid")}}
 if samples is not None:
     t0 = time.perf_counter()
-    if num_classes > 1:
-        check = recognition_check(folder, samples["npz"], image_size)
-        print(check["summary"])
-        summary.update(recognised=check["recognised"], heldout_accuracy=check["heldout_accuracy"],
-                       per_class=check["per_class"])
+    check = recognition_check(folder, samples["npz"], image_size, steps=check_steps)
+    print(check["summary"])
+    summary["check"] = check
     entries, table = read_asset_table()
     weights = recorded_asset_path(entries, "fid-inception", table.parent)
     if weights is not None and weights.is_file():
         fid = launch(step8_evaluate.main, gpus=gpus, samples=samples["npz"], ref=str(folder), metrics="fid")
         summary["fid"] = fid["fid"]
     else:
-        print("FID against your images skipped: the Inception weights are not on disk "
+        print("Inception FID against your images skipped: its weights are not on disk "
               "(python -m steps.step2_download --only fid-inception)")
     times["evaluation"] = time.perf_counter() - t0
     summary["samples_npz"] = samples["npz"]
+times["total"] = time.perf_counter() - t_start
 print("stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
 summary_path = work / "summary.json"
 summary_path.write_text(json.dumps(summary, indent=1))'''
+
+IMAGES_ON_COLAB_KAGGLE = (
+    "## Your images\nOne sub-folder per class, sorted names → labels (as ImageNet's train folder); grayscale, "
+    "RGBA, CMYK and 16-bit images are converted to RGB as step 6 does, unreadable files are reported, never "
+    "silently dropped. Put about a tenth of each class aside in a second folder with the same sub-folders "
+    "(`held_out_folder`) for the tokenizer's evaluation.\n\n"
+    "**Getting them here.** Colab: zip the class folders, upload the zip in the file panel (or "
+    "`from google.colab import files; files.upload()`), then `!unzip -q my_images.zip -d /content/my_images`; "
+    "for more than a few hundred MB, put the zip on Google Drive and run this notebook with `drive_mount=True` "
+    "(the folder is `/content/drive/MyDrive/...`). Kaggle: *Add data* → *Upload* a data set (the zip is unpacked "
+    "for you); it appears read-only under `/kaggle/input/<data-set-name>/`, which `image_folder` can name "
+    "directly (the kit writes only to the work folder). Anywhere: any folder path works.\n\n"
+    "**Size and budget.** 32 px is what a 2-core CPU can learn in the default 15 minutes (a few hundred to a "
+    "few thousand images, 2 to 10 classes); the kit resizes the short side and centre-crops, so cut "
+    "photographs into the patches you want generated. 64 px needs about 4x the time per step: give "
+    "`time_budget_minutes` 45 or more, or a GPU. More images help the DiT only when its budget lets it see "
+    "each several times (the plan prints its steps).")
 
 
 def own_data_notebook() -> nbformat.NotebookNode:
@@ -156,37 +186,47 @@ def own_data_notebook() -> nbformat.NotebookNode:
                    "Trains a VA-VAE-architecture tokenizer on an image folder (one sub-folder per class), evaluates "
                    "its reconstructions, extracts latents with it, trains a class-conditional LightningDiT (one class: "
                    "unconditional, no guidance), samples a grid with class names and x0 trajectories, and checks the "
-                   "samples with a plain classifier fitted on the real images. With `image_folder` empty it writes "
-                   "scikit-learn's handwritten digits (1,600 images, 10 classes, offline) and runs on a 2-core CPU in about "
-                   "9 minutes (15 when the machine is busy). Every stage resumes; with the time budgets a stage saves and stops, and "
-                   "the next run of the notebook continues. Use a new `workdir` for another folder."),
+                   "samples with a classifier trained on your real images. One knob sets the effort: "
+                   "`time_budget_minutes` (15 by default); the kit measures this machine and plans both models "
+                   "to fit it. With `image_folder` empty it writes scikit-learn's handwritten digits (1,600 "
+                   "images, 10 classes, offline). Every stage resumes; with the stage time budgets a stage saves "
+                   "and stops, and the next run of the notebook continues. Use a new `workdir` for another folder."),
         parameters_cell([
             Param("image_folder", str, "", "one sub-folder per class; empty writes the digits folder"),
             Param("held_out_folder", str, "", "images for the tokenizer evaluation; empty uses the digits' rest"),
-            Param("image_size", int, 32, "training resolution; a multiple of the tokenizer's factor (4)"),
+            Param("image_size", int, 32, "training resolution: 32 suits a CPU (16, 32, 64: latent grid 8x8)"),
             Param("images_per_class", int, 160, "digits per class (scikit-learn has about 175)"),
-            Param("tokenizer_config", str, "tokenizer/digits_f4", "step 9 preset or YAML (upstream's VA-VAE YAMLs too)"),
+            Param("time_budget_minutes", float, 15.0, "the whole run's wall time: the plan sizes both models to it"),
+            Param("tokenizer_config", str, "tokenizer/photos_f4", "step 9 preset or YAML (tokenizer/digits_f4: L1 only)"),
             Param("dit_config", str, "train/own_data", "DiT preset or YAML (LightningDiT-Mini/2)"),
             Param("denoiser", str, "dit", "dit (LightningDiT-Mini/2) or unet (UNet-Mini)"),
             Param("process", str, "", "flow or ddpm (ε, DDIM); empty: flow for dit, ddpm for unet"),
-            Param("tokenizer_steps", int, 300, "tokenizer optimizer steps (batch 32)"),
-            Param("dit_steps", int, 1500, "DiT optimizer steps (batch 64)"),
+            Param("tokenizer_steps", int, 0, "tokenizer optimizer steps; 0: the plan's"),
+            Param("dit_steps", int, 0, "DiT optimizer steps (batch 64); 0: the plan's"),
             Param("samples_per_class", int, 20, "samples per class for the grid and the check"),
             Param("cfg_scale", float, 3.0, "classifier-free guidance on all channels (1 class: none)"),
             Param("sampling_steps", int, 50, "Euler grid points (DDIM: steps)"),
             Param("trajectory", int, 8, "x0 strip panels per sample (0: none)"),
+            Param("check_steps", int, 400, "training steps of the check's classifier (batch 64)"),
             Param("rfid_images", int, 500, "rFID on this many held-out images when the Inception weights exist"),
-            Param("tokenizer_time_budget", float, 0.0, "seconds for the tokenizer stage, 0 for none"),
-            Param("dit_time_budget", float, 0.0, "seconds for the DiT stage, 0 for none"),
+            Param("tokenizer_time_budget", float, 0.0, "seconds: stop the tokenizer stage early (0: the plan's steps)"),
+            Param("dit_time_budget", float, 0.0, "seconds: stop the DiT stage early (0: the plan's steps)"),
             Param("threads", int, 1, "torch CPU threads (1 was fastest on a busy 2-core machine); 0 keeps torch's"),
         ]),
         setup_cell(),
-        new_markdown_cell("## Your images\nOne sub-folder per class, sorted names → labels (as ImageNet's train "
-                          "folder); grayscale, RGBA, CMYK and 16-bit images are converted to RGB as step 6 does, "
-                          "unreadable files are reported, never silently dropped."),
+        new_markdown_cell(IMAGES_ON_COLAB_KAGGLE),
         new_code_cell(DATA),
-        new_markdown_cell("## Step 9: train the tokenizer\nAn f4 autoencoder with 4 latent channels (L1 + KL; the "
-                          "preset's loss keys add LPIPS, PatchGAN and VA-VAE's VF loss for natural images). "
+        new_markdown_cell("## The plan: one budget, split between the tokenizer and the DiT\nThe kit measures what "
+                          "a step of each model costs on this machine now, sets aside sampling and the check, and "
+                          "sizes the rest from the image size, the number of images and classes (factor and latent "
+                          "channels for an 8x8 latent grid, steps, warm-up and cosine decay, EMA, when the PatchGAN "
+                          "starts). It is saved in `own_data/plan.json`: a rerun resumes with the same plan. "
+                          "`tokenizer_steps` / `dit_steps` override it."),
+        new_code_cell(PLAN),
+        new_markdown_cell("## Step 9: train the tokenizer\nThe plan's autoencoder (f4 with 8 latent channels at 32 px) with "
+                          "the photographs preset's losses: L1 + KL, LPIPS when its VGG weights are on disk (else a "
+                          "note, and training goes on without it), and a PatchGAN for the last 40% of the steps; "
+                          "`tokenizer/digits_f4` is L1 + KL only. "
                           "Checkpoints and `tokenizer.safetensors` go to `own_data/tokenizer/`; the loss curve:"),
         new_code_cell(TOKENIZER),
         new_markdown_cell("## Step 10: evaluate the tokenizer\nPSNR, SSIM (and LPIPS / rFID when their weights are "
@@ -203,10 +243,14 @@ def own_data_notebook() -> nbformat.NotebookNode:
         new_markdown_cell("## Step 4: sample, with class names and x0 trajectories\n`samples.npz` holds `arr_0` "
                           "(uint8 N×H×W×3) and `arr_1` (the class index, sorted folder order)."),
         new_code_cell(SAMPLE),
-        new_markdown_cell("## Are the samples their class?\nA logistic regression on grey pixels, fitted on 80% of "
-                          "the real images; its accuracy on the other 20% is printed beside the share of samples it "
-                          "recognises as the class they were asked for. FID against your images (step 8) runs when "
-                          "the Inception weights are on disk."),
+        new_markdown_cell("## Do the samples look like your images?\nA small convolutional classifier is trained on 80% "
+                          "of your real images (colour, a minute or two on a CPU); per class, the share of samples it "
+                          "recognises as the class they were asked for is printed beside its accuracy on the other 20% "
+                          "of real images (a ratio near 1: as recognisable as real images). A Fréchet distance and KID "
+                          "on its features stand beside the same distances between real images (the floor); one "
+                          "class gets the distances alone. The outer pixel ring of the samples (brightness, spread, "
+                          "step to the next ring) must lie within the real images' range: a frame drawn at the border "
+                          "fails it. Inception FID against your images (step 8) runs when its weights are on disk."),
         new_code_cell(EVALUATE),
     ]
     return notebook(cells)

@@ -78,11 +78,20 @@ class TokenizerImages:
         x = pil_to_tensor(self._read(index, offset)[1])
         return x.flip(-1) if self.random_flip and bool(u[2] < 0.5) else x
 
+    def class_interleaved(self) -> list[int]:
+        """Every index once, the classes taken in turn (first image of each class, then the second, ...), so
+        the first k of them sample every class (a listing sorted by class folder would give one class)."""
+        groups: dict = {}
+        for i, item in enumerate(self.src.items):
+            groups.setdefault(item.label, []).append(i)
+        columns = list(groups.values())
+        return [col[k] for k in range(max(map(len, columns))) for col in columns if k < len(col)]
+
     def centre_crops(self, limit: Optional[int] = None) -> tuple[torch.Tensor, list[int]]:
-        """Centre crops (no flip) of the first `limit` readable images (all by default) and their indices;
-        unreadable ones are reported and left out (evaluation)."""
+        """Centre crops (no flip) of the first `limit` readable images (all by default) in class-interleaved
+        order, and their indices; unreadable ones are reported and left out (evaluation)."""
         out, used = [], []
-        for i in range(len(self)):
+        for i in self.class_interleaved():
             if limit is not None and len(out) >= limit:
                 break
             j, image = self._read(i, None)

@@ -6,7 +6,8 @@ SSIM and LPIPS. The kit does the same on any image folder with a tokenizer of st
 VA-VAE), in one process:
 
 - images: step 6's listing and conversions, short side resized to the tokenizer's image size, centre crop;
-  unreadable files are reported and left out; `limit` takes the first N (in listing order);
+  unreadable files are reported and left out; the classes are taken in turn, so `limit`, the rFID subset
+  and the grid sample every class;
 - reconstruction: `decode(posterior mean)` by default (deterministic; `posterior="sample"` draws z with a
   seeded per-image noise, as upstream's `posterior.sample()`), to uint8 with upstream's `to_uint8`;
 - PSNR / SSIM (`repro.evaluation.reconstruction`, SSIM with the standard 11x11 Gaussian window), LPIPS

@@ -202,6 +202,11 @@ class TokenizerTrainer(Trainer):
         logs: dict[str, float] = {}
         per_process = plan.micro_batch * plan.accum_steps
         batches = []
+        # The discriminator is frozen during the autoencoder's pass: the generator term -D(rec) must reach the
+        # decoder only, never D's own gradients (upstream: Lightning's toggle_optimizer does the same).
+        disc_params = list(fn.discriminator.parameters()) if fn.discriminator is not None else []
+        for p in disc_params:
+            p.requires_grad_(False)
         # Autoencoder: encode, sample z with the sample's own noise, decode, the loss; gradients accumulate.
         for lo, hi in plan.micro_slices(ctx.rank):
             x, eps = build_batch(self.images, indices[lo:hi].tolist(), step, lo, seed=self.seed,
@@ -225,6 +230,8 @@ class TokenizerTrainer(Trainer):
             torch.nn.utils.clip_grad_norm_(self.ae_params, self.cfg.train.max_grad_norm)
         scaler.step(opt_ae)
         opt_ae.zero_grad(set_to_none=True)
+        for p in disc_params:
+            p.requires_grad_(True)
         # Discriminator: its hinge loss from disc_start on; before, upstream steps its Adam on a zero loss.
         if opt_d is not None:
             if fn.gan_active(step):

@@ -1,0 +1,229 @@
+"""Notebook 04's recipe: one wall-time budget split between the tokenizer and the DiT, both sized to the data.
+
+A new user knows how long they can wait, not how many steps an f4 autoencoder needs. `plan_own_data` takes
+the budget (seconds), the image size, the number of images and classes, and measures on this machine what
+one optimizer step of each model costs (a few real steps on random data, seconds in all); it then chooses
+
+- the tokenizer: downsampling factor so the latent grid is 8x8 (f2 at 16 px, f4 at 32 px, f8 at 64 px),
+  latent channels (`latent_channels`, 8 by default: at 32 px f4 c8 keeps 4x more than c4 for the same step
+  cost, the difference between blurred and sharp colour photographs in benchmarks/RESULTS.md), width 32;
+  steps to fill its share, a 5% linear warm-up and a cosine decay to 0 (no EMA: in a run this short the
+  weights still improve fast to the end, and the decayed learning rate already averages the last steps);
+- the DiT: LightningDiT-Mini/2 on the 8x8 latents (16 tokens), steps to fill the rest, an EMA decay with a
+  horizon of about a tenth of the run (so the short runs of a CPU average enough steps but not stale ones);
+- the fixed costs first (reading, extraction, sampling, the tokenizer's evaluation and the classifier
+  check), estimated from the same measurements, so the whole notebook fits the budget.
+
+The plan is printed as a few lines (`plan.lines`) and carried as `--set` overrides for steps 9 and 7.
+
+    plan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4)
+    print("\\n".join(plan.lines)); plan.tokenizer_set, plan.dit_set
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from repro.errors import ReproError
+
+TOKENIZER_SHARE = 0.4  # of the training time (tokenizer + DiT), the rest to the DiT
+DIT_BATCH = 64
+LATENT_SIDE = 8  # the latent grid the tokenizer's factor aims at (LightningDiT-Mini/2: 16 tokens)
+MIN_TOKENIZER_STEPS, MIN_DIT_STEPS = 100, 300
+GAN_STEP_COST = 1.5  # a tokenizer step with the PatchGAN (its passes, the adaptive weight): 0.31 vs 0.21 s at 32 px
+SAFETY = 0.92  # of the budget planned: the machine's other jobs come and go (step times varied 2x in one run)
+
+
+@dataclass
+class OwnDataPlan:
+    budget_s: float
+    tokenizer_set: list[str]
+    dit_set: list[str]
+    tokenizer_steps: int
+    dit_steps: int
+    step_seconds: dict
+    estimate_s: dict
+    lines: list[str] = field(default_factory=list)
+
+
+def tokenizer_factor(image_size: int) -> int:
+    """The downsampling factor that brings `image_size` to an 8x8 latent grid (2, 4, 8 or 16)."""
+    for factor in (2, 4, 8, 16):
+        if image_size // factor <= LATENT_SIDE:
+            return factor
+    return 16
+
+
+def tokenizer_overrides(image_size: int, latent_channels: int = 8, width: int = 32) -> list[str]:
+    """Step 9 `--set` lines of the tokenizer's architecture for `image_size`."""
+    factor = tokenizer_factor(image_size)
+    levels = int(math.log2(factor)) + 1
+    ch_mult = [1, 1, 2, 2, 4][:levels]
+    return [f"model.ch={width}", f"model.ch_mult=[{','.join(map(str, ch_mult))}]", f"model.z_channels={latent_channels}",
+            f"model.embed_dim={latent_channels}", f"model.resolution={image_size}", f"data.image_size={image_size}"]
+
+
+def ema_decay_for(steps: int, horizon: float = 0.1, lo: float = 0.99, hi: float = 0.9999) -> float:
+    """An EMA decay averaging over about `horizon` of the run: 1 - 1 / (horizon * steps), clamped."""
+    return float(min(hi, max(lo, 1.0 - 1.0 / max(horizon * steps, 1.0))))
+
+
+def _time_steps(step, repeats: int = 3) -> float:
+    step()  # warm-up (allocations, first-call overheads)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - t0) / repeats
+
+
+def measure_tokenizer_step(tokenizer_config: str, overrides: list[str], image_size: int) -> float:
+    """Seconds per optimizer step (the preset's batch, fp32, this process's threads) of the tokenizer the overrides give."""
+    from repro.resources import find_config
+    from repro.tokenizer_training.config import load_tokenizer_config
+    from repro.tokenizer_training.modules import build_autoencoder
+
+    cfg = load_tokenizer_config(find_config(tokenizer_config), overrides)
+    vae = build_autoencoder(cfg, note=lambda m: None)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-4)
+    x = torch.rand(cfg.train.global_batch_size, 3, image_size, image_size) * 2 - 1
+
+    def step():
+        post = vae.encode(x)
+        loss = (vae.decode(post.mean + post.std * torch.randn_like(post.std)) - x).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _time_steps(step)
+
+
+def measure_dit_step(model_type: str, latent_channels: int, latent_side: int, num_classes: int) -> tuple[float, float]:
+    """(seconds per optimizer step at batch 64, seconds per forward pass of a batch of 100) of the DiT."""
+    from repro.models.lightningdit import create_model
+
+    torch.manual_seed(0)
+    model = create_model(model_type, input_size=latent_side, in_channels=latent_channels,
+                         num_classes=max(num_classes, 1), use_swiglu=True, use_rope=True, use_rmsnorm=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(DIT_BATCH, latent_channels, latent_side, latent_side)
+    t, y = torch.rand(DIT_BATCH), torch.randint(0, max(num_classes, 1), (DIT_BATCH,))
+
+    def step():
+        loss = (model(x, t, y) - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    train = _time_steps(step)
+    xs, ts, ys = torch.randn(100, latent_channels, latent_side, latent_side), torch.rand(100), torch.zeros(100).long()
+    with torch.inference_mode():
+        forward = _time_steps(lambda: model(xs, ts, ys), repeats=2)
+    return train, forward
+
+
+def measure_check_step(image_size: int, num_classes: int) -> float:
+    """Seconds per training step of the check's classifier (repro.evaluation.feature_classifier, batch 64)."""
+    from repro.evaluation.feature_classifier import SmallConvNet
+
+    torch.manual_seed(0)
+    net = SmallConvNet(max(num_classes, 4))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    x, y = torch.randn(64, 3, image_size, image_size), torch.randint(0, max(num_classes, 4), (64,))
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return _time_steps(step)
+
+
+def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_classes: int,
+                  tokenizer_config: str = "tokenizer/photos_f4", model_type: str = "LightningDiT-Mini/2",
+                  latent_channels: int = 8, samples_per_class: int = 20, sampling_steps: int = 50,
+                  cfg_scale: float = 3.0, check_steps: int = 400, tokenizer_share: float = TOKENIZER_SHARE,
+                  tokenizer_steps: Optional[int] = None, dit_steps: Optional[int] = None,
+                  step_seconds: Optional[dict] = None) -> OwnDataPlan:
+    """The recipe for a folder of `num_images` images of `num_classes` classes at `image_size` px in
+    `budget_s` seconds; explicit `tokenizer_steps` / `dit_steps` are kept; `step_seconds` skips measuring."""
+    if budget_s <= 0:
+        raise ReproError(f"time budget {budget_s} s: give the notebook a positive budget in minutes")
+    from repro.resources import find_config
+    from repro.tokenizer_training.config import load_tokenizer_config
+
+    preset = load_tokenizer_config(find_config(tokenizer_config))
+    gan, batch = preset.loss.disc_start is not None, preset.train.global_batch_size
+    factor = tokenizer_factor(image_size)
+    if image_size % factor:
+        raise ReproError(f"image_size {image_size} is not a multiple of the tokenizer's factor {factor}")
+    side = image_size // factor
+    tok_set = tokenizer_overrides(image_size, latent_channels)
+    # 1. what a step costs here, now (measured unless given)
+    if step_seconds is None:
+        dit_train, dit_forward = measure_dit_step(model_type, latent_channels, side, num_classes)
+        step_seconds = {"tokenizer": measure_tokenizer_step(tokenizer_config, tok_set, image_size),
+                        "dit": dit_train, "dit_forward_100": dit_forward,
+                        "check": measure_check_step(image_size, num_classes)}
+    # the PatchGAN's steps (from 60% of the run on) cost about GAN_STEP_COST of a plain step
+    tok_s = step_seconds["tokenizer"] * (1 + 0.4 * (GAN_STEP_COST - 1) if gan else 1.0)
+    dit_s = step_seconds["dit"]
+    # 2. the fixed costs: the classifier check, sampling (guided: two rows per image), extraction, evaluation
+    num_samples = samples_per_class * max(num_classes, 1)
+    guided = 2 if num_classes > 1 and cfg_scale != 1.0 else 1
+    fixed = {"check": check_steps * step_seconds["check"] + 10,
+             "sampling": step_seconds["dit_forward_100"] * num_samples / 100 * sampling_steps * guided,
+             "extract_and_eval": (num_images + 200) / batch * tok_s / 3 + 15}
+    train_s = SAFETY * budget_s - sum(fixed.values())
+    # 3. the training time split, steps from the measured step times
+    if tokenizer_steps is None:
+        tokenizer_steps = max(MIN_TOKENIZER_STEPS, int(train_s * tokenizer_share / tok_s))
+    if dit_steps is None:
+        dit_steps = max(MIN_DIT_STEPS, int((train_s - tokenizer_steps * tok_s) / dit_s))
+    estimate = {"tokenizer": tokenizer_steps * tok_s, "dit": dit_steps * dit_s, **fixed}
+    tok_set += [f"train.max_steps={tokenizer_steps}", f"train.warmup_steps={max(10, tokenizer_steps // 20)}",
+                "train.lr_schedule=cosine",
+                f"train.ckpt_every={max(100, tokenizer_steps // 4)}"]
+    if gan:  # the adversarial term refines a tokenizer that already reconstructs: the last 40% of the run
+        tok_set.append(f"loss.disc_start={int(0.6 * tokenizer_steps)}")
+    dit_ema = ema_decay_for(dit_steps)
+    dit_set = [f"model.model_type={model_type}", f"train.max_steps={dit_steps}", f"train.ema_decay={dit_ema}",
+               f"train.ckpt_every={max(500, dit_steps // 4)}", f"train.global_batch_size={DIT_BATCH}"]
+    lines = [f"plan for {num_images} images, {num_classes} class(es), {image_size} px, budget {budget_s / 60:.1f} min "
+             f"(measured here: tokenizer {tok_s:.2f} s/step, DiT {dit_s:.2f} s/step):",
+             f"  tokenizer f{factor}, {latent_channels} latent channels ({side}x{side}x{latent_channels} latents), width 32: "
+             f"{tokenizer_steps} steps of {batch}, cosine learning rate, ~{estimate['tokenizer'] / 60:.1f} min",
+             f"  DiT {model_type} on {side}x{side} latents: {dit_steps} steps of {DIT_BATCH}, EMA decay {dit_ema:.4f}, "
+             f"~{estimate['dit'] / 60:.1f} min",
+             f"  fixed: sampling {num_samples} images ~{fixed['sampling'] / 60:.1f} min, check ~{fixed['check'] / 60:.1f} "
+             f"min, extraction and evaluation ~{fixed['extract_and_eval'] / 60:.1f} min; total "
+             f"~{sum(estimate.values()) / 60:.1f} min"]
+    if train_s < (MIN_TOKENIZER_STEPS * tok_s + MIN_DIT_STEPS * dit_s):
+        lines.append(f"  the budget is too short for these images: the minimum run takes ~{sum(estimate.values()) / 60:.0f}"
+                     " min; quality will be low (raise the budget)")
+    return OwnDataPlan(budget_s, tok_set, dit_set, tokenizer_steps, dit_steps, step_seconds, estimate, lines)
+
+
+def load_or_plan(path, **inputs) -> OwnDataPlan:
+    """The plan saved at `path` when it was made for the same inputs (a rerun resumes with the same steps and
+    schedules), else a new one, saved there."""
+    import json
+    from pathlib import Path
+
+    from repro.utils.io import atomic_write_json
+
+    path = Path(path)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("inputs") == inputs:
+            plan = OwnDataPlan(**saved["plan"])
+            plan.lines = [plan.lines[0].replace("plan for", "plan (saved, reused) for", 1), *plan.lines[1:]]
+            return plan
+    plan = plan_own_data(**inputs)
+    atomic_write_json(path, {"inputs": inputs, "plan": plan.__dict__})
+    return plan

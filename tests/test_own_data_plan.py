@@ -1,0 +1,49 @@
+"""Notebook 04's plan: one wall-time budget, split between the tokenizer and the DiT and sized to the data."""
+
+from __future__ import annotations
+
+import pytest
+
+from repro.errors import ReproError
+from repro.setup.own_data_plan import ema_decay_for, load_or_plan, plan_own_data, tokenizer_factor
+
+STEPS = {"tokenizer": 0.2, "dit": 0.1, "dit_forward_100": 0.05, "check": 0.05}
+
+
+def test_the_factor_brings_the_latents_to_8x8_and_the_ema_follows_the_run():
+    assert [tokenizer_factor(s) for s in (16, 32, 64, 128)] == [2, 4, 8, 16]
+    assert ema_decay_for(100) == 0.99 and ema_decay_for(10 ** 7) == 0.9999 and 0.99 < ema_decay_for(3000) < 0.999
+
+
+def test_the_plan_fills_the_budget_and_says_so():
+    plan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
+    total = sum(plan.estimate_s.values())  # the whole notebook, fixed costs included, with a safety margin
+    assert 0.85 * 900 < total <= 900
+    assert plan.estimate_s["tokenizer"] > 0.2 * 900 and plan.estimate_s["dit"] > 0.3 * 900
+    assert "model.ch_mult=[1,1,2]" in plan.tokenizer_set and "model.embed_dim=8" in plan.tokenizer_set
+    assert f"train.max_steps={plan.tokenizer_steps}" in plan.tokenizer_set
+    assert any(s.startswith("loss.disc_start=") for s in plan.tokenizer_set)  # the photographs preset has a GAN
+    assert f"train.max_steps={plan.dit_steps}" in plan.dit_set
+    assert "budget 15.0 min" in plan.lines[0] and "DiT LightningDiT-Mini/2" in plan.lines[2]
+    longer = plan_own_data(budget_s=1800, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
+    assert longer.dit_steps > 2 * plan.dit_steps - 100 and longer.tokenizer_steps > plan.tokenizer_steps
+    l1_only = plan_own_data(budget_s=900, image_size=64, num_images=100, num_classes=1, step_seconds=STEPS,
+                            tokenizer_config="tokenizer/digits_f4", dit_steps=50)
+    assert l1_only.dit_steps == 50 and "model.ch_mult=[1,1,2,2]" in l1_only.tokenizer_set
+    assert not any(s.startswith("loss.disc_start=") for s in l1_only.tokenizer_set)
+    short = plan_own_data(budget_s=60, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
+    assert "too short" in short.lines[-1]
+    with pytest.raises(ReproError, match="positive budget"):
+        plan_own_data(budget_s=0, image_size=32, num_images=10, num_classes=2, step_seconds=STEPS)
+
+
+def test_a_rerun_reuses_the_saved_plan_and_measuring_works(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    inputs = dict(budget_s=300, image_size=16, num_images=40, num_classes=2, tokenizer_config="tokenizer/digits_f4")
+    first = load_or_plan(tmp_path / "plan.json", **inputs)  # measured: real steps of both models at 16 px
+    assert set(first.step_seconds) == set(STEPS) and all(v > 0 for v in first.step_seconds.values())
+    again = load_or_plan(tmp_path / "plan.json", **inputs)
+    assert (again.tokenizer_steps, again.dit_steps) == (first.tokenizer_steps, first.dit_steps)
+    assert "saved, reused" in again.lines[0]
