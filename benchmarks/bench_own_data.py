@@ -65,6 +65,10 @@ def run_once(name: str, params: list[str], threads: int, work: Path) -> dict:
             "summary": summary, "plan": plan, "work": str(work)}
 
 
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{v:.0%}"
 
@@ -87,7 +91,7 @@ def report(results: list[dict], params: list[str]) -> list[str]:
         border = "ok" if (c.get("border") or {}).get("ok") else "; ".join((c.get("border") or {}).get("problems", [])[:2])
         lines.append(f"| {r['set']} | {r['wall'] / 60:.1f} | {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f} | "
                      f"{r['plan']['tokenizer_steps']} / {r['plan']['dit_steps']} | {tok.get('psnr', float('nan')):.2f} | "
-                     f"{rec} | {c.get('worst_ratio') or float('nan'):.2f} | {per} | {fd} | {kid} | {border} |")
+                     f"{rec} | {_ratio(c.get('worst_ratio'))} | {per} | {fd} | {kid} | {border} |")
     return lines
 
 
