@@ -53,6 +53,7 @@ PLATFORM_ONLY = {"google"}  # google.colab: imported only on Colab, which has it
 # The files of a feature that lives in an extra: what they may import beyond the core.
 FEATURE_EXTRAS = {
     "repro/data/synthetic.py": ["own-data"], "repro/evaluation/recognition.py": ["own-data"],
+    "repro/data/sample_sets.py": ["own-data"],
     "repro/training/log_backends.py": ["tensorboard", "wandb"], "repro/tokenizer_training/modules.py": ["vf"],
     "repro/explorer.py": ["notebooks"], "repro/setup/notebook.py": ["notebooks"],
     "repro/utils/progress.py": ["notebooks"], "repro/tokenizer/vfm_vae.py": ["vfm-vae"],

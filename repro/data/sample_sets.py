@@ -33,7 +33,13 @@ TRAIN_SHARE = 0.8  # of each photograph's height: training patches above, held-o
 def _photo(name: str) -> np.ndarray:
     """One of PHOTOS as uint8 (H, W, 3)."""
     if name in ("china", "flower"):
-        from sklearn.datasets import load_sample_image
+        try:
+            from sklearn.datasets import load_sample_image
+        except ImportError:
+            from repro.errors import ReproError
+
+            raise ReproError("the photo-patch sets use scikit-learn's sample photos: pip install "
+                             "'repro-latent-kit[own-data]'") from None
 
         return np.asarray(load_sample_image(f"{name}.jpg"), dtype=np.uint8)
     from matplotlib import cbook
