@@ -186,13 +186,13 @@ class SelfAttention(nn.Module):
     def __init__(self, channels: int, heads: int = 8):
         super().__init__()
         self.heads, head_dim = heads, channels // heads
-        inner = head_dim * heads
         self.norm = ChannelRMSNorm(channels)
-        self.to_q = nn.Conv2d(channels, inner, 1, bias=False)
-        self.to_k = nn.Conv2d(channels, inner, 1, bias=False)
-        self.to_v = nn.Conv2d(channels, inner, 1, bias=False)
-        self.null_kv = nn.Parameter(torch.randn(2, heads, head_dim) * 0.02)
-        self.to_out = nn.Conv2d(inner, channels, 1, bias=False)
+        # 1x1 projections without bias; the names and shapes are the checkpoint's (a strict load needs them)
+        for name in ("to_q", "to_k", "to_v"):
+            setattr(self, name, nn.Conv2d(channels, heads * head_dim, 1, bias=False))
+        # the null key and value every query may attend to: a placeholder here, the checkpoint's after a load
+        self.null_kv = nn.Parameter(torch.zeros(2, heads, head_dim).normal_(std=0.02))
+        self.to_out = nn.Conv2d(heads * head_dim, channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, height, width = x.shape
