@@ -32,6 +32,21 @@ def _isolated_env(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture(scope="session")
+def python3_kernel():
+    """papermill needs a `python3` kernelspec; a fresh CI environment may lack one (installed once, idempotent)."""
+    import subprocess
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if "python3" not in KernelSpecManager().find_kernel_specs():
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
+                       check=True, capture_output=True)
+    assert "python3" in KernelSpecManager().find_kernel_specs()
+    return "python3"
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and 2 shared cores make them spin: use one."""

@@ -424,19 +424,6 @@ def test_wrong_inputs_give_clear_errors(tiny, tmp_path):
 # Notebook and torchrun
 
 
-@pytest.fixture(scope="session")
-def python3_kernel():
-    """papermill needs a `python3` kernelspec; ipykernel's wheel installs one into sys.prefix, and
-    jupyter_client also finds the running interpreter's native kernel. Install it only if both are missing."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    try:
-        KernelSpecManager().get_kernel_spec("python3")
-    except NoSuchKernel:
-        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"], check=True)
-    return "python3"
-
-
 def test_notebook_runs_under_papermill(tiny, tmp_path, python3_kernel):
     import nbformat
     import papermill

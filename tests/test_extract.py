@@ -222,19 +222,24 @@ def test_rerun_with_other_settings_is_refused(kit, tmp_path):
                         seed=1, stats_subset=16)
 
 
-def test_restart_after_sigkill_gives_identical_shards(kit, tmp_path):
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "steps.step6_extract", "--config", str(kit["cfg"]), "--source", str(kit["images"]),
-           "--out", str(out), "--batch-size", str(BATCH), "--shard-size", str(SHARD_SIZE), "--device", "cpu"]
-    # the child runs niced so that this poller wins the CPU and kills it between shards on a busy machine
-    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+def kill_after_first_shard(cmd: list[str], out: Path, env: dict, timeout: float) -> int:
+    """Run step 6 (`cmd`), SIGKILL it as soon as its first shard is in `out`; the number of shards written then.
+    The child runs niced so that this poller wins the CPU and kills it between shards on a busy machine."""
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=lambda: os.nice(19))
-    deadline = time.time() + 60
+    deadline = time.time() + timeout
     while not list(out.glob("latents_rank*.safetensors")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_at_kill = len(list(out.glob("latents_rank*.safetensors")))
+    return len(list(out.glob("latents_rank*.safetensors")))
+
+
+def test_restart_after_sigkill_gives_identical_shards(kit, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "steps.step6_extract", "--config", str(kit["cfg"]), "--source", str(kit["images"]),
+           "--out", str(out), "--batch-size", str(BATCH), "--shard-size", str(SHARD_SIZE), "--device", "cpu"]
+    done_at_kill = kill_after_first_shard(cmd, out, _env(), timeout=60)
     assert 1 <= done_at_kill < 5 and not (out / "extract_report.json").exists()
 
     rerun = subprocess.run(cmd, cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True, timeout=120)

@@ -90,17 +90,6 @@ def test_demo_from_command_line_runs_steps_2_and_3(tmp_path, hub):
     assert "NFE per image" in proc.stdout and "images/s" in proc.stdout and "peak memory" in proc.stdout
 
 
-@pytest.fixture(scope="session")
-def python3_kernel():
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    if "python3" not in KernelSpecManager().find_kernel_specs():  # a fresh CI install may lack it
-        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix"], check=True,
-                       capture_output=True)
-    assert "python3" in KernelSpecManager().find_kernel_specs()
-    return "python3"
-
-
 def nb_outputs(path: Path) -> list[dict]:
     import nbformat
 

@@ -84,18 +84,6 @@ def test_setup_cell_refuses_a_foreign_package_named_repro(tmp_path):
 # Notebook 00 under papermill on this CPU: the defaults fall back to tiny
 
 
-@pytest.fixture(scope="session")
-def python3_kernel():
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    try:
-        KernelSpecManager().get_kernel_spec("python3")
-    except NoSuchKernel:
-        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
-                       check=True, capture_output=True)
-    return "python3"
-
-
 def test_quickstart_defaults_on_a_cpu(tmp_path, monkeypatch, python3_kernel):
     import papermill
 

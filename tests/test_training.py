@@ -391,19 +391,6 @@ def test_fp16_fused_adamw_cpu_ema_on_gpu(latents, tmp_path):
 # the notebook
 
 
-@pytest.fixture(scope="module")
-def python3_kernel():
-    """papermill needs a `python3` kernelspec; a fresh CI environment may lack one (idempotent install)."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    try:
-        KernelSpecManager().get_kernel_spec("python3")
-    except NoSuchKernel:
-        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
-                       check=True, capture_output=True)
-    return "python3"
-
-
 def test_notebook_runs_under_papermill(tmp_path, python3_kernel):
     import papermill
 

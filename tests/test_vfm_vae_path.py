@@ -18,6 +18,7 @@ from repro.data.synthetic import make_digits_folder
 from repro.resources import find_config
 from tests.fakehub import FakeHub, serve_manifest
 from tests.test_evaluation import write_random_inception
+from tests.test_extract import kill_after_first_shard
 from tests.tiny_vfm_vae import TINY_IMAGE, TINY_Z, VFM_VAE_ASSET, tiny_vfm_vae_bytes, vfm_vae_repo
 
 
@@ -103,10 +104,8 @@ def test_step7_trains_step4_decodes_with_the_vfm_vae_and_step8_scores(path):
 
 def test_a_killed_vfm_vae_extraction_resumes_to_the_same_shards(path, tmp_path):
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from repro.data.extract import extract_latents
     from repro.tokenizer.vfm_vae_load import load_vfm_vae
@@ -125,15 +124,7 @@ def test_a_killed_vfm_vae_extraction_resumes_to_the_same_shards(path, tmp_path):
            str(path["folder"]), "--out", str(out), "--batch-size", "4", "--shard-size", "4", "--device", "cpu",
            "--set", "data.stats_subset=16"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT))
-    # niced, so that this poller wins the CPU and kills it between shards on a busy machine
-    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            preexec_fn=lambda: os.nice(19))
-    deadline = time.time() + 90
-    while not list(out.glob("latents_rank*.safetensors")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_at_kill = len(list(out.glob("latents_rank*.safetensors")))
+    done_at_kill = kill_after_first_shard(cmd, out, env, timeout=90)
     assert 1 <= done_at_kill < 5 and not (out / "extract_report.json").exists()
     rerun = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert rerun.returncode == 0, rerun.stderr
