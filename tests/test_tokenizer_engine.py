@@ -126,3 +126,34 @@ def test_checkpoints_are_written_in_the_background_and_the_loop_result_names_the
     sync = train_tokenizer(tiny_cfg(digits, tmp_path / "sync", "train.max_steps=4", "train.async_save=false"))
     a, b = load_file(res["tokenizer"]), load_file(sync["tokenizer"])
     assert all(torch.equal(a[k], b[k]) for k in a)  # where the write happens changes nothing written
+
+
+def test_the_tokenizer_file_holds_the_ema_and_an_ema_switched_on_later_starts_from_the_weights(digits, tmp_path):
+    from repro.tokenizer.loader import read_tokenizer_header
+
+    # no EMA for two steps, then resumed with one: it starts from the step-2 weights and follows the model
+    train_tokenizer(tiny_cfg(digits, tmp_path, "train.max_steps=2", "train.keep_last=0"))
+    res = train_tokenizer(tiny_cfg(digits, tmp_path, "train.max_steps=3", "train.keep_last=0", "train.ema_decay=0.9"))
+    assert "has no EMA (train.ema_decay was off): the EMA starts from its weights" in (
+        Path(res["run_dir"]) / "log.txt").read_text()
+    ckpts = Path(res["run_dir"]) / "checkpoints"
+    two, three = (torch.load(ckpts / f"000000{s}.pt", weights_only=True) for s in (2, 3))
+    assert two["ema"] == {}
+    for k, ema in three["ema"].items():
+        expected = two["model"][f"vae.{k}"] * 0.9 + three["model"][f"vae.{k}"] * 0.1
+        torch.testing.assert_close(ema, expected, rtol=0, atol=1e-6)
+    # the exported inference weights are the EMA's, not the model's
+    exported = load_file(res["tokenizer"])
+    assert read_tokenizer_header(res["tokenizer"])["weights"] == "ema"
+    assert all(torch.equal(v, three["ema"][k].float()) for k, v in exported.items())
+    assert any(not torch.equal(v, three["model"][f"vae.{k}"]) for k, v in exported.items())
+
+
+def test_a_non_finite_tokenizer_loss_stops_before_saving_and_names_the_step(digits, tmp_path):
+    from repro.errors import ReproError
+
+    with pytest.raises(ReproError, match=r"non-finite loss \(NaN/inf\) at step (\d+) in tokenizer run .*none yet "
+                                         r"\(no checkpoint was written\)\. Lower train.lr"):
+        train_tokenizer(tiny_cfg(digits, tmp_path, "train.max_steps=4", "train.lr=1e30", "train.warmup_steps=0",
+                                 "train.lr_schedule=constant"))
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("tokenizer.safetensors"))
