@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import time
 from typing import Any, Sequence
 
 import torch
@@ -165,13 +166,20 @@ def _describe_failure(error: BaseException) -> tuple[str | None, str, int | None
     return None, f"{cls.__name__}: {error}", None
 
 
+_GLOO_DRAIN_S = 0.2  # seconds; scheduling delays on a loaded 2-core machine stay well below this
+
+
 def shutdown() -> None:
     """Destroy the process group if this process started one (safe to call always).
 
-    Garbage is collected first: a DDP wrapper left in a reference cycle would otherwise be freed
-    during interpreter exit, after the group is gone, and gloo's worker threads then abort the
-    process ("terminate called without an active exception", pytorch/pytorch#179291).
+    gloo's worker threads let go of a finished collective's tensors after the caller has moved on, and
+    need the GIL to do it; a thread still waiting for it when the interpreter exits aborts the process
+    ("terminate called without an active exception", pytorch/pytorch#179291) after the run is saved.
+    destroy_process_group cannot join those threads (DDP keeps references to the group), so the GIL
+    is released for a moment here instead; garbage is collected first so that a DDP wrapper left in
+    a reference cycle is not freed during interpreter exit either.
     """
     if is_initialized():
         gc.collect()
         dist.destroy_process_group()
+        time.sleep(_GLOO_DRAIN_S)
