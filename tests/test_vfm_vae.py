@@ -152,3 +152,30 @@ def test_tokenizer_loader_names_vfm_vae(tmp_path):
     # the official G_kwargs do not fit the tiny file: the error names the mismatch and the file
     with pytest.raises(CheckpointError, match="vfm_vae_tiny.pth"):
         load_vae(cfg, encoder=False)
+
+
+def test_presets_carry_upstreams_stage_1_settings_and_their_numbers():
+    """The sampling presets are VFM-VAE's stage-1 YAML with its two reported cfg scales; the training presets
+    are its two stages; a preset without ckpt_path stops sampling with the Hub folder to fetch it from."""
+    from repro.resources import find_config
+    from repro.sampling.engine import check_inputs
+
+    upstream = load_config(CONFIGS / "train_lightningdit_xl_1_stage_1.yaml")
+    for name, fid, cfg_scale in (("vfm_vae_lightningdit_xl_64ep", "2.16", 6.0), ("vfm_vae_lightningdit_xl_560ep", "1.57", 4.0)):
+        path = find_config(name)
+        assert path.read_text().startswith(f"# Reproduces: FID-50k {fid} ") and f"cfg {cfg_scale}" in path.read_text()
+        cfg = load_config(path)
+        assert cfg.sample.cfg_scale == cfg_scale and cfg.vae.model_name == "vfm_vae_f16d32"
+        for key in ("sampling_method", "num_sampling_steps", "cfg_interval_start", "timestep_shift", "fid_num"):
+            assert getattr(cfg.sample, key) == getattr(upstream.sample, key), key
+        assert cfg.model == upstream.model and cfg.data.latent_multiplier == upstream.data.latent_multiplier
+        assert cfg.vae.ckpt_path == "asset:vfm-vae-f16d32" and cfg.data.data_path == "asset-dir:vfm-vae-latents-stats"
+        with pytest.raises(ReproError, match=r"'ckpt_path' is not set: .*huggingface.co/tiancibi/VFM-VAE/tree/main/"
+                                             r"checkpoints_imagenet256/diffusions/lightningdit_with_vfm_vae"):
+            check_inputs(cfg)
+    for stage in (0, 1):
+        ours, theirs = load_config(f"configs/train/vfm_vae_lightningdit_xl_stage_{stage}.yaml"), \
+            load_config(CONFIGS / f"train_lightningdit_xl_1_stage_{stage}.yaml")
+        assert (ours.train.max_steps, ours.transport.use_lognorm, ours.model.use_qknorm) == \
+            (theirs.train.max_steps, theirs.transport.use_lognorm, theirs.model.use_qknorm)
+        assert ours.vae.model_name == "vfm_vae_f16d32" and ours.train.exp_name == "lightningdit_xl_1_with_vfm_vae"

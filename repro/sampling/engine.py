@@ -25,6 +25,7 @@ import torch
 from repro.config import Config
 from repro.data.stats import GLOBAL_SCALINGS, SCALE_NAME, STATS_NAME, load_latent_stats, read_scale_file, scale_of
 from repro.errors import ReproError
+from repro.tokenizer.loader import VFM_VAE
 from repro.transport import DDPM_METHODS, METHODS, is_ddpm, sample_ode
 from repro.transport import process
 from repro.utils.hardware import (CompiledOrEager, GiB, autocast, compile_mode, configure_backends, default_device,
@@ -107,19 +108,24 @@ def stats_path(cfg: Config) -> Path:
     p = Path(cfg.data.data_path).expanduser()
     return p if p.suffix == ".pt" else p / STATS_NAME
 
+# VFM-VAE's LightningDiT checkpoints are on the Hub, but upstream names no file, so no asset lists them (not guessed).
+VFM_DIT_HINT = ("download a LightningDiT checkpoint trained on VFM-VAE latents from https://huggingface.co/tiancibi/"
+                "VFM-VAE/tree/main/checkpoints_imagenet256/diffusions/lightningdit_with_vfm_vae (or train one with "
+                "configs/train/vfm_vae_lightningdit_xl_stage_0.yaml) and set ckpt_path to it")
+
 
 def check_inputs(cfg: Config) -> None:
     """Every file and sampler setting the run needs, checked before anything heavy is loaded."""
     # The three input files, each missing one named with the step-2 asset that provides it.
     files = {"ckpt_path": cfg.ckpt_path, "vae.ckpt_path": cfg.vae.ckpt_path}
-    hints = {"ckpt_path": "lightningdit-xl-800ep", "vae.ckpt_path": "vavae-f16d32"}
+    vfm = cfg.vae.model_name == VFM_VAE
+    hints = {"ckpt_path": VFM_DIT_HINT if vfm else "run `python -m steps.step2_download --only lightningdit-xl-800ep`",
+             "vae.ckpt_path": f"run `python -m steps.step2_download --only {'vfm-vae' if vfm else 'vavae-f16d32'}`"}
     for key, value in files.items():
         if not value:
-            raise ReproError(f"config key '{key}' is not set: give the file, or run "
-                             f"`python -m steps.step2_download --only {hints[key]}` and step 3")
+            raise ReproError(f"config key '{key}' is not set: give the file, or {hints[key]} and step 3")
         if not Path(value).expanduser().is_file():
-            raise ReproError(f"{key} not found: {value} (config key '{key}'); fix the path or run "
-                             f"`python -m steps.step2_download --only {hints[key]}`")
+            raise ReproError(f"{key} not found: {value} (config key '{key}'); fix the path or {hints[key]}")
     if cfg.data.latent_scaling in GLOBAL_SCALINGS:  # kit (issue 23): one factor, no per-channel statistics
         latent_scale_of(cfg)
     elif not (sp := stats_path(cfg)).is_file():
