@@ -162,3 +162,49 @@ def test_step4_latent_shards_are_upstreams_layout_and_decode_to_the_pngs(path, t
     # shards of 10,000 in upstream; smaller here to see the numbering
     names = [p.name for p in pack_shards(out, 6, shard_images=4)]
     assert names == ["samples_rank00_shard000.safetensors", "samples_rank00_shard001.safetensors"]
+
+
+def test_a_killed_torchrun_training_on_vfm_vae_latents_resumes_bitwise(path, tmp_path):
+    """Step 7 under torchrun (2 processes, gloo) on the VFM-VAE latents, its EMA grids decoded by the VFM-VAE:
+    SIGKILLed (torchrun and both workers) after a checkpoint, rerun, it ends bitwise where an unbroken run does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import PROJECT_ROOT
+    from tests.test_tokenizer_engine import descendants
+
+    def step7(out: Path) -> subprocess.Popen:
+        sets = [f"train.output_dir={out}", "train.max_steps=24", "train.ckpt_every=2", "train.keep_last=0",
+                "train.log_every=2", "train.sample_every=4", "train.sample_num=2", "train.resume=true"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "steps.step7_train", "--config", str(path["resolved"]["path"]), "--set", *sets]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT))
+        return subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+
+    def finish(proc: subprocess.Popen) -> str:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-4000:]
+        return out
+
+    finish(step7(tmp_path / "ref"))
+    cut = step7(tmp_path / "cut")
+    ckpts = lambda out: sorted(out.rglob("checkpoints/[0-9]*.pt"))  # noqa: E731 (not the .tmp of a write)
+    deadline = time.time() + 300
+    while time.time() < deadline and cut.poll() is None and not any(int(p.stem) >= 6 for p in ckpts(tmp_path / "cut")):
+        time.sleep(0.01)
+    assert cut.poll() is None, "the run ended before the kill"
+    for pid in [cut.pid, *descendants(cut.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    cut.communicate()
+    left = ckpts(tmp_path / "cut")
+    assert left and int(left[-1].stem) < 24
+    assert "resumed from" in finish(step7(tmp_path / "cut"))
+    assert list((tmp_path / "cut").rglob("samples/*.png")) or list((tmp_path / "cut").rglob("*grid*.png"))
+    a, b = (torch.load(ckpts(tmp_path / run)[-1], weights_only=True) for run in ("ref", "cut"))
+    assert a["step"] == b["step"] == 24
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
