@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional, Union
 
@@ -179,17 +180,9 @@ class Config:
 
 def _validate(cfg: Config) -> Config:
     """Range checks that types cannot express; each names the key and a valid value."""
-    positive = {"sample.per_proc_batch_size": cfg.sample.per_proc_batch_size,
-                "sample.num_sampling_steps": cfg.sample.num_sampling_steps,
-                "train.micro_batch_size": cfg.train.micro_batch_size,
-                "train.global_batch_size": cfg.train.global_batch_size,
-                "train.grad_accum_steps": cfg.train.grad_accum_steps,
-                "vae.downsample_ratio": cfg.vae.downsample_ratio,
-                "data.image_size": cfg.data.image_size,
-                "data.num_classes": cfg.data.num_classes}
-    for key, value in positive.items():
-        if isinstance(value, int) and value < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    BUILDER.check_at_least(cfg, 1, ("sample.per_proc_batch_size", "sample.num_sampling_steps",
+                                    "train.micro_batch_size", "train.global_batch_size", "train.grad_accum_steps",
+                                    "vae.downsample_ratio", "data.image_size", "data.num_classes"))
     if cfg.data.image_size % cfg.vae.downsample_ratio:
         # upstream train.py asserts the same: the latent grid is image_size / downsample_ratio
         raise ConfigError(f"config key 'data.image_size' ({cfg.data.image_size}) must be divisible by "
@@ -219,20 +212,19 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
     return BUILDER.apply_overrides(cfg, overrides)
 
 
-def flatten(cfg: Config) -> dict[str, Any]:
+def flatten(cfg: Config, prefix: str = "") -> dict[str, Any]:
     """{'sample.cfg_scale': 6.7, 'ckpt_path': ..., ...}: dotted keys in schema order."""
     out: dict[str, Any] = {}
-
-    def walk(obj: Any, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                out[f"{prefix}{f.name}"] = value
-
-    walk(cfg, "")
+    for f in dataclasses.fields(cfg):
+        key, value = prefix + f.name, getattr(cfg, f.name)
+        out.update(flatten(value, key + ".") if dataclasses.is_dataclass(value) else {key: value})
     return out
+
+
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    """Set the dotted key `dotted` ('sample.cfg_scale') of `cfg` to `value`, in place."""
+    *sections, leaf = dotted.split(".")
+    setattr(reduce(getattr, sections, cfg), leaf, value)
 
 
 def config_diff(old: Config, new: Config) -> list[tuple[str, Any, Any]]:

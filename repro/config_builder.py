@@ -24,6 +24,7 @@ import difflib
 import os
 import types
 import typing
+from functools import reduce
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -41,8 +42,7 @@ def type_name(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        args = typing.get_args(tp)
-        return f"a list of {type_name(args[0])}" if args else "a list"
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -50,18 +50,6 @@ def _literal_choices(tp: Any) -> list[str]:
     if typing.get_origin(tp) is Literal:
         return [str(c) for c in typing.get_args(tp)]
     return [c for arg in typing.get_args(tp) for c in _literal_choices(arg)]
-
-
-def _nearest_choice(value: Any, tp: Any) -> str:
-    """'; did you mean 'bf16'?' for a near miss of one of the Literal choices inside `tp`."""
-    choices = _literal_choices(tp)
-    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5) if isinstance(value, str) else []
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def parse_override_value(text: str) -> Any:
-    """`--set` values are YAML: 4.0, true, null, 'text', [1, 2, 2]; an empty value is the empty string."""
-    return yaml.safe_load(text) if text != "" else ""
 
 
 class ConfigBuilder:
@@ -99,13 +87,9 @@ class ConfigBuilder:
         if origin is list:
             if not isinstance(value, (list, tuple)):
                 raise self._wrong_type(value, tp, key, with_type=True)
-            (item_tp,) = typing.get_args(tp) or (Any,)
-            if item_tp is Any:
-                return list(value)
-            return [self.coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if tp is float and isinstance(value, str):  # YAML 1.1 reads '1e-6' (no dot) as a string
+            return [self.coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        # a str too: YAML 1.1 reads '1e-6' (no dot) as a string
+        if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
                 return float(value)
             except ValueError:
@@ -117,18 +101,17 @@ class ConfigBuilder:
     def _wrong_type(self, value: Any, tp: Any, key: str, with_type: bool) -> ConfigError:
         # a Literal's choices already say the type; elsewhere the got-type tells '4' (str) from 4
         got = f"{value!r} ({type(value).__name__})" if with_type else repr(value)
+        # a near miss of one of the Literal choices inside `tp`: '; did you mean 'bf16'?'
+        close = (difflib.get_close_matches(value, _literal_choices(tp), n=1, cutoff=0.5)
+                 if isinstance(value, str) else [])
         return ConfigError(f"{self.label} key '{key}': expected {type_name(tp)}, got {got}"
-                           + _nearest_choice(value, tp))
-
-    def _section_keys(self) -> dict[str, tuple[str, ...]]:
-        hints = typing.get_type_hints(self.root)
-        return {name: tuple(f.name for f in dataclasses.fields(tp)) for name, tp in hints.items()
-                if dataclasses.is_dataclass(tp)}
+                           + (f"; did you mean '{close[0]}'?" if close else ""))
 
     def nearest_key(self, name: str, valid: list[str], prefix: str = "") -> str:
         """'; did you mean ...?' for an unknown key `prefix + name`, or the valid keys when none is close."""
         if not prefix:  # a section key written at the top level ('cfg_scale: 4'): point at its section
-            owners = [f"{section}.{name}" for section, keys in self._section_keys().items() if name in keys]
+            owners = [f"{section}.{name}" for section, tp in typing.get_type_hints(self.root).items()
+                      if dataclasses.is_dataclass(tp) and name in {f.name for f in dataclasses.fields(tp)}]
             if owners:
                 return f"; did you mean '{owners[0]}'?"
         close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
@@ -162,6 +145,13 @@ class ConfigBuilder:
         cfg = self.build(self.root, raw)
         return self.check(cfg) if check else cfg
 
+    def check_at_least(self, cfg: Any, low: int, keys: tuple[str, ...], suffix: str = "") -> None:
+        """For `check`: a ConfigError for the first dotted key whose number is below `low` (null, 'auto' pass)."""
+        for key in keys:
+            value = reduce(getattr, key.split("."), cfg)
+            if isinstance(value, (int, float)) and value < low:
+                raise ConfigError(f"{self.label} key '{key}' must be >= {low}{suffix}, got {value}")
+
     # ------------------------------------------------------------------------------------------
     # Overrides
 
@@ -170,8 +160,7 @@ class ConfigBuilder:
         work = copy.deepcopy(cfg)
         for item in overrides or []:
             self._set_override(work, item)
-        self.check(work)
-        return work
+        return self.check(work)
 
     def apply_overrides(self, cfg: Any, overrides: Optional[list[str]]) -> Any:
         """Apply the overrides to `cfg` in place and return it; all or nothing (a bad one leaves cfg untouched)."""
@@ -199,8 +188,8 @@ class ConfigBuilder:
                 obj = getattr(obj, part)
             elif dataclasses.is_dataclass(tp):
                 raise ConfigError(f"{self.label} key '{full}' is a section; set one of its keys (override '{item}')")
-            else:
-                setattr(obj, part, self.coerce(parse_override_value(text), tp, full))
+            else:  # the value is YAML (4.0, true, null, 'text', [1, 2]); an empty value is the empty string
+                setattr(obj, part, self.coerce(yaml.safe_load(text) if text != "" else "", tp, full))
 
     # ------------------------------------------------------------------------------------------
     # Writing

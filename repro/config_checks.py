@@ -59,13 +59,9 @@ VAE_MODELS = ("vavae_f16d32", "custom", "vfm_vae_f16d32")  # vfm_vae: repro.toke
 
 def _suggest(value: Any, choices: Iterable[str]) -> str:
     """"; did you mean 'X'?" for a near miss among `choices` (case first, then spelling), else ""."""
-    choices = list(choices)
-    text = str(value)
-    for c in choices:
-        if c.lower() == text.lower():
-            return f"; did you mean '{c}'?"
     lowered = {c.lower(): c for c in choices}
-    close = difflib.get_close_matches(text.lower(), list(lowered), n=1, cutoff=0.6)
+    text = str(value).lower()
+    close = [text] if text in lowered else difflib.get_close_matches(text, list(lowered), n=1, cutoff=0.6)
     return f"; did you mean '{lowered[close[0]]}'?" if close else ""
 
 
@@ -103,12 +99,10 @@ def check_supported(cfg) -> None:
                 "and one trained by step 9 ('custom'); another tokenizer's latents would be decoded by the wrong VAE",
                 "set vae.model_name: vavae_f16d32 with VA-VAE f16d32 weights (vae.ckpt_path) and latents, or "
                 "vae.model_name: custom with a tokenizer of step 9")
-    if v.model_name == "vfm_vae_f16d32" and v.downsample_ratio != 16:
-        _refuse("vae.downsample_ratio", v.downsample_ratio, "vae.model_name vfm_vae_f16d32 downsamples by 16",
-                "set vae.downsample_ratio: 16")
-    if v.model_name == "vavae_f16d32" and v.downsample_ratio != 16:
-        _refuse("vae.downsample_ratio", v.downsample_ratio, "vae.model_name vavae_f16d32 downsamples by 16",
-                "set vae.downsample_ratio: 16 (or vae.model_name: custom for a tokenizer of step 9)")
+    if v.model_name in ("vfm_vae_f16d32", "vavae_f16d32") and v.downsample_ratio != 16:
+        _refuse("vae.downsample_ratio", v.downsample_ratio, f"vae.model_name {v.model_name} downsamples by 16",
+                "set vae.downsample_ratio: 16" + (" (or vae.model_name: custom for a tokenizer of step 9)"
+                                                  if v.model_name == "vavae_f16d32" else ""))
     if v.model_name == "custom" and v.downsample_ratio & (v.downsample_ratio - 1):
         _refuse("vae.downsample_ratio", v.downsample_ratio, "a tokenizer of step 9 downsamples by a power of two "
                 "(2^(len(ch_mult) - 1): f4, f8, f16)", "set the ratio of the tokenizer in vae.ckpt_path")
@@ -213,15 +207,13 @@ def check_ddpm(cfg) -> None:
                     f"set {key}: 0.0")
 
 
-def tokenizer_config_reason(raw: Any) -> Optional[str]:
+def tokenizer_config_reason(raw: dict[str, Any]) -> Optional[str]:
     """Why a parsed YAML is a tokenizer training config (step 9), not a DiT config; None when it is not one.
 
     Upstream's VA-VAE configs (vavae/configs/*.yaml, tokenizer/configs/*.yaml) are LDM-style: `model:
     {base_learning_rate, target, params: {ddconfig, lossconfig, ...}}`, `lightning:`; the kit's own
     tokenizer configs have a `loss` section, which no DiT config has.
     """
-    if not isinstance(raw, dict):
-        return None
     model = raw.get("model")
     if isinstance(model, dict) and ("target" in model or "params" in model or "base_learning_rate" in model):
         return "an LDM-style VA-VAE training config (model.target / model.params)"
@@ -232,15 +224,12 @@ def tokenizer_config_reason(raw: Any) -> Optional[str]:
     return None
 
 
-def missing_upstream_defaults(raw: Any) -> dict[str, Any]:
-    """{dotted key: upstream value} for each UPSTREAM_WHEN_MISSING key that `raw` (a parsed YAML) lacks."""
+def missing_upstream_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """{dotted key: upstream value} for each UPSTREAM_WHEN_MISSING key that `raw` (a parsed YAML mapping) lacks."""
     out: dict[str, Any] = {}
-    if not isinstance(raw, dict):
-        return out
     for dotted, value in UPSTREAM_WHEN_MISSING.items():
         section, key = dotted.split(".")
-        block = raw.get(section)
-        if not isinstance(block, dict) or key not in block:
+        if not isinstance(raw.get(section), dict) or key not in raw[section]:
             out[dotted] = value
     return out
 
@@ -257,8 +246,7 @@ def with_upstream_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def describe_missing(filled: dict[str, Any], source: Optional[str] = None) -> list[str]:
-    """Step 3's lines for keys filled with upstream's missing-key values."""
-    where = f" in {source}" if source else ""
-    return [f"{key}: absent{where} -> {value!r} (what upstream train.py/inference.py use when the key is missing; "
-            f"write it out to choose)" for key, value in filled.items()]
+def describe_missing(filled: dict[str, Any], source: str) -> list[str]:
+    """Step 3's lines for keys filled with upstream's missing-key values (absent in the file `source`)."""
+    return [f"{key}: absent in {source} -> {value!r} (what upstream train.py/inference.py use when the key is "
+            f"missing; write it out to choose)" for key, value in filled.items()]

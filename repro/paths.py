@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from repro.errors import ConfigError
+
 
 def runs_dir() -> Path:
     """`$REPRO_RUNS_DIR` if set, else `./runs` (relative to the working directory)."""
@@ -21,8 +23,6 @@ def runs_path(value: str) -> Path:
         root = runs_dir().resolve()
         target = (root / value[len(RUNS_MARKER):].lstrip("/")).resolve()
         if target != root and root not in target.parents:  # runs:../x would leave the runs folder
-            from repro.errors import ConfigError
-
             raise ConfigError(f"'{value}' points outside the runs folder {root}: write runs:SUBFOLDER, or give the "
                               "path itself without the runs: prefix")
         return target
@@ -45,8 +45,6 @@ def resolve_file_value(value: str | None, key: str) -> Path | None:
     -> under the runs folder, anything else -> the path as written (which may not exist); None for an empty
     value. `asset-dir:` names a folder: a ConfigError naming `key`.
     """
-    from repro.errors import ConfigError
-
     if value is None or value == "":
         return None
     name = asset_name(value)
@@ -65,17 +63,13 @@ def resolve_runs_markers(cfg) -> list[str]:
     The one meaning of `runs:` (step 3's): steps 5-8 and training call this, so no step treats
     `runs:tiny/latents` as a folder of that literal name. Returns the changes, "key: old -> new".
     """
-    from repro.config import flatten
+    from repro.config import flatten, set_key
 
     changes = []
     for key, value in flatten(cfg).items():
         if isinstance(value, str) and value.startswith(RUNS_MARKER):
             new = str(runs_path(value))
-            obj = cfg
-            *sections, leaf = key.split(".")
-            for s in sections:
-                obj = getattr(obj, s)
-            setattr(obj, leaf, new)
+            set_key(cfg, key, new)
             changes.append(f"{key}: {value} -> {new}")
     return changes
 
@@ -84,7 +78,6 @@ def refuse_asset_markers(cfg, keys) -> None:
     """A ConfigError naming the first of `keys` that still holds an `asset:`/`asset-dir:` marker (only
     step 3 knows the asset table's paths), with the commands that fill it in."""
     from repro.config import flatten
-    from repro.errors import ConfigError
 
     values = flatten(cfg)
     for key in keys:
@@ -109,8 +102,6 @@ def read_asset_table(path: str | os.PathLike | None = None) -> tuple[dict, Path]
     A table that does not exist yet has no entries; an unreadable or malformed one is an error naming
     the file (step 2 rewrites it), never an empty table.
     """
-    from repro.errors import ConfigError
-
     src = Path(path) if path is not None else assets_json()
     if not src.exists():
         return {}, src

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Optional
 
 from repro import paths
 from repro.resources import find_config  # a path, or a preset name: tiny -> configs/tiny.yaml
-from repro.config import Config, config_diff, flatten, load_config_file, save_config
+from repro.config import Config, config_diff, flatten, load_config_file, save_config, set_key
 from repro.config_checks import describe_missing, missing_upstream_defaults
 from repro.data.synthetic import LOCAL_ASSETS, local_asset
 from repro.errors import ConfigError
@@ -43,17 +43,16 @@ from repro.utils.hardware import GiB
 
 (ASSET, ASSET_DIR), RUNS = paths.ASSET_MARKERS, paths.RUNS_MARKER  # the markers, defined once in repro.paths
 
-_G = GiB
 # Hardware a user may plan for without being on it (`--profile t4`): same decisions as step 1 makes.
 HARDWARE_PROFILES: dict[str, list[envinfo.GPUInfo]] = {
     "cpu": [],
     "p100": [envinfo.GPUInfo("Tesla P100-PCIE-16GB", (6, 0), 17_071_734_784)],
     "t4": [envinfo.GPUInfo("Tesla T4", (7, 5), 15_835_398_144)],  # torch's total_memory on Kaggle/Colab
     "t4x2": [envinfo.GPUInfo("Tesla T4", (7, 5), 15_835_398_144, i) for i in range(2)],  # Kaggle's "GPU T4 x2"
-    "l4": [envinfo.GPUInfo("NVIDIA L4", (8, 9), 22 * _G)],
-    "a100-40gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-40GB", (8, 0), 40 * _G)],
-    "a100-80gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-80GB", (8, 0), 80 * _G)],
-    "h100-80gb": [envinfo.GPUInfo("NVIDIA H100 80GB HBM3", (9, 0), 80 * _G)],
+    "l4": [envinfo.GPUInfo("NVIDIA L4", (8, 9), 22 * GiB)],
+    "a100-40gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-40GB", (8, 0), 40 * GiB)],
+    "a100-80gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-80GB", (8, 0), 80 * GiB)],
+    "h100-80gb": [envinfo.GPUInfo("NVIDIA H100 80GB HBM3", (9, 0), 80 * GiB)],
 }
 
 
@@ -80,36 +79,25 @@ def _download_hint(*names: str) -> str:
 class MissingAssetError(ConfigError):
     """An `asset:` marker whose file is not in the asset table (or no longer on disk)."""
 
-    def __init__(self, message: str, name: str, key: str, detail: str):
-        super().__init__(message)
+    def __init__(self, name: str, key: str, detail: str):
+        super().__init__(f"config key '{key}' needs asset '{name}', but {detail}: {_download_hint(name)}")
         self.name, self.key, self.detail = name, key, detail
 
 
 def _asset_path(name: str, assets: Any, key: str) -> tuple[Path, str]:
     """(file path of asset `name`, where it was found) or a ConfigError that says how to get it."""
     if isinstance(assets, Mapping):
-        entries, origin, folder = assets.get("assets", {}), "the given assets table", Path.cwd()
+        entries, origin, folder, table = assets.get("assets", {}), "the given assets table", Path.cwd(), None
     else:
-        entries, src = paths.read_asset_table(assets)
-        origin, folder = str(src), src.parent
-        if not src.exists():
-            detail = f"{src} does not exist yet"
-            raise MissingAssetError(f"config key '{key}' needs asset '{name}', but {detail}: {_download_hint(name)}",
-                                    name, key, detail)
+        entries, table = paths.read_asset_table(assets)
+        origin, folder = str(table), table.parent
+    if table is not None and not table.exists():  # step 2 has not written the asset table yet
+        raise MissingAssetError(name, key, f"{table} does not exist yet")
     p = paths.recorded_asset_path(entries if isinstance(entries, Mapping) else {}, name, folder)
     if p is None or not p.exists():
-        detail = f"{origin} does not list it" if p is None else f"{origin} points to {p}, which is gone"
-        raise MissingAssetError(f"config key '{key}' needs asset '{name}', but {detail}: {_download_hint(name)}",
-                                name, key, detail)
+        raise MissingAssetError(name, key, f"{origin} does not list it" if p is None
+                                else f"{origin} points to {p}, which is gone")
     return p, origin
-
-
-def _set(cfg: Config, dotted: str, value: Any) -> None:
-    obj: Any = cfg
-    *sections, leaf = dotted.split(".")
-    for s in sections:
-        obj = getattr(obj, s)
-    setattr(obj, leaf, value)
 
 
 def _recommendation(env: Any, profile: Optional[str]) -> tuple[dict[str, Any], str]:
@@ -147,9 +135,7 @@ def resolve_config(cfg: Config, assets: Any = None, env: Any = None, profile: Op
     it runs on (step 4 on CUDA) instead of taking step 1's estimate.
     """
     out = copy.deepcopy(cfg)
-    changes = _fill_paths(out, assets)
-    changes += _fill_auto(out, env, profile, runtime_batch)
-    return out, changes
+    return out, _fill_paths(out, assets) + _fill_auto(out, env, profile, runtime_batch)
 
 
 def _fill_paths(out: Config, assets: Any) -> list[str]:
@@ -157,23 +143,20 @@ def _fill_paths(out: Config, assets: Any) -> list[str]:
     changes: list[str] = []
     missing: list[MissingAssetError] = []
     for key, value in flatten(out).items():
-        if not isinstance(value, str):
+        if not isinstance(value, str) or not value.startswith((ASSET, ASSET_DIR)):
             continue
-        if value.startswith((ASSET, ASSET_DIR)):
-            kind, name = value.split(":", 1)
-            if not name.strip():
-                raise ConfigError(f"config key '{key}': '{value}' names no asset (write e.g. asset:vavae-f16d32)")
-            try:
-                if name.strip() in LOCAL_ASSETS:  # the tiny preset's stand-in weights: made here, never fetched
-                    path, origin = local_asset(name.strip()), "kit-local asset, generated on first use"
-                else:
-                    path, origin = _asset_path(name.strip(), assets, key)
-            except MissingAssetError as e:
-                missing.append(e)  # report every missing asset at once, with one command that fetches them all
-                continue
-            new = str(path.parent if kind == "asset-dir" else path)
-            changes.append(f"{key}: {value} -> {new} ({origin})")
-            _set(out, key, new)
+        kind, name = (part.strip() for part in value.split(":", 1))
+        if not name:
+            raise ConfigError(f"config key '{key}': '{value}' names no asset (write e.g. asset:vavae-f16d32)")
+        try:  # the tiny preset's stand-in weights (LOCAL_ASSETS) are made here, never fetched
+            path, origin = ((local_asset(name), "kit-local asset, generated on first use") if name in LOCAL_ASSETS
+                            else _asset_path(name, assets, key))
+        except MissingAssetError as e:
+            missing.append(e)  # report every missing asset at once, with one command that fetches them all
+            continue
+        new = str(path.parent if kind == "asset-dir" else path)
+        changes.append(f"{key}: {value} -> {new} ({origin})")
+        set_key(out, key, new)
     changes += [f"{change} (runs folder)" for change in paths.resolve_runs_markers(out)]  # runs:REL, as every step
     if len(missing) == 1:
         raise missing[0]
@@ -225,14 +208,14 @@ def _fill_auto(out: Config, env: Any, profile: Optional[str], runtime_batch: boo
         if key == "sample.per_proc_batch_size" and out.sample.precision == "fp32" and rec["precision"] != "fp32":
             # step 1 sized the batch for half precision; fp32 activations take twice the memory per image
             new, why = max(1, new // 2), f"halved for sample.precision fp32; {why}"
-        _set(out, key, new)
+        set_key(out, key, new)
         changes.append(f"{key}: {auto[key]} -> {new} ({why}; from {origin})")
 
     # The micro-batch was chosen with these memory savers on: turn them on with it (never off).
     if "train.micro_batch_size" in auto:
         for key, rec_key in (("model.use_checkpoint", "train_use_checkpoint"), ("train.ema_on_cpu", "train_ema_on_cpu")):
             if rec[rec_key] and not flatten(out)[key]:
-                _set(out, key, True)
+                set_key(out, key, True)
                 changes.append(f"{key}: False -> True (needed for train.micro_batch_size "
                                f"{out.train.micro_batch_size}; from {origin})")
 

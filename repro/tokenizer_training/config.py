@@ -123,9 +123,9 @@ class TokenizerConfig:
 
     def arch(self) -> dict[str, Any]:
         """The AutoencoderKL architecture (repro.tokenizer.loader.ARCH_FIELDS)."""
-        return {k: copy.deepcopy(getattr(self.model, k)) for k in ("ch", "ch_mult", "num_res_blocks",
-                                                                    "attn_resolutions", "z_channels", "embed_dim",
-                                                                    "resolution", "norm_groups")}
+        from repro.tokenizer.loader import ARCH_FIELDS
+
+        return {k: copy.deepcopy(getattr(self.model, k)) for k in ARCH_FIELDS}
 
 
 def check_tokenizer_config(cfg: TokenizerConfig) -> TokenizerConfig:
@@ -133,16 +133,10 @@ def check_tokenizer_config(cfg: TokenizerConfig) -> TokenizerConfig:
     from repro.tokenizer.loader import check_arch, downsample_ratio
 
     check_arch(cfg.arch(), where="tokenizer config section 'model'")
-    t, d, lo = cfg.train, cfg.data, cfg.loss
-    for key, value in (("train.global_batch_size", t.global_batch_size), ("data.image_size", d.image_size),
-                       ("train.log_every", t.log_every), ("train.ckpt_every", t.ckpt_every),
-                       ("loss.disc_num_layers", lo.disc_num_layers)):
-        if value < 1:
-            raise ConfigError(f"tokenizer config key '{key}' must be >= 1, got {value}")
-    for key, value in (("train.max_steps", t.max_steps), ("train.max_epochs", t.max_epochs),
-                       ("train.micro_batch_size", t.micro_batch_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"tokenizer config key '{key}' must be >= 1 or null, got {value}")
+    t, d = cfg.train, cfg.data
+    BUILDER.check_at_least(cfg, 1, ("train.global_batch_size", "data.image_size", "train.log_every",
+                                    "train.ckpt_every", "loss.disc_num_layers"))
+    BUILDER.check_at_least(cfg, 1, ("train.max_steps", "train.max_epochs", "train.micro_batch_size"), " or null")
     if t.max_steps is not None and t.max_epochs is not None:
         raise ConfigError(f"tokenizer config keys 'train.max_steps' ({t.max_steps}) and 'train.max_epochs' "
                           f"({t.max_epochs}) are both set: keep one (--set train.max_epochs=null)")
@@ -150,13 +144,9 @@ def check_tokenizer_config(cfg: TokenizerConfig) -> TokenizerConfig:
     if d.image_size % ratio:
         raise ConfigError(f"tokenizer config key 'data.image_size' ({d.image_size}) must be a multiple of the "
                           f"downsampling factor {ratio} (2^(len(model.ch_mult) - 1))")
-    for key, value in (("loss.kl_weight", lo.kl_weight), ("loss.perceptual_weight", lo.perceptual_weight),
-                       ("loss.disc_weight", lo.disc_weight), ("loss.vf_weight", lo.vf_weight),
-                       ("train.lr", t.lr), ("train.warmup_steps", t.warmup_steps)):
-        if value < 0:
-            raise ConfigError(f"tokenizer config key '{key}' must be >= 0, got {value}")
-    if lo.disc_start is not None and lo.disc_start < 0:
-        raise ConfigError(f"tokenizer config key 'loss.disc_start' must be >= 0 or null (no GAN), got {lo.disc_start}")
+    BUILDER.check_at_least(cfg, 0, ("loss.kl_weight", "loss.perceptual_weight", "loss.disc_weight",
+                                    "loss.vf_weight", "train.lr", "train.warmup_steps"))
+    BUILDER.check_at_least(cfg, 0, ("loss.disc_start",), " or null (no GAN)")
     if t.ema_decay is not None and not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"tokenizer config key 'train.ema_decay' must be in [0, 1) or null, got {t.ema_decay}")
     return cfg

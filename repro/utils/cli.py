@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import re
 import shlex
 import sys
@@ -106,14 +107,8 @@ def run_step(body: Callable[[], T], finish: Optional[Callable[[T], Optional[str]
 
 def _paragraphs(doc: str) -> list[list[str]]:
     """The docstring's blank-line-separated paragraphs, each a list of lines (trailing spaces dropped)."""
-    paragraphs, current = [], []
-    for line in (doc or "").strip("\n").splitlines():
-        if line.strip():
-            current.append(line.rstrip())
-        elif current:
-            paragraphs.append(current)
-            current = []
-    return paragraphs + ([current] if current else [])
+    groups = itertools.groupby((doc or "").splitlines(), key=lambda line: bool(line.strip()))
+    return [[line.rstrip() for line in lines] for text, lines in groups if text]
 
 
 def _is_example(lines: list[str]) -> bool:
