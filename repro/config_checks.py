@@ -81,6 +81,9 @@ def _refuse(key: str, value: Any, why: str, fix: str) -> None:
     raise ConfigError(f"config key '{key}' is {value!r}: {why}; {fix}")
 
 
+DIT_ONLY_KEYS = ("use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift")
+
+
 def check_supported(cfg) -> None:
     """Raise a ConfigError for the first value the kit does not implement (see docs/config_keys.md)."""
     m, s, t, v, tr, d = cfg.model, cfg.sample, cfg.transport, cfg.vae, cfg.train, cfg.data
@@ -91,9 +94,16 @@ def check_supported(cfg) -> None:
         _refuse("model.learn_sigma", True, "the flow-matching LightningDiT predicts velocity only (upstream "
                 "train.py never passes learn_sigma, so no released checkpoint has the doubled output)",
                 "remove the key or set model.learn_sigma: false")
-    if m.model_type.startswith("UNet-") and m.use_checkpoint:  # kit (issue 23)
-        _refuse("model.use_checkpoint", True, "gradient checkpointing is LightningDiT's (per transformer block); the "
-                "UNet does not implement it", "set model.use_checkpoint: false")
+    if m.model_type.startswith("UNet-"):  # kit (issue 23): LightningDiT's switches mean nothing to a UNet
+        if m.use_checkpoint:
+            _refuse("model.use_checkpoint", True, "gradient checkpointing is LightningDiT's (per transformer block); "
+                    "the UNet does not implement it", "set model.use_checkpoint: false")
+        dit = type(m)()  # LightningDiT's defaults
+        for key in DIT_ONLY_KEYS:  # at their defaults they are simply not read; another value would be ignored
+            if (value := getattr(m, key)) != getattr(dit, key):
+                _refuse(f"model.{key}", value, f"{m.model_type} is a UNet and model.{key} is a LightningDiT switch "
+                        "(the UNet has no such part)", f"remove the key or set model.{key}: {getattr(dit, key)}"
+                        .replace("True", "true").replace("False", "false"))
     if v.model_name not in VAE_MODELS:  # upstream loads tokenizer/configs/<model_name>.yaml
         _refuse("vae.model_name", v.model_name, "the kit's tokenizers are the official VA-VAE f16d32 ('vavae_f16d32') "
                 "and one trained by step 9 ('custom'); another tokenizer's latents would be decoded by the wrong VAE",

@@ -78,6 +78,18 @@ def test_unet_shapes_classes_and_registry():
     assert set(sizes) == {4, 2} and 8 not in sizes
 
 
+
+@pytest.mark.parametrize("key,value", [("use_qknorm", "true"), ("use_swiglu", "false"), ("use_rope", "false"),
+                                       ("use_rmsnorm", "false"), ("wo_shift", "true"), ("use_checkpoint", "true")])
+def test_a_unet_refuses_lightningdit_switches_it_would_ignore(key, value):
+    """A key the UNet does not implement is refused by name; at LightningDiT's defaults (own_data.yaml spells them
+    out) the switches are simply not read, so notebook 04's UNet keeps working."""
+    base = ["model.model_type=UNet-Mini"]
+    assert load_config("configs/train/own_data.yaml", base).model.model_type == "UNet-Mini"
+    with pytest.raises(ConfigError, match=rf"config key 'model.{key}' is .*UNet.* set model.{key}: "):
+        load_config("configs/train/own_data.yaml", [*base, f"model.{key}={value}"])
+    load_config("configs/train/own_data.yaml", [f"model.{key}={value}"])  # a LightningDiT takes it
+
 def test_a_lightningdit_is_built_as_before_whatever_the_process():
     cfg = load_config(STAGE0)
     torch.manual_seed(0)
