@@ -51,7 +51,7 @@ def main(config: str | Config | None = None, *, source=None, out: str | None = N
         if not source:
             raise ConfigError("no image source: pass --source DIR_or_TARS (or set data.raw_data_dir)")
         source = [runs_path(str(s)) for s in source] if isinstance(source, (list, tuple)) else runs_path(str(source))
-        refuse_asset_markers(cfg, ["vae.ckpt_path"] + (["data.data_path"] if out is None else []))
+        refuse_asset_markers(cfg, ["vae.ckpt_path", "vae.siglip_path"] + (["data.data_path"] if out is None else []))
         out = runs_path(str(out)) if out is not None else cfg.data.data_path
         labels_file = runs_path(str(labels_file)) if labels_file is not None else None
         for key, value in (("--out / data.data_path", out), ("vae.ckpt_path", cfg.vae.ckpt_path)):

@@ -7,7 +7,9 @@ Order per asset: the HF cache (or the plain-URL cache), then `dest`, then the ma
 folders (Kaggle's /kaggle/input on Kaggle): a file there whose sha256 matches (for a small non-LFS
 file, its git blob id: the Hub's ETag) is used as it is, with no GET. Missing Hugging Face files are resolved first (one HEAD each, so a wrong repo/file or a gated
 repo fails within seconds, before any byte moves), free disk is checked, then files are fetched one
-by one with resume. The result goes to `runs/assets.json`:
+by one with resume. Under `dest` (and in the plain-URL cache) a file sits at its manifest `local_name`, else at
+`filename` as it is; search folders are searched by that name, then by the hub's own (several such files offline,
+with no hash to tell them apart, are none of them taken). The result goes to `runs/assets.json`:
 
     {"assets": {"vavae-f16d32": {"path": ..., "size": ..., "sha256": ..., "source": "fetched",
                                  "verified_by": "hub sha256", "repo_id": ..., "revision": ...,
@@ -49,6 +51,8 @@ class AssetRecord:
     def to_json(self) -> dict:
         out = {"path": os.path.abspath(self.path), "size": self.size, "sha256": self.sha256, "source": self.source,
                "verified_by": self.verified_by, "filename": self.spec.filename}
+        if self.spec.local_name:  # its name under --dest, when not the hub's (two repos' model.safetensors)
+            out["local_name"] = self.spec.local_name
         if self.spec.is_hf:
             out.update(repo_id=self.spec.repo_id, revision=self.spec.revision)
         else:
@@ -80,21 +84,28 @@ def _find_named(root: Path, filename: str, depth: int = SEARCH_DEPTH) -> list[Pa
     return sorted(out)
 
 
-def _local_candidates(spec: AssetSpec, dest: Path | None, search_dirs: list[Path]) -> list[tuple[Path, str]]:
-    cands: list[tuple[Path, str]] = []
+def _local_candidates(spec: AssetSpec, dest: Path | None,
+                      search_dirs: list[Path]) -> list[tuple[Path, str, bool]]:
+    """(path, source, found by the hub's name) of every file on disk that may be the asset, best first."""
+    cands: list[tuple[Path, str, bool]] = []
     if not spec.is_hf:
-        cands.append((plain_cache_dir() / spec.filename, "cache"))
-    name = Path(spec.filename).name  # a file in a repo folder ("splits/split_aa") is found by its own name
+        cands.append((plain_cache_dir() / spec.local_file, "cache", False))
+    # a file in a repo folder ("splits/split_aa") is found by its own name; one with a `local_name` by that name
+    # first, then in the search folders by the hub's (a Kaggle copy of the repo keeps `model.safetensors`)
+    name, *hub_names = spec.search_names
     if dest is not None:
-        cands.append((dest / spec.filename, "found"))
-        cands += [(p, "found") for p in _find_named(dest, name)]
+        cands.append((dest / spec.local_file, "found", False))
+        cands += [(p, "found", False) for p in _find_named(dest, name)]
     for folder in search_dirs:
-        cands += [(p, "found") for p in _find_named(folder, name)]
+        cands += [(p, "found", False) for p in _find_named(folder, name)]
+    for hub_name in hub_names:
+        for folder in search_dirs:
+            cands += [(p, "found", True) for p in _find_named(folder, hub_name)]
     seen, out = set(), []
-    for p, src in cands:
+    for p, src, by_hub_name in cands:
         if p.is_file() and os.path.realpath(p) not in seen:
             seen.add(os.path.realpath(p))
-            out.append((p, src))
+            out.append((p, src, by_hub_name))
     return out
 
 
@@ -142,9 +153,17 @@ def _find_local(spec, dest, search_dirs, settings, stamps, notes, remote: Remote
             rec = _check(spec, path, "cache", None, size, "cache blob git id", stamps, notes, blob_git)
         if rec and (rec.verified_by != "unverified" or accept_unverified):
             return rec
-    for path, source in _local_candidates(spec, dest, search_dirs):
+    cands = _local_candidates(spec, dest, search_dirs)
+    by_hub_name = [str(p) for p, _, hub_name in cands if hub_name]
+    for path, source, hub_name in cands:
         if sha is None and git is None and not accept_unverified:
             continue  # decided after the Hub tells us the sha256 (or the git blob id)
+        if hub_name and sha is None and git is None and len(by_hub_name) > 1:
+            # Nothing to tell which of several `model.safetensors` is this asset's: none is taken.
+            _note(notes, f"{spec.name}: {len(by_hub_name)} files named {Path(spec.filename).name!r} in the search "
+                         f"folders ({', '.join(by_hub_name)}) and no sha256 to tell which is {spec.where}: none is "
+                         f"used; put the right one under --dest as {spec.local_file!r}, or run once online")
+            continue
         rec = _check(spec, path, source, sha, size, how, stamps, notes, git)
         if rec:
             return rec
@@ -178,7 +197,7 @@ def _fetch(spec: AssetSpec, remote: RemoteFile | None, folder: Path, settings, d
         how = "pinned sha256" if spec.sha256 else ("hub sha256" if remote.sha256 else
                                                    "hub git blob id" if remote.git_blob else "size")
     else:
-        got = download_url(spec.url, folder / spec.filename, expected_size=spec.size, expected_sha256=spec.sha256,
+        got = download_url(spec.url, folder / spec.local_file, expected_size=spec.size, expected_sha256=spec.sha256,
                            what=f"{spec.name} ({spec.url}, file {spec.filename})", label=spec.name,
                            connect_timeout=settings.etag_timeout, read_timeout=max(settings.download_timeout, 10.0))
         how = "pinned sha256" if spec.sha256 else ("size" if spec.size else "unverified")
@@ -261,7 +280,7 @@ def fetch_assets(names: list[str] | None = None, dest: str | os.PathLike | None 
                 part = partial_path(spec, remote, settings, dest)
             else:
                 folder = dest or plain_cache_dir()
-                part = folder / (spec.filename + ".part")
+                part = folder / (spec.local_file + ".part")
             plans.append((spec, remote, folder, part))
         # One disk-space check for all the planned downloads, then fetch them one by one.
         _free_disk_check(plans)

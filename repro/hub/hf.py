@@ -266,19 +266,20 @@ def _cache_paths(spec: AssetSpec, remote: RemoteFile, settings: HubSettings) -> 
 def partial_path(spec: AssetSpec, remote: RemoteFile, settings: HubSettings, dest: Path | None) -> Path:
     """Where the bytes of an unfinished download live (what the next run resumes)."""
     if dest is not None:
-        return contained(dest, dest / (spec.filename + ".part"), _outside(spec, settings))
+        return contained(dest, dest / (spec.local_file + ".part"), _outside(spec, settings))
     return _cache_paths(spec, remote, settings)[1]
 
 
 def download_hf(spec: AssetSpec, remote: RemoteFile, settings: HubSettings, dest: Path | None = None,
                 expected_sha256: str | None = None) -> Downloaded:
-    """Fetch into `dest/filename`, or into the HF cache layout when `dest` is None; verify; return the path."""
+    """Fetch into `dest/<local file>` (`local_name`, else `filename`), or into the HF cache layout (always
+    `filename`) when `dest` is None; verify; return the path."""
     what = _where(spec, settings)
     kwargs = dict(expected_size=remote.size, expected_sha256=expected_sha256 or remote.sha256,
                   headers=_request_headers(remote, settings), what=what, label=spec.name,
                   connect_timeout=settings.etag_timeout, read_timeout=max(settings.download_timeout, 10.0))
     if dest is not None:
-        target = contained(dest, dest / spec.filename, _outside(spec, settings))
+        target = contained(dest, dest / spec.local_file, _outside(spec, settings))
         got = download_url(remote.location, target, part_path=partial_path(spec, remote, settings, dest), **kwargs)
         return _check_git_blob(got, remote, what) if expected_sha256 is None else got
     blob, part, lock, pointer = _cache_paths(spec, remote, settings)

@@ -27,7 +27,7 @@ from repro.hub.untrusted import plain_segments
 DEFAULT_MANIFEST = resources.configs_dir() / "assets.yaml"  # the checkout's, or the one `pip install` ships
 
 _TOP_KEYS = ("version", "search_dirs", "assets")
-_ASSET_KEYS = ("repo_id", "filename", "revision", "repo_type", "url", "size", "sha256", "approx_size",
+_ASSET_KEYS = ("repo_id", "filename", "local_name", "revision", "repo_type", "url", "size", "sha256", "approx_size",
                "description", "group", "licence")
 _SEARCH_KEYS = ("path", "when")
 # Platforms a search dir can be limited to, with how each is detected (besides the folder existing).
@@ -54,10 +54,22 @@ class AssetSpec:
     sha256: str | None = None
     group: str | None = None  # kit (issue 16): fetched only when named, by its own or the group's name
     licence: str | None = None  # kit: the file's licence, said when step 2 fetches a restricted one
+    local_name: str | None = None  # kit: its name under --dest / in search folders when not `filename`'s
 
     @property
     def is_hf(self) -> bool:
         return self.repo_id is not None
+
+    @property
+    def local_file(self) -> str:
+        """The file's path under --dest and the plain-URL cache: `local_name`, else `filename` as it is.
+        (The Hugging Face cache always keeps `filename`, the hub's own path.)"""
+        return self.local_name or self.filename
+
+    @property
+    def search_names(self) -> tuple[str, ...]:
+        """The names a search folder is searched for: the local file's own name, then the hub's (when it differs)."""
+        return tuple(dict.fromkeys((Path(self.local_file).name, Path(self.filename).name)))
 
     @property
     def where(self) -> str:
@@ -144,7 +156,8 @@ def _parse_asset(name: str, raw: Any, src: Path) -> AssetSpec:
     repo_id, url = raw.get("repo_id"), raw.get("url")
     if (repo_id is None) == (url is None):
         raise ReproError(f"{where}: give exactly one of 'repo_id' (Hugging Face file) or 'url' (plain URL)")
-    for key in ("repo_id", "url", "filename", "revision", "repo_type", "sha256", "description", "licence"):
+    for key in ("repo_id", "url", "filename", "local_name", "revision", "repo_type", "sha256", "description",
+                "licence"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise ReproError(f"{where}: key {key!r} must be a string, got {raw[key]!r}")
     if repo_id is not None and not _REPO_ID.match(repo_id):
@@ -160,6 +173,12 @@ def _parse_asset(name: str, raw: Any, src: Path) -> AssetSpec:
     if not plain_segments(filename):
         raise ReproError(f"{where}: key 'filename' must be a relative path without '.', '..' or empty parts, "
                          f"got {filename!r}")
+    # A path built under --dest from the manifest: one plain file name, so it cannot leave that folder.
+    local_name = raw.get("local_name")
+    if local_name is not None and (not plain_segments(local_name) or "/" in local_name
+                                   or local_name.startswith(".") or local_name.endswith(".part")):
+        raise ReproError(f"{where}: key 'local_name' must be a plain file name (no '/', '\\', '..', no leading "
+                         f"'.', not ending in '.part'), the name the file takes under --dest; got {local_name!r}")
     if raw.get("revision") is not None and not plain_segments(raw["revision"]):
         raise ReproError(f"{where}: key 'revision' must be a branch, tag or commit id (no '..' or empty parts), "
                          f"got {raw['revision']!r}")
@@ -181,7 +200,8 @@ def _parse_asset(name: str, raw: Any, src: Path) -> AssetSpec:
         raise ReproError(f"{where}: key 'group' must be a name (letters, digits, '.', '-', '_'), got {group!r}")
     return AssetSpec(name=name, filename=filename, description=raw.get("description") or name,
                      approx_size=approx, repo_id=repo_id, revision=raw.get("revision") or "main",
-                     repo_type=repo_type, url=url, size=size, sha256=sha, group=group, licence=raw.get("licence"))
+                     repo_type=repo_type, url=url, size=size, sha256=sha, group=group, licence=raw.get("licence"),
+                     local_name=local_name)
 
 
 def _parse_search_dir(i: int, raw: Any, src: Path) -> SearchDir:
@@ -206,13 +226,22 @@ def manifest_from_dict(data: Any, src: str | os.PathLike = "<manifest>") -> Mani
     if not isinstance(raw_assets, Mapping) or not raw_assets:
         raise ReproError(f"{src}: missing or empty 'assets' section")
     assets = {str(name): _parse_asset(str(name), raw, src) for name, raw in raw_assets.items()}
-    # --dest keeps files flat by name, so two assets must not share a file name.
+    # --dest (and the plain-URL cache) holds each file at its local path (`local_name`, else `filename`), so two
+    # assets must not land on the same one; two sources' `model.safetensors` differ by a `local_name`.
     seen: dict[str, str] = {}
     for spec in assets.values():
-        if spec.filename in seen:
-            raise ReproError(f"{src}: assets {seen[spec.filename]!r} and {spec.name!r} share the file name "
-                             f"{spec.filename!r}; file names must be unique")
-        seen[spec.filename] = spec.name
+        if spec.local_file in seen:
+            raise ReproError(f"{src}: assets {seen[spec.local_file]!r} and {spec.name!r} would both be stored as "
+                             f"{spec.local_file!r} under --dest; give one of them its own file name with the key "
+                             f"'local_name' (e.g. local_name: {spec.name}-{Path(spec.local_file).name})")
+        seen[spec.local_file] = spec.name
+    for spec in assets.values():  # `a` and `a/b` cannot both be: one would be a file, the other a folder
+        parents = Path(spec.local_file).parents
+        folder = next((str(f) for f in parents if str(f) in seen), None)
+        if folder is not None:
+            raise ReproError(f"{src}: asset {seen[folder]!r} would be stored as {folder!r} under --dest, the folder "
+                             f"asset {spec.name!r} ({spec.local_file!r}) needs; give one of them another file name "
+                             f"with the key 'local_name'")
     clash = sorted({a.group for a in assets.values() if a.group is not None} & set(assets))
     if clash:
         raise ReproError(f"{src}: group {clash[0]!r} has the name of an asset; give the group another name")

@@ -143,7 +143,8 @@ def load_vfm_vae(path: str | os.PathLike, *, with_encoder: bool = True, siglip_p
     if with_encoder and not any(k.startswith(SIGLIP_PREFIX) for k in kept):
         if siglip_path is None:
             raise CheckpointError(f"{path} holds no SigLIP2 weights and encoding needs them: fetch them with "
-                                  "`python -m steps.step2_download --only siglip2-large-512` and set vae.siglip_path")
+                                  "`python -m steps.step2_download --only siglip2-large-512` and set "
+                                  "vae.siglip_path: asset:siglip2-large-512 (step 3 fills in the path)")
         kept.update(read_siglip_weights(siglip_path))
     # built on the meta device, checked, loaded strictly (as vavae.load_frozen, plus the tower's position ids)
     with torch.device("meta"):
