@@ -20,7 +20,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -64,9 +64,8 @@ def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
 def capture_rng() -> dict[str, Any]:
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
-    cuda = []
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = [s.clone() for s in torch.cuda.get_rng_state_all()]
+    cuda = ([s.clone() for s in torch.cuda.get_rng_state_all()]
+            if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
     return {
         "torch_cpu": torch.get_rng_state().clone(),
         "torch_cuda": cuda,
@@ -92,15 +91,18 @@ def restore_rng(state: dict[str, Any]) -> None:
 # Writing
 
 
+def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested dicts/lists/tuples, depth first in their order."""
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for v in obj.values() if isinstance(obj, dict) else obj:
+            yield from iter_tensors(v)
+
+
 def tensor_bytes(obj: Any) -> int:
     """Bytes of every tensor inside nested dicts/lists (what torch.save will write, give or take ~1%)."""
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+    return sum(t.numel() * t.element_size() for t in iter_tensors(obj))
 
 
 def no_room_message(folder: Path, need: int, free: int, keep_last: int, last_good: Optional[Path]) -> str:
@@ -143,8 +145,7 @@ def prune_checkpoints(folder: str | os.PathLike, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` numbered checkpoints; returns the deleted paths."""
     if keep_last <= 0:
         return []
-    found = list_checkpoints(folder)
-    doomed = [p for _, p in found[:-keep_last]]
+    doomed = [p for _, p in list_checkpoints(folder)[:-keep_last]]
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
@@ -164,10 +165,8 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     obj = read_checkpoint(path, mmap=True)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a training checkpoint dict")
-    if "step" not in obj:
-        step = step_from_name(path)
-        if step is not None:
-            obj["step"] = step
+    if "step" not in obj and (step := step_from_name(path)) is not None:
+        obj["step"] = step
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(repr(k) for k in missing)} (has {sorted(map(str, obj))}); "
@@ -182,8 +181,7 @@ def find_resume_checkpoint(folder: str | os.PathLike,
     Temp files of a killed writer are removed (counted in a note); a newer file that cannot be read
     or lacks keys is skipped with a note naming it and the reason, never silently.
     """
-    removed = remove_stale_temps(folder)
-    if removed:
+    if removed := remove_stale_temps(folder):
         note(f"note: removed {removed} unfinished checkpoint temp file(s) in {folder} (a save was interrupted)")
     for step, path in reversed(list_checkpoints(folder)):
         try:
@@ -250,22 +248,18 @@ def restore_training_state(state: dict, path: str, parts, ctx, strategy) -> tupl
     except (ValueError, KeyError, RuntimeError) as e:
         raise ReproError(f"{path}: the optimizer state does not fit this model ({e}); was it saved for "
                          "another model.model_type or config?") from None
-    restore_scaler_and_rng(state, path, parts.scaler, rank=ctx.rank, world=ctx.world, note=ctx.note)
-    return int(state["step"]), state.get("data_order")
-
-
-def restore_scaler_and_rng(state: dict, path: str, scaler, *, rank: int, world: int,
-                           note: Callable[[str], None]) -> None:
-    """The gradient scaler (when this run scales: an fp32/bf16 checkpoint resumed in fp16 starts a fresh one)
-    and this process's global RNG states (rank 0's, with a note, when the process count changed)."""
-    if scaler.is_enabled() and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+    # The gradient scaler (when this run scales: an fp32/bf16 checkpoint resumed in fp16 starts a fresh one)
+    # and this process's global RNG states (rank 0's, with a note, when the process count changed)
+    if parts.scaler.is_enabled() and state.get("scaler"):
+        parts.scaler.load_state_dict(state["scaler"])
     rng = state.get("rng") or []
     if rng:
-        restore_rng(rng[rank] if len(rng) == world else rng[0])
-        if len(rng) != world:
-            note(f"note: {path} was saved by {len(rng)} process(es), this run has {world}: every process takes "
-                 "rank 0's global RNG state (the data order and per-sample draws depend only on seed and step)")
+        restore_rng(rng[ctx.rank] if len(rng) == ctx.world else rng[0])
+        if len(rng) != ctx.world:
+            ctx.note(f"note: {path} was saved by {len(rng)} process(es), this run has {ctx.world}: every process "
+                     "takes rank 0's global RNG state (the data order and per-sample draws depend only on seed and "
+                     "step)")
+    return int(state["step"]), state.get("data_order")
 
 
 def config_changes(state: dict, cfg: Config) -> list[str]:
@@ -287,24 +281,6 @@ def rng_states_of_all_processes(world: int) -> list[dict]:
     states: list = [None] * world
     tdist.all_gather_object(states, capture_rng())
     return states
-
-
-def disk_room_note(ckpt_dir: Path, existing: list[tuple[int, Path]], step: int, train_cfg, max_steps: int,
-                   checkpoint_bytes: int) -> Optional[str]:
-    """A note for the start of a run (not after hours) when the disk cannot hold the checkpoints it keeps."""
-    t = train_cfg
-    saves_left = len(range(step // t.ckpt_every + 1, max_steps // t.ckpt_every + 1)) + 1  # + the final save
-    keep = t.keep_last
-    # the newest is written before older ones are removed: keep_last + 1 files at once
-    wanted = min(keep + 1, len(existing) + saves_left) if keep > 0 else len(existing) + saves_left
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    room = shutil.disk_usage(ckpt_dir).free + sum(p.stat().st_size for _, p in existing if p.exists())
-    fits = int(room // checkpoint_bytes)
-    if fits >= wanted:
-        return None
-    return (f"note: {ckpt_dir} has room for ~{fits} checkpoint(s) of ~{checkpoint_bytes / 1e9:.1f} GB, "
-            f"this run wants {wanted} on disk at once (train.keep_last={keep}): lower "
-            f"train.keep_last or set train.output_dir on a larger disk, or a save will stop the run")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,10 +320,8 @@ def check_run_identity(cfg, run_dir: Path, kind: Optional[str], path: Optional[s
     configured = _configured_sources(cfg)
     with HashCache() as hashes:
         if kind != "resume":  # a new run: its identity, and the hash of the file it starts from
-            sources = {}
-            if kind in ("ckpt", "weight_init"):
-                key = f"train.{kind}"
-                sources[key] = {"path": str(Path(path).absolute()), "sha256": hashes.sha256(path)}
+            sources = ({f"train.{kind}": {"path": str(Path(path).absolute()), "sha256": hashes.sha256(path)}}
+                       if kind in ("ckpt", "weight_init") else {})
             identity = {"run_id": uuid.uuid4().hex, "sources": sources}
         else:
             kit = state.get("kit") or {}
@@ -366,8 +340,9 @@ def check_run_identity(cfg, run_dir: Path, kind: Optional[str], path: Optional[s
                         "sources": sources or {}}
             for key, value in configured.items():
                 _check_source(key, value, identity["sources"].get(key), run_dir, path, hashes, note)
-    if recorded != {**identity, "started_from": (recorded or {}).get("started_from", kind)}:
-        atomic_write_json(record_path, {**identity, "started_from": (recorded or {}).get("started_from", kind)})
+    record = {**identity, "started_from": (recorded or {}).get("started_from", kind)}
+    if recorded != record:
+        atomic_write_json(record_path, record)
     return identity
 
 

@@ -71,6 +71,11 @@ def numbers(row: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
+def tagged(row: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a log row under their TensorBoard / W&B tags (step and time left out: the x axis)."""
+    return {UPSTREAM_TAGS.get(k, f"train/{k}"): v for k, v in numbers(row).items() if k not in ("step", "time")}
+
+
 def missing_package(key: str, package: str) -> ConfigError:
     return ConfigError(f"{key} is true but the '{package}' package is not installed: pip install {package} "
                        f"(or set {key}=false)")
@@ -84,18 +89,15 @@ class TensorBoardBackend:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # torch's writer needs the tensorboard package for its event protos
             raise missing_package("train.tensorboard", "tensorboard") from None
-        self.log_dir = Path(run_dir) / "tensorboard"
         # purge_step: events past the resumed step (written before a kill) are hidden, one curve per run
-        self.writer = SummaryWriter(log_dir=str(self.log_dir),
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
                                     purge_step=resume_step + 1 if resume_step is not None and purge else None)
         if config_text and resume_step is None:
             self.writer.add_text("training configs", config_text, global_step=0)
 
     def log(self, step: int, row: dict[str, Any]) -> None:
-        for key, value in numbers(row).items():
-            if key in ("step", "time"):
-                continue
-            self.writer.add_scalar(UPSTREAM_TAGS.get(key, f"train/{key}"), value, step)
+        for tag, value in tagged(row).items():
+            self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
     def log_image(self, step: int, tag: str, image: str | Path) -> None:
@@ -127,7 +129,6 @@ class WandbBackend:
             import wandb
         except ImportError:
             raise missing_package("train.wandb", "wandb") from None
-        run_dir = Path(run_dir)
         run_id = wandb_run_id(run_dir)
         try:
             self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir),
@@ -142,8 +143,7 @@ class WandbBackend:
                              "train.wandb=false") from None
 
     def log(self, step: int, row: dict[str, Any]) -> None:
-        values = {UPSTREAM_TAGS.get(k, f"train/{k}"): v for k, v in numbers(row).items() if k not in ("step", "time")}
-        self.run.log({**values, WANDB_STEP: step})  # no step=: W&B would drop rows below its last step
+        self.run.log({**tagged(row), WANDB_STEP: step})  # no step=: W&B would drop rows below its last step
 
     def log_image(self, step: int, tag: str, image: str | Path) -> None:
         import wandb
@@ -154,14 +154,16 @@ class WandbBackend:
         self.run.finish()
 
 
-def open_backends(cfg, run_dir: str | Path, resume_step: Optional[int] = None) -> list[MetricsBackend]:
-    """The backends `cfg.train` asks for (rank 0 only: the caller decides); [] by default."""
+def open_backends(cfg, run_dir: str | Path, resume_step: Optional[int] = None,
+                  purge: bool = True) -> list[MetricsBackend]:
+    """The backends `cfg.train` asks for (rank 0 only: the caller decides); [] by default. `purge=False` keeps
+    TensorBoard's events past `resume_step` (`log_evaluation` adds to a finished run's curves)."""
     out: list[MetricsBackend] = []
     try:
         if cfg.train.tensorboard:
             from repro.config import config_to_yaml
 
-            out.append(TensorBoardBackend(Path(run_dir), config_to_yaml(cfg), resume_step))
+            out.append(TensorBoardBackend(Path(run_dir), config_to_yaml(cfg), resume_step, purge))
         if cfg.train.wandb:
             out.append(WandbBackend(Path(run_dir), cfg.train.wandb_project, cfg.train.exp_name, cfg.to_dict()))
     except BaseException:
@@ -177,12 +179,8 @@ def log_evaluation(cfg, run_dir: str | Path, step: Optional[int], metrics: dict[
     scores = {f"eval/{k}": v for k, v in numbers(metrics).items() if k in ("fid", "sfid", "is", "prec", "recall")}
     if not scores or step is None:
         return []
-    out: list[MetricsBackend] = []
+    out = open_backends(cfg, run_dir, resume_step=step, purge=False)
     try:
-        if cfg.train.tensorboard:
-            out.append(TensorBoardBackend(Path(run_dir), resume_step=step, purge=False))
-        if cfg.train.wandb:
-            out.append(WandbBackend(Path(run_dir), cfg.train.wandb_project, cfg.train.exp_name, cfg.to_dict()))
         for backend in out:
             if isinstance(backend, TensorBoardBackend):
                 for tag, value in scores.items():

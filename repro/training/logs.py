@@ -82,14 +82,11 @@ class RunLogger:
                 except ReproError as e:
                     error = e
             message = dist.broadcast_object(str(error) if error is not None else None)
-            if error is not None:
-                raise error
-            if message is not None:
-                raise ReproError(message)
+            if error is not None or message is not None:  # this rank's own error, else rank 0's as a ReproError
+                raise error or ReproError(message)
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            rows = read_log_rows(self.jsonl)
-            keep = [r for r in rows if resume_step is not None and r["step"] <= resume_step]
+            keep = [r for r in read_log_rows(self.jsonl) if resume_step is not None and r["step"] <= resume_step]
             if self.jsonl.exists():
                 # drop a torn last line and the rows of steps being redone after a resume (or of a run
                 # started over), so each step appears once
@@ -113,7 +110,6 @@ class RunLogger:
         self.rows.append(row)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
-            f.flush()
         self.info(format_row(row))
         for backend in self.backends:
             backend.log(step, row)
@@ -123,8 +119,6 @@ class RunLogger:
 
     def image(self, step: int, tag: str, path: str | Path) -> None:
         """A PNG the run wrote (an EMA sample grid) to the TensorBoard / W&B backends; log.txt names it already."""
-        if not self.enabled:
-            return
         for backend in self.backends:
             backend.log_image(step, tag, path)
 
@@ -171,12 +165,10 @@ def format_row(row: dict[str, Any]) -> str:
         parts.append(f"grad norm {row['grad_norm']:.3g}")
     parts.append(f"{row.get('images_per_sec', 0.0):.1f} img/s")
     parts.append(f"lr {row.get('lr', 0.0):.2e}")
-    if row.get("loss_scale") is not None:
-        parts.append(f"loss scale {row['loss_scale']:.0f}")
-    if row.get("seconds_per_step") is not None:
-        parts.append(f"{row['seconds_per_step']:.3g} s/step")
-    if row.get("memory_gib") is not None:
-        parts.append(f"peak mem {row['memory_gib']:.2f} GiB")
+    for key, text in (("loss_scale", "loss scale {:.0f}"), ("seconds_per_step", "{:.3g} s/step"),
+                      ("memory_gib", "peak mem {:.2f} GiB")):
+        if row.get(key) is not None:
+            parts.append(text.format(row[key]))
     if row.get("eta_seconds") is not None:
         parts.append(f"ETA {format_duration(row['eta_seconds'])}")
     return " | ".join(parts)

@@ -18,7 +18,10 @@ start with an error naming the folder, not after hours at the first resume.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import secrets
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -43,8 +46,7 @@ class CheckpointWriter:
 
     def snapshot(self, tree: Any) -> Any:
         """`tree` with every tensor copied to host memory (buffers reused when the layout repeats)."""
-        tensors: list[torch.Tensor] = []
-        _collect(tree, tensors)
+        tensors = list(ckpt.iter_tensors(tree))
         same = len(tensors) == len(self._buffers) and all(
             b.shape == t.shape and b.dtype == t.dtype for b, t in zip(self._buffers, tensors))
         if not same:
@@ -54,8 +56,7 @@ class CheckpointWriter:
             b.copy_(t.detach(), non_blocking=True)
         if any(t.is_cuda for t in tensors):
             torch.cuda.synchronize()  # the device-to-host copies have landed before the loop moves on
-        it = iter(self._buffers)
-        return _rebuild(tree, it)
+        return _rebuild(tree, iter(self._buffers))
 
     # -- the write ---------------------------------------------------------------------------------
 
@@ -114,22 +115,31 @@ class RunSaver:
 
     @property
     def newest(self) -> Optional[Path]:
-        found = ckpt.list_checkpoints(self.ckpt_dir)
+        found = [] if self.last_saved else ckpt.list_checkpoints(self.ckpt_dir)
         return self.last_saved or (found[-1][1] if found else None)
 
     def disk_room_note(self, step: int) -> Optional[str]:
-        return ckpt.disk_room_note(self.ckpt_dir, self.existing, step, self.t, self.trainer.max_steps,
-                                   self.checkpoint_bytes)
+        """A note for the start of a run (not after hours) when the disk cannot hold the checkpoints it keeps."""
+        ckpt_dir, existing, checkpoint_bytes = self.ckpt_dir, self.existing, self.checkpoint_bytes
+        every, keep = self.t.ckpt_every, self.t.keep_last
+        saves_left = len(range(step // every + 1, self.trainer.max_steps // every + 1)) + 1  # + the final save
+        # the newest is written before older ones are removed: keep_last + 1 files at once
+        wanted = min(keep + 1, len(existing) + saves_left) if keep > 0 else len(existing) + saves_left
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        room = shutil.disk_usage(ckpt_dir).free + sum(p.stat().st_size for _, p in existing if p.exists())
+        fits = int(room // checkpoint_bytes)
+        if fits >= wanted:
+            return None
+        return (f"note: {ckpt_dir} has room for ~{fits} checkpoint(s) of ~{checkpoint_bytes / 1e9:.1f} GB, "
+                f"this run wants {wanted} on disk at once (train.keep_last={keep}): lower "
+                f"train.keep_last or set train.output_dir on a larger disk, or a save will stop the run")
 
     def check_finite(self) -> None:
         """Raise, on every process alike, when any process saw a non-finite loss (the last good checkpoint kept)."""
-        first = self.trainer.first_bad.clone()
+        bad = int(self.trainer.first_bad)
         if self.ctx.world > 1:  # the earliest bad step over the processes; -1 (none) must not win the minimum
-            none = torch.full_like(first, 2 ** 62)
-            first = torch.where(first < 0, none, first)
-            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
-            first = torch.where(first == none, torch.full_like(first, -1), first)
-        bad = int(first)
+            earliest = dist.all_reduce_values([bad if bad >= 0 else math.inf], "min")[0]
+            bad = int(earliest) if earliest < math.inf else -1
         if bad >= 0:
             last = (f"{self.last_saved} (step {self.last_saved_step})" if self.last_saved
                     else "none yet (no checkpoint was written)")
@@ -149,7 +159,7 @@ class RunSaver:
         rng = ckpt.rng_states_of_all_processes(self.ctx.world)
         target = ckpt.checkpoint_path(trainer.run_dir, at_step)
         if self.ctx.main:
-            last_good = self.last_saved or self._newest()
+            last_good = self.newest
             ckpt.ensure_room(self.ckpt_dir, ckpt.tensor_bytes(state), self.t.keep_last, last_good)
             trainer.export(state, at_step)  # before the copy: what it writes is read from the live state now
             state = state if self.strategy.gathers_copies else self.writer.snapshot(state)
@@ -174,26 +184,11 @@ class RunSaver:
                if self.writer.background else "")
         self.log.info(f"saved checkpoint {target} ({time.perf_counter() - t0:.1f}s{how}){extra}")
 
-    def _newest(self) -> Optional[Path]:
-        found = ckpt.list_checkpoints(self.ckpt_dir)
-        return found[-1][1] if found else None
-
     def wait(self) -> None:
         self.writer.wait()
 
     def close(self) -> None:
         self.writer.close()
-
-
-def _collect(obj: Any, out: list[torch.Tensor]) -> None:
-    if torch.is_tensor(obj):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _collect(v, out)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _collect(v, out)
 
 
 def _rebuild(obj: Any, buffers) -> Any:
@@ -222,13 +217,10 @@ def check_shared_folder(folder: str | Path, what: str = "train.output_dir", time
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_text(token)
     dist.barrier()
-    deadline = time.monotonic() + timeout
-    seen = False
-    while not seen:
-        try:
+    deadline, seen = time.monotonic() + timeout, False
+    while True:
+        with contextlib.suppress(OSError):  # not there yet, or not readable yet
             seen = probe.read_text() == token
-        except OSError:
-            seen = False
         if seen or time.monotonic() > deadline:
             break
         time.sleep(0.2)

@@ -20,7 +20,7 @@ import torch
 
 from repro.training.data_order import MicroBatch
 from repro.utils.hardware import autocast
-from repro.transport import is_ddpm, loss_function, training_losses
+from repro.transport import loss_function
 
 
 def make_optimizer(model: torch.nn.Module, opt_cfg, device: torch.device) -> torch.optim.AdamW:
@@ -68,10 +68,10 @@ class StepRunner:
         self.model, self.forward_model, self.opt, self.scaler, self.ema = model, forward_model, opt, scaler, ema
         self.plan, self.precision, self.device = plan, precision, device
         self.max_grad_norm = cfg.optimizer.max_grad_norm
-        self.use_cosine_loss = cfg.transport.use_cosine_loss
         self.channels_last = channels_last
-        # kit (issue 23): the process's loss (repro.transport.loss_function); None = flow matching, as upstream
-        self.loss_fn = loss_function(cfg.transport) if is_ddpm(cfg.transport) else None
+        # kit (issue 23): the process's loss (repro.transport.loss_function): upstream's flow matching
+        # (training_losses with transport.use_cosine_loss) or DDPM's
+        self.loss_fn = loss_function(cfg.transport)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss_scale = plan.world_size / plan.global_batch
         # device-side running sums since the last log (loss, mse, cos) and the samples they cover
@@ -99,11 +99,7 @@ class StepRunner:
                 x1, x0 = (v.contiguous(memory_format=torch.channels_last) for v in (x1, x0))
             with self._no_sync(last=k == self.plan.accum_steps - 1):
                 with autocast(self.device, self.precision):
-                    if self.loss_fn is not None:
-                        out = self.loss_fn(self.forward_model, x1, mb.y, t=mb.t, x0=x0)
-                    else:
-                        out = training_losses(self.forward_model, x1, mb.y, use_cosine_loss=self.use_cosine_loss,
-                                              t=mb.t, x0=x0)
+                    out = self.loss_fn(self.forward_model, x1, mb.y, t=mb.t, x0=x0)
                 loss_sum = out["loss"].sum()
                 self.scaler.scale(loss_sum * self.loss_scale).backward()
             # Running sums for the log, kept on the device (no host synchronisation).

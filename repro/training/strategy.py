@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from repro.errors import ConfigError
-from repro.models.checkpoint import check_state_dict, load_checkpoint, read_state_dict
+from repro.models.checkpoint import check_state_dict, read_state_dict
 from repro.training.ema import EMA, ShardedEMA
 from repro.training.grids import weights_swapped_in
 from repro.utils import distributed as dist
@@ -53,16 +53,11 @@ class Replicated:
     """DDP: a full replica per process (the identity with one process)."""
 
     name = "ddp"
-    sharded = False
     gathers_copies = False  # full_state returns the live tensors: the checkpoint writer copies them
 
     def __init__(self, device: torch.device, world: int):
         self.device, self.world = device, world
-
-    @property
-    def param_device(self) -> torch.device:
-        """Where parameters, gradients and optimizer state live (and AdamW runs)."""
-        return self.device
+        self.param_device = device  # where parameters, gradients and optimizer state live (and AdamW runs)
 
     def describe(self) -> str:
         return f"strategy ddp ({'a full replica per process' if self.world > 1 else 'one process'})"
@@ -92,12 +87,11 @@ class Replicated:
         trainer whose forward is not one module call (the tokenizer: encode, decode, the GAN's adaptive weight)."""
         if self.world == 1:
             return
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
         # one collective per dtype over a flat copy, not one per tensor (hundreds of small all-reduces a step)
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
         for grads in by_dtype.values():
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -121,7 +115,9 @@ class Replicated:
 
     def load_weights(self, model, path, prefer: str = "model") -> None:
         """Weights only (train.weight_init), strict, every mismatch named."""
-        load_checkpoint(model, path, prefer=prefer)
+        state_dict = read_state_dict(path, prefer=prefer)
+        check_state_dict(model, state_dict, path)
+        self.load_model(model, state_dict)
 
     @contextlib.contextmanager
     def ema_for_grid(self, ema, model, build: Callable[[], torch.nn.Module]) -> Iterator[Optional[torch.nn.Module]]:
@@ -140,14 +136,13 @@ class Sharded(Replicated):
     """FSDP2: parameters, gradients, optimizer state and EMA sharded over the processes, per block."""
 
     name = "fsdp"
-    sharded = True
     gathers_copies = True  # full_state gathers fresh host copies: nothing to copy again
 
     def __init__(self, device: torch.device, world: int, offload: bool = False):
         require_torch("fsdp2")  # the run stops here, before any work, on a torch without FSDP2
         super().__init__(device, world)
         self.offload = bool(offload)
-        self.mesh = None
+        self.param_device = torch.device("cpu") if self.offload else device
         self.own_group = False
 
     def close(self) -> None:
@@ -155,10 +150,6 @@ class Sharded(Replicated):
         if self.own_group:
             dist.shutdown()
             self.own_group = False
-
-    @property
-    def param_device(self) -> torch.device:
-        return torch.device("cpu") if self.offload else self.device
 
     def describe(self) -> str:
         where = "; shards and AdamW in host memory" if self.offload else ""
@@ -177,8 +168,7 @@ class Sharded(Replicated):
             tdist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=tdist.HashStore(),
                                      rank=0, world_size=1)
             self.own_group = True
-        self.mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
-        kwargs: dict[str, Any] = {"mesh": self.mesh}
+        kwargs: dict[str, Any] = {"mesh": init_device_mesh(self.device.type, (dist.get_world_size(),))}
         if self.offload:
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
         for unit in units:
@@ -236,11 +226,6 @@ class Sharded(Replicated):
             own = opt_state if key is None else opt_state[key]
             if o is not None:
                 set_optimizer_state_dict(model, o, _named(model, o, own), options=self._options())
-
-    def load_weights(self, model, path, prefer: str = "model") -> None:
-        state_dict = read_state_dict(path, prefer=prefer)
-        check_state_dict(model, state_dict, path)
-        self.load_model(model, state_dict)
 
     @contextlib.contextmanager
     def ema_for_grid(self, ema, model, build: Callable[[], torch.nn.Module]) -> Iterator[Optional[torch.nn.Module]]:

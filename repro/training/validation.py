@@ -90,7 +90,6 @@ class ValidationLoss:
         self.horizontal_flip = bool(cfg.data.horizontal_flip)
         self.use_cosine_loss = bool(cfg.transport.use_cosine_loss)
         self.loss_fn = loss_function(cfg.transport)  # kit (issue 23): flow matching's or DDPM's
-        self.path = str(self.ds.data_dir)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -132,16 +131,14 @@ class ValidationLoss:
         """{'val_loss', 'val_mse', 'val_cos' (None without the cosine loss), 'val_images'} over the whole set,
         `batch_size` latents per forward on each process (the training micro-batch fits). Every process calls it."""
         sums = self.local_sums(model, batch_size)
-        if self.world > 1:
-            total = sums.to(dist.comm_device())
-            torch.distributed.all_reduce(total)
-            sums = total.cpu()
+        if self.world > 1:  # the sums over every process
+            sums = torch.tensor(dist.all_reduce_values(sums.tolist()), dtype=torch.float64)
         return summarise(sums, self.use_cosine_loss)
 
     def describe(self, step: int, row: dict) -> str:
         cos = f" (mse {row['val_mse']:.4f} + cos {row['val_cos']:.4f})" if row["val_cos"] is not None else ""
         return (f"(step={step:07d}) validation loss {row['val_loss']:.4f}{cos} on {row['val_images']} latents of "
-                f"{self.path} (t ~ U[0, 1], fixed draws)")
+                f"{self.ds.data_dir} (t ~ U[0, 1], fixed draws)")
 
 
 def summarise(sums: torch.Tensor, use_cosine_loss: bool) -> dict:
