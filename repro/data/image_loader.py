@@ -86,17 +86,13 @@ class CroppedImages(torch.utils.data.Dataset):
             return i, None, None, f"{type(e).__name__}: {e}"
 
 
-def _as_list(items: list) -> list:
-    return items  # keep the items as they are (no stacking: corrupt ones have no tensor)
-
-
 def cropped_batches(src: ImageSource, lo: int, hi: int, *, image_size: int, batch_size: int,
                     workers: int = 0) -> Iterator[tuple[list[torch.Tensor], list[int], list[int], list[list]]]:
     """(images, indices, labels, corrupt) per batch of [lo, hi), in order; `workers` decoding processes."""
     data = CroppedImages(src, lo, hi, image_size)
-    if workers > 0:
+    if workers > 0:  # collate_fn=list keeps the items as they are (no stacking: corrupt ones have no tensor)
         batches = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                              collate_fn=_as_list, prefetch_factor=2)
+                                              collate_fn=list, prefetch_factor=2)
     else:
         batches = ([data[k] for k in range(s, min(s + batch_size, len(data)))] for s in range(0, len(data), batch_size))
     for items in batches:

@@ -92,25 +92,20 @@ class ImageSource:
     def load(self, index: int) -> tuple[Image.Image, int]:
         """(RGB PIL image, label) of item `index`; ImageLoadError naming it when it cannot be read."""
         item = self.items[index]
+        if item.tar is None:
+            return read_image_file(item.ref), item.label
         try:
-            if item.tar is None:
-                with open(item.ref, "rb") as f:
-                    data = f.read()
-                label = item.label
-            else:
-                with open(item.tar, "rb") as f:
-                    f.seek(item.offset)
-                    data = f.read(item.size)
-                    f.seek(item.label_offset)
-                    text = f.read(item.label_size).decode("utf-8", "replace").strip()
-                label = _label_value(text)
-                if label is None:
-                    raise ImageLoadError(f"label file (.cls) holds {text[:40]!r}, not an integer in 0..{MAX_LABEL}",
-                                         item.ref)
-        except ImageLoadError:
-            raise
+            with open(item.tar, "rb") as f:
+                f.seek(item.offset)
+                data = f.read(item.size)
+                f.seek(item.label_offset)
+                text = f.read(item.label_size).decode("utf-8", "replace").strip()
         except Exception as e:  # missing or unreadable file
             raise ImageLoadError(_error_text(e), item.ref) from None
+        label = _label_value(text)
+        if label is None:
+            raise ImageLoadError(f"label file (.cls) holds {text[:40]!r}, not an integer in 0..{MAX_LABEL}",
+                                 item.ref)
         return decode_image(data, item.ref), label
 
 
@@ -131,7 +126,7 @@ def read_image_file(path: str | os.PathLike) -> Image.Image:
     """The RGB image of one file (`decode_image`); ImageLoadError naming the file when it cannot be read."""
     try:
         data = Path(path).read_bytes()
-    except OSError as e:
+    except Exception as e:  # missing or unreadable file
         raise ImageLoadError(_error_text(e), str(path)) from None
     return decode_image(data, str(path))
 
@@ -247,8 +242,7 @@ def _list_flat(root: Path, labels_file: Path) -> ImageSource:
     items = [ImageItem(str(root / name), label) for name, label in entries]
     problems = [dict(p, path=os.path.join(root, p["path"])) for p in bad_lines]
     ignored = 0
-    for dirpath, dirnames, filenames in sorted(os.walk(root)):
-        dirnames.sort()
+    for dirpath, _, filenames in sorted(os.walk(root)):  # the whole walk, sorted by folder
         for fname in sorted(filenames):
             rel = os.path.normpath(os.path.relpath(os.path.join(dirpath, fname), root))
             if rel in listed:
@@ -321,8 +315,7 @@ def list_images(source: str | os.PathLike | list, labels_file: str | os.PathLike
             return _list_flat(root, root / name)
     if any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root)):
         return _list_image_folder(root)
-    tars = sorted(root.glob("*.tar"))
-    if tars:
+    if tars := sorted(root.glob("*.tar")):
         return _list_tars(tars)
     raise ReproError(f"image folder {root} has no class sub-folders, no {' / '.join(LABEL_FILE_NAMES)} and no "
                      f".tar shards: put images in one sub-folder per class, or add labels.txt ('filename,label')")

@@ -63,14 +63,15 @@ def _list_pngs(folder: Path) -> list[Path]:
     return pngs
 
 
-def _load_png(path: Path, size: tuple[int, int]) -> np.ndarray:
+def _load_png(path: Path, size: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """One PNG sample as (H, W, 3) uint8; `size` (H, W): the size all samples share (None: the first image)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             if im.mode != "RGB":
                 raise ReproError(f"{path}: image mode {im.mode}, expected 8-bit RGB (3 channels)")
-            if im.size != (size[1], size[0]):
+            if size is not None and im.size != (size[1], size[0]):
                 raise ReproError(f"{path}: image is {im.size[0]}x{im.size[1]}, the other images are "
                                  f"{size[1]}x{size[0]}; all samples must share one size")
             return np.asarray(im, dtype=np.uint8)
@@ -126,14 +127,12 @@ class ImageBatches:
         if not path.exists():
             raise ReproError(f"{what} not found: {path}")
         if path.is_dir():
-            choice = _step4_choice(path, what)
-            if choice is not None:
+            if (choice := _step4_choice(path, what)) is not None:
                 return cls.open(choice, what)
             pngs = _list_pngs(path)
             if not pngs:
                 raise ReproError(f"{what} folder {path} holds no .png images (nor samples.npz or images/)")
-            with_size = _probe_png(pngs[0])
-            return cls(path, "folder", len(pngs), with_size[0], with_size[1], files=pngs)
+            return cls(path, "folder", len(pngs), *_load_png(pngs[0]).shape[:2], files=pngs)
         if path.suffix.lower() != ".npz":
             raise ReproError(f"{what} must be an .npz file or a folder of PNGs, got {path}")
         m = read_npy_member(path, IMAGE_KEY)
@@ -185,8 +184,7 @@ class ImageBatches:
         load = (lambda p: _load_png(p, size)) if self.kind == "folder" else (lambda p: _load_any(p, self.resize_to))
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
             for s in range(start, stop, batch_size):
-                chunk = self.files[s:min(s + batch_size, stop)]
-                yield np.stack(list(pool.map(load, chunk)))
+                yield np.stack(list(pool.map(load, self.files[s:min(s + batch_size, stop)])))
 
     def _compressed_batches(self, start, stop, batch_size):
         per_image = self.height * self.width * 3
@@ -198,18 +196,6 @@ class ImageBatches:
                 if len(data) != n * per_image:
                     raise ReproError(f"{self.path}: '{IMAGE_KEY}' is truncated at image {s}; re-create the file")
                 yield np.frombuffer(bytearray(data), dtype=np.uint8).reshape(n, self.height, self.width, 3)
-
-
-def _probe_png(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            if im.mode != "RGB":
-                raise ReproError(f"{path}: image mode {im.mode}, expected 8-bit RGB (3 channels)")
-            return im.size[1], im.size[0]
-    except OSError as e:
-        raise ReproError(f"{path}: unreadable image ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +232,6 @@ def _crop(image: np.ndarray, size: int) -> np.ndarray:
 
     from repro.tokenizer.images import center_crop_arr
 
-    if image.shape[:2] == (size, size):
-        return image
     return np.asarray(center_crop_arr(Image.fromarray(image), size), dtype=np.uint8)
 
 

@@ -81,9 +81,8 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
 
 def pil_to_tensor(pil_image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3,H,W) float32 in [-1,1], bit-identical to ToTensor + Normalize(0.5, 0.5)."""
-    pil_image = ensure_rgb(pil_image)
-    arr = np.array(pil_image, dtype=np.uint8, copy=True)  # (H,W,3); a copy, so the tensor owns it
-    x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    # (H,W,3) uint8; a copy, so the tensor owns it
+    x = torch.from_numpy(np.array(ensure_rgb(pil_image), dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
     # same operations in the same order as torchvision: /255, then (x - 0.5) / 0.5
     return x.to(torch.float32).div(255).sub_(0.5).div_(0.5)
 
@@ -96,5 +95,4 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """
     if images.ndim != 4:
         raise ReproError(f"to_uint8 expects images of shape (N, C, H, W); got {tuple(images.shape)}")
-    pixels = torch.clamp(127.5 * images.to(torch.float32) + 128.0, 0, 255)
-    return pixels.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+    return torch.clamp(127.5 * images.to(torch.float32) + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8)

@@ -74,11 +74,8 @@ def downsample_ratio(arch: dict[str, Any]) -> int:
 
 
 def build_tokenizer(arch: dict[str, Any]) -> AutoencoderKL:
-    """AutoencoderKL of an architecture dict (checked first)."""
-    arch = check_arch(arch)
-    return AutoencoderKL(ch=arch["ch"], ch_mult=tuple(arch["ch_mult"]), num_res_blocks=arch["num_res_blocks"],
-                         attn_resolutions=tuple(arch["attn_resolutions"]), z_channels=arch["z_channels"],
-                         embed_dim=arch["embed_dim"], resolution=arch["resolution"], norm_groups=arch["norm_groups"])
+    """AutoencoderKL of an architecture dict (checked first; its keys are AutoencoderKL's arguments)."""
+    return AutoencoderKL(**check_arch(arch))
 
 
 def save_tokenizer(vae, arch: dict[str, Any], path: str | os.PathLike,
@@ -122,10 +119,9 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a tokenizer written by step 9 (no '{HEADER_KEY}' header of format "
                               f"{TOKENIZER_FORMAT}); for the official VA-VAE set vae.model_name: vavae_f16d32")
     arch = check_arch(header.get("arch") or {}, where=f"{path} header")
-    model = load_frozen(lambda: build_tokenizer(arch), load_file(str(path)),
-                        lambda tensors, expected: _check_against_header(tensors, expected, path),
-                        device=device, dtype=None)  # the file's own dtype (step 9 writes float32)
-    return model, header
+    return load_frozen(lambda: build_tokenizer(arch), load_file(str(path)),
+                       lambda tensors, expected: _check_against_header(tensors, expected, path),
+                       device=device, dtype=None), header  # the file's own dtype (step 9 writes float32)
 
 
 def _check_against_header(tensors: dict, expected: dict[str, tuple], path: Path) -> None:
@@ -160,8 +156,8 @@ def load_vae(vae_cfg, device: str | torch.device = "cpu", encoder: bool = True) 
         return load_vavae(path, ch=vae_cfg.ch, device=device)
     model, header = load_tokenizer(path, device=device)
     arch = header["arch"]
-    ratio = downsample_ratio(arch)
-    for key, want, have in (("vae.ch", vae_cfg.ch, arch["ch"]), ("vae.downsample_ratio", vae_cfg.downsample_ratio, ratio)):
+    for key, want, have in (("vae.ch", vae_cfg.ch, arch["ch"]),
+                            ("vae.downsample_ratio", vae_cfg.downsample_ratio, downsample_ratio(arch))):
         if want != have:
             raise ConfigError(f"config key '{key}' is {want} but the tokenizer {path} has {have}: set {key}: {have}")
     return model

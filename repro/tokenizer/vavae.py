@@ -40,7 +40,6 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, norm_groups: int = 32):
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
         self.norm1 = _group_norm(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = _group_norm(out_channels, norm_groups)
@@ -51,7 +50,7 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))  # dropout is 0.0 upstream: omitted
-        if self.in_channels != self.out_channels:
+        if hasattr(self, "nin_shortcut"):  # in_channels != out_channels
             x = self.nin_shortcut(x)
         return x + h
 
@@ -99,8 +98,7 @@ class Upsample(nn.Module):
 class _Level(nn.Module):
     """One resolution level: res blocks, each followed by attention where the level has it."""
 
-    def __init__(self, channels_in: int, channels_out: int, num_blocks: int, with_attn: bool,
-                 norm_groups: int = 32):
+    def __init__(self, channels_in: int, channels_out: int, num_blocks: int, with_attn: bool, norm_groups: int):
         super().__init__()
         self.block = nn.ModuleList()
         self.attn = nn.ModuleList()
@@ -132,11 +130,10 @@ class _Mid(nn.Module):
 class Encoder(nn.Module):
     """Image (N,3,H,W) -> moments (N, 2*z_channels, H/2^(L-1), W/2^(L-1))."""
 
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 attn_resolutions: Sequence[int], z_channels: int, resolution: int, in_channels: int = 3,
-                 norm_groups: int = 32):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
+                 z_channels: int, resolution: int, norm_groups: int = 32):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)  # RGB in
         self.down = nn.ModuleList()
         channels = ch
         for level, mult in enumerate(ch_mult):
@@ -156,32 +153,29 @@ class Encoder(nn.Module):
             h = stage(h)
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
     """Latent (N, z_channels, h, w) -> image (N,3,h*2^(L-1),w*2^(L-1))."""
 
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 attn_resolutions: Sequence[int], z_channels: int, resolution: int, out_ch: int = 3,
-                 norm_groups: int = 32):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
+                 z_channels: int, resolution: int, norm_groups: int = 32):
         super().__init__()
         channels = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, channels, 3, padding=1)
         self.mid = _Mid(channels, norm_groups)
         levels: list[_Level | None] = [None] * len(ch_mult)
         for level in reversed(range(len(ch_mult))):  # built from the lowest resolution up
-            level_res = resolution // 2 ** level
-            stage = _Level(channels, ch * ch_mult[level], num_res_blocks + 1, level_res in attn_resolutions,
-                           norm_groups)
+            stage = _Level(channels, ch * ch_mult[level], num_res_blocks + 1,
+                           (resolution // 2 ** level) in attn_resolutions, norm_groups)
             channels = ch * ch_mult[level]
             if level != 0:
                 stage.upsample = Upsample(channels)
             levels[level] = stage
         self.up = nn.ModuleList(levels)  # indexed by level, 0 = full resolution, as upstream
         self.norm_out = _group_norm(channels, norm_groups)
-        self.conv_out = nn.Conv2d(channels, out_ch, 3, padding=1)
+        self.conv_out = nn.Conv2d(channels, 3, 3, padding=1)  # RGB out
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))

@@ -104,16 +104,12 @@ class TokenizerImages:
         return torch.stack(out), used
 
 
-def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed_from(SEED_TAG, seed, "sample", step, position))
-
-
 def build_batch(images: TokenizerImages, indices: Sequence[int], step: int, first_position: int, *, seed: int,
                 latent_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (m, 3, S, S), posterior noise (m, C, h, w)) of global-batch positions first_position, +1, ..."""
     xs, eps = [], []
     for j, index in enumerate(indices):
-        g = sample_generator(seed, step, first_position + j)
+        g = torch.Generator().manual_seed(seed_from(SEED_TAG, seed, "sample", step, first_position + j))
         xs.append(images.item(int(index), g))
         eps.append(torch.randn(latent_shape, generator=g, dtype=torch.float32))
     return torch.stack(xs), torch.stack(eps)

@@ -23,15 +23,12 @@ from repro.utils.hardware import default_device
 
 def init(device: str | torch.device | None = None) -> None:
     """Start the process group if launched by torchrun; a no-op otherwise (or if already started)."""
-    if dist.is_available() and dist.is_initialized():
-        return
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     dev = torch.device(device) if device is not None else default_device()
-    backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
 
 
 def is_initialized() -> bool:
@@ -79,8 +76,7 @@ def broadcast_object(obj: Any) -> Any:
         return obj
     # Rank 0: the bytes, or why there are none (bytes always pickle, so the collective itself cannot fail
     # on one rank only).
-    payload: tuple[bytes | None, str | None] = (None, None)
-    cause: Exception | None = None
+    payload, cause = (None, None), None  # (bytes, None) or (None, why); the pickling error
     if is_main():
         try:
             payload = (pickle.dumps(obj), None)
@@ -103,11 +99,9 @@ def all_reduce_values(values: Sequence[float], op: str = "sum", cpu: bool = Fals
     """
     if not is_initialized():
         return [float(v) for v in values]
-    group = cpu_group() if cpu else None
-    device = torch.device("cpu") if cpu else comm_device()
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device="cpu" if cpu else comm_device())
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
-                    group=group)
+                    group=cpu_group() if cpu else None)
     return t.tolist()
 
 
@@ -140,11 +134,10 @@ def run_on_main(fn, *args, **kwargs):
             result = fn(*args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt and bugs too: the others must not hang
             raised, failure = e, _describe_failure(e)
-    # One broadcast: the result, or the failure every rank raises.
-    if raised is not None:
-        broadcast_object((None, failure))
-        raise raised
+    # One broadcast: the result, or the failure every rank raises (rank 0 re-raises its own).
     result, failure = broadcast_object((result, failure))
+    if raised is not None:
+        raise raised
     if failure is None:
         return result
     # The other ranks: rank 0's kit error as it was, or a bug reported with its type name.

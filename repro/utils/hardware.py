@@ -69,9 +69,7 @@ def resolve_precision(requested: Optional[str], device: torch.device, key: str =
     """'auto'/None -> fp32 on CPU, bf16 on GPUs with native bf16, fp16 on older GPUs (T4, P100);
     an explicit value is checked against the device. `key` names the setting in errors."""
     if requested in (None, "auto"):
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if native_bf16(device) else "fp16"
+        return "fp32" if device.type != "cuda" else "bf16" if native_bf16(device) else "fp16"
     if requested not in DTYPES:
         raise ReproError(f"{key}={requested!r} is not a precision; choose auto, fp32, bf16 or fp16")
     if requested == "bf16" and not native_bf16(device):
@@ -218,13 +216,10 @@ class CompiledOrEager(torch.nn.Module):
 
 def is_oom(exc: BaseException) -> bool:
     """Whether `exc` is an out-of-memory error (CUDA's, or the CPU allocator's)."""
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
-    if oom_types and isinstance(exc, oom_types):
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):  # torch.OutOfMemoryError is the same class
         return True
     text = str(exc).lower()
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -236,10 +231,8 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     """(bytes, what): torch.cuda.max_memory_allocated on GPU; the process's peak RSS (VmHWM) on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "GPU max allocated"
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024, "process peak RSS"
-    except OSError:
-        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"

@@ -15,6 +15,8 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+from repro.errors import ReproError
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,10 +31,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     make_dirs(path.parent)
-    if suffix is None:
-        suffix = path.suffix
     try:
-        tmp_path = _create_temp(path.parent, f".{path.name}.", f".tmp{suffix}")
+        tmp_path = _create_temp(path.parent, f".{path.name}.", f".tmp{path.suffix if suffix is None else suffix}")
     except OSError as e:
         raise read_only_error(path.parent, e) or e
     try:
@@ -43,12 +43,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         os.replace(tmp_path, path)
     except BaseException as e:
         # Nothing half-written stays behind; a full disk is said as such, whoever the writer was.
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        tmp_path.unlink(missing_ok=True)
         if disk_full(e):
             import shutil
-
-            from repro.errors import ReproError
 
             free = shutil.disk_usage(path.parent).free
             raise ReproError(f"the disk holding {path.parent} is full ({free / 1e6:.0f} MB free) while writing "
@@ -66,8 +63,6 @@ def read_only_error(folder: str | os.PathLike, exc: BaseException) -> "Exception
     """A one-line ReproError for 'cannot write in `folder`' (read-only, not ours), or None for other errors."""
     if not (isinstance(exc, OSError) and exc.errno in READ_ONLY_ERRNOS):
         return None
-    from repro.errors import ReproError
-
     where = Path(exc.filename or folder)  # the folder that refused: the nearest one that exists
     while not where.is_dir() and where != where.parent:
         where = where.parent
@@ -127,9 +122,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch  # imported here so that light users of this module (downloads) start fast
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:  # through a Python file: a full disk then surfaces as OSError(ENOSPC) in the chain
-            torch.save(obj, f)
+    # through a Python file: a full disk then surfaces as OSError(ENOSPC) in the chain
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return Path(path)
 
 
@@ -138,14 +133,10 @@ def disk_full(exc: BaseException) -> bool:
 
     Writers in other languages (safetensors' Rust core) report it only as text ("os error 28").
     """
-    import errno
-
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(exc):
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left on device" in str(exc):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -163,12 +154,10 @@ def atomic_save_safetensors(tensors: dict[str, "torch.Tensor"], path: str | os.P
 def remove_stale_temps(folder: str | os.PathLike) -> int:
     """Delete temp files left by a killed writer (`.NAME.*.tmp*`). Returns how many."""
     n = 0
-    folder = Path(folder)
-    if folder.is_dir():
-        for p in folder.glob(".*.tmp*"):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-                n += 1
+    for p in Path(folder).glob(".*.tmp*"):  # none in a missing folder
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            n += 1
     return n
 
 
