@@ -39,17 +39,15 @@ from repro.utils.io import atomic_write_json, wrote_line
 from repro.utils.seeding import seed_from
 
 
-def reconstruct(vae, images: torch.Tensor, batch_size: int = 64, posterior: str = "mean", seed: int = 0,
-                device: Optional[torch.device] = None) -> np.ndarray:
+def reconstruct(vae, images: torch.Tensor, batch_size: int = 64, posterior: str = "mean", seed: int = 0, *,
+                device: torch.device) -> np.ndarray:
     """(N, 3, S, S) in [-1, 1] -> (N, S, S, 3) uint8 reconstructions, `batch_size` at a time."""
     if posterior not in ("mean", "sample"):
         raise ReproError(f"posterior={posterior!r}: choose 'mean' (deterministic) or 'sample' (as upstream)")
-    device = device or next(vae.parameters()).device
     out = []
     with torch.inference_mode():
         for lo in range(0, images.shape[0], batch_size):
-            x = images[lo:lo + batch_size].to(device)
-            post = vae.encode(x)
+            post = vae.encode(images[lo:lo + batch_size].to(device))
             z = post.mean
             if posterior == "sample":
                 eps = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(
@@ -65,10 +63,9 @@ def reconstruction_grid(originals: np.ndarray, reconstructions: np.ndarray, path
     grid writer's tiling; cells without an image stay black)."""
     from repro.sampling.grid import save_grid
 
-    n = min(len(originals), columns * rows)
     h, w = originals.shape[1:3]
     cells = np.zeros((rows, 2, columns, h, w, 3), dtype=np.uint8)  # (pair, original/reconstruction, column)
-    for k in range(n):
+    for k in range(min(len(originals), columns * rows)):
         r, c = divmod(k, columns)
         cells[r, 0, c], cells[r, 1, c] = originals[k], reconstructions[k]
     return save_grid(cells.reshape(-1, h, w, 3), path, rows=2 * rows, cols=columns)
@@ -80,12 +77,9 @@ def rfid(originals: np.ndarray, reconstructions: np.ndarray, weights: Path, devi
     from repro.evaluation.metrics import feature_statistics, frechet_distance
 
     extractor = InceptionExtractor(weights, device=device)
-    feats = []
-    for images in (originals, reconstructions):
-        feats.append(np.concatenate([extractor(images[lo:lo + batch_size])["pool"]
-                                     for lo in range(0, len(images), batch_size)]))
-    (mu1, s1), (mu2, s2) = feature_statistics(feats[0]), feature_statistics(feats[1])
-    return float(frechet_distance(mu1, s1, mu2, s2))
+    feats = [np.concatenate([extractor(x[lo:lo + batch_size])["pool"] for lo in range(0, len(x), batch_size)])
+             for x in (originals, reconstructions)]
+    return float(frechet_distance(*feature_statistics(feats[0]), *feature_statistics(feats[1])))
 
 
 def evaluate_tokenizer(tokenizer: str | os.PathLike, folder: str | os.PathLike, *, out_dir: str | os.PathLike,
@@ -113,7 +107,7 @@ def evaluate_tokenizer(tokenizer: str | os.PathLike, folder: str | os.PathLike, 
                             device=dev, heads_md5=LPIPS_HEADS_MD5)
     metrics = evaluate_reconstructions(originals, recons, lpips=lpips_net)
     # rFID: only with the Inception weights (an asset not every machine has); one line says when it is skipped
-    weights = paths.resolve_file_value(inception_weights, "inception_weights") if inception_weights else None
+    weights = paths.resolve_file_value(inception_weights, "inception_weights")  # None when not given
     n_fid = len(originals) if rfid_images is None else min(rfid_images, len(originals))
     if weights is None or not weights.is_file():
         metrics["rfid"], rfid_note = None, (f"rFID skipped: Inception weights {inception_weights} are not on disk "

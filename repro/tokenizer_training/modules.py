@@ -12,6 +12,7 @@ loss with its LPIPS, PatchGAN and VF network.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,19 +31,6 @@ DINOV2_TIMM_NAME = "vit_large_patch14_dinov2.lvd142m"  # upstream foundation_mod
 DINOV2_INPUT = 224  # upstream resizes the images to 224 for DINOv2
 
 
-def init_from_path(value: str) -> Optional[Path]:
-    """`model.init_from` -> its file; an `asset:NAME` not on disk yet is fetched first (step 2's fetch)."""
-    found = paths.resolve_file_value(value, "model.init_from")
-    name = paths.asset_name(value)
-    if found is None and name is not None:
-        from repro.hub import fetch_assets
-
-        print(f"model.init_from: {value} is not on disk yet: fetching it (step 2)", flush=True)
-        found = Path(fetch_assets([name])[0].path)
-        found = found if found.is_file() else None
-    return found
-
-
 def build_autoencoder(cfg: TokenizerConfig, note: Callable[[str], None] = print, initial: bool = True) -> torch.nn.Module:
     """The AutoencoderKL of `model.*`, seeded by train.seed, or loaded from `model.init_from` (strict; only
     when `initial`: a resumed run loads its checkpoint instead)."""
@@ -52,7 +40,13 @@ def build_autoencoder(cfg: TokenizerConfig, note: Callable[[str], None] = print,
     source = cfg.model.init_from
     if not source or not initial:
         return vae
-    path = init_from_path(source)
+    path = paths.resolve_file_value(source, "model.init_from")
+    if path is None and (name := paths.asset_name(source)) is not None:  # an asset not on disk yet: step 2's fetch
+        from repro.hub import fetch_assets
+
+        print(f"model.init_from: {source} is not on disk yet: fetching it (step 2)", flush=True)
+        path = Path(fetch_assets([name])[0].path)
+        path = path if path.is_file() else None
     if path is None or not path.is_file():
         raise CheckpointError(f"model.init_from {source}: file not found ({path}); fix the path, or run "
                               f"`python -m steps.step2_download --only NAME` for an asset")
@@ -108,11 +102,9 @@ def build_loss(cfg: TokenizerConfig, device: torch.device, feature_net: Optional
         torch.manual_seed(cfg.train.seed + 2)
         vf = VFLoss(cfg.model.embed_dim, int(probe.shape[1]), cos_margin=lo.cos_margin,
                     distmat_margin=lo.distmat_margin).to(device)
-    loss_cfg = TokenizerLossConfig(rec_loss=lo.rec_loss, kl_weight=lo.kl_weight, perceptual_weight=lo.perceptual_weight,
-                                   disc_start=lo.disc_start if lo.disc_start is not None else 0,
-                                   disc_weight=lo.disc_weight, disc_factor=lo.disc_factor, disc_loss=lo.disc_loss,
-                                   vf_weight=lo.vf_weight, adaptive_vf=lo.adaptive_vf, cos_margin=lo.cos_margin,
-                                   distmat_margin=lo.distmat_margin)
+    # every TokenizerLossConfig field is the section's key of that name; disc_start 0 without a PatchGAN
+    same = {f.name: getattr(lo, f.name) for f in dataclasses.fields(TokenizerLossConfig)}
+    loss_cfg = TokenizerLossConfig(**{**same, "disc_start": lo.disc_start if lo.disc_start is not None else 0})
     return TokenizerLoss(loss_cfg, lpips=lpips, discriminator=discriminator, vf=vf), feature_net, input_size
 
 

@@ -37,7 +37,7 @@ from repro.training.batches import plan_batches
 from repro.training.step import lr_factor
 from repro.training.engine import Trainer, run_dir_of, run_training
 from repro.utils import distributed as dist
-from repro.utils.hardware import CompiledOrEager, autocast, compile_mode, use_compile_cache
+from repro.utils.hardware import autocast
 
 TOKENIZER_FILE = "tokenizer.safetensors"
 LOG_KEYS = ("rec_loss", "kl_loss", "p_loss", "g_loss", "d_weight", "vf_loss", "vf_weight", "disc_loss")
@@ -48,18 +48,6 @@ def train_tokenizer(cfg: TokenizerConfig, *, time_budget: Optional[float] = None
     """Train until train.max_steps / max_epochs (or the time budget); returns step, checkpoint, tokenizer,
     run_dir, stopped, loss and `dit_overrides` (the DiT config lines that use this tokenizer)."""
     return run_training(TokenizerTrainer(cfg, feature_net), time_budget=time_budget, device=device)
-
-
-class TrainedModules(torch.nn.Module):
-    """What a tokenizer checkpoint's 'model' holds: `vae.*`, `disc.*` (PatchGAN), `vf.*` (VF projection)."""
-
-    def __init__(self, vae: torch.nn.Module, disc: Optional[torch.nn.Module], vf: Optional[torch.nn.Module]):
-        super().__init__()
-        self.vae = vae
-        if disc is not None:
-            self.disc = disc
-        if vf is not None:
-            self.vf = vf
 
 
 class OptimizerSet:
@@ -105,7 +93,6 @@ class TokenizerTrainer(Trainer):
         self.tokenizer_path = self.run_dir / TOKENIZER_FILE
         self.window: dict[str, float] = {}
         self.window_steps, self.last_loss = 0, None
-        self.bad_step: Optional[int] = None  # the first step with a non-finite loss (`first_bad` on the device)
 
     # --- The images, the batch plan, how long ------------------------------------------------------
     def open(self, ctx) -> None:
@@ -119,9 +106,8 @@ class TokenizerTrainer(Trainer):
                               "(both take gradients of a single layer's weight): set loss.disc_start=null and "
                               "loss.adaptive_vf=false, or train.strategy=ddp")
         self.images = TokenizerImages(paths.runs_path(cfg.data.image_folder), cfg.data.image_size, cfg.data.crop,
-                                      cfg.data.random_flip,
-                                      note=lambda m: ctx.note(m) if ctx.main else print(f"[rank {ctx.rank}] {m}",
-                                                                                        flush=True))
+                                      cfg.data.random_flip, note=lambda m: ctx.note(m) if ctx.main
+                                      else print(f"[rank {ctx.rank}] {m}", flush=True))
         self.plan = plan_batches(SimpleNamespace(global_batch_size=t.global_batch_size,
                                                  micro_batch_size=t.micro_batch_size, grad_accum_steps=1), ctx.world)
         if len(self.images) < self.plan.global_batch:
@@ -134,13 +120,15 @@ class TokenizerTrainer(Trainer):
             raise ReproError("set tokenizer config key 'train.max_steps' (or train.max_epochs): how long to train")
         self.num_items, self.data_dir = len(self.images), self.images.src.root
 
-    # --- Modules, loss parts, optimizers, EMA, scaler (the same initial weights on every process) ---
+    # --- Modules, loss parts, optimizers, EMA (the same initial weights on every process) ----------
     def build(self, ctx, strategy, kind) -> None:
         cfg, t, device = self.cfg, self.cfg.train, ctx.device
         vae = build_autoencoder(cfg, note=ctx.note, initial=kind is None).to(device)  # a resume loads its checkpoint
         self.loss_fn, self.feature_net, self.feature_input = build_loss(cfg, device, self.feature_net, note=ctx.note)
         disc, vf = self.loss_fn.discriminator, self.loss_fn.vf
-        self.model = TrainedModules(vae, disc, vf)
+        # what a tokenizer checkpoint's 'model' holds: `vae.*`, `disc.*` (PatchGAN), `vf.*` (VF projection)
+        parts = {"vae": vae, "disc": disc, "vf": vf}
+        self.model = torch.nn.ModuleDict({k: m for k, m in parts.items() if m is not None})
         # fsdp: every trained module a unit whose forward runs (encode/decode call these, not vae.forward)
         strategy.shard(self.model, [m for m in (vae.encoder, vae.quant_conv, vae.post_quant_conv, vae.decoder, disc, vf)
                                     if m is not None])
@@ -150,15 +138,10 @@ class TokenizerTrainer(Trainer):
         opt_d = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=(t.beta1, t.beta2)) if disc is not None else None
         self.opt = OptimizerSet(opt_ae, opt_d)
         self.ema = strategy.make_ema(vae, t.ema_decay, on_cpu=t.ema_on_cpu) if t.ema_decay is not None else None
-        self.scaler = strategy.make_scaler(ctx.precision)
         with torch.no_grad():
             size = cfg.data.image_size
             self.latent_shape = tuple(vae.encode(torch.zeros(1, 3, size, size, device=device)).mean.shape[1:])
-        # Compiled by default on CUDA (eager if compiling fails, with one line), eager on the CPU.
-        self.encode_decode = AutoencoderPass(vae)
-        if (mode := compile_mode(t.compile, device, auto="default")) is not None:
-            use_compile_cache(paths.runs_dir() / "compile_cache")
-            self.encode_decode = CompiledOrEager(self.encode_decode, mode, "tokenizer training", note=ctx.note)
+        self.encode_decode = self.compiled(AutoencoderPass(vae), ctx, "tokenizer training")
         self.strategy, self.ctx = strategy, ctx
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
 
@@ -168,50 +151,34 @@ class TokenizerTrainer(Trainer):
     def describe(self, ctx, order) -> list[str]:
         cfg, fn = self.cfg, self.loss_fn
         n_params = sum(p.numel() for p in self.vae.parameters())
-        parts_on = [name for name, on in (("LPIPS", fn.lpips is not None), ("PatchGAN", fn.discriminator is not None),
-                                          ("VF", fn.vf is not None)) if on]
+        parts = (("LPIPS", fn.lpips), ("PatchGAN", fn.discriminator), ("VF", fn.vf))
         return [f"run folder {self.run_dir}; autoencoder f{downsample_ratio(cfg.arch())} with {cfg.model.embed_dim} "
                 f"latent channels ({n_params / 1e6:.2f}M parameters) on {self.images.describe()}; latents "
                 f"{self.latent_shape}; {self.max_steps} steps ({order.steps_per_epoch} per epoch); loss rec "
-                f"({cfg.loss.rec_loss}) + KL{''.join(' + ' + p for p in parts_on)}"]
+                f"({cfg.loss.rec_loss}) + KL{''.join(' + ' + p for p, m in parts if m is not None)}"]
 
     # --- The steps ----------------------------------------------------------------------------------
     def train_step(self, step: int, order) -> None:
-        t = self.cfg.train
+        """One autoencoder step and one discriminator step over this process's micro-batches, then the EMA."""
+        ctx, plan, fn, scaler, t = self.ctx, self.plan, self.loss_fn, self.scaler, self.cfg.train
         factor = lr_factor(step, self.max_steps, t.warmup_steps, t.lr_schedule)
         for opt in self.opt.optimizers.values():
             if opt is not None:
                 for group in opt.param_groups:
                     group["lr"] = t.lr * factor
         indices, next_position = order.peek(order.position)
-        logs = self._optimizer_step(step, indices)
-        order.position = next_position
-        if self.ema is not None:
-            self.ema.update()
-        for key, value in logs.items():
-            self.window[key] = self.window.get(key, 0.0) + value
-        self.window_steps += 1
-        if self.bad_step is None and not all(math.isfinite(v) for v in logs.values()):
-            self.bad_step = step
-            self.first_bad.fill_(step)
-
-    def _optimizer_step(self, step: int, indices: torch.Tensor) -> dict[str, float]:
-        """One autoencoder step and one discriminator step over this process's micro-batches; the step's log."""
-        ctx, plan, fn, scaler = self.ctx, self.plan, self.loss_fn, self.scaler
         opt_ae, opt_d = self.opt.optimizers["ae"], self.opt.optimizers["disc"]
         logs: dict[str, float] = {}
         per_process = plan.micro_batch * plan.accum_steps
         batches = []
         # The discriminator is frozen during the autoencoder's pass: the generator term -D(rec) must reach the
         # decoder only, never D's own gradients (upstream: Lightning's toggle_optimizer does the same).
-        disc_params = list(fn.discriminator.parameters()) if fn.discriminator is not None else []
-        for p in disc_params:
-            p.requires_grad_(False)
+        if fn.discriminator is not None:
+            fn.discriminator.requires_grad_(False)
         # Autoencoder: encode, sample z with the sample's own noise, decode, the loss; gradients accumulate.
         for lo, hi in plan.micro_slices(ctx.rank):
-            x, eps = build_batch(self.images, indices[lo:hi].tolist(), step, lo, seed=self.seed,
-                                 latent_shape=self.latent_shape)
-            x, eps = x.to(ctx.device), eps.to(ctx.device)
+            x, eps = (v.to(ctx.device) for v in build_batch(self.images, indices[lo:hi].tolist(), step, lo,
+                                                            seed=self.seed, latent_shape=self.latent_shape))
             with autocast(ctx.device, ctx.precision):
                 posterior, z, rec = self.encode_decode(x, eps)
                 feats = (foundation_features(self.feature_net, x, grid=z.shape[-2:], input_size=self.feature_input)
@@ -226,14 +193,13 @@ class TokenizerTrainer(Trainer):
                     logs[name] = logs.get(name, 0.0) + float(log[key]) * (hi - lo) / per_process
         self.strategy.reduce_gradients(self.ae_params)
         scaler.unscale_(opt_ae)
-        if self.cfg.train.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.ae_params, self.cfg.train.max_grad_norm)
+        if t.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.ae_params, t.max_grad_norm)
         scaler.step(opt_ae)
         opt_ae.zero_grad(set_to_none=True)
-        for p in disc_params:
-            p.requires_grad_(True)
         # Discriminator: its hinge loss from disc_start on; before, upstream steps its Adam on a zero loss.
         if opt_d is not None:
+            fn.discriminator.requires_grad_(True)
             if fn.gan_active(step):
                 for x, rec in batches:
                     with autocast(ctx.device, ctx.precision):
@@ -247,7 +213,15 @@ class TokenizerTrainer(Trainer):
             scaler.step(opt_d)
             opt_d.zero_grad(set_to_none=True)
         scaler.update()
-        return logs
+        order.position = next_position
+        if self.ema is not None:
+            self.ema.update()
+        for key, value in logs.items():
+            self.window[key] = self.window.get(key, 0.0) + value
+        self.window_steps += 1
+        # the first step with a non-finite loss (read on the device only then)
+        if not all(math.isfinite(v) for v in logs.values()) and self.first_bad < 0:
+            self.first_bad.fill_(step)
 
     def log_values(self, ctx) -> dict:
         keys = sorted(self.window)

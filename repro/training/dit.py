@@ -44,18 +44,6 @@ from repro.training.grids import GridSampler
 from repro.training.step import StepRunner, make_optimizer, normalise_optimizer_state, take_over_label_dropout
 from repro.training.validation import make_validation
 from repro.utils import distributed as dist
-from repro.utils.hardware import CompiledOrEager, compile_mode, use_compile_cache
-
-
-def check_resolved(cfg: Config) -> Config:
-    """A copy of `cfg` with `runs:REL` paths under the runs folder (the meaning every step gives them);
-    an `asset:NAME` marker, which only step 3 can fill in, is refused naming the key."""
-    # kit (issue 12): one meaning of runs: in every step (repro.paths), no longer refused here
-    cfg = copy.deepcopy(cfg)
-    paths.resolve_runs_markers(cfg)
-    keys = ["data.data_path", "data.valid_path", "train.output_dir", "train.ckpt", "train.weight_init"]
-    paths.refuse_asset_markers(cfg, keys + (["vae.ckpt_path"] if cfg.train.sample_every else []))
-    return cfg
 
 
 def open_latents(cfg: Config):
@@ -106,17 +94,21 @@ def train(cfg: Config, *, time_budget: Optional[float] = None) -> dict:
 class DiTTrainer(Trainer):
     """LightningDiT + flow matching on latent shards: what the engine needs from step 7."""
 
-    what = "LightningDiT"
     nan_advice = ("Lower optimizer.lr, set optimizer.max_grad_norm (e.g. 1.0) or model.use_qknorm=true (upstream's "
                   "advice for NaN losses), or train in fp32")
 
     def __init__(self, cfg: Config):
-        self.cfg = check_resolved(cfg)
-        if family_of(self.cfg.model.model_type) == "unet":
-            self.what = "UNet"
-        self.run_dir = run_dir_of(self.cfg)
-        self.seed = self.cfg.train.global_seed
-        self.max_steps = self.cfg.train.max_steps
+        # A copy of `cfg` with `runs:REL` paths under the runs folder (the meaning every step gives them); an
+        # `asset:NAME` marker, which only step 3 can fill in, is refused naming the key.
+        # kit (issue 12): one meaning of runs: in every step (repro.paths), no longer refused here
+        self.cfg = cfg = copy.deepcopy(cfg)
+        paths.resolve_runs_markers(cfg)
+        keys = ["data.data_path", "data.valid_path", "train.output_dir", "train.ckpt", "train.weight_init"]
+        paths.refuse_asset_markers(cfg, keys + (["vae.ckpt_path"] if cfg.train.sample_every else []))
+        self.what = "UNet" if family_of(cfg.model.model_type) == "unet" else "LightningDiT"
+        self.run_dir = run_dir_of(cfg)
+        self.seed = cfg.train.global_seed
+        self.max_steps = cfg.train.max_steps
         self.stream = None
 
     # --- The data, the batch plan -----------------------------------------------------------------
@@ -136,7 +128,7 @@ class DiTTrainer(Trainer):
     def choose_start(self, ckpt_dir: Path, note):
         return ckpt.choose_start(self.cfg, ckpt_dir, note)  # this run's newest, train.ckpt or train.weight_init
 
-    # --- Model, EMA, optimizer, scaler, the step runner and the grid sampler ----------------------
+    # --- Model, EMA, optimizer, the step runner and the grid sampler ------------------------------
     def build(self, ctx, strategy, kind) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.train.global_seed)
@@ -146,15 +138,9 @@ class DiTTrainer(Trainer):
         self.ema = strategy.make_ema(model, cfg.train.ema_decay, on_cpu=cfg.train.ema_on_cpu)
         self.dropout_prob = take_over_label_dropout(model)
         self.opt = make_optimizer(model, cfg.optimizer, strategy.param_device)
-        self.scaler = strategy.make_scaler(ctx.precision)  # fsdp + fp16: overflow checks agree across the shards
-        # Compiled by default on CUDA (eager if compiling fails, with one line), eager on the CPU.
-        forward_model = model
-        if (mode := compile_mode(cfg.train.compile, ctx.device, auto="default")) is not None:
-            use_compile_cache(paths.runs_dir() / "compile_cache")
-            forward_model = CompiledOrEager(model, mode, "training", note=ctx.note)
-        forward_model = strategy.wrap(forward_model)  # DDP with several processes; FSDP needs no wrapper
-        self.runner = StepRunner(model, forward_model, self.opt, self.scaler, self.ema, self.plan, cfg,
-                                 precision=ctx.precision, device=ctx.device)
+        # The forward compiled by default on CUDA (`compiled`); DDP with several processes (FSDP needs no wrapper).
+        self.runner = StepRunner(model, strategy.wrap(self.compiled(model, ctx, "training")), self.opt,
+                                 self.scaler, self.ema, self.plan, cfg, precision=ctx.precision, device=ctx.device)
         self.grids = GridSampler(cfg, stats=self.ds.stats, device=ctx.device, precision=ctx.precision, note=ctx.note)
 
     def after_restore(self, ctx, kind, path, state, strategy) -> None:
@@ -204,10 +190,8 @@ class DiTTrainer(Trainer):
 
     def log_values(self, ctx) -> dict:
         runner = self.runner
-        sums = runner.sums.clone()
-        if ctx.world > 1:
-            torch.distributed.all_reduce(sums)
-        loss, mse, cos = (sums / max(runner.samples * ctx.world, 1)).tolist()
+        sums = dist.all_reduce_values(runner.sums.tolist())  # float64, as the device sums
+        loss, mse, cos = (v / max(runner.samples * ctx.world, 1) for v in sums)
         runner.reset_sums()
         return {"loss": loss, "mse": mse, "cos": cos if self.cfg.transport.use_cosine_loss else None,
                 "grad_norm": float(runner.grad_norm)}
@@ -223,8 +207,7 @@ class DiTTrainer(Trainer):
         # EMA sample grid (rank 0): a host-memory EMA is swapped into the model, a sharded one gathered.
         if cfg.train.sample_every and step % cfg.train.sample_every == 0:
             t0 = time.perf_counter()
-            build = lambda: self.build_denoiser().to(ctx.device)  # noqa: E731
-            with strategy.ema_for_grid(self.ema, self.model, build) as m:
+            with strategy.ema_for_grid(self.ema, self.model, lambda: self.build_denoiser().to(ctx.device)) as m:
                 if ctx.main:
                     grid = self.grids(m, step, self.run_dir)
                     ctx.note(f"EMA sample grid {grid} ({time.perf_counter() - t0:.1f}s)")
@@ -236,10 +219,7 @@ class DiTTrainer(Trainer):
     def final_loss(self, ctx) -> Optional[float]:
         if not self.runner.steps_done:
             return None
-        total = self.runner.last_loss_sum.clone()
-        if ctx.world > 1:
-            torch.distributed.all_reduce(total)
-        return float(total) / self.plan.global_batch
+        return dist.all_reduce_values([float(self.runner.last_loss_sum)])[0] / self.plan.global_batch
 
     def close(self) -> None:
         if self.stream is not None:

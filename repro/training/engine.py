@@ -37,7 +37,8 @@ from repro.training.logs import RunLogger, window_progress
 from repro.training.saver import RunSaver, check_shared_folder
 from repro.training.strategy import make_strategy
 from repro.utils import distributed as dist
-from repro.utils.hardware import default_device, resolve_precision, set_determinism
+from repro.utils.hardware import CompiledOrEager, compile_mode, default_device, resolve_precision, set_determinism
+from repro.utils.hardware import use_compile_cache
 from repro.utils.io import wrote_line
 from repro.utils.preemption import StopSignals, signal_name
 from repro.utils.seeding import SEEDING
@@ -59,12 +60,11 @@ class Trainer:
     """What a trainer gives the engine. Set in `__init__`: `cfg` (its typed config; `cfg.train` holds the
     engine's keys), `run_dir`, `seed`; in `open`: `plan`, `max_steps`, `num_items`, `data_dir`; in `build`:
     `model` (every trained module: the checkpoint's 'model'), `ema_source`, `ema` (or None), `opt` (an
-    optimizer, or an object with `optimizers`, `state_dict`, `load_state_dict`), `scaler`, `first_bad` (a
-    device tensor: the first step whose loss was not finite, -1 for none)."""
+    optimizer, or an object with `optimizers`, `state_dict`, `load_state_dict`), `first_bad` (a device
+    tensor: the first step whose loss was not finite, -1 for none). The engine sets `scaler` before `build`.
+    Class attributes: `what` (its name in messages), `nan_advice` (what to try after a non-finite loss)."""
 
-    what = "training"  # its name in messages
     kit_info: dict = {}  # added to every checkpoint's `kit`
-    nan_advice = "Lower the learning rate or train in fp32"
 
     def open(self, ctx: Context) -> None:
         """Open the data; set plan, max_steps, num_items, data_dir."""
@@ -77,6 +77,14 @@ class Trainer:
 
     def build(self, ctx: Context, strategy, kind: Optional[str]) -> None:
         raise NotImplementedError
+
+    def compiled(self, module: torch.nn.Module, ctx: Context, purpose: str):
+        """`module` compiled by default on CUDA (eager if compiling fails, with one line naming `purpose`), eager on
+        the CPU; `train.compile` decides. For both trainers' forward passes."""
+        if (mode := compile_mode(self.cfg.train.compile, ctx.device, auto="default")) is None:
+            return module
+        use_compile_cache(paths.runs_dir() / "compile_cache")
+        return CompiledOrEager(module, mode, purpose, note=ctx.note)
 
     def after_restore(self, ctx: Context, kind: Optional[str], path: Optional[str], state: Optional[dict],
                       strategy) -> None:
@@ -99,9 +107,6 @@ class Trainer:
         """The means since the last log (a collective), then a new window."""
         raise NotImplementedError
 
-    def lr(self) -> float:
-        return float(self.opt.param_groups[0]["lr"])
-
     def after_step(self, ctx: Context, step: int, strategy) -> tuple[Optional[dict], float]:
         """Extra work at this step: (a row to log now, or None; the seconds it took)."""
         return None, 0.0
@@ -110,7 +115,7 @@ class Trainer:
         """Rank 0, at each save, with the full state: files beside the checkpoint."""
 
     def final_loss(self, ctx: Context) -> Optional[float]:
-        return None
+        """The run's last loss for its result (None: not known)."""
 
     def result(self, out: dict) -> dict:
         return out
@@ -122,8 +127,7 @@ class Trainer:
 
     def written(self, result: dict) -> list:
         """What the run wrote, for its closing `wrote:` line: the newest checkpoint, the log, the config."""
-        run_dir = Path(result["run_dir"])
-        return [result["checkpoint"], run_dir / "log.jsonl", run_dir / "config.yaml"]
+        return [result["checkpoint"], self.run_dir / "log.jsonl", self.run_dir / "config.yaml"]
 
     def close(self) -> None:
         """Release what `start` opened."""
@@ -149,13 +153,12 @@ def run_training(trainer: Trainer, *, time_budget: Optional[float] = None, devic
 
 
 def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Optional[float], t_start: float,
-                  stops: Optional[StopSignals] = None) -> dict:
+                  stops: StopSignals) -> dict:
     # --- Processes, precision, the run folder and the data ----------------------------------------
     t = trainer.cfg.train
     rank, world, main = dist.get_rank(), dist.get_world_size(), dist.is_main()
     precision = resolve_precision(t.precision, device, "train.precision")
     run_dir = trainer.run_dir
-    ckpt_dir = ckpt.checkpoint_dir(run_dir)
 
     def note(message: str) -> None:  # printed now (an error may follow), written to log.txt once it is open
         if main:
@@ -167,7 +170,7 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
 
     # --- Where to start: this run's newest checkpoint, or the trainer's own start ------------------
     # rank 0 chooses and the others read the same file: on several machines each must see rank 0's folder
-    kind, path, state = trainer.choose_start(ckpt_dir, note) if main else (None, None, None)
+    kind, path, state = trainer.choose_start(ckpt.checkpoint_dir(run_dir), note) if main else (None, None, None)
     kind, path = dist.broadcast_object((kind, path))
     if not main and kind in ("resume", "ckpt"):
         state = ckpt.read_training_checkpoint(path)
@@ -181,8 +184,8 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
 
     # --- Modules, EMA, optimizer(s), scaler: the same initial weights on every process ------------
     strategy = make_strategy(t, device, world)  # ddp: a replica per process; fsdp: sharded per unit
+    trainer.scaler = strategy.make_scaler(precision)  # fsdp + fp16: overflow checks agree across the shards
     trainer.build(ctx, strategy, kind)
-    scaler = trainer.scaler
 
     # --- Restore the starting state --------------------------------------------------------------
     step, position = 0, None
@@ -217,22 +220,19 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
                                "loss": trainer.final_loss(ctx), "run_dir": str(run_dir), "stopped": stopped,
                                "batch_plan": plan.describe(), "precision": precision})
 
-    if step >= max_steps:
-        log.info(f"nothing to do: step {step} already reaches the run's {max_steps} steps")
-        saver.close()
-        strategy.close()
-        log.close()
-        return result("already_done")
-    if main and (room := saver.disk_room_note(step)):
-        log.info(room)
-
-    # --- The step loop --------------------------------------------------------------------------
-    trainer.start(ctx, step, order)
-    stopped = "max_steps"
-    step_time: Optional[float] = None
-    save_time = saver.estimate
-    window_start, window_steps = time.perf_counter(), 0
     try:
+        if step >= max_steps:
+            log.info(f"nothing to do: step {step} already reaches the run's {max_steps} steps")
+            return result("already_done")
+        if main and (room := saver.disk_room_note(step)):
+            log.info(room)
+
+        # --- The step loop --------------------------------------------------------------------------
+        trainer.start(ctx, step, order)
+        stopped = "max_steps"
+        step_time: Optional[float] = None
+        save_time = saver.estimate
+        window_start, window_steps = time.perf_counter(), 0
         while step < max_steps:
             # Stop here, after a whole step, on every process alike: a SIGTERM/SIGINT on any process, or
             # the time budget about to run out (two more steps and a save must still fit). One reduction
@@ -240,7 +240,7 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
             out_of_time = time_budget is not None and (
                 time.monotonic() - t_start + 2.0 * (step_time or 0.0) + save_time >= time_budget)
             signum, out_of_time = (int(v) for v in dist.all_reduce_values(
-                [float(stops.signum or 0) if stops is not None else 0.0, float(out_of_time)], "max", cpu=True))
+                [float(stops.signum or 0), float(out_of_time)], "max", cpu=True))
             if signum:
                 stopped = f"signal:{signum}"
                 break
@@ -265,9 +265,10 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
                 seconds = time.perf_counter() - window_start
                 row = trainer.log_values(ctx)
                 row.update(images_per_sec=window_steps * plan.global_batch / seconds,
-                           steps_per_sec=window_steps / seconds, lr=trainer.lr(), epoch=order.position.epoch)
-                if scaler.is_enabled():
-                    row["loss_scale"] = float(scaler.get_scale())
+                           steps_per_sec=window_steps / seconds, lr=float(trainer.opt.param_groups[0]["lr"]),
+                           epoch=order.position.epoch)
+                if trainer.scaler.is_enabled():
+                    row["loss_scale"] = float(trainer.scaler.get_scale())
                 row.update(window_progress(step, max_steps, seconds / window_steps, device))  # ETA, peak memory
                 row.update(extra_row or {})
                 log.metrics(step, row)
@@ -278,28 +279,22 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
                 save_time = saver.save(step) + extra_seconds
 
         # --- Finish: a signal or a time-budget stop saves where it stands ----------------------------
-        if stopped.startswith("signal:"):  # kit (issue 12)
-            signum = int(stopped.split(":")[1])
-            fresh = step != saver.last_saved_step and step > 0
-            if fresh:
-                saver.save(step)
-            saver.wait()  # on disk (and its error raised) before the message says so
-            dist.barrier()
+        fresh = stopped != "max_steps" and step != saver.last_saved_step and step > 0
+        if stopped == "time_budget":
+            log.info(f"time budget of {time_budget:.0f}s nearly used ({time.monotonic() - t_start:.0f}s elapsed) at "
+                     f"step {step} of {max_steps}: {'saving and stopping' if fresh else 'stopping (nothing new to save)'}"
+                     "; run the same command again to continue")
+        if fresh:
+            saver.save(step)
+        saver.wait()  # the last checkpoint on disk (its error raised) before any process returns or says so
+        dist.barrier()
+        if stopped.startswith("signal:"):  # kit (issue 12); `signum` is the loop's, the signal that stopped it
             written = (f"checkpoint written: {saver.last_saved}" if fresh else f"newest checkpoint: {saver.last_saved}"
                        if saver.last_saved else "no checkpoint (no optimizer step was taken)")
             message = (f"stopped by {signal_name(signum)} at step {step} of run {run_dir}; {written}; resume with "
                        "the same command")
             log.info(message, echo=False)
             raise Preempted(message, signum)
-        if stopped == "time_budget":
-            saving = step != saver.last_saved_step and step > 0
-            log.info(f"time budget of {time_budget:.0f}s nearly used ({time.monotonic() - t_start:.0f}s elapsed) at "
-                     f"step {step} of {max_steps}: {'saving and stopping' if saving else 'stopping (nothing new to save)'}"
-                     "; run the same command again to continue")
-            if saving:
-                saver.save(step)
-        saver.wait()  # the last checkpoint is on disk before any process returns
-        dist.barrier()
         return result(stopped)
     finally:
         trainer.close()
