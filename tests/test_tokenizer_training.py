@@ -278,3 +278,16 @@ def test_unreadable_images_are_reported_and_replaced_never_silently_dropped(digi
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(ReproError, match=r"lists no images"):
         train_tokenizer(tiny_cfg(digits, tmp_path / "e", "train.max_steps=1", f"data.image_folder={tmp_path / 'empty'}"))
+
+
+def test_the_logged_lr_after_a_resume_is_the_scheduled_one(digits, tmp_path):
+    """Warm-up and a cosine schedule, stopped at step 3 and resumed to 6: the log rows of steps 4-6 show the lr the
+    unbroken run used (the optimizer set once showed the starting lr after a resume: load_state_dict replaces
+    Adam's group list)."""
+    more = ["train.ckpt_every=3", "train.log_every=1", "train.warmup_steps=4", "train.lr_schedule=cosine"]
+    whole = _rows(train_tokenizer(tiny_cfg(digits, tmp_path / "whole", "train.max_steps=6", *more))["run_dir"])
+    train_tokenizer(tiny_cfg(digits, tmp_path / "cut", "train.max_steps=3", *more))
+    cut = _rows(train_tokenizer(tiny_cfg(digits, tmp_path / "cut", "train.max_steps=6", *more))["run_dir"])
+    lrs = lambda rows: {r["step"]: r["lr"] for r in rows if r["step"] > 3}  # noqa: E731 (steps 1-3 had max_steps 3)
+    assert len(set(lrs(whole).values())) == 3  # the schedule moves
+    assert lrs(cut) == lrs(whole)

@@ -55,7 +55,12 @@ class OptimizerSet:
 
     def __init__(self, ae: torch.optim.Optimizer, disc: Optional[torch.optim.Optimizer]):
         self.optimizers = {"ae": ae, "disc": disc}
-        self.param_groups = ae.param_groups
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The autoencoder's groups as they are now (load_state_dict replaces the list: a copy taken at
+        construction would show the starting lr in the log after a resume)."""
+        return self.optimizers["ae"].param_groups
 
     def state_dict(self) -> dict:
         return {k: o.state_dict() if o is not None else {} for k, o in self.optimizers.items()}
