@@ -28,5 +28,9 @@ if [[ "$what" == all || "$what" == bench ]]; then
   # training: >= 40% MFU in bf16; then the T4 settings (fp16 + scaler + checkpointing, micro-batch 8): peak <= 15 GB
   check python benchmarks/bench_train.py --model LightningDiT-XL/1 --micro-batch 64 --precision bf16 --checkpointing off --no-t4-row
   check python benchmarks/bench_train.py --model LightningDiT-XL/1 --micro-batch 8 --precision fp16 --checkpointing on --no-t4-row
+  # VFM-VAE (random weights, needs transformers): official f16d32 images/s and max_memory_allocated against the
+  # computed budget, fp32 and with the loader's half-precision options
+  check python benchmarks/bench_vfm_vae.py --configs official --batch 32 --no-budget
+  check python benchmarks/bench_vfm_vae.py --configs official --batch 32 --num-fp16-res 3 --siglip-precision bf16 --no-budget
 fi
 exit $failed

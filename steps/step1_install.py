@@ -6,6 +6,8 @@
     # notebook:  from steps.step1_install import main; report = main(dry_run=True)
 
 Writes `runs/env.json` (or `<out>/env.json`), which step 3 reads to pick precision and batch sizes.
+A `vfm-vae` line per kind of GPU (a T4 and an H100 for reference on a CPU machine) gives the VFM-VAE's
+largest encode and decode batch from its computed memory budget (repro.tokenizer.vfm_vae_budget).
 A GPU the installed torch has no kernels for (e.g. a P100, sm_60) is an error with the fix.
 """
 

@@ -8,6 +8,8 @@
 Fills `asset:NAME` / `asset-dir:NAME` / `runs:REL` paths from runs/assets.json (step 2), turns
 `auto` precision and batch sizes into values for this machine from runs/env.json (step 1), applies
 --set overrides (they win), prints every change, and writes runs/configs/<preset>.resolved.yaml.
+With `vae.model_name: vfm_vae_f16d32` it also prints the VFM-VAE's computed memory budget (encode and decode
+at the largest batch that fits) on the planned card(s): --profile, env.json's GPUs, or a T4 and an H100.
 `--base` (and `main(base=...)`) is the old name of `--config` and still works.
 """
 
@@ -17,7 +19,8 @@ import argparse
 from typing import Optional, Sequence
 
 from repro.errors import ConfigError
-from repro.setup.resolve import HARDWARE_PROFILES, default_resolved_path, resolve_file, write_resolved
+from repro.setup import envinfo
+from repro.setup.resolve import HARDWARE_PROFILES, default_resolved_path, planned_gpus, resolve_file, write_resolved
 from repro.utils.cli import add_config_arguments, run_cli, step_parser
 from repro.utils.io import wrote_line
 
@@ -35,6 +38,10 @@ def main(config: Optional[str] = None, set: Optional[list[str]] = None, out: Opt
     print(f"base: {base_path}")
     for line in changes or ["(no changes: the preset is already concrete)"]:
         print(f"  {line}")
+    from repro.tokenizer.loader import VFM_VAE
+
+    if cfg.vae.model_name == VFM_VAE:  # its memory on the card(s) planned for (computed, repro.tokenizer.vfm_vae_budget)
+        print("\n".join(envinfo.vfm_vae_budget_lines(planned_gpus(env, profile))), flush=True)
     path = None
     if not dry_run:
         path = write_resolved(cfg, out or default_resolved_path(base_path), base=base_path, changes=changes)

@@ -184,6 +184,28 @@ def recommend_sampling(gpus: list[GPUInfo], precision: str) -> dict[str, Any]:
     return {"sample": sample, "sample_reason": f"{mem_gib:.0f} GiB GPU, {precision}, XL/1 at 256 px"}
 
 
+# A 16 GB T4 (torch's total_memory on Kaggle/Colab) and an 80 GB H100: the plans printed on a machine without a
+# GPU, and step 3's hardware profiles "t4" and "h100-80gb" (repro.setup.resolve.HARDWARE_PROFILES)
+REFERENCE_CARDS = (GPUInfo("Tesla T4", (7, 5), 15_835_398_144), GPUInfo("NVIDIA H100 80GB HBM3", (9, 0), 80 * GiB))
+
+
+def vfm_vae_plans(gpus: list[GPUInfo]) -> list[dict[str, Any]]:
+    """The VFM-VAE's largest encode and decode batches (computed budget, repro.tokenizer.vfm_vae_budget) on each
+    kind of card here, or on a T4 and an H100 for reference on a CPU machine."""
+    from repro.tokenizer.vfm_vae_budget import plan
+
+    if gpus:
+        return [plan(name, memory) for name, memory in dict.fromkeys((g.name, g.total_memory) for g in gpus)]
+    return [plan(g.name, g.total_memory, " (reference: no GPU here)") for g in REFERENCE_CARDS]
+
+
+def vfm_vae_budget_lines(gpus: list[GPUInfo]) -> list[str]:
+    """Step 3's VFM-VAE memory tables, for the cards `vfm_vae_plans` plans for."""
+    from repro.tokenizer.vfm_vae_budget import budget_tables
+
+    return [line for p in vfm_vae_plans(gpus) for line in budget_tables(p["card"], p["total_memory_bytes"], p)]
+
+
 def sdpa_kernels(capability: Optional[tuple[int, int]], enabled: Mapping[str, bool]) -> dict[str, bool]:
     """Which scaled_dot_product_attention back-ends can run: enabled in torch and supported by the device."""
     if capability is None:  # CPU: torch has a flash-style CPU kernel and the math fallback
@@ -315,6 +337,7 @@ def collect_env(outputs_dir: Optional[str | os.PathLike] = None) -> dict[str, An
         "ram": _ram(),
         "disk": _disk(outputs),
         "recommended": recommend(gpus, bf16_runtime),
+        "vfm_vae": vfm_vae_plans(gpus),
         "problems": problems,
     }
 
@@ -348,6 +371,7 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"batch      sample {rec['sample_per_proc_batch_size']} per process ({rec['sample_batch_reason']}), "
         f"train micro batch {rec['train_micro_batch_size']} ({rec['train_batch_reason']})",
     ]
+    lines += [f"vfm-vae    {p['line']}" for p in report.get("vfm_vae", [])]
     lines += [f"PROBLEM    {p}" for p in report["problems"]]
     return "\n".join(lines)
 

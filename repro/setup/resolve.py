@@ -26,6 +26,7 @@ explicit fp32 and an `auto` batch, step 1's half-precision batch estimate is hal
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -47,12 +48,12 @@ from repro.utils.hardware import GiB
 HARDWARE_PROFILES: dict[str, list[envinfo.GPUInfo]] = {
     "cpu": [],
     "p100": [envinfo.GPUInfo("Tesla P100-PCIE-16GB", (6, 0), 17_071_734_784)],
-    "t4": [envinfo.GPUInfo("Tesla T4", (7, 5), 15_835_398_144)],  # torch's total_memory on Kaggle/Colab
-    "t4x2": [envinfo.GPUInfo("Tesla T4", (7, 5), 15_835_398_144, i) for i in range(2)],  # Kaggle's "GPU T4 x2"
+    "t4": [envinfo.REFERENCE_CARDS[0]],  # torch's total_memory on Kaggle/Colab
+    "t4x2": [dataclasses.replace(envinfo.REFERENCE_CARDS[0], index=i) for i in range(2)],  # Kaggle's "GPU T4 x2"
     "l4": [envinfo.GPUInfo("NVIDIA L4", (8, 9), 22 * GiB)],
     "a100-40gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-40GB", (8, 0), 40 * GiB)],
     "a100-80gb": [envinfo.GPUInfo("NVIDIA A100-SXM4-80GB", (8, 0), 80 * GiB)],
-    "h100-80gb": [envinfo.GPUInfo("NVIDIA H100 80GB HBM3", (9, 0), 80 * GiB)],
+    "h100-80gb": [envinfo.REFERENCE_CARDS[1]],
 }
 
 
@@ -122,6 +123,22 @@ def _recommendation(env: Any, profile: Optional[str]) -> tuple[dict[str, Any], s
         raise ConfigError(f"{origin} has no complete 'recommended' block ({', '.join(needed)}): "
                           "run `python -m steps.step1_install` again to rewrite it")
     return dict(rec), origin
+
+
+def planned_gpus(env: Any = None, profile: Optional[str] = None) -> list[envinfo.GPUInfo]:
+    """The GPUs a plan is for, as `_recommendation` finds them: the profile's, the env report's (step 1), or this
+    machine's detected now (also when the report is missing or unreadable: the plan is only printed)."""
+    if profile is not None:
+        if profile not in HARDWARE_PROFILES:
+            raise ConfigError(f"unknown hardware profile '{profile}' (choose one of {', '.join(HARDWARE_PROFILES)})")
+        return HARDWARE_PROFILES[profile]
+    try:
+        report = env if isinstance(env, Mapping) else _read_json(Path(env) if env is not None else paths.env_json(),
+                                                                 "environment report", "")
+        return [envinfo.GPUInfo(g["name"], tuple(g["capability"]), int(g["total_memory_bytes"]), int(g.get("index", 0)))
+                for g in report["gpus"]]
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return envinfo.detect_gpus()
 
 
 def resolve_config(cfg: Config, assets: Any = None, env: Any = None, profile: Optional[str] = None,
