@@ -69,7 +69,8 @@ def test_real_manifest_names_every_asset():
     # what a plain step 2 fetches; grouped assets (issue 16: upstream's 63 GB of latents) only when named
     assert {a.name for a in m.select()} == {"vavae-f16d32", "latents-stats", "lightningdit-xl-800ep",
                                             "lightningdit-xl-64ep", "fid-inception", "adm-ref-imagenet256"}
-    assert {a.group for a in m.assets.values()} == {None, "imagenet256-latents", "tokenizer-training", "vfm-vae"}
+    assert {a.group for a in m.assets.values()} == {None, "imagenet256-latents", "tokenizer-training", "vfm-vae",
+                                                    "vfm-vae-encoder"}
     assert (m.assets["latents-stats"].repo_id, m.assets["latents-stats"].filename) == STATS
     assert m.assets["lightningdit-xl-800ep"].repo_id == "hustvl/lightningdit-xl-imagenet256-800ep"
     assert m.assets["adm-ref-imagenet256"].url.endswith("/VIRTUAL_imagenet256_labeled.npz")
