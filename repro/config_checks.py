@@ -77,8 +77,10 @@ def _one_of(key: str, value: Any, supported: tuple[str, ...], upstream_also: tup
     raise ConfigError(f"config key '{key}' is {value!r}, not one of {listing}{_suggest(value, supported)}")
 
 
-def _refuse(key: str, value: Any, why: str, fix: str) -> None:
-    raise ConfigError(f"config key '{key}' is {value!r}: {why}; {fix}")
+def _refuse(key: str, value: Any, why: str, fix: str, when: Any = True) -> None:
+    """Raise "config key 'KEY' is VALUE: WHY; FIX" when `when` holds (the checks below pass their condition)."""
+    if when:
+        raise ConfigError(f"config key '{key}' is {value!r}: {why}; {fix}")
 
 
 DIT_ONLY_KEYS = ("use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift")
@@ -90,39 +92,47 @@ def check_supported(cfg) -> None:
 
     # Model and tokenizer: the sizes of the registry, velocity output, the f16d32 VA-VAE.
     _one_of("model.model_type", m.model_type, MODEL_TYPES)
-    if m.learn_sigma:
-        _refuse("model.learn_sigma", True, "the flow-matching LightningDiT predicts velocity only (upstream "
-                "train.py never passes learn_sigma, so no released checkpoint has the doubled output)",
-                "remove the key or set model.learn_sigma: false")
+    _refuse("model.learn_sigma", True, "the flow-matching LightningDiT predicts velocity only (upstream "
+            "train.py never passes learn_sigma, so no released checkpoint has the doubled output)",
+            "remove the key or set model.learn_sigma: false", when=m.learn_sigma)
     if m.model_type.startswith("UNet-"):  # kit (issue 23): LightningDiT's switches mean nothing to a UNet
-        if m.use_checkpoint:
-            _refuse("model.use_checkpoint", True, "gradient checkpointing is LightningDiT's (per transformer block); "
-                    "the UNet does not implement it", "set model.use_checkpoint: false")
+        _refuse("model.use_checkpoint", True, "gradient checkpointing is LightningDiT's (per transformer block); "
+                "the UNet does not implement it", "set model.use_checkpoint: false", when=m.use_checkpoint)
         dit = type(m)()  # LightningDiT's defaults
         for key in DIT_ONLY_KEYS:  # at their defaults they are simply not read; another value would be ignored
-            if (value := getattr(m, key)) != getattr(dit, key):
-                _refuse(f"model.{key}", value, f"{m.model_type} is a UNet and model.{key} is a LightningDiT switch "
-                        "(the UNet has no such part)", f"remove the key or set model.{key}: {getattr(dit, key)}"
-                        .replace("True", "true").replace("False", "false"))
-    if v.model_name not in VAE_MODELS:  # upstream loads tokenizer/configs/<model_name>.yaml
-        _refuse("vae.model_name", v.model_name, "the kit's tokenizers are the official VA-VAE f16d32 ('vavae_f16d32') "
-                "and one trained by step 9 ('custom'); another tokenizer's latents would be decoded by the wrong VAE",
-                "set vae.model_name: vavae_f16d32 with VA-VAE f16d32 weights (vae.ckpt_path) and latents, or "
-                "vae.model_name: custom with a tokenizer of step 9")
-    if v.model_name in ("vfm_vae_f16d32", "vavae_f16d32") and v.downsample_ratio != 16:
-        _refuse("vae.downsample_ratio", v.downsample_ratio, f"vae.model_name {v.model_name} downsamples by 16",
-                "set vae.downsample_ratio: 16" + (" (or vae.model_name: custom for a tokenizer of step 9)"
-                                                  if v.model_name == "vavae_f16d32" else ""))
-    if v.model_name == "custom" and v.downsample_ratio & (v.downsample_ratio - 1):
-        _refuse("vae.downsample_ratio", v.downsample_ratio, "a tokenizer of step 9 downsamples by a power of two "
-                "(2^(len(ch_mult) - 1): f4, f8, f16)", "set the ratio of the tokenizer in vae.ckpt_path")
+            value = getattr(m, key)
+            _refuse(f"model.{key}", value, f"{m.model_type} is a UNet and model.{key} is a LightningDiT switch "
+                    "(the UNet has no such part)", f"remove the key or set model.{key}: {getattr(dit, key)}"
+                    .replace("True", "true").replace("False", "false"), when=value != getattr(dit, key))
+    # upstream loads tokenizer/configs/<model_name>.yaml
+    _refuse("vae.model_name", v.model_name, "the kit's tokenizers are the official VA-VAE f16d32 ('vavae_f16d32') "
+            "and one trained by step 9 ('custom'); another tokenizer's latents would be decoded by the wrong VAE",
+            "set vae.model_name: vavae_f16d32 with VA-VAE f16d32 weights (vae.ckpt_path) and latents, or "
+            "vae.model_name: custom with a tokenizer of step 9", when=v.model_name not in VAE_MODELS)
+    _refuse("vae.downsample_ratio", v.downsample_ratio, f"vae.model_name {v.model_name} downsamples by 16",
+            "set vae.downsample_ratio: 16" + (" (or vae.model_name: custom for a tokenizer of step 9)"
+                                              if v.model_name == "vavae_f16d32" else ""),
+            when=v.model_name in ("vfm_vae_f16d32", "vavae_f16d32") and v.downsample_ratio != 16)
+    _refuse("vae.downsample_ratio", v.downsample_ratio, "a tokenizer of step 9 downsamples by a power of two "
+            "(2^(len(ch_mult) - 1): f4, f8, f16)", "set the ratio of the tokenizer in vae.ckpt_path",
+            when=v.model_name == "custom" and v.downsample_ratio & (v.downsample_ratio - 1))
 
     # kit: a model of one class is unconditional; guidance towards the null label would mean nothing
-    if d.num_classes == 1 and s.cfg_scale > 1.0:
-        _refuse("sample.cfg_scale", s.cfg_scale, "data.num_classes is 1 (an unconditional model): there is no class "
-                "to guide towards", "set sample.cfg_scale: 1.0")
+    _refuse("sample.cfg_scale", s.cfg_scale, "data.num_classes is 1 (an unconditional model): there is no class "
+            "to guide towards", "set sample.cfg_scale: 1.0", when=d.num_classes == 1 and s.cfg_scale > 1.0)
 
-    check_latent_scaling(d)
+    # kit (issue 23): data.latent_scaling / data.latent_scale and the keys they exclude
+    _one_of("data.latent_scaling", d.latent_scaling, LATENT_SCALINGS)
+    _refuse("data.latent_norm", True, f"data.latent_scaling {d.latent_scaling} scales by one global factor "
+            "instead of the per-channel statistics of latents_stats.pt", "set data.latent_norm: false, or "
+            "data.latent_scaling: channel", when=d.latent_scaling != "channel" and d.latent_norm)
+    if d.latent_scale is not None:
+        _refuse("data.latent_scale", d.latent_scale, "data.latent_scaling is channel, which never uses a global "
+                "factor", "remove data.latent_scale, or set data.latent_scaling: global",
+                when=d.latent_scaling == "channel")
+        _refuse("data.latent_scale", d.latent_scale, "the factor multiplies every latent and is divided out "
+                "before decoding", "give a finite number > 0 (1/sigma), or null to read latents_scale.json",
+                when=not math.isfinite(d.latent_scale) or d.latent_scale <= 0)
 
     # Transport: the linear path with velocity prediction, the only one the released models use.
     _one_of("transport.path_type", t.path_type, ("Linear",), ("GVP", "VP"),
@@ -133,54 +143,35 @@ def check_supported(cfg) -> None:
     else:
         _one_of("transport.prediction", t.prediction, ("velocity",), ("noise", "score"),
                 why=" (every released LightningDiT predicts velocity)")
-        if s.sampling_method in DDPM_SAMPLING_METHODS:
-            _refuse("sample.sampling_method", s.sampling_method, "DDIM and DDPM sample the DDPM process, and "
-                    "transport.process is flow", "set transport.process: ddpm, or an ODE method (euler, ...)")
-    if t.loss_weight is not None:
-        _refuse("transport.loss_weight", t.loss_weight, "upstream weights the loss only for noise/score "
-                "prediction; with velocity prediction it has no effect", "set transport.loss_weight: null")
+        _refuse("sample.sampling_method", s.sampling_method, "DDIM and DDPM sample the DDPM process, and "
+                "transport.process is flow", "set transport.process: ddpm, or an ODE method (euler, ...)",
+                when=s.sampling_method in DDPM_SAMPLING_METHODS)
+    _refuse("transport.loss_weight", t.loss_weight, "upstream weights the loss only for noise/score "
+            "prediction; with velocity prediction it has no effect", "set transport.loss_weight: null",
+            when=t.loss_weight is not None)
     for key, eps in (("transport.train_eps", t.train_eps), ("transport.sample_eps", t.sample_eps)):
-        if eps not in (None, 0.0):
-            _refuse(key, eps, "upstream's create_transport sets it to 0 for the Linear path with velocity "
-                    "prediction, whatever the config says", f"set {key}: null")
+        _refuse(key, eps, "upstream's create_transport sets it to 0 for the Linear path with velocity "
+                "prediction, whatever the config says", f"set {key}: null", when=eps not in (None, 0.0))
 
     # Sampling: ODE only (as upstream inference.py), the kit's integrators, images not likelihoods.
-    if s.mode == "SDE":
-        _refuse("sample.mode", "SDE", "upstream's Sampler has an SDE integrator but inference.py raises "
-                "NotImplementedError for any mode but ODE, and the kit samples ODE only", "set sample.mode: ODE")
+    _refuse("sample.mode", "SDE", "upstream's Sampler has an SDE integrator but inference.py raises "
+            "NotImplementedError for any mode but ODE, and the kit samples ODE only", "set sample.mode: ODE",
+            when=s.mode == "SDE")
     _one_of("sample.mode", s.mode, ("ODE",))
     if t.process == "flow":
         _one_of("sample.sampling_method", s.sampling_method, SAMPLING_METHODS, TORCHDIFFEQ_ONLY_METHODS)
-    if s.reverse:
-        _refuse("sample.reverse", True, "it integrates from data to noise, which makes no images",
-                "set sample.reverse: false")
-    if s.likelihood:
-        _refuse("sample.likelihood", True, "upstream inference.py never reads it and the kit computes no "
-                "likelihoods", "set sample.likelihood: false")
+    _refuse("sample.reverse", True, "it integrates from data to noise, which makes no images",
+            "set sample.reverse: false", when=s.reverse)
+    _refuse("sample.likelihood", True, "upstream inference.py never reads it and the kit computes no "
+            "likelihoods", "set sample.likelihood: false", when=s.likelihood)
 
     # Training keys upstream reads without acting on them.
-    if not tr.use_checkpoint:
-        _refuse("train.use_checkpoint", False, "upstream train.py only logs it ('Using checkpointing'); "
-                "checkpoints are saved every train.ckpt_every and gradient checkpointing is model.use_checkpoint",
-                "remove the key, or set model.use_checkpoint: true for gradient checkpointing")
-    if d.valid_path is not None and not str(d.valid_path).strip():
-        _refuse("data.valid_path", d.valid_path, "an empty path", "set a latent folder or null")
-
-
-def check_latent_scaling(d) -> None:
-    """kit (issue 23): data.latent_scaling / data.latent_scale and the keys they exclude."""
-    _one_of("data.latent_scaling", d.latent_scaling, LATENT_SCALINGS)
-    if d.latent_scaling != "channel" and d.latent_norm:
-        _refuse("data.latent_norm", True, f"data.latent_scaling {d.latent_scaling} scales by one global factor "
-                "instead of the per-channel statistics of latents_stats.pt", "set data.latent_norm: false, or "
-                "data.latent_scaling: channel")
-    if d.latent_scale is not None:
-        if d.latent_scaling == "channel":
-            _refuse("data.latent_scale", d.latent_scale, "data.latent_scaling is channel, which never uses a global "
-                    "factor", "remove data.latent_scale, or set data.latent_scaling: global")
-        if not math.isfinite(d.latent_scale) or d.latent_scale <= 0:
-            _refuse("data.latent_scale", d.latent_scale, "the factor multiplies every latent and is divided out "
-                    "before decoding", "give a finite number > 0 (1/sigma), or null to read latents_scale.json")
+    _refuse("train.use_checkpoint", False, "upstream train.py only logs it ('Using checkpointing'); "
+            "checkpoints are saved every train.ckpt_every and gradient checkpointing is model.use_checkpoint",
+            "remove the key, or set model.use_checkpoint: true for gradient checkpointing",
+            when=not tr.use_checkpoint)
+    _refuse("data.valid_path", d.valid_path, "an empty path", "set a latent folder or null",
+            when=d.valid_path is not None and not str(d.valid_path).strip())
 
 
 def check_ddpm(cfg) -> None:
@@ -189,32 +180,28 @@ def check_ddpm(cfg) -> None:
     _one_of("transport.prediction", t.prediction, DDPM_PREDICTIONS, ("score",),
             why=" with transport.process ddpm (noise = ε, Ho et al.; velocity = v, Salimans & Ho)")
     _one_of("transport.schedule", t.schedule, DDPM_SCHEDULES)
-    if t.num_timesteps < 2:
-        _refuse("transport.num_timesteps", t.num_timesteps, "the DDPM process needs at least 2 timesteps",
-                "set transport.num_timesteps: 1000")
-    if t.schedule != "cosine" and not 0 < t.beta_start < t.beta_end < 1:
-        _refuse("transport.beta_start", t.beta_start, f"β must rise within (0, 1), and beta_end is {t.beta_end}",
-                "set transport.beta_start: 1.0e-4 and transport.beta_end: 0.02 (Ho et al.)")
+    _refuse("transport.num_timesteps", t.num_timesteps, "the DDPM process needs at least 2 timesteps",
+            "set transport.num_timesteps: 1000", when=t.num_timesteps < 2)
+    _refuse("transport.beta_start", t.beta_start, f"β must rise within (0, 1), and beta_end is {t.beta_end}",
+            "set transport.beta_start: 1.0e-4 and transport.beta_end: 0.02 (Ho et al.)",
+            when=t.schedule != "cosine" and not 0 < t.beta_start < t.beta_end < 1)
     for key, on in (("transport.use_cosine_loss", t.use_cosine_loss), ("transport.use_lognorm", t.use_lognorm)):
-        if on:
-            _refuse(key, True, "it belongs to flow matching; the DDPM loss is the MSE on ε (or v) at a uniform "
-                    "timestep (Ho et al.)", f"set {key}: false")
+        _refuse(key, True, "it belongs to flow matching; the DDPM loss is the MSE on ε (or v) at a uniform "
+                "timestep (Ho et al.)", f"set {key}: false", when=on)
     if s.sampling_method not in DDPM_SAMPLING_METHODS:
         why = ("an ODE solver of flow matching" if s.sampling_method in SAMPLING_METHODS + TORCHDIFFEQ_ONLY_METHODS
                else "not a sampler of the DDPM process")
         _refuse("sample.sampling_method", s.sampling_method, f"{why}, and transport.process is ddpm",
                 "set sample.sampling_method: ddim (or ddpm)" + _suggest(s.sampling_method, DDPM_SAMPLING_METHODS))
-    if s.num_sampling_steps > t.num_timesteps:
-        _refuse("sample.num_sampling_steps", s.num_sampling_steps, f"the process has {t.num_timesteps} timesteps",
-                f"set at most {t.num_timesteps}")
-    if s.eta < 0 or (s.eta > 0 and s.sampling_method != "ddim"):
-        _refuse("sample.eta", s.eta, "η is DDIM's noise level (>= 0; 0 deterministic)",
-                "set sample.eta: 0.0, or sample.sampling_method: ddim")
+    _refuse("sample.num_sampling_steps", s.num_sampling_steps, f"the process has {t.num_timesteps} timesteps",
+            f"set at most {t.num_timesteps}", when=s.num_sampling_steps > t.num_timesteps)
+    _refuse("sample.eta", s.eta, "η is DDIM's noise level (>= 0; 0 deterministic)",
+            "set sample.eta: 0.0, or sample.sampling_method: ddim",
+            when=s.eta < 0 or (s.eta > 0 and s.sampling_method != "ddim"))
     _one_of("sample.ddpm_variance", s.ddpm_variance, DDPM_VARIANCES)
     for key, value in (("sample.timestep_shift", s.timestep_shift), ("sample.cfg_interval_start", s.cfg_interval_start)):
-        if value:
-            _refuse(key, value, "it is defined on flow matching's time grid; the DDPM samplers do not implement it",
-                    f"set {key}: 0.0")
+        _refuse(key, value, "it is defined on flow matching's time grid; the DDPM samplers do not implement it",
+                f"set {key}: 0.0", when=value)
 
 
 def tokenizer_config_reason(raw: dict[str, Any]) -> Optional[str]:

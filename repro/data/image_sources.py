@@ -94,16 +94,10 @@ class ImageSource:
         item = self.items[index]
         if item.tar is None:
             return read_image_file(item.ref), item.label
-        try:
-            with open(item.tar, "rb") as f:
-                f.seek(item.offset)
-                data = f.read(item.size)
-                f.seek(item.label_offset)
-                text = f.read(item.label_size).decode("utf-8", "replace").strip()
-        except Exception as e:  # missing or unreadable file
-            raise ImageLoadError(_error_text(e), item.ref) from None
-        label = _label_value(text)
-        if label is None:
+        data = _read_bytes(item.tar, item.ref, item.offset, item.size)
+        text = _read_bytes(item.tar, item.ref, item.label_offset,
+                           item.label_size).decode("utf-8", "replace").strip()
+        if (label := _label_value(text)) is None:
             raise ImageLoadError(f"label file (.cls) holds {text[:40]!r}, not an integer in 0..{MAX_LABEL}",
                                  item.ref)
         return decode_image(data, item.ref), label
@@ -124,11 +118,17 @@ def decode_image(data: bytes, ref: str) -> Image.Image:
 
 def read_image_file(path: str | os.PathLike) -> Image.Image:
     """The RGB image of one file (`decode_image`); ImageLoadError naming the file when it cannot be read."""
+    return decode_image(_read_bytes(path, str(path)), str(path))
+
+
+def _read_bytes(path: str | os.PathLike, ref: str, offset: int = 0, size: int = -1) -> bytes:
+    """`size` bytes (all by default) of a file from `offset`; ImageLoadError naming `ref` when unreadable."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
     except Exception as e:  # missing or unreadable file
-        raise ImageLoadError(_error_text(e), str(path)) from None
-    return decode_image(data, str(path))
+        raise ImageLoadError(_error_text(e), ref) from None
 
 
 def _error_text(e: Exception) -> str:
@@ -136,10 +136,6 @@ def _error_text(e: Exception) -> str:
     # must be byte-identical between runs
     msg = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the image data", str(e))
     return f"{type(e).__name__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', msg)}"
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _label_value(text: str) -> int | None:
@@ -173,8 +169,7 @@ def walk_folder(folder: Path, seen: dict, problems: list) -> list[tuple[str, lis
             except OSError as e:  # removed or unreadable since os.walk listed it
                 unreadable(e)
                 continue
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
+            if (key := (st.st_dev, st.st_ino)) in seen:
                 problems.append({"path": path, "error": f"directory link to {os.path.realpath(path)}, which is "
                                  f"already listed as {seen[key]} (a loop or another class): not followed"})
                 continue
@@ -194,11 +189,9 @@ def _list_image_folder(root: Path) -> ImageSource:
     items, problems, ignored = [], [], 0
     for label, name in enumerate(classes):
         for dirpath, filenames in walk_folder(root / name, seen, problems):
-            for fname in sorted(filenames):
-                if _is_image(fname):
-                    items.append(ImageItem(os.path.join(dirpath, fname), label))
-                else:
-                    ignored += 1
+            images = [fname for fname in sorted(filenames) if fname.lower().endswith(IMAGE_EXTENSIONS)]
+            items += [ImageItem(os.path.join(dirpath, fname), label) for fname in images]
+            ignored += len(filenames) - len(images)
     return ImageSource("imagefolder", str(root), items, class_names=classes, problems=problems, ignored=ignored)
 
 
@@ -247,7 +240,7 @@ def _list_flat(root: Path, labels_file: Path) -> ImageSource:
             rel = os.path.normpath(os.path.relpath(os.path.join(dirpath, fname), root))
             if rel in listed:
                 continue
-            if _is_image(fname):
+            if fname.lower().endswith(IMAGE_EXTENSIONS):
                 problems.append({"path": os.path.join(dirpath, fname), "error": f"no label in {labels_file.name}"})
             elif Path(dirpath, fname) != labels_file:
                 ignored += 1
@@ -279,13 +272,12 @@ def _list_tars(tars: list[Path]) -> ImageSource:
             if not images or "cls" not in members:
                 what = "no image (.jpg/.jpeg/.png/.webp)" if not images else "no .cls label"
                 problems.append({"path": ref, "error": f"incomplete sample: {what} (has {sorted(members)})"})
-                continue
-            if len(images) > 1:
+            elif len(images) > 1:
                 problems.append({"path": ref, "error": f"ambiguous sample: several images {images}"})
-                continue
-            img, cls = members[images[0]], members["cls"]
-            items.append(ImageItem(f"{ref}.{images[0]}", None, str(tar_path), img.offset_data, img.size,
-                                   cls.offset_data, cls.size))
+            else:
+                img, cls = members[images[0]], members["cls"]
+                items.append(ImageItem(f"{ref}.{images[0]}", None, str(tar_path), img.offset_data, img.size,
+                                       cls.offset_data, cls.size))
     return ImageSource("webdataset", ",".join(str(t) for t in tars), items, problems=problems, ignored=ignored)
 
 
@@ -294,25 +286,20 @@ def list_images(source: str | os.PathLike | list, labels_file: str | os.PathLike
     paths = [Path(p) for p in (source if isinstance(source, (list, tuple)) else [source])]
     if not paths:
         raise ReproError("no image source given: pass --source with an image folder or .tar shards")
-    for p in paths:
-        if not p.exists():
-            raise ReproError(f"image source {p} does not exist: check --source (or data.raw_data_dir)")
+    if missing := [p for p in paths if not p.exists()]:
+        raise ReproError(f"image source {missing[0]} does not exist: check --source (or data.raw_data_dir)")
     if any(p.is_file() for p in paths):
-        bad = [str(p) for p in paths if not (p.is_file() and p.name.endswith(".tar"))]
-        if bad:
+        if bad := [str(p) for p in paths if not (p.is_file() and p.name.endswith(".tar"))]:
             raise ReproError(f"image source {bad[0]} is not a .tar shard; pass one folder, or .tar files only")
         return _list_tars(sorted(paths))
     if len(paths) > 1:
         raise ReproError(f"pass one image folder as --source, not {len(paths)}")
     root = paths[0]
-    if labels_file is not None:
-        lf = Path(labels_file)
-        if not lf.is_file():
-            raise ReproError(f"labels file {lf} not found")
-        return _list_flat(root, lf)
-    for name in LABEL_FILE_NAMES:
-        if (root / name).is_file():
-            return _list_flat(root, root / name)
+    if labels_file is not None and not Path(labels_file).is_file():
+        raise ReproError(f"labels file {Path(labels_file)} not found")
+    for lf in [Path(labels_file)] if labels_file is not None else [root / name for name in LABEL_FILE_NAMES]:
+        if lf.is_file():  # the labels file given, else the first of LABEL_FILE_NAMES in the folder
+            return _list_flat(root, lf)
     if any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root)):
         return _list_image_folder(root)
     if tars := sorted(root.glob("*.tar")):

@@ -43,23 +43,22 @@ OFFICIAL_ARCH = {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "at
 
 def check_arch(arch: dict[str, Any], where: str = "the tokenizer architecture") -> dict[str, Any]:
     """A clean copy of an architecture dict; a ConfigError naming the first key that is missing or wrong."""
-    unknown = sorted(set(arch) - set(ARCH_FIELDS))
-    if unknown:
+    if unknown := sorted(set(arch) - set(ARCH_FIELDS)):
         raise ConfigError(f"{where}: unknown key '{unknown[0]}' (keys: {', '.join(ARCH_FIELDS)})")
+
+    def positive(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
     out: dict[str, Any] = {}
     for key, kind in ARCH_FIELDS.items():
         if key not in arch:
             raise ConfigError(f"{where}: key '{key}' is missing")
         value = arch[key]
-        if kind is int:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}: '{key}' must be a positive integer, got {value!r}")
-            out[key] = int(value)
-        else:
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                               and v >= 1 for v in value):
-                raise ConfigError(f"{where}: '{key}' must be a list of positive integers, got {value!r}")
-            out[key] = [int(v) for v in value]
+        if kind is int and not positive(value):
+            raise ConfigError(f"{where}: '{key}' must be a positive integer, got {value!r}")
+        if kind is list and not (isinstance(value, (list, tuple)) and all(map(positive, value))):
+            raise ConfigError(f"{where}: '{key}' must be a list of positive integers, got {value!r}")
+        out[key] = int(value) if kind is int else [int(v) for v in value]
     if not out["ch_mult"]:
         raise ConfigError(f"{where}: 'ch_mult' needs at least one level (f1); [1, 2, 2] is f4, [1, 1, 2, 2, 4] f16")
     if out["ch"] % out["norm_groups"]:
@@ -78,12 +77,11 @@ def build_tokenizer(arch: dict[str, Any]) -> AutoencoderKL:
     return AutoencoderKL(**check_arch(arch))
 
 
-def save_tokenizer(vae, arch: dict[str, Any], path: str | os.PathLike,
+def save_tokenizer(state: dict, arch: dict[str, Any], path: str | os.PathLike,
                    info: Optional[dict[str, Any]] = None) -> Path:
-    """Write the inference tensors of `vae` (a module or its state dict) and its architecture (+ `info`,
-    JSON-able) as one safetensors file."""
+    """Write the inference tensors of an autoencoder's state dict and its architecture (+ `info`, JSON-able) as
+    one safetensors file."""
     arch = check_arch(arch)
-    state = vae if isinstance(vae, dict) else vae.state_dict()
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()
                if k.startswith(INFERENCE_PREFIXES)}
     header = {"format": TOKENIZER_FORMAT, "arch": arch, **(info or {})}
@@ -114,8 +112,7 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"tokenizer file not found: {path}; train one with step 9 "
                               "(python -m steps.step9_train_tokenizer --config C)")
-    header = read_tokenizer_header(path)
-    if header is None:
+    if (header := read_tokenizer_header(path)) is None:
         raise CheckpointError(f"{path} is not a tokenizer written by step 9 (no '{HEADER_KEY}' header of format "
                               f"{TOKENIZER_FORMAT}); for the official VA-VAE set vae.model_name: vavae_f16d32")
     arch = check_arch(header.get("arch") or {}, where=f"{path} header")
@@ -142,8 +139,7 @@ def load_vae(vae_cfg, device: str | torch.device = "cpu", encoder: bool = True) 
     `vavae_f16d32`: the official file (`load_vavae`, width `vae.ch`); `custom`: a step-9 file whose header's
     architecture must agree with `vae.ch` and `vae.downsample_ratio` (an error names both numbers).
     """
-    path = vae_cfg.ckpt_path
-    if not path:
+    if not (path := vae_cfg.ckpt_path):
         raise ConfigError("config key 'vae.ckpt_path' is not set: give the tokenizer weights file")
     if vae_cfg.model_name == VFM_VAE:  # `encoder=False`: decoding only, no SigLIP2 weights needed
         from repro.tokenizer.vfm_vae_load import load_vfm_vae

@@ -50,8 +50,8 @@ def build_autoencoder(cfg: TokenizerConfig, note: Callable[[str], None] = print,
     if path is None or not path.is_file():
         raise CheckpointError(f"model.init_from {source}: file not found ({path}); fix the path, or run "
                               f"`python -m steps.step2_download --only NAME` for an asset")
-    header = read_tokenizer_header(path)
-    if header is not None:  # a tokenizer of step 9: its own architecture must be this config's
+    # a tokenizer of step 9: its own architecture must be this config's
+    if (header := read_tokenizer_header(path)) is not None:
         if check_arch(header.get("arch") or {}, where=f"{path} header") != arch:
             raise ConfigError(f"model.init_from {path} has architecture {header['arch']}, the config's model section "
                               f"says {arch}: make them equal (the file's header has the values)")
@@ -121,8 +121,7 @@ def dinov2_features(path: Optional[Path], value: Optional[str]) -> torch.nn.Modu
 
     net = timm.create_model(DINOV2_TIMM_NAME, pretrained=False, dynamic_img_size=True)
     state = read_state_dict(path)
-    expected = set(net.state_dict())
-    if set(state) != expected:
+    if set(state) != (expected := set(net.state_dict())):
         raise CheckpointError(f"{path} is not timm's {DINOV2_TIMM_NAME} weights (missing "
                               f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]})")
     net.load_state_dict(state, strict=True)

@@ -77,8 +77,7 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch_cpu"])
-    cuda = state.get("torch_cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+    if (cuda := state.get("torch_cuda")) and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
@@ -167,8 +166,7 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a training checkpoint dict")
     if "step" not in obj and (step := step_from_name(path)) is not None:
         obj["step"] = step
-    missing = [k for k in REQUIRED_KEYS if k not in obj]
-    if missing:
+    if missing := [k for k in REQUIRED_KEYS if k not in obj]:
         raise CheckpointError(f"{path} lacks {', '.join(repr(k) for k in missing)} (has {sorted(map(str, obj))}); "
                               "it is not a complete training checkpoint")
     return obj
@@ -204,8 +202,7 @@ def resume_point(ckpt_dir: Path, resume: bool, note: Callable[[str], None]) -> O
                           "false: set train.resume=true to continue this run, or a new train.exp_name to start another")
     if not existing:
         return None
-    found = find_resume_checkpoint(ckpt_dir, note)
-    if found is None:
+    if (found := find_resume_checkpoint(ckpt_dir, note)) is None:
         raise ReproError(f"none of the {len(existing)} checkpoint(s) in {ckpt_dir} can be read (see the notes "
                          "above): move them elsewhere to start over, or restore a good copy")
     return found
@@ -216,8 +213,7 @@ def choose_start(cfg: Config, ckpt_dir: Path, note: Callable[[str], None]
     """(kind, path, loaded state): 'resume' (newest complete checkpoint of this run), 'ckpt' (stage 1
     continuing `train.ckpt`: weights, EMA, optimizer, step, data position), 'weight_init' (weights
     only, step 0) or None (a fresh run). Read on rank 0; the others load the same path themselves."""
-    found = resume_point(ckpt_dir, cfg.train.resume, note)
-    if found is not None:
+    if (found := resume_point(ckpt_dir, cfg.train.resume, note)) is not None:
         return "resume", str(found[0]), found[1]
     remove_stale_temps(ckpt_dir)
     if cfg.train.ckpt:
@@ -252,8 +248,7 @@ def restore_training_state(state: dict, path: str, parts, ctx, strategy) -> tupl
     # and this process's global RNG states (rank 0's, with a note, when the process count changed)
     if parts.scaler.is_enabled() and state.get("scaler"):
         parts.scaler.load_state_dict(state["scaler"])
-    rng = state.get("rng") or []
-    if rng:
+    if rng := state.get("rng"):
         restore_rng(rng[ctx.rank] if len(rng) == ctx.world else rng[0])
         if len(rng) != ctx.world:
             ctx.note(f"note: {path} was saved by {len(rng)} process(es), this run has {ctx.world}: every process "
@@ -293,22 +288,6 @@ RUN_RECORD = "run.json"
 SOURCE_KEYS = ("train.weight_init", "train.ckpt")
 
 
-def _read_run_record(path: Path) -> Optional[dict]:
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ReproError(f"{path} is unreadable ({e}): delete it (the run rewrites it from its newest "
-                         "checkpoint) and run the same command again") from None
-    return record if isinstance(record, dict) else None
-
-
-def _configured_sources(cfg) -> dict[str, str]:
-    # the tokenizer's config has neither key: its runs start fresh or resume
-    return {k: v for k, v in ((k, getattr(cfg.train, k.split(".")[1], None)) for k in SOURCE_KEYS) if v}
-
-
 def check_run_identity(cfg, run_dir: Path, kind: Optional[str], path: Optional[str],
                        state: Optional[dict], note: Callable[[str], None]) -> dict:
     """{"run_id", "sources"} of this run (for the checkpoints' `kit`), after refusing a foreign checkpoint
@@ -316,8 +295,14 @@ def check_run_identity(cfg, run_dir: Path, kind: Optional[str], path: Optional[s
     from repro.utils.hashing import HashCache
 
     record_path = run_dir / RUN_RECORD
-    recorded = _read_run_record(record_path)
-    configured = _configured_sources(cfg)
+    try:  # the run record; {} when there is none (or it is not a mapping)
+        recorded = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise ReproError(f"{record_path} is unreadable ({e}): delete it (the run rewrites it from its newest "
+                         "checkpoint) and run the same command again") from None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    # the tokenizer's config has neither key: its runs start fresh or resume
+    configured = {k: v for k in SOURCE_KEYS if (v := getattr(cfg.train, k.split(".")[1], None))}
     with HashCache() as hashes:
         if kind != "resume":  # a new run: its identity, and the hash of the file it starts from
             sources = ({f"train.{kind}": {"path": str(Path(path).absolute()), "sha256": hashes.sha256(path)}}
@@ -325,22 +310,21 @@ def check_run_identity(cfg, run_dir: Path, kind: Optional[str], path: Optional[s
             identity = {"run_id": uuid.uuid4().hex, "sources": sources}
         else:
             kit = state.get("kit") or {}
-            run_id, sources = kit.get("run_id"), kit.get("sources")
-            if recorded and run_id and recorded.get("run_id") not in (None, run_id):
+            run_id = kit.get("run_id")
+            sources = kit["sources"] if kit.get("sources") is not None else recorded.get("sources")
+            if run_id and recorded.get("run_id") not in (None, run_id):
                 raise CheckpointError(
                     f"{path} belongs to another run (run id {run_id}; {record_path} says {recorded['run_id']}): it "
                     f"was copied in from elsewhere; move it out of {Path(path).parent} to resume this run from its "
                     "own newest checkpoint, or give that run its own train.exp_name")
-            if sources is None:
-                sources = (recorded or {}).get("sources")
             if run_id is None or sources is None:
                 note(f"note: {path} predates run ids and source hashes (an older kit): the run continues, and records "
                      f"them from now on")
-            identity = {"run_id": run_id or (recorded or {}).get("run_id") or uuid.uuid4().hex,
+            identity = {"run_id": run_id or recorded.get("run_id") or uuid.uuid4().hex,
                         "sources": sources or {}}
             for key, value in configured.items():
                 _check_source(key, value, identity["sources"].get(key), run_dir, path, hashes, note)
-    record = {**identity, "started_from": (recorded or {}).get("started_from", kind)}
+    record = {**identity, "started_from": recorded.get("started_from", kind)}
     if recorded != record:
         atomic_write_json(record_path, record)
     return identity
@@ -356,8 +340,7 @@ def _check_source(key: str, value: str, recorded: Optional[dict], run_dir: Path,
         note(f"note: {key}={value} no longer exists; run {run_dir} resumes from its own checkpoint, which does "
              "not need it")
         return
-    now = hashes.sha256(value)
-    if now != recorded.get("sha256"):
+    if (now := hashes.sha256(value)) != recorded.get("sha256"):
         raise ReproError(
             f"{key}={value} has sha256 {now}, but run {run_dir} started from {recorded.get('path')} with sha256 "
             f"{recorded.get('sha256')}: the file changed since. To continue this run, put the original file back or "

@@ -286,7 +286,7 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
                      "; run the same command again to continue")
         if fresh:
             saver.save(step)
-        saver.wait()  # the last checkpoint on disk (its error raised) before any process returns or says so
+        saver.writer.wait()  # the last checkpoint on disk (its error raised) before any process returns or says so
         dist.barrier()
         if stopped.startswith("signal:"):  # kit (issue 12); `signum` is the loop's, the signal that stopped it
             written = (f"checkpoint written: {saver.last_saved}" if fresh else f"newest checkpoint: {saver.last_saved}"
@@ -298,7 +298,7 @@ def training_loop(trainer: Trainer, *, device: torch.device, time_budget: Option
         return result(stopped)
     finally:
         trainer.close()
-        saver.close()
+        saver.writer.close()
         strategy.close()
         log.close()
 

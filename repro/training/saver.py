@@ -39,7 +39,7 @@ class CheckpointWriter:
         self.background = bool(background)
         self._buffers: list[torch.Tensor] = []
         self._future: Optional[Future] = None
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="repro-ckpt") if self.background else None
         self.last_write_seconds: Optional[float] = None
 
     # -- the host copy ----------------------------------------------------------------------------
@@ -47,14 +47,14 @@ class CheckpointWriter:
     def snapshot(self, tree: Any) -> Any:
         """`tree` with every tensor copied to host memory (buffers reused when the layout repeats)."""
         tensors = list(ckpt.iter_tensors(tree))
-        same = len(tensors) == len(self._buffers) and all(
-            b.shape == t.shape and b.dtype == t.dtype for b, t in zip(self._buffers, tensors))
-        if not same:
-            pin = any(t.is_cuda for t in tensors) and torch.cuda.is_available()
+        cuda = any(t.is_cuda for t in tensors)
+        if len(tensors) != len(self._buffers) or any(
+                b.shape != t.shape or b.dtype != t.dtype for b, t in zip(self._buffers, tensors)):
+            pin = cuda and torch.cuda.is_available()
             self._buffers = [torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin) for t in tensors]
         for b, t in zip(self._buffers, tensors):
             b.copy_(t.detach(), non_blocking=True)
-        if any(t.is_cuda for t in tensors):
+        if cuda:
             torch.cuda.synchronize()  # the device-to-host copies have landed before the loop moves on
         return _rebuild(tree, iter(self._buffers))
 
@@ -63,12 +63,10 @@ class CheckpointWriter:
     def submit(self, write: Callable[[], Any]) -> None:
         """Run `write` (after the previous one finished): in the background, or now when not async."""
         self.wait()
-        if not self.background:
-            self._timed(write)
-            return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repro-ckpt")
-        self._future = self._pool.submit(self._timed, write)
+            self._timed(write)
+        else:
+            self._future = self._pool.submit(self._timed, write)
 
     def _timed(self, write: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -106,10 +104,9 @@ class RunSaver:
         self.existing = ckpt.list_checkpoints(self.ckpt_dir)
         found = self.existing and self.existing[-1][0] == step  # the run resumed from its newest checkpoint
         self.last_saved, self.last_saved_step = (self.existing[-1][1], step) if found else (None, None)
-        params = list(trainer.model.parameters())
-        weights = sum(p.numel() * p.element_size() for p in params)
-        trained = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-        self.checkpoint_bytes = 2 * weights + 2 * trained  # model + EMA + Adam's two moments
+        # model + EMA (every parameter) + Adam's two moments (the trained ones)
+        self.checkpoint_bytes = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 2)
+                                    for p in trainer.model.parameters())
         self.estimate = self.checkpoint_bytes / 100e6 + 0.5  # seconds at ~100 MB/s, until a save is measured
         self.writer = CheckpointWriter(background=self.t.async_save)
 
@@ -120,17 +117,16 @@ class RunSaver:
 
     def disk_room_note(self, step: int) -> Optional[str]:
         """A note for the start of a run (not after hours) when the disk cannot hold the checkpoints it keeps."""
-        ckpt_dir, existing, checkpoint_bytes = self.ckpt_dir, self.existing, self.checkpoint_bytes
-        every, keep = self.t.ckpt_every, self.t.keep_last
+        ckpt_dir, existing, every, keep = self.ckpt_dir, self.existing, self.t.ckpt_every, self.t.keep_last
         saves_left = len(range(step // every + 1, self.trainer.max_steps // every + 1)) + 1  # + the final save
         # the newest is written before older ones are removed: keep_last + 1 files at once
         wanted = min(keep + 1, len(existing) + saves_left) if keep > 0 else len(existing) + saves_left
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         room = shutil.disk_usage(ckpt_dir).free + sum(p.stat().st_size for _, p in existing if p.exists())
-        fits = int(room // checkpoint_bytes)
+        fits = int(room // self.checkpoint_bytes)
         if fits >= wanted:
             return None
-        return (f"note: {ckpt_dir} has room for ~{fits} checkpoint(s) of ~{checkpoint_bytes / 1e9:.1f} GB, "
+        return (f"note: {ckpt_dir} has room for ~{fits} checkpoint(s) of ~{self.checkpoint_bytes / 1e9:.1f} GB, "
                 f"this run wants {wanted} on disk at once (train.keep_last={keep}): lower "
                 f"train.keep_last or set train.output_dir on a larger disk, or a save will stop the run")
 
@@ -170,9 +166,8 @@ class RunSaver:
             self.writer.submit(lambda: self._write(target, {**state, **fixed}, stall, last_good))
         dist.barrier()
         self.last_saved, self.last_saved_step = target, at_step
-        waited = time.perf_counter() - t0
         last = self.writer.last_write_seconds
-        return waited + (last if last is not None else self.estimate)
+        return time.perf_counter() - t0 + (last if last is not None else self.estimate)
 
     def _write(self, target: Path, state: dict, stall: float, last_good: Optional[Path]) -> None:
         """Rank 0 (a background thread with train.async_save): the atomic write, then pruning."""
@@ -183,12 +178,6 @@ class RunSaver:
         how = (f"; written in the background; the step loop waited {stall:.2f}s for the copy"
                if self.writer.background else "")
         self.log.info(f"saved checkpoint {target} ({time.perf_counter() - t0:.1f}s{how}){extra}")
-
-    def wait(self) -> None:
-        self.writer.wait()
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def _rebuild(obj: Any, buffers) -> Any:
@@ -224,17 +213,14 @@ def check_shared_folder(folder: str | Path, what: str = "train.output_dir", time
         if seen or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    import torch.distributed as tdist
-
-    flags: list = [None] * dist.get_world_size()
-    tdist.all_gather_object(flags, (dist.get_rank(), seen))
-    blind = [rank for rank, ok in flags if not ok]
-    dist.barrier()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # the sum waits for every rank's read, so rank 0 removes the probe only after all have looked
+    blind = [r for r, b in enumerate(dist.all_reduce_values([r == rank and not seen for r in range(world)])) if b]
     if dist.is_main():
         probe.unlink(missing_ok=True)
     if blind:
         raise ReproError(
-            f"process(es) of rank {', '.join(map(str, blind))} ({len(blind)} of {len(flags)}) cannot see {shown} "
+            f"process(es) of rank {', '.join(map(str, blind))} ({len(blind)} of {world}) cannot see {shown} "
             f"({what}) as rank 0 wrote it: with several nodes, {what} must be on a filesystem every node mounts at "
             f"the same path (NFS, Lustre, a shared bucket mount); rank 0 writes the checkpoints there and every "
             f"rank resumes from them. Set {what} to such a folder")

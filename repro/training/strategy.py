@@ -41,12 +41,10 @@ def make_strategy(train_cfg, device: torch.device, world: int):
     name = train_cfg.strategy
     if name not in STRATEGIES:
         raise ConfigError(f"train.strategy is {name!r}; choose one of {', '.join(STRATEGIES)}")
-    if name == "ddp":
-        if train_cfg.fsdp_offload:
-            raise ConfigError("train.fsdp_offload=true needs train.strategy=fsdp (DDP keeps a full replica on the "
-                              "device); set train.strategy=fsdp or train.fsdp_offload=false")
-        return Replicated(device, world)
-    return Sharded(device, world, offload=train_cfg.fsdp_offload)
+    if name == "ddp" and train_cfg.fsdp_offload:
+        raise ConfigError("train.fsdp_offload=true needs train.strategy=fsdp (DDP keeps a full replica on the "
+                          "device); set train.strategy=fsdp or train.fsdp_offload=false")
+    return Replicated(device, world) if name == "ddp" else Sharded(device, world, offload=train_cfg.fsdp_offload)
 
 
 class Replicated:
@@ -160,7 +158,7 @@ class Sharded(Replicated):
         """fully_shard each unit in order (the DiT: each transformer block, then the root), in place, before the
         optimizer is built. Every parameter must lie in a unit whose forward runs (a module call)."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
         if not dist.is_initialized():  # one process without torchrun (e.g. FSDP for its host-memory offload)
             import torch.distributed as tdist
@@ -168,11 +166,10 @@ class Sharded(Replicated):
             tdist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=tdist.HashStore(),
                                      rank=0, world_size=1)
             self.own_group = True
-        kwargs: dict[str, Any] = {"mesh": init_device_mesh(self.device.type, (dist.get_world_size(),))}
-        if self.offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
+        mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if self.offload else OffloadPolicy()
         for unit in units:
-            fully_shard(unit, **kwargs)
+            fully_shard(unit, mesh=mesh, offload_policy=policy)
         # the model returns unpatchify's view; the loss never modifies it in place, which is the case
         # FSDP2 warns about (a view's in-place op would skip its pre-backward hook)
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
