@@ -58,9 +58,8 @@ class TokenizerImages:
     def _read(self, index: int, offset) -> tuple[int, Image.Image]:
         """(index actually used, its S x S crop at `offset`, None = centre): an unreadable image is reported
         and the next readable one taken."""
-        n = len(self)
-        for k in range(n):
-            i = (index + k) % n
+        for k in range(len(self)):
+            i = (index + k) % len(self)
             if i in self.bad:
                 continue
             try:
@@ -84,24 +83,21 @@ class TokenizerImages:
         groups: dict = {}
         for i, item in enumerate(self.src.items):
             groups.setdefault(item.label, []).append(i)
-        columns = list(groups.values())
-        return [col[k] for k in range(max(map(len, columns))) for col in columns if k < len(col)]
+        return [col[k] for k in range(max(map(len, groups.values()))) for col in groups.values() if k < len(col)]
 
     def centre_crops(self, limit: Optional[int] = None) -> tuple[torch.Tensor, list[int]]:
         """Centre crops (no flip) of the first `limit` readable images (all by default) in class-interleaved
         order, and their indices; unreadable ones are reported and left out (evaluation)."""
-        out, used = [], []
+        out: dict[int, torch.Tensor] = {}  # index -> crop
         for i in self.class_interleaved():
             if limit is not None and len(out) >= limit:
                 break
             j, image = self._read(i, None)
-            if j != i:  # unreadable (reported by _read): evaluation leaves it out
-                continue
-            out.append(pil_to_tensor(image))
-            used.append(i)
+            if j == i:  # else unreadable (reported by _read): evaluation leaves it out
+                out[i] = pil_to_tensor(image)
         if not out:
             raise ReproError(f"no image of {self.src.root} can be read: check the folder")
-        return torch.stack(out), used
+        return torch.stack(list(out.values())), list(out)
 
 
 def build_batch(images: TokenizerImages, indices: Sequence[int], step: int, first_position: int, *, seed: int,

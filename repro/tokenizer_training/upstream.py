@@ -26,7 +26,7 @@ error naming it unless a `--set` of the kit key fills it. `monitor` and `wrap` c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from repro.errors import ConfigError
 
@@ -62,31 +62,26 @@ PRECISIONS = {32: "fp32", "32": "fp32", "32-true": "fp32", 16: "fp16", "16": "fp
 def is_upstream_config(raw: Any) -> bool:
     """An LDM-style config: `model.target` / `model.params` / `model.base_learning_rate`, or a `lightning` section."""
     model = raw.get("model") if isinstance(raw, dict) else None
-    return isinstance(raw, dict) and (
-        "lightning" in raw or (isinstance(model, dict) and any(k in model for k in ("target", "params",
-                                                                                  "base_learning_rate"))))
+    return isinstance(raw, dict) and ("lightning" in raw or (isinstance(model, dict) and any(
+        k in model for k in ("target", "params", "base_learning_rate"))))
 
 
-def _section(raw: Any, where: str) -> dict:
+def _section(raw: Any, where: str, known: Optional[Sequence[str]] = None, fixed: Optional[dict] = None) -> dict:
+    """`raw` as a mapping ({} for None), its keys checked against `known` and the values of `fixed` (key ->
+    (the only value accepted, why other values are refused)) when given."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"upstream config key '{where}' must be a mapping, got {raw!r}")
-    return raw
-
-
-def _unknown(block: dict, known, where: str) -> None:
-    extra = [k for k in block if k not in known]
+    extra = [k for k in raw if known is not None and k not in known]
     if extra:
         raise ConfigError(f"upstream config key '{where}.{extra[0]}' is not read by upstream's VA-VAE training "
                           f"(known here: {', '.join(known)}); remove it")
-
-
-def _fixed(block: dict, fixed: dict, where: str) -> None:
-    for key, (value, why) in fixed.items():
-        if key in block and block[key] != value:
-            raise ConfigError(f"upstream config key '{where}.{key}' is {block[key]!r}: {why}; the kit implements only "
-                              f"{value!r}")
+    for key, (value, why) in (fixed or {}).items():
+        if key in raw and raw[key] != value:
+            raise ConfigError(f"upstream config key '{where}.{key}' is {raw[key]!r}: {why}; the kit implements "
+                              f"only {value!r}")
+    return raw
 
 
 HOLES = "_holes"  # kit key -> upstream key left empty in the file: a --set must fill it (load_tokenizer_config)
@@ -107,7 +102,7 @@ def translate_upstream(raw: dict, source: str = "<config>", notes: Optional[list
     """The kit-schema mapping (model, loss, data, train, ckpt_path) of an upstream VA-VAE config."""
     notes = notes if notes is not None else []
     # Top level: the tokenizer to test (step 10) and the weights to start from (two upstream spellings)
-    _unknown(raw, ("ckpt_path", "init_weight", "weight_init", "model", "data", "lightning"), "top")
+    _section(raw, "top", ("ckpt_path", "init_weight", "weight_init", "model", "data", "lightning"))
     out: dict[str, Any] = {"model": {}, "loss": {}, "data": {}, "train": {}}
     if raw.get("ckpt_path") is not None:
         out["ckpt_path"] = str(raw["ckpt_path"])  # "used for testing only": step 10's tokenizer
@@ -121,19 +116,18 @@ def translate_upstream(raw: dict, source: str = "<config>", notes: Optional[list
                          "the kit takes either as model.init_from")
 
     # model: the autoencoder and its loss
-    model = _section(raw.get("model"), "model")
-    _unknown(model, ("base_learning_rate", "target", "params"), "model")
+    model = _section(raw.get("model"), "model", ("base_learning_rate", "target", "params"))
     if model.get("target", AE_TARGET) != AE_TARGET:
         raise ConfigError(f"upstream config key 'model.target' is {model['target']!r}: the kit trains {AE_TARGET} "
                           "(the KL autoencoder VA-VAE is) only")
     if "base_learning_rate" in model:
         out["train"]["lr"] = model["base_learning_rate"]
-    params = _section(model.get("params"), "model.params")
-    _unknown(params, ("monitor", "embed_dim", "use_vf", "reverse_proj", "proj_fix", "lossconfig", "ddconfig",
-                      "ckpt_path", "ignore_keys", "image_key", "colorize_nlabels"), "model.params")
-    _fixed(params, {"proj_fix": (False, "the VF projection trains with the autoencoder, as upstream's default"),
-                    "ignore_keys": ([], "weights are loaded strictly"), "image_key": ("image", "RGB images"),
-                    "colorize_nlabels": (None, "RGB images")}, "model.params")
+    params = _section(model.get("params"), "model.params",
+                      ("monitor", "embed_dim", "use_vf", "reverse_proj", "proj_fix", "lossconfig", "ddconfig",
+                       "ckpt_path", "ignore_keys", "image_key", "colorize_nlabels"),
+                      {"proj_fix": (False, "the VF projection trains with the autoencoder, as upstream's default"),
+                       "ignore_keys": ([], "weights are loaded strictly"), "image_key": ("image", "RGB images"),
+                       "colorize_nlabels": (None, "RGB images")})
     if params.get("ckpt_path") is not None:
         if "init_from" in out["model"]:
             raise ConfigError("upstream config keys 'model.params.ckpt_path' and 'init_weight' both give start weights: "
@@ -158,9 +152,8 @@ def translate_upstream(raw: dict, source: str = "<config>", notes: Optional[list
         notes.append("model.params.reverse_proj: true without use_vf has no effect upstream")
 
     # ddconfig: the encoder/decoder layout, key for key
-    dd = _section(_required(params, "ddconfig", "model.params"), "model.params.ddconfig")
-    _unknown(dd, DD_KEYS + tuple(DD_FIXED), "model.params.ddconfig")
-    _fixed(dd, DD_FIXED, "model.params.ddconfig")
+    dd = _section(_required(params, "ddconfig", "model.params"), "model.params.ddconfig",
+                  DD_KEYS + tuple(DD_FIXED), DD_FIXED)
     if dd.get("double_z") is not True:
         raise ConfigError("upstream config key 'model.params.ddconfig.double_z' must be true (upstream asserts it)")
     for key in DD_KEYS:
@@ -170,19 +163,17 @@ def translate_upstream(raw: dict, source: str = "<config>", notes: Optional[list
                      "latent has embed_dim channels (quant_conv maps between them), as upstream")
 
     # lossconfig: LPIPSWithDiscriminator's weights and the PatchGAN start; fixed values checked, not ignored
-    loss_cfg = _section(_required(params, "lossconfig", "model.params"), "model.params.lossconfig")
-    _unknown(loss_cfg, ("target", "params"), "model.params.lossconfig")
+    loss_cfg = _section(_required(params, "lossconfig", "model.params"), "model.params.lossconfig",
+                        ("target", "params"))
     if loss_cfg.get("target") != LOSS_TARGET:
         raise ConfigError(f"upstream config key 'model.params.lossconfig.target' is {loss_cfg.get('target')!r}: the "
                           f"kit implements {LOSS_TARGET} only")
-    lp = _section(loss_cfg.get("params"), "model.params.lossconfig.params")
     where = "model.params.lossconfig.params"
-    _unknown(lp, ("disc_start", "vf_loss_type", *LOSS_DEFAULTS, *LOSS_FIXED), where)
-    _fixed(lp, LOSS_FIXED, where)
+    lp = _section(loss_cfg.get("params"), where, ("disc_start", "vf_loss_type", *LOSS_DEFAULTS, *LOSS_FIXED),
+                  LOSS_FIXED)
     out["loss"]["disc_start"] = _required(lp, "disc_start", where, out, "loss.disc_start")
-    for key, default in LOSS_DEFAULTS.items():
-        value = lp.get(key, default)
-        out["loss"][key] = _required(lp, key, where, out, f"loss.{key}") if value is None else value
+    for key, default in LOSS_DEFAULTS.items():  # a key written empty is a hole, as disc_start
+        out["loss"][key] = _required(lp, key, where, out, f"loss.{key}") if key in lp else default
     if "vf_loss_type" in lp:
         if lp["vf_loss_type"] != "combined_v3":
             raise ConfigError(f"upstream config key '{where}.vf_loss_type' is {lp['vf_loss_type']!r}: the kit trains "
@@ -198,20 +189,17 @@ def translate_upstream(raw: dict, source: str = "<config>", notes: Optional[list
 def _translate_data(raw: dict, out: dict, notes: list[str]) -> None:
     """`data` and `lightning.trainer`: image folders, the global batch, epochs and precision."""
     # lightning.trainer: only the keys upstream main.py passes on
-    lightning = _section(raw.get("lightning"), "lightning")
-    _unknown(lightning, ("trainer",), "lightning")
-    trainer = _section(lightning.get("trainer"), "lightning.trainer")
-    _unknown(trainer, TRAINER_KEYS, "lightning.trainer")  # main.py passes only these to the Trainer
-    data = _section(raw.get("data"), "data")
+    lightning = _section(raw.get("lightning"), "lightning", ("trainer",))
+    trainer = _section(lightning.get("trainer"), "lightning.trainer", TRAINER_KEYS)  # main.py passes only these on
+    data = _section(raw.get("data"), "data", ("target", "params"))
     if not data:
         notes.append("no data section (an inference config): set data.image_folder and train.max_steps with --set")
         return
-    _unknown(data, ("target", "params"), "data")
     if data.get("target", DATA_TARGET) != DATA_TARGET:
         raise ConfigError(f"upstream config key 'data.target' is {data['target']!r}: the kit reads {DATA_TARGET}")
-    dp = _section(data.get("params"), "data.params")
-    _unknown(dp, ("batch_size", "wrap", "num_workers", "train", "validation", "shuffle_val_dataloader",
-                  "use_worker_init_fn", "shuffle_test_loader"), "data.params")
+    dp = _section(data.get("params"), "data.params", ("batch_size", "wrap", "num_workers", "train", "validation",
+                                                      "shuffle_val_dataloader", "use_worker_init_fn",
+                                                      "shuffle_test_loader"))
     # The global batch: upstream's per-GPU batch x devices x nodes, split again over this run's processes
     per_gpu = int(_required(dp, "batch_size", "data.params"))
     devices = trainer.get("devices", 1)
@@ -234,13 +222,11 @@ def _translate_data(raw: dict, out: dict, notes: list[str]) -> None:
         if ds.get("target") != target:
             raise ConfigError(f"upstream config key 'data.params.{split}.target' is {ds.get('target')!r}: the kit reads "
                               f"an image folder in place of {target} only")
-        sp = _section(ds.get("params"), f"data.params.{split}.params")
-        _unknown(sp, ("data_root", "config", "process_images"), f"data.params.{split}.params")
-        root = sp.get("data_root")
-        if root:
-            out["data"][key] = str(Path(str(root)) / name / "data")  # where ImageNetTrain/Validation read the classes
-        conf = _section(sp.get("config"), f"data.params.{split}.params.config")
-        _unknown(conf, ("size", "random_crop", "keep_orig_class_label"), f"data.params.{split}.params.config")
+        sp = _section(ds.get("params"), f"data.params.{split}.params", ("data_root", "config", "process_images"))
+        if sp.get("data_root"):  # where ImageNetTrain/Validation read the classes
+            out["data"][key] = str(Path(str(sp["data_root"])) / name / "data")
+        conf = _section(sp.get("config"), f"data.params.{split}.params.config",
+                        ("size", "random_crop", "keep_orig_class_label"))
         if split == "train":
             out["data"]["image_size"] = int(conf.get("size", 256))
             out["data"]["crop"] = "random" if conf.get("random_crop", True) else "center"

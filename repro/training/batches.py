@@ -33,8 +33,7 @@ class BatchPlan:
         Rank r owns the fixed slice [r*m*A, (r+1)*m*A): a 2-process run with accumulation A feeds
         the same samples, split the same way, as a 1-process run with accumulation 2A.
         """
-        per_rank = self.micro_batch * self.accum_steps
-        base = rank * per_rank
+        base = rank * self.micro_batch * self.accum_steps
         return [(base + k * self.micro_batch, base + (k + 1) * self.micro_batch) for k in range(self.accum_steps)]
 
 
@@ -67,8 +66,7 @@ def plan_batches(train_cfg, world_size: int, *, fits: Optional[Callable[[int], b
                     f"train.grad_accum_steps={accum_cfg} does not divide: choose one of {_divisors(per_proc)}")
             micro = per_proc // accum_cfg
         else:
-            fitting = [d for d in _divisors(per_proc) if fits is None or fits(d)]
-            micro = fitting[-1] if fitting else 1
+            micro = max((d for d in _divisors(per_proc) if fits is None or fits(d)), default=1)
     # It must divide the per-process batch, and agree with grad_accum_steps when both are set.
     micro = int(micro)
     if per_proc % micro:

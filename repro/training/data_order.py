@@ -33,11 +33,6 @@ from repro.utils.seeding import seed_from
 SEED_TAG = "repro-train"
 
 
-def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed_from(SEED_TAG, seed, "epoch", epoch))
-    return torch.randperm(n, generator=g)
-
-
 @dataclass
 class DataPosition:
     """Where the data order stands after the last completed step."""
@@ -65,12 +60,11 @@ class DataOrder:
                 f"batch needs {global_batch} distinct images (extract more, or lower train.global_batch_size)")
         self.n, self.global_batch, self.seed = num_images, global_batch, seed
         self.note: Optional[str] = None
-        pos = position or DataPosition(num_images=num_images)
+        pos = self.position = position or DataPosition(num_images=num_images)
         if pos.num_images != num_images:
             self.note = (f"the checkpoint's data order was made for {pos.num_images} latents, {data_dir} now holds "
                          f"{num_images}: continuing with epoch {pos.epoch + 1} of a fresh order")
-            pos = DataPosition(epoch=pos.epoch + 1, offset=0, num_images=num_images)
-        self.position = pos
+            self.position = DataPosition(epoch=pos.epoch + 1, offset=0, num_images=num_images)
         self._perm: tuple[int, torch.Tensor] | None = None
 
     @property
@@ -78,8 +72,10 @@ class DataOrder:
         return self.n // self.global_batch
 
     def _permutation(self, epoch: int) -> torch.Tensor:
+        """Epoch `epoch`'s order of the images, seeded by (global_seed, epoch); the last one is kept."""
         if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, epoch_permutation(self.seed, epoch, self.n))
+            g = torch.Generator().manual_seed(seed_from(SEED_TAG, self.seed, "epoch", epoch))
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
         return self._perm[1]
 
     def peek(self, position: DataPosition) -> tuple[torch.Tensor, DataPosition]:
@@ -155,11 +151,8 @@ class MicroBatchStream:
                     return
 
     def __iter__(self) -> Iterator[tuple[int, int, MicroBatch, DataPosition]]:
-        if self.prefetch <= 0:
-            yield from self._produce()
-            return
         try:
-            yield from prefetch(self._produce(), self.prefetch)
+            yield from prefetch(self._produce(), self.prefetch) if self.prefetch > 0 else self._produce()
         finally:
             self.close()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -28,28 +28,25 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, on_cpu: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {decay}")
-        self.decay = float(decay)
-        self.source_params = list(model.parameters())
-        src_device = self.source_params[0].device
-        self.offload = bool(on_cpu)
-        target = torch.device("cpu") if on_cpu else src_device
-        self._module = copy.deepcopy(model).to(target).eval().requires_grad_(False)
-        self.ema_params = list(self._module.parameters())
-        if len(self.ema_params) != len(self.source_params):
+        self.decay, self.offload = float(decay), bool(on_cpu)
+        self.model, self.source_params = model, list(model.parameters())
+        sources = self._sources()
+        src_device = sources[0].device
+        self.ema_params = self._copy_params(torch.device("cpu") if on_cpu else src_device)
+        if len(self.ema_params) != len(sources):
             raise RuntimeError("EMA copy and model have different parameter lists")
-        self._start(self.source_params, src_device)
+        self._future: Optional[Future] = None  # the pending host-memory update
+        # a host-memory EMA: pinned staging buffers, the event of their copies (CUDA) and the worker thread
+        pin = self.offload and src_device.type == "cuda"
+        self._staging = ([torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin) for p in sources]
+                         if self.offload else [])
+        self._event = torch.cuda.Event() if pin else None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repro-ema") if self.offload else None
 
-    def _start(self, sources: list[torch.Tensor], src_device: torch.device) -> None:
-        """No pending update; for a host-memory EMA, staging buffers and the worker thread."""
-        self._future: Optional[Future] = None
-        self._event: Optional[torch.cuda.Event] = None
-        self._staging: list[torch.Tensor] = []
-        self._worker: Optional[ThreadPoolExecutor] = None
-        if self.offload:
-            pin = src_device.type == "cuda"
-            self._staging = [torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin) for p in sources]
-            self._event = torch.cuda.Event() if src_device.type == "cuda" else None
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repro-ema")
+    def _copy_params(self, device: torch.device) -> list[torch.Tensor]:
+        """The EMA's parameters on `device`: those of a frozen eval-mode copy of the model."""
+        self._module = copy.deepcopy(self.model).to(device).eval().requires_grad_(False)
+        return list(self._module.parameters())
 
     @property
     def module(self) -> nn.Module:
@@ -70,8 +67,9 @@ class EMA:
             self._event.record()
         self._future = self._worker.submit(self._apply_staged)
 
-    def _sources(self) -> list[torch.Tensor]:
-        return self.source_params
+    def _sources(self, params: Optional[Iterable[torch.Tensor]] = None) -> list[torch.Tensor]:
+        """What the EMA follows of `params` (default: the model's parameters), one per entry of `ema_params`."""
+        return self.source_params if params is None else list(params)
 
     def _apply_staged(self) -> None:
         if self._event is not None:
@@ -95,7 +93,7 @@ class EMA:
         """EMA := model (upstream's `update_ema(ema, model, decay=0)` initialisation)."""
         self.flush()
         torch._foreach_copy_(self.ema_params, [p.detach().to(q.device) for p, q in
-                                               zip(model.parameters(), self.ema_params)])
+                                               zip(self._sources(model.parameters()), self.ema_params)])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -114,31 +112,18 @@ class ShardedEMA(EMA):
     calls it), with the model's persistent buffers, in the model's key order.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, on_cpu: bool = False):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {decay}")
-        self.decay = float(decay)
-        self.model = model
-        self.names = [name for name, _ in model.named_parameters()]
-        self.dparams = list(model.parameters())  # DTensors
-        local = self._sources()
-        src_device = local[0].device
-        self.offload = bool(on_cpu)
-        target = torch.device("cpu") if on_cpu else src_device
-        self.ema_params = [p.detach().to(target, copy=True) for p in local]
-        self._start(local, src_device)
+    def _copy_params(self, device: torch.device) -> list[torch.Tensor]:
+        """Copies of this process's shards on `device`, and the parameter names (the state dict's keys)."""
+        self.names = [name for name, _ in self.model.named_parameters()]
+        return [p.detach().to(device, copy=True) for p in self._sources()]
 
-    def _sources(self) -> list[torch.Tensor]:
-        return [p.to_local() for p in self.dparams]  # this process's shard, updated in place by AdamW
+    def _sources(self, params: Optional[Iterable[torch.Tensor]] = None) -> list[torch.Tensor]:
+        # source_params are the model's DTensors: this process's shard of each, updated in place by AdamW
+        return [p.to_local() for p in (self.source_params if params is None else params)]
 
     @property
     def module(self) -> nn.Module:
         raise RuntimeError("a sharded EMA has no module; use state_dict() (gathered on rank 0)")
-
-    @torch.no_grad()
-    def copy_from(self, model: nn.Module) -> None:
-        self.flush()
-        torch._foreach_copy_(self.ema_params, [p.to(q.device) for p, q in zip(self._sources(), self.ema_params)])
 
     @torch.no_grad()
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -147,7 +132,7 @@ class ShardedEMA(EMA):
 
         self.flush()
         main = torch.distributed.get_rank() == 0
-        ema = dict(zip(self.names, zip(self.ema_params, self.dparams)))
+        ema = dict(zip(self.names, zip(self.ema_params, self.source_params)))
         out: dict[str, torch.Tensor] = {}
         for key, value in self.model.state_dict().items():
             if key in ema:
@@ -166,6 +151,6 @@ class ShardedEMA(EMA):
         from torch.distributed.tensor import distribute_tensor
 
         self.flush()
-        for name, shard, p in zip(self.names, self.ema_params, self.dparams):
+        for name, shard, p in zip(self.names, self.ema_params, self.source_params):
             full = state_dict[name].detach().to(p.device_mesh.device_type, p.dtype)
             shard.copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())

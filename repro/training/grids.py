@@ -13,6 +13,7 @@ import contextlib
 import copy
 import math
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,13 +24,13 @@ from repro.sampling.engine import build_sampler, decode_to_uint8, sample_latents
 from repro.sampling.grid import grid_shape, save_grid
 
 
-def grid_inputs(n: int, channels: int, latent_size: int, num_classes: int, seed: int = 0,
-                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed noise (n, C, h, w) and labels spread over the classes (0, K/n, 2K/n, ...)."""
+def grid_latents(setup, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, labels) of `n` samples: fixed noise (n, C, h, w) of the sampler's latent shape and labels
+    spread over its K classes (0, K/n, 2K/n, ...), sampled with the config's sampler."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, channels, latent_size, latent_size, generator=g)
-    y = (torch.arange(n) * max(1, num_classes // n)) % num_classes
-    return z.to(device), y.to(device)
+    z = torch.randn(n, *setup.latent_shape, generator=g)
+    y = (torch.arange(n) * max(1, setup.num_classes // n)) % setup.num_classes
+    return sample_latents(setup, z, y), y
 
 
 def latent_visualisation(latents: torch.Tensor, min_side: int = 64) -> np.ndarray:
@@ -46,8 +47,7 @@ def latent_visualisation(latents: torch.Tensor, min_side: int = 64) -> np.ndarra
 
 def write_square_grid(images: np.ndarray, path: str | os.PathLike) -> Path:
     """(N, H, W, 3) uint8 -> one PNG grid, about square (atomic write)."""
-    rows, cols = grid_shape(len(images), cols=math.ceil(math.sqrt(len(images))))
-    return save_grid(np.asarray(images), path, rows=rows, cols=cols)
+    return save_grid(images, path, *grid_shape(len(images), cols=math.ceil(math.sqrt(len(images)))))
 
 
 @contextlib.contextmanager
@@ -74,33 +74,24 @@ class GridSampler:
 
     def __init__(self, cfg, *, stats, device: torch.device, precision: str, note: Callable[[str], None] = print):
         self.cfg, self.stats, self.device, self.precision, self.note = cfg, stats, device, precision, note
-        self._vae = None
-        self._said = False
 
-    def _decoder(self):
+    @cached_property
+    def decoder(self):
+        """The VA-VAE decoder, loaded on first use; None without vae.ckpt_path (said once)."""
         if self.cfg.vae.ckpt_path is None:
-            if not self._said:
-                self.note("note: vae.ckpt_path is not set, so sample grids show latent channels 0-2 as RGB, "
-                          "not decoded images (set vae.ckpt_path to the VA-VAE weights to see images)")
-                self._said = True
+            self.note("note: vae.ckpt_path is not set, so sample grids show latent channels 0-2 as RGB, "
+                      "not decoded images (set vae.ckpt_path to the VA-VAE weights to see images)")
             return None
-        if self._vae is None:
-            from repro.tokenizer.loader import load_vae
+        from repro.tokenizer.loader import load_vae
 
-            self._vae = load_vae(self.cfg.vae, device=self.device, encoder=False)  # decodes only (kit: issue 13)
-        return self._vae
-
-    def images(self, model) -> np.ndarray:
-        vae = self._decoder()
-        setup = sampler_from_parts(self.cfg, model, device=self.device, precision=self.precision, vae=vae,
-                                   stats=self.stats)
-        c, h, _ = setup.latent_shape
-        z, y = grid_inputs(max(1, int(self.cfg.train.sample_num)), c, h, setup.num_classes, seed=self.cfg.sample.seed)
-        latents = sample_latents(setup, z, y)
-        return latent_visualisation(latents) if vae is None else decode_to_uint8(setup, latents)
+        return load_vae(self.cfg.vae, device=self.device, encoder=False)  # decodes only (kit: issue 13)
 
     def __call__(self, model, step: int, run_dir: str | os.PathLike) -> Path:
-        return write_square_grid(self.images(model), Path(run_dir) / "samples" / f"{step:07d}.png")
+        setup = sampler_from_parts(self.cfg, model, device=self.device, precision=self.precision, vae=self.decoder,
+                                   stats=self.stats)
+        latents, _ = grid_latents(setup, max(1, int(self.cfg.train.sample_num)), self.cfg.sample.seed)
+        images = latent_visualisation(latents) if self.decoder is None else decode_to_uint8(setup, latents)
+        return write_square_grid(images, Path(run_dir) / "samples" / f"{step:07d}.png")
 
 
 def grid_from_checkpoint(cfg, checkpoint: str | os.PathLike, out_path: str | os.PathLike, n: int = 8,
@@ -114,7 +105,6 @@ def grid_from_checkpoint(cfg, checkpoint: str | os.PathLike, out_path: str | os.
     cfg = copy.deepcopy(cfg)
     cfg.ckpt_path = str(checkpoint)
     setup = build_sampler(cfg, device=device)
-    c, h, _ = setup.latent_shape
-    z, y = grid_inputs(n, c, h, setup.num_classes, seed=cfg.sample.seed)
-    images = decode_to_uint8(setup, sample_latents(setup, z, y))
+    latents, y = grid_latents(setup, n, cfg.sample.seed)
+    images = decode_to_uint8(setup, latents)
     return {"grid": write_square_grid(images, out_path), "labels": y.tolist(), "images": images}

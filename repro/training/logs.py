@@ -28,16 +28,16 @@ from repro.utils.hardware import GiB, peak_memory, reset_peak_memory
 from repro.utils.io import atomic_path, atomic_write_text
 
 
-def read_log_rows(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON lines of `path` (a torn last line is ignored)."""
+def read_log_rows(path: Path, last_step: Optional[int]) -> list[dict[str, Any]]:
+    """The complete JSON lines of `path` (a torn last one is ignored) up to step `last_step` (None: no rows)."""
     rows = []
-    if path.is_file():
+    if path.is_file() and last_step is not None:
         for line in path.read_text(errors="replace").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and "step" in row:
+            if isinstance(row, dict) and "step" in row and row["step"] <= last_step:
                 rows.append(row)
     return rows
 
@@ -51,8 +51,7 @@ def window_progress(step: int, max_steps: int, seconds_per_step: float, device: 
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    d, rest = divmod(seconds, 86400)
+    d, rest = divmod(int(round(seconds)), 86400)
     h, rest = divmod(rest, 3600)
     m, s = divmod(rest, 60)
     return f"{d}d{h:02d}h{m:02d}m" if d else f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
@@ -63,12 +62,9 @@ class RunLogger:
                  plot_interval: float = 60.0, cfg=None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self.jsonl = self.run_dir / "log.jsonl"
-        self.txt = self.run_dir / "log.txt"
-        self.plot_path = self.run_dir / "loss.png"
-        self.plot_interval = plot_interval
-        self._last_plot = 0.0
-        self._dirty = False
+        self.jsonl, self.txt, self.plot_path = (self.run_dir / n for n in ("log.jsonl", "log.txt", "loss.png"))
+        # loss.png is redrawn at most every plot_interval seconds, and at close when rows came since
+        self.plot_interval, self._last_plot, self._dirty = plot_interval, 0.0, False
         self.rows: list[dict[str, Any]] = []
         self.backends: list = []
         self._lock = threading.Lock()  # a background checkpoint writer logs too
@@ -86,12 +82,11 @@ class RunLogger:
                 raise error or ReproError(message)
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            keep = [r for r in read_log_rows(self.jsonl) if resume_step is not None and r["step"] <= resume_step]
+            self.rows = read_log_rows(self.jsonl, resume_step)
             if self.jsonl.exists():
                 # drop a torn last line and the rows of steps being redone after a resume (or of a run
                 # started over), so each step appears once
-                atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in keep))
-            self.rows = keep
+                atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def info(self, message: str, echo: bool = True) -> None:
         """Print `message` (unless echo is False: already printed) and append it to log.txt."""
@@ -122,10 +117,10 @@ class RunLogger:
         for backend in self.backends:
             backend.log_image(step, tag, path)
 
-    def plot(self) -> Optional[Path]:
+    def plot(self) -> None:
         """Redraw `loss.png` from every logged row (atomic write)."""
         if not self.enabled or not self.rows:
-            return None
+            return
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -137,9 +132,7 @@ class RunLogger:
             ys = [r.get(key) for r in self.rows]
             if any(isinstance(v, (int, float)) and math.isfinite(v) for v in ys):
                 ax.plot(steps, [v if v is not None else math.nan for v in ys], style, label=key)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.set_title(self.run_dir.name)
+        ax.set(xlabel="step", ylabel="training loss", title=self.run_dir.name)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -147,7 +140,6 @@ class RunLogger:
             fig.savefig(tmp, format="png")
         self._last_plot = time.time()
         self._dirty = False
-        return self.plot_path
 
     def close(self) -> None:
         if self._dirty:
