@@ -48,7 +48,18 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "lightningdit": (["repro/models/lightningdit.py"],
                      ["tests/test_lightningdit.py", "tests/test_mutants_lightningdit.py"]),
     "checkpoint": (["repro/models/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_mutants_training.py"]),
-    "cost": (["repro/models/cost.py"], ["tests/test_benchmarks.py"]),
+    # tests/test_benchmarks.py reaches cost.py only through subprocesses (mutmut does not see those), and the
+    # in-process XL tests (test_training's FLOP count, test_env_config's batch rules) take ~25 s each: the
+    # fast ones instead (test_fsdp's memory plan, the cost section of test_mutants_models.py).
+    "cost": (["repro/models/cost.py"],
+             ["tests/test_fsdp.py", "tests/test_mutants_models.py", "-k", "memory_plan_knows or mutants_models"]),
+    # the UNet's in-process tests of test_denoisers.py (its training, step-4 and notebook runs are minutes each)
+    "unet": (["repro/models/unet.py"],
+             ["tests/test_denoisers.py", "tests/test_mutants_models.py",
+              "-k", "unet_shapes or built_as_before or mutants_models"]),
+    "denoisers": (["repro/models/denoisers.py"],
+                  ["tests/test_denoisers.py", "tests/test_mutants_models.py",
+                   "-k", "unet_shapes or built_as_before or flow_refuses or mutants_models"]),
     "sampling": (["repro/sampling/*"],
                  ["tests/test_sampling.py", "tests/test_inference.py", "tests/test_mutants_sampling.py"]),
     "losses": (["repro/tokenizer/losses.py"],

@@ -1,0 +1,1 @@
+"""The model modules against independent references, written from mutation testing (docs/mutation_testing.md)."""
