@@ -46,8 +46,11 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "transport": (["repro/transport/*"],
                   ["tests/test_transport.py", "tests/test_sampling.py", "tests/test_mutants_transport.py"]),
     "lightningdit": (["repro/models/lightningdit.py"],
-                     ["tests/test_lightningdit.py", "tests/test_mutants_lightningdit.py"]),
-    "checkpoint": (["repro/models/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_mutants_training.py"]),
+                     ["tests/test_lightningdit.py", "tests/test_mutants_lightningdit.py", "tests/test_mutants_models.py",
+                      "-k", "not test_mutants_models or lightningdit"]),
+    "checkpoint": (["repro/models/checkpoint.py"],
+                   ["tests/test_checkpoint.py", "tests/test_mutants_training.py", "tests/test_mutants_models.py",
+                    "-k", "not test_mutants_models or checkpoint"]),
     # tests/test_benchmarks.py reaches cost.py only through subprocesses (mutmut does not see those), and the
     # in-process XL tests (test_training's FLOP count, test_env_config's batch rules) take ~25 s each: the
     # fast ones instead (test_fsdp's memory plan, the cost section of test_mutants_models.py).

@@ -682,7 +682,8 @@ def test_checkpoint_plain_pickles_are_refused_even_with_placeholders(tmp_path, m
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     for path in (raw, legacy):
         for placeholders in (False, True):
-            with pytest.raises(CheckpointError, match=f"^{path} holds Python objects that a weights-only load refuses"):
+            with pytest.raises(CheckpointError, match=f"^{path} holds Python objects that a weights-only load refuses "
+                                                      r"\(Weights only load failed"):  # torch's own words
                 read_checkpoint(path, metadata_placeholders=placeholders)
     assert not marker.exists()
 
@@ -756,6 +757,8 @@ def test_checkpoint_what_is_picked_inside_a_file(tmp_path):
     with pytest.raises(CheckpointError) as err:
         select_state_dict([1, 2], "F")
     assert str(err.value) == "F holds a list, not a state dict or a dict with 'ema'/'model'"
+    with pytest.raises(CheckpointError, match="^<checkpoint> holds a dict_keys"):  # no path given
+        select_state_dict({}.keys())
     mixed = {"w": torch.ones(1), **{f"k{i}": i for i in range(9)}}  # tensors and other things: not a bare state dict
     with pytest.raises(CheckpointError) as err:
         select_state_dict(mixed, "F")
@@ -772,3 +775,295 @@ def test_checkpoint_what_is_picked_inside_a_file(tmp_path):
     assert list(read_state_dict(tmp_path / "two.pt")) == ["b"] and list(read_state_dict(tmp_path / "two.pt", "model")) == ["a"]
     p = MetadataPlaceholder(1, k=2)
     assert (p.args, p.kwargs, p.state, repr(p)) == ((1,), {"k": 2}, None, "<placeholder for ?>")
+
+
+# =============================================================================================
+# repro/models/lightningdit.py (beyond tests/test_mutants_lightningdit.py: the fixture checkpoint there is loaded
+# over every weight, so these build models from scratch: initialisation, the fixed position table, the LayerNorm /
+# GELU layout, learn_sigma, checkpointing, the CFG forward's edge cases, the registry and the builders)
+
+REGISTRY = {"LightningDiT-B/1": (12, 768, 1, 12), "LightningDiT-B/2": (12, 768, 2, 12),
+            "LightningDiT-L/2": (24, 1024, 2, 16), "LightningDiT-XL/1": (28, 1152, 1, 16),
+            "LightningDiT-XL/2": (28, 1152, 2, 16), "LightningDiT-1p0B/1": (24, 1536, 1, 24),
+            "LightningDiT-1p0B/2": (24, 1536, 2, 24), "LightningDiT-1p6B/1": (28, 1792, 1, 28),
+            "LightningDiT-1p6B/2": (28, 1792, 2, 28), "LightningDiT-T/1": (2, 64, 1, 4),
+            "LightningDiT-Mini/2": (4, 128, 2, 4)}  # depth, hidden, patch, heads (upstream's table + the kit's two)
+
+
+def hand_pos_embed(hidden: int, side: int) -> torch.Tensor:
+    """MAE 2-D sin-cos: token r * side + c; first half encodes the column c, second the row r; each half is
+    [sin(p w_j), cos(p w_j)] with w_j = 10000^(-j / (hidden / 4)), j < hidden / 4."""
+    quarter = hidden // 4
+    out = torch.zeros(side * side, hidden, dtype=torch.float64)
+    for r in range(side):
+        for c in range(side):
+            for half, p in ((0, c), (1, r)):
+                for j in range(quarter):
+                    w = 10000.0 ** (-j / quarter)
+                    out[r * side + c, half * 2 * quarter + j] = math.sin(p * w)
+                    out[r * side + c, half * 2 * quarter + quarter + j] = math.cos(p * w)
+    return out
+
+
+def hand_gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def hand_layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + eps)
+
+
+def tiny_dit(**kw) -> LightningDiT:
+    args = dict(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=5)
+    return LightningDiT(**{**args, **kw})
+
+
+def test_lightningdit_fresh_model_position_table_and_initialisation():
+    from repro.models.lightningdit import get_2d_sincos_pos_embed
+
+    torch.manual_seed(0)
+    m = LightningDiT(input_size=6, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=1000)
+    torch.testing.assert_close(m.pos_embed[0].double(), hand_pos_embed(64, 3), rtol=0, atol=1e-6)
+    assert not m.pos_embed.requires_grad  # frozen, as upstream
+    torch.testing.assert_close(torch.from_numpy(get_2d_sincos_pos_embed(16, 5)).double(), hand_pos_embed(16, 5),
+                               rtol=0, atol=1e-6)
+    # DiT initialisation: xavier-uniform linears with zero biases, the patch conv as a (D, C p p) matrix
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            assert mod.bias.abs().max() == 0, name
+            if "adaLN" not in name and "final_layer" not in name and "t_embedder" not in name:
+                bound = math.sqrt(6 / (mod.in_features + mod.out_features))
+                assert 0.9 * bound < mod.weight.abs().max() <= bound, name
+    w = m.x_embedder.proj.weight
+    bound = math.sqrt(6 / (64 + 4 * 2 * 2))
+    assert 0.9 * bound < w.abs().max() <= bound and m.x_embedder.proj.bias.abs().max() == 0
+    for p in (m.y_embedder.embedding_table.weight, m.t_embedder.mlp[0].weight, m.t_embedder.mlp[2].weight):
+        assert abs(float(p.detach().std()) - 0.02) < 0.001
+    zeroed = [*m.final_layer.adaLN_modulation[-1].parameters(), *m.final_layer.linear.parameters()]
+    zeroed += [p for b in m.blocks for p in b.adaLN_modulation[-1].parameters()]
+    assert len(zeroed) == 8 and all(p.abs().max() == 0 for p in zeroed)
+    # the timm attributes of the patch embedding and DiT's of the timestep embedder
+    assert (m.x_embedder.patch_size, m.x_embedder.grid_size, m.x_embedder.num_patches) == ((2, 2), 3, 9)
+    assert m.t_embedder.frequency_embedding_size == 256
+    assert (m.in_channels, m.out_channels, m.num_heads, m.num_classes, m.input_size, m.use_checkpoint,
+            m.learn_sigma) == (4, 4, 4, 1000, 6, False, False)
+
+
+def test_lightningdit_layernorm_gelu_layout_is_the_hand_formula():
+    """use_rmsnorm / use_swiglu off: LayerNorm without affine (eps 1e-6) and timm's Mlp with tanh-GELU."""
+    from repro.models.lightningdit import Attention, FinalLayer, LightningDiTBlock, Mlp
+    from tests.test_mutants_lightningdit import hand_attention
+
+    torch.manual_seed(1)
+    block = randomise(LightningDiTBlock(32, 2, mlp_ratio=2.0), seed=6, std=0.2).double()
+    for norm in (block.norm1, block.norm2):
+        assert isinstance(norm, torch.nn.LayerNorm) and not norm.elementwise_affine and norm.eps == 1e-6
+    assert isinstance(block.mlp, Mlp) and block.mlp.fc1.out_features == 64 and not block.wo_shift
+    x, c = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64)
+    mod = hand_silu(c) @ block.adaLN_modulation[1].weight.T + block.adaLN_modulation[1].bias
+    sh1, sc1, g1, sh2, sc2, g2 = (mod[:, i * 32:(i + 1) * 32, None].transpose(1, 2) for i in range(6))
+    h = x + g1 * hand_attention(block.attn, hand_layer_norm(x) * (1 + sc1) + sh1, None)
+    mlp_in = hand_layer_norm(h) * (1 + sc2) + sh2
+    mlp = hand_gelu_tanh(mlp_in @ block.mlp.fc1.weight.T + block.mlp.fc1.bias) @ block.mlp.fc2.weight.T + block.mlp.fc2.bias
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, c), h + g2 * mlp, rtol=1e-6, atol=1e-6)
+    final = randomise(FinalLayer(32, 2, 3), seed=7, std=0.2).double()
+    assert isinstance(final.norm_final, torch.nn.LayerNorm) and not final.norm_final.elementwise_affine
+    assert final.norm_final.eps == 1e-6
+    shift, scale = (hand_silu(c) @ final.adaLN_modulation[1].weight.T + final.adaLN_modulation[1].bias).chunk(2, dim=1)
+    ref = (hand_layer_norm(x) * (1 + scale[:, None]) + shift[:, None]) @ final.linear.weight.T + final.linear.bias
+    with torch.no_grad():
+        torch.testing.assert_close(final(x, c), ref, rtol=1e-6, atol=1e-6)
+    # Attention: no QK-norm by default, LayerNorm (eps 1e-5) QK-norm without RMSNorm, RMSNorm QK-norm in an RMS block
+    assert isinstance(Attention(32, 2).q_norm, torch.nn.Identity)
+    qk = Attention(32, 2, qk_norm=True)
+    assert isinstance(qk.q_norm, torch.nn.LayerNorm) and qk.q_norm.eps == qk.k_norm.eps == 1e-5
+    rms_block = LightningDiTBlock(32, 2, use_qknorm=True, use_rmsnorm=True)
+    assert type(rms_block.attn.q_norm).__name__ == type(rms_block.norm1).__name__ == "RMSNorm"
+    with pytest.raises(AssertionError, match="^hidden_size must be divisible by num_heads$"):
+        Attention(30, 4)
+
+
+def test_lightningdit_constructor_defaults_are_upstream_xl2_without_the_options():
+    from repro.models.lightningdit import FinalLayer, LightningDiTBlock, Mlp
+
+    with torch.device("meta"):
+        m = LightningDiT()
+    assert (m.input_size, m.patch_size, m.in_channels, m.out_channels, m.hidden_size, m.depth, m.num_heads) == (
+        32, 2, 32, 32, 1152, 28, 16)
+    assert m.num_classes == 1000 and m.y_embedder.embedding_table.num_embeddings == 1001  # dropout 0.1: a null row
+    assert m.y_embedder.dropout_prob == 0.1 and not m.use_checkpoint and m.feat_rope is None
+    b = m.blocks[0]
+    assert isinstance(b.mlp, Mlp) and b.mlp.fc1.out_features == 4 * 1152 and isinstance(b.norm1, torch.nn.LayerNorm)
+    assert isinstance(b.attn.q_norm, torch.nn.Identity) and b.adaLN_modulation[1].out_features == 6 * 1152
+    small = LightningDiTBlock(16, 2)
+    assert isinstance(small.mlp, Mlp) and small.mlp.fc1.out_features == 64 and isinstance(small.norm1, torch.nn.LayerNorm)
+    assert isinstance(small.attn.q_norm, torch.nn.Identity) and not small.wo_shift
+    assert isinstance(FinalLayer(16, 2, 4).norm_final, torch.nn.LayerNorm)
+
+
+def test_lightningdit_rms_norm_timestep_features_and_low_precision():
+    from repro.models.lightningdit import RMSNorm, TimestepEmbedder, VisionRotaryEmbeddingFast
+
+    torch.manual_seed(2)
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16) + 0.5)
+    x = torch.randn(3, 16) * 1e-4  # mean square 1e-8: the eps (1e-6) dominates, a wrong eps shows
+    xf = x.double()
+    torch.testing.assert_close(norm(x).double(), xf / torch.sqrt((xf * xf).mean(-1, keepdim=True) + 1e-6)
+                               * norm.weight.double(), rtol=1e-5, atol=0)
+    xb = torch.randn(3, 16).bfloat16()  # low-precision input, float32 weight: normalised in float32, rounded once
+    xbf = xb.float()
+    ref = (xbf * torch.rsqrt(xbf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * norm.weight
+    assert torch.equal(norm(xb), ref)
+    norm_b = RMSNorm(16).bfloat16()
+    with torch.no_grad():
+        norm_b.weight.copy_(torch.rand(16) + 0.5)
+    ref = (xbf * torch.rsqrt(xbf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16() * norm_b.weight
+    assert norm_b(xb).dtype == torch.bfloat16 and torch.equal(norm_b(xb), ref)
+    # the timestep features: cos then sin of t 10000^(-j/128), j < 128, before the MLP
+    emb = TimestepEmbedder(32)
+    seen = []
+    emb.mlp[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    t = torch.tensor([0.0, 0.25, 1.0, 37.0, 999.0])
+    emb(t)
+    torch.testing.assert_close(seen[0].double(), hand_sinusoid(t, 256), rtol=0, atol=2e-4)
+    assert emb.to(torch.bfloat16)(t).dtype == torch.bfloat16  # a bf16 copy of the model takes float t
+    rope = VisionRotaryEmbeddingFast(4, 3)
+    assert rope(torch.randn(1, 2, 9, 8).bfloat16()).dtype == torch.bfloat16  # q/k stay in their compute dtype
+
+
+def test_lightningdit_label_dropout_learn_sigma_and_checkpointing():
+    torch.manual_seed(3)
+    assert tiny_dit(class_dropout_prob=0.0).y_embedder.embedding_table.num_embeddings == 5  # no null row without CFG
+    m = tiny_dit(class_dropout_prob=0.0).train()
+    state = torch.get_rng_state()
+    m.y_embedder(torch.tensor([1, 2]), True)
+    assert torch.equal(torch.get_rng_state(), state)  # p = 0: no coin drawn
+    # the model passes its training flag to the label embedder: at p = 1 every label is the null class
+    m = randomise(tiny_dit(class_dropout_prob=1.0), seed=8, std=0.2)
+    x, t = torch.randn(2, 4, 4, 4), torch.rand(2)
+    with torch.no_grad():
+        dropped = m.train()(x, t, torch.tensor([1, 2]))
+        torch.testing.assert_close(dropped, m.eval()(x, t, torch.tensor([5, 5])))
+        assert not torch.allclose(dropped, m.eval()(x, t, torch.tensor([1, 2])))
+    # learn_sigma: twice the output channels, the first half returned
+    s = randomise(tiny_dit(patch_size=2, learn_sigma=True), seed=9, std=0.2).eval()
+    assert s.out_channels == 8 and s.final_layer.linear.out_features == 2 * 2 * 8
+    seen = []
+    s.final_layer.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    with torch.no_grad():
+        out = s(x, t, torch.tensor([1, 2]))
+    tokens = seen[0]  # (N, 4 tokens of a 2x2 grid, p * p * 8)
+    ref = torch.zeros(2, 8, 4, 4)
+    for r in range(2):
+        for c in range(2):
+            ref[:, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2] = tokens[:, r * 2 + c].reshape(2, 2, 2, 8).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, ref[:, :4])
+    # per-block checkpointing: the block runs again in backward, only when asked and only with gradients on
+    for use_checkpoint, grad, runs in ((True, True, 2), (True, False, 1), (False, True, 1)):
+        c = randomise(tiny_dit(use_checkpoint=use_checkpoint), seed=10, std=0.2).train()
+        calls = []
+        c.blocks[0].register_forward_pre_hook(lambda mod, inp: calls.append(1))
+        with torch.set_grad_enabled(grad):
+            out = c(x, t, torch.tensor([1, 2]))
+            if grad:  # non-reentrant checkpointing: torch.autograd.grad reaches the weights inside the block
+                (g,) = torch.autograd.grad(out.square().sum(), [c.blocks[0].attn.qkv.weight])
+                assert g.abs().sum() > 0
+        assert len(calls) == runs, (use_checkpoint, grad)
+
+
+def test_lightningdit_cfg_forward_edge_cases():
+    from repro.transport.guidance import combine_cfg
+
+    torch.manual_seed(4)
+    m = randomise(tiny_dit(input_size=2), seed=11, std=0.3).eval()
+    half = torch.randn(3, 4, 2, 2)
+    x = torch.cat([half, torch.randn(3, 4, 2, 2)])  # the second half is ignored
+    y = torch.tensor([0, 1, 2, 5, 5, 5])
+
+    def reference(t, scale, n, guide=True):
+        with torch.no_grad():
+            out = m(torch.cat([half, half]), t, y)
+        cond, uncond = out[:3], out[3:]
+        g = torch.cat([uncond[:, :n] + scale * (cond[:, :n] - uncond[:, :n]), cond[:, n:]], dim=1) if guide else cond
+        return torch.cat([g, torch.cat([g[:, :n], uncond[:, n:]], dim=1)])
+
+    with torch.no_grad():
+        t = torch.full((6,), 0.5)
+        torch.testing.assert_close(m.forward_with_cfg(x, t, y, 3.0), reference(t, 3.0, 3))  # defaults: 3 channels
+        torch.testing.assert_close(m.forward_with_cfg(x, t, y, 3.0, cfg_channels=None), reference(t, 3.0, 4))
+        torch.testing.assert_close(m.forward_with_cfg(x, t, y, 3.0, cfg_channels=None)[:3],
+                                   combine_cfg(*m(torch.cat([half, half]), t, y).chunk(2), 3.0, None))
+        # the interval is decided by the first sample's time (upstream: one t per batch); guidance from t = start on
+        t = torch.tensor([0.05, 0.9, 0.9, 0.05, 0.9, 0.9])
+        torch.testing.assert_close(m.forward_with_cfg(x, t, y, 3.0, cfg_interval=True, cfg_interval_start=0.1),
+                                   reference(t, 3.0, 3, guide=False))
+        t = torch.tensor([0.25, 0.0, 0.0, 0.25, 0.0, 0.0])  # t[0] == start exactly (0.25 is exact in float32)
+        torch.testing.assert_close(m.forward_with_cfg(x, t, y, 3.0, cfg_interval=True, cfg_interval_start=0.25),
+                                   reference(t, 3.0, 3))
+        t = torch.full((6,), 0.5)  # the interval switched on without a start: guidance everywhere (start 0)
+        torch.testing.assert_close(m.forward_with_cfg(x, t, y, 3.0, cfg_interval=True), reference(t, 3.0, 3))
+
+
+def test_lightningdit_registry_names_and_builder():
+    from repro.errors import ConfigError
+    from repro.models.lightningdit import LIGHTNINGDIT_MODELS, RMSNorm, SwiGLUFFN, build_model, create_model
+
+    assert set(LIGHTNINGDIT_MODELS) == set(REGISTRY)
+    with torch.device("meta"):
+        for name, (depth, hidden, patch, heads) in REGISTRY.items():
+            m = create_model(name, input_size=8, in_channels=3, num_classes=7)
+            assert (m.depth, len(m.blocks), m.hidden_size, m.patch_size, m.num_heads) == (depth, depth, hidden, patch,
+                                                                                           heads), name
+            assert m.x_embedder.proj.kernel_size == (patch, patch) and m.blocks[0].attn.num_heads == heads
+            assert m.in_channels == 3 and m.x_embedder.proj.in_channels == 3 and m.input_size == 8
+    with pytest.raises(ConfigError) as err:
+        create_model("LightningDiT-XL1")
+    assert str(err.value) == "unknown model.model_type 'LightningDiT-XL1'; did you mean 'LightningDiT-XL/1'?"
+    with pytest.raises(ConfigError) as err:
+        create_model("Foo")
+    assert str(err.value) == f"unknown model.model_type 'Foo'; known: {', '.join(REGISTRY)}"
+    # build_model: every key of the model section reaches the model; keyword overrides win
+    on = dict(use_qknorm=True, use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=True, use_checkpoint=True)
+    for flag in (True, False):
+        cfg = ModelConfig(model_type="LightningDiT-T/1", in_chans=3 if flag else 5, class_dropout_prob=0.3 if flag else 0.0,
+                          **{k: v == flag for k, v in on.items()})
+        with torch.device("meta"):
+            m = build_model(cfg, 6, 9)
+        b = m.blocks[0]
+        assert (m.input_size, m.in_channels, m.num_classes, m.y_embedder.dropout_prob) == (6, cfg.in_chans, 9,
+                                                                                         cfg.class_dropout_prob)
+        assert isinstance(b.attn.q_norm, torch.nn.Identity) != cfg.use_qknorm
+        assert isinstance(b.mlp, SwiGLUFFN) == cfg.use_swiglu and (m.feat_rope is not None) == cfg.use_rope
+        assert isinstance(b.norm1, RMSNorm) == cfg.use_rmsnorm and b.wo_shift == cfg.wo_shift
+        assert m.use_checkpoint == cfg.use_checkpoint
+    with torch.device("meta"):
+        assert build_model(cfg, 6, 9, use_checkpoint=True, in_channels=2).in_channels == 2
+
+
+def as_if_saved_on_mps(path: Path) -> None:
+    """Rewrite torch.save's storage location tag 'cpu' to 'mps' (same length: the zip stays valid), as a file
+    written on another accelerator carries its device."""
+    data = path.read_bytes()
+    assert data.count(b"X\x03\x00\x00\x00cpu") >= 1
+    path.write_bytes(data.replace(b"X\x03\x00\x00\x00cpu", b"X\x03\x00\x00\x00mps"))
+
+
+def test_checkpoint_a_file_written_on_another_device_loads_on_the_cpu(tmp_path, monkeypatch):
+    from repro.models.checkpoint import read_checkpoint
+
+    path = tmp_path / "gpu.pt"
+    torch.save({"ema": {"w": torch.arange(3.0)}}, path)
+    as_if_saved_on_mps(path)
+    for mmap in (False, True):
+        w = read_checkpoint(path, mmap=mmap)["ema"]["w"]
+        assert w.device.type == "cpu" and torch.equal(w, torch.arange(3.0))
+    (cls,) = fake_classes(monkeypatch, ["omegaconf.dictconfig.DictConfig"])
+    torch.save({"state_dict": {"w": torch.arange(3.0)}, "hparams": cls({"lr": 1})}, tmp_path / "gpu.ckpt")
+    as_if_saved_on_mps(tmp_path / "gpu.ckpt")
+    forget(monkeypatch, ["omegaconf.dictconfig.DictConfig"])
+    w = read_checkpoint(tmp_path / "gpu.ckpt", metadata_placeholders=True)["state_dict"]["w"]
+    assert w.device.type == "cpu" and torch.equal(w, torch.arange(3.0))
