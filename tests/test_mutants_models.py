@@ -511,6 +511,11 @@ def test_cost_block_saved_fn_usable_bytes_and_fits_on_card(monkeypatch):
         assert cost.fits_on_card(cfg, 4, 3, "bf16", card, checkpointing=ckpt, num_classes=9, block_saved=saved, **kw)
         assert not cost.fits_on_card(cfg, 4, 3, "bf16", card - 1, checkpointing=ckpt, num_classes=9,
                                      block_saved=saved, **kw)
+    # the default class count is ImageNet's 1000
+    total = cost.training_memory_budget(cfg, 4, 3, "bf16", True, num_classes=1000, block_saved=saved(3)).total
+    assert cost.training_memory_budget(cfg, 4, 3, "bf16", True, block_saved=saved(3)).total == total
+    assert cost.fits_on_card(cfg, 4, 3, "bf16", card_with_usable(total), checkpointing=True, ema_on_device=True,
+                             block_saved=saved)
     calls.clear()  # without block_saved: one measurement at the micro-batch asked
     total = cost.training_memory_budget(cfg, 4, 3, "bf16", True, num_classes=9, block_saved=fake_measure(cfg, 4, 3,
                                                                                                        "bf16")).total
@@ -536,9 +541,11 @@ def test_cost_layout_choice_follows_the_documented_order(monkeypatch):
                 return max(fitting), ck, cpu, budget[ck, cpu][max(fitting)], True
         return 1, True, True, budget[True, True][1], False
 
-    cases = [budget[False, False][32], budget[False, False][16] - 1, budget[True, False][8] - 1,
-             budget[True, True][1] - 1]
-    expected = [(32, False, False), (None, True, False), (None, True, True), (1, True, True)]
+    assert budget[True, False][8] < budget[False, False][16]
+    cases = [budget[False, False][32], budget[False, False][16], budget[False, False][16] - 1, budget[True, False][8],
+             budget[True, False][8] - 1, budget[True, True][1] - 1]  # each rule's least micro-batch exactly, and less
+    expected = [(32, False, False), (16, False, False), (None, True, False), (8, True, False), (None, True, True),
+                (1, True, True)]
     for limit, want in zip(cases, expected):
         got = cost.choose_training_layout(cfg, 4, card_with_usable(limit), "fp16", num_classes=9, block_saved=saved,
                                           shards=2)
@@ -569,7 +576,17 @@ def test_cost_layout_choice_follows_the_documented_order(monkeypatch):
     monkeypatch.setattr(cost, "measure_block_saved_bytes",
                         lambda *a, **k: calls.append((a, k)) or 4 * 2**20 * a[2])
     assert cost.choose_training_layout(cfg, 4, huge, "bf16", num_classes=9, shards=2).micro_batch == 128
-    assert [(a[2], a[3]) for a, _ in calls] == [(1, "bf16"), (2, "bf16")]
+    assert [(a[0], a[1], a[2], a[3]) for a, _ in calls] == [(cfg, 4, 1, "bf16"), (cfg, 4, 2, "bf16")]
+    # offloaded and not fitting: the peak reported is the offloaded one
+    tight = cost.training_memory_budget(cfg, 4, 1, "fp16", True, ema_on_device=False, num_classes=9,
+                                        block_saved=saved(1), offload=True).total
+    got = cost.choose_training_layout(cfg, 4, card_with_usable(tight - 1), "fp16", num_classes=9, block_saved=saved,
+                                      offload=True)
+    assert (got.micro_batch, got.fits, got.peak) == (1, False, tight)
+    # the default class count is ImageNet's 1000 (its embedding rows count in the weights)
+    default = cost.choose_training_layout(cfg, 4, huge, "fp16", block_saved=saved)
+    assert default.peak == cost.training_memory_budget(cfg, 4, default.micro_batch, "fp16", False, num_classes=1000,
+                                                       block_saved=saved(default.micro_batch)).total
 
 
 # =============================================================================================
