@@ -145,7 +145,8 @@ def test_unet_resblock_is_the_adm_formula(cin, cout):
     # dropout sits right before conv2: at p = 1 in training the block gives skip(x) + conv2's bias
     drop = randomise(ResBlock(cin, cout, emb_dim=10, dropout=1.0), seed=1).train()
     assert drop.drop.p == 1.0
-    expected = (x if cin == cout else F.conv2d(x, drop.skip.weight, drop.skip.bias)) + drop.conv2.bias[None, :, None, None]
+    skip = x if cin == cout else F.conv2d(x, drop.skip.weight, drop.skip.bias)
+    expected = skip + drop.conv2.bias[None, :, None, None]
     torch.testing.assert_close(drop(x, emb), expected)
 
 
@@ -248,7 +249,8 @@ def test_unet_forward_is_its_layers_composed_by_hand():
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([0.13, 0.8]), torch.tensor([2, 5])  # 5 = the null class
     lin1, _, lin2 = m.t_embedder
     temb = hand_sinusoid(t * 7.0, 12).float()
-    emb = hand_silu(temb @ lin1.weight.T + lin1.bias) @ lin2.weight.T + lin2.bias + m.y_embedder.embedding_table.weight[y]
+    emb = hand_silu(temb @ lin1.weight.T + lin1.bias) @ lin2.weight.T + lin2.bias
+    emb = emb + m.y_embedder.embedding_table.weight[y]
     h = F.conv2d(x, m.input_conv.weight, m.input_conv.bias, padding=1)
     skips = [h]
     for stage in m.down:
@@ -667,8 +669,9 @@ def test_checkpoint_refusal_messages_are_exact(tmp_path, monkeypatch):
     forget(monkeypatch, names)
     with pytest.raises(CheckpointError) as err:
         read_checkpoint(path, metadata_placeholders=True)
-    assert str(err.value) == (f"{path} holds Python objects that a weights-only load refuses ({', '.join(listed[:5])}); "
-                              f"they are not executed. {EXPORT_HINT} (Pipeline.from_pretrained(RUN).export(DIR))")
+    assert str(err.value) == (f"{path} holds Python objects that a weights-only load refuses "
+                              f"({', '.join(listed[:5])}); they are not executed. {EXPORT_HINT} "
+                              "(Pipeline.from_pretrained(RUN).export(DIR))")
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -745,7 +748,8 @@ def test_checkpoint_key_and_shape_messages_are_exact(tmp_path):
     five = {k: v for k, v in full.items() if k not in keys[:5]} | {f"x{i}": torch.zeros(1) for i in range(5)}
     assert message(five) == (f"P does not match the model: 5 missing key(s): {', '.join(keys[:5])}; "
                              f"5 unexpected key(s): x0, x1, x2, x3, x4 {hint}")
-    assert message({k: v for k, v in full.items() if k != "2.bias"}) == f"P does not match the model: 1 missing key(s): 2.bias {hint}"
+    assert message({k: v for k, v in full.items() if k != "2.bias"}) == (
+        f"P does not match the model: 1 missing key(s): 2.bias {hint}")
     assert message(full | {"extra": torch.zeros(1)}) == f"P does not match the model: 1 unexpected key(s): extra {hint}"
     assert message(full | {"1.weight": torch.zeros(2, 3)}) == (
         "P: '1.weight' has shape (2, 3) but the model expects (2, 2) (check model.model_type, model.in_chans, "
@@ -770,7 +774,7 @@ def test_checkpoint_what_is_picked_inside_a_file(tmp_path):
     assert torch.equal(model.weight, sd["weight"])
     torch.save(sd, tmp_path / "bare.pt")
     assert load_checkpoint(model, tmp_path / "bare.pt") == {"path": str(tmp_path / "bare.pt"), "source": "state_dict"}
-    assert select_state_dict({"state_dict": sd, "ema": 3}) == (sd, "state_dict")  # a dict under 'state_dict' (Lightning)
+    assert select_state_dict({"state_dict": sd, "ema": 3}) == (sd, "state_dict")  # under 'state_dict' (Lightning)
     with pytest.raises(CheckpointError) as err:
         select_state_dict([1, 2], "F")
     assert str(err.value) == "F holds a list, not a state dict or a dict with 'ema'/'model'"
@@ -789,9 +793,35 @@ def test_checkpoint_what_is_picked_inside_a_file(tmp_path):
     with pytest.raises(CheckpointError, match=f"^{tmp_path / 'list.pt'} holds a list"):
         read_state_dict(tmp_path / "list.pt")
     torch.save({"model": {"a": torch.zeros(1)}, "ema": {"b": torch.ones(1)}}, tmp_path / "two.pt")
-    assert list(read_state_dict(tmp_path / "two.pt")) == ["b"] and list(read_state_dict(tmp_path / "two.pt", "model")) == ["a"]
+    assert list(read_state_dict(tmp_path / "two.pt")) == ["b"]
+    assert list(read_state_dict(tmp_path / "two.pt", "model")) == ["a"]
     p = MetadataPlaceholder(1, k=2)
     assert (p.args, p.kwargs, p.state, repr(p)) == ((1,), {"k": 2}, None, "<placeholder for ?>")
+
+
+def as_if_saved_on_mps(path: Path) -> None:
+    """Rewrite torch.save's storage location tag 'cpu' to 'mps' (same length: the zip stays valid), as a file
+    written on another accelerator carries its device."""
+    data = path.read_bytes()
+    assert data.count(b"X\x03\x00\x00\x00cpu") >= 1
+    path.write_bytes(data.replace(b"X\x03\x00\x00\x00cpu", b"X\x03\x00\x00\x00mps"))
+
+
+def test_checkpoint_a_file_written_on_another_device_loads_on_the_cpu(tmp_path, monkeypatch):
+    from repro.models.checkpoint import read_checkpoint
+
+    path = tmp_path / "gpu.pt"
+    torch.save({"ema": {"w": torch.arange(3.0)}}, path)
+    as_if_saved_on_mps(path)
+    for mmap in (False, True):
+        w = read_checkpoint(path, mmap=mmap)["ema"]["w"]
+        assert w.device.type == "cpu" and torch.equal(w, torch.arange(3.0))
+    (cls,) = fake_classes(monkeypatch, ["omegaconf.dictconfig.DictConfig"])
+    torch.save({"state_dict": {"w": torch.arange(3.0)}, "hparams": cls({"lr": 1})}, tmp_path / "gpu.ckpt")
+    as_if_saved_on_mps(tmp_path / "gpu.ckpt")
+    forget(monkeypatch, ["omegaconf.dictconfig.DictConfig"])
+    w = read_checkpoint(tmp_path / "gpu.ckpt", metadata_placeholders=True)["state_dict"]["w"]
+    assert w.device.type == "cpu" and torch.equal(w, torch.arange(3.0))
 
 
 # =============================================================================================
@@ -882,7 +912,8 @@ def test_lightningdit_layernorm_gelu_layout_is_the_hand_formula():
     sh1, sc1, g1, sh2, sc2, g2 = (mod[:, i * 32:(i + 1) * 32, None].transpose(1, 2) for i in range(6))
     h = x + g1 * hand_attention(block.attn, hand_layer_norm(x) * (1 + sc1) + sh1, None)
     mlp_in = hand_layer_norm(h) * (1 + sc2) + sh2
-    mlp = hand_gelu_tanh(mlp_in @ block.mlp.fc1.weight.T + block.mlp.fc1.bias) @ block.mlp.fc2.weight.T + block.mlp.fc2.bias
+    fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+    mlp = hand_gelu_tanh(mlp_in @ fc1.weight.T + fc1.bias) @ fc2.weight.T + fc2.bias
     with torch.no_grad():
         torch.testing.assert_close(block(x, c), h + g2 * mlp, rtol=1e-6, atol=1e-6)
     final = randomise(FinalLayer(32, 2, 3), seed=7, std=0.2).double()
@@ -915,7 +946,8 @@ def test_lightningdit_constructor_defaults_are_upstream_xl2_without_the_options(
     assert isinstance(b.mlp, Mlp) and b.mlp.fc1.out_features == 4 * 1152 and isinstance(b.norm1, torch.nn.LayerNorm)
     assert isinstance(b.attn.q_norm, torch.nn.Identity) and b.adaLN_modulation[1].out_features == 6 * 1152
     small = LightningDiTBlock(16, 2)
-    assert isinstance(small.mlp, Mlp) and small.mlp.fc1.out_features == 64 and isinstance(small.norm1, torch.nn.LayerNorm)
+    assert isinstance(small.mlp, Mlp) and small.mlp.fc1.out_features == 64
+    assert isinstance(small.norm1, torch.nn.LayerNorm)
     assert isinstance(small.attn.q_norm, torch.nn.Identity) and not small.wo_shift
     assert isinstance(FinalLayer(16, 2, 4).norm_final, torch.nn.LayerNorm)
 
@@ -1046,8 +1078,8 @@ def test_lightningdit_registry_names_and_builder():
     # build_model: every key of the model section reaches the model; keyword overrides win
     on = dict(use_qknorm=True, use_swiglu=True, use_rope=True, use_rmsnorm=True, wo_shift=True, use_checkpoint=True)
     for flag in (True, False):
-        cfg = ModelConfig(model_type="LightningDiT-T/1", in_chans=3 if flag else 5, class_dropout_prob=0.3 if flag else 0.0,
-                          **{k: v == flag for k, v in on.items()})
+        cfg = ModelConfig(model_type="LightningDiT-T/1", in_chans=3 if flag else 5,
+                          class_dropout_prob=0.3 if flag else 0.0, **{k: v == flag for k, v in on.items()})
         with torch.device("meta"):
             m = build_model(cfg, 6, 9)
         b = m.blocks[0]
@@ -1060,27 +1092,3 @@ def test_lightningdit_registry_names_and_builder():
     with torch.device("meta"):
         assert build_model(cfg, 6, 9, use_checkpoint=True, in_channels=2).in_channels == 2
 
-
-def as_if_saved_on_mps(path: Path) -> None:
-    """Rewrite torch.save's storage location tag 'cpu' to 'mps' (same length: the zip stays valid), as a file
-    written on another accelerator carries its device."""
-    data = path.read_bytes()
-    assert data.count(b"X\x03\x00\x00\x00cpu") >= 1
-    path.write_bytes(data.replace(b"X\x03\x00\x00\x00cpu", b"X\x03\x00\x00\x00mps"))
-
-
-def test_checkpoint_a_file_written_on_another_device_loads_on_the_cpu(tmp_path, monkeypatch):
-    from repro.models.checkpoint import read_checkpoint
-
-    path = tmp_path / "gpu.pt"
-    torch.save({"ema": {"w": torch.arange(3.0)}}, path)
-    as_if_saved_on_mps(path)
-    for mmap in (False, True):
-        w = read_checkpoint(path, mmap=mmap)["ema"]["w"]
-        assert w.device.type == "cpu" and torch.equal(w, torch.arange(3.0))
-    (cls,) = fake_classes(monkeypatch, ["omegaconf.dictconfig.DictConfig"])
-    torch.save({"state_dict": {"w": torch.arange(3.0)}, "hparams": cls({"lr": 1})}, tmp_path / "gpu.ckpt")
-    as_if_saved_on_mps(tmp_path / "gpu.ckpt")
-    forget(monkeypatch, ["omegaconf.dictconfig.DictConfig"])
-    w = read_checkpoint(tmp_path / "gpu.ckpt", metadata_placeholders=True)["state_dict"]["w"]
-    assert w.device.type == "cpu" and torch.equal(w, torch.arange(3.0))
