@@ -5,6 +5,7 @@
     python scripts/mutation.py metrics io transport   # several, one after another
     python scripts/mutation.py --list                 # the targets and the tests each runs
     python scripts/mutation.py io --show              # also print the diff of every surviving mutant
+    python scripts/mutation.py unet --recheck _size   # apply the last run's survivors by hand, run the tests
 
 Not part of the test suite (pytest never collects scripts/). Each target runs in a fresh copy of the
 checkout (tracked and untracked-not-ignored files) under a temp folder, so the working tree never gets a
@@ -46,9 +47,23 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "transport": (["repro/transport/*"],
                   ["tests/test_transport.py", "tests/test_sampling.py", "tests/test_mutants_transport.py"]),
     "lightningdit": (["repro/models/lightningdit.py"],
-                     ["tests/test_lightningdit.py", "tests/test_mutants_lightningdit.py"]),
-    "checkpoint": (["repro/models/checkpoint.py"], ["tests/test_checkpoint.py", "tests/test_mutants_training.py"]),
-    "cost": (["repro/models/cost.py"], ["tests/test_benchmarks.py"]),
+                     ["tests/test_lightningdit.py", "tests/test_mutants_lightningdit.py",
+                      "tests/test_mutants_models.py", "-k", "not test_mutants_models or lightningdit"]),
+    "checkpoint": (["repro/models/checkpoint.py"],
+                   ["tests/test_checkpoint.py", "tests/test_mutants_training.py", "tests/test_mutants_models.py",
+                    "-k", "not test_mutants_models or checkpoint"]),
+    # tests/test_benchmarks.py reaches cost.py only through subprocesses (mutmut does not see those), and the
+    # in-process XL tests (test_training's FLOP count, test_env_config's batch rules) take ~25 s each: the
+    # fast ones instead (test_fsdp's memory plan, the cost section of test_mutants_models.py).
+    "cost": (["repro/models/cost.py"],
+             ["tests/test_fsdp.py", "tests/test_mutants_models.py", "-k", "memory_plan_knows or mutants_models"]),
+    # the UNet's in-process tests of test_denoisers.py (its training, step-4 and notebook runs are minutes each)
+    "unet": (["repro/models/unet.py"],
+             ["tests/test_denoisers.py", "tests/test_mutants_models.py",
+              "-k", "unet_shapes or built_as_before or mutants_models"]),
+    "denoisers": (["repro/models/denoisers.py"],
+                  ["tests/test_denoisers.py", "tests/test_mutants_models.py",
+                   "-k", "unet_shapes or built_as_before or flow_refuses or mutants_models"]),
     "sampling": (["repro/sampling/*"],
                  ["tests/test_sampling.py", "tests/test_inference.py", "tests/test_mutants_sampling.py"]),
     "losses": (["repro/tokenizer/losses.py"],
@@ -144,6 +159,54 @@ def run_target(name: str, max_children: int, show: bool, keep: bool) -> dict:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def apply_diff(source: str, diff: str) -> str | None:
+    """`source` with one mutant's diff (as `mutmut show` prints it) applied, or None where it does not apply once.
+
+    mutmut prints a method without its class indentation (but a docstring's lines as they are): the hunk is tried
+    as printed, then indented by 4, then the changed lines alone (without the context), both ways."""
+    body = [ln for ln in diff.splitlines()[4:] if ln[:1] in (" ", "-", "+", "")]
+    changed = [ln for ln in body if ln[:1] in ("-", "+")]
+    for lines in (body, changed):
+        old = "\n".join(ln[1:] for ln in lines if not ln.startswith("+"))
+        new = "\n".join(ln[1:] for ln in lines if not ln.startswith("-"))
+        for indent in ("", "    "):
+            o, n = ("\n".join(indent + ln if ln else ln for ln in text.split("\n")) for text in (old, new))
+            if source.count(o) == 1:
+                return source.replace(o, n)
+    return None
+
+
+def recheck(name: str, only: list[str]) -> None:
+    """Each survivor of the last run (runs/mutation/<name>.json) written into a temp copy by hand, the target's
+    tests run against it (pytest -x): for mutants mutmut cannot switch on (code run at import, e.g. a registry
+    built by a factory) and to check new tests without a whole mutmut run."""
+    summary = json.loads((ROOT / "runs" / "mutation" / f"{name}.json").read_text())
+    selection = TARGETS[name][1]
+    work = Path(tempfile.mkdtemp(prefix=f"repro-recheck-{name}-"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    try:
+        copy_checkout(work)
+        for mutant, diff in summary["survivor_diffs"].items():
+            if only and not any(o in mutant for o in only):
+                continue
+            path = work / diff.splitlines()[1][4:].strip()
+            source = path.read_text()
+            mutated = apply_diff(source, diff)
+            if mutated is None:
+                print(f"{mutant}: does not apply", flush=True)
+                continue
+            path.write_text(mutated)
+            try:
+                run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
+                                     cwd=work, env=env, capture_output=True, text=True)
+            finally:
+                path.write_text(source)
+            last = (run.stdout.strip().splitlines() or [""])[-1]
+            print(f"{mutant}: {'killed' if run.returncode else 'survived'} ({last})", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("targets", nargs="*", help="short names or module paths (see --list)")
@@ -152,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=1)
     parser.add_argument("--show", action="store_true", help="print the diff of each surviving mutant")
     parser.add_argument("--keep", action="store_true", help="keep the temp copy (mutmut browse, mutmut show)")
+    parser.add_argument("--recheck", nargs="*", metavar="PART", default=None,
+                        help="apply the last run's survivors (those whose name contains a PART; all without one) "
+                             "by hand, one at a time, and run the target's tests: killed or survived")
     args = parser.parse_args(argv)
-    if shutil.which("mutmut") is None:
+    if shutil.which("mutmut") is None and args.recheck is None:
         print("mutmut is not installed: pip install mutmut", file=sys.stderr)
         return 2
     if args.list or not (args.targets or args.all):
@@ -166,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(TARGETS)}", file=sys.stderr)
         return 2
     for name in names:
-        run_target(name, args.max_children, args.show, args.keep)
+        if args.recheck is not None:
+            recheck(name, args.recheck)
+        else:
+            run_target(name, args.max_children, args.show, args.keep)
     return 0
 
 

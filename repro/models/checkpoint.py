@@ -53,7 +53,10 @@ def _load_with_placeholders(path: Path, error: pickle.UnpicklingError) -> Any:
     Still `weights_only=True`: the restricted unpickler only ever calls our placeholder classes, so no
     code from the file runs. Any other global (a function, an unknown class) is refused as before.
     """
-    names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    try:
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except (ValueError, RuntimeError, OSError, zipfile.BadZipFile):  # a raw or legacy (pre-zip) pickle: refused below
+        names = []
     refused = [n for n in names if not _metadata_class_name(n)]
     if not names or refused:
         raise CheckpointError(
