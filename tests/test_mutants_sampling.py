@@ -75,3 +75,979 @@ def test_sampling_inverts_the_training_normalisation(shards, latent_norm):
         direct = to_uint8(vae.decode(stored)).numpy()
     decoded = decode_to_uint8(setup, normalised)
     assert np.abs(decoded.astype(int) - direct.astype(int)).max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# From mutation testing (docs/mutation_testing.md, `python scripts/mutation.py sampling`): the pieces of
+# repro.sampling whose mutants survived the end-to-end tests, each checked against what it must produce.
+
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from repro.errors import ReproError  # noqa: E402
+from repro.sampling import grid, plan, writer  # noqa: E402
+
+
+def _images(n: int, size: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_show_samples_lays_out_titles_and_sizes_the_figure():
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    images = _images(5)
+    fig = grid.show_samples(images, [0, 1, 2, 3, 4], class_names=["a", "b", "c", "d"], title="T")
+    assert tuple(fig.get_size_inches()) == pytest.approx((4 * 2.2, 2 * 2.2 + 0.4))  # 2 x 4 grid of 2.2 in cells
+    assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
+    assert len(fig.axes) == 8 and not any(ax.axison for ax in fig.axes)
+    for k, ax in enumerate(fig.axes):
+        if k < 5:
+            assert np.array_equal(ax.images[0].get_array(), images[k])
+            assert ax.images[0].get_interpolation() == "nearest"
+        else:
+            assert not ax.images and ax.get_title() == ""
+    # label 4 is past the 4 names: "class 4"
+    assert [ax.get_title() for ax in fig.axes[:5]] == ["0: a", "1: b", "2: c", "3: d", "class 4"]
+    assert all(ax.title.get_fontsize() == 9 for ax in fig.axes[:5])
+    assert fig._suptitle.get_text() == "T" and fig._suptitle.get_fontsize() == 10
+    # no title: no suptitle and no extra height; no labels: no axis titles; at most 8 images (max_images)
+    plain = grid.show_samples(_images(9))
+    assert tuple(plain.get_size_inches()) == pytest.approx((8.8, 4.4)) and plain._suptitle is None
+    assert len(plain.axes) == 8 and all(ax.get_title() == "" for ax in plain.axes)
+    one = grid.show_samples(_images(1), [3])
+    assert tuple(one.get_size_inches()) == pytest.approx((2.2, 2.2)) and one.axes[0].get_title() == "class 3"
+    with pytest.raises(ReproError, match=r"^show_samples: no images to show$"):
+        grid.show_samples(_images(0))
+
+
+def test_grid_shape_and_the_preview_file(tmp_path, monkeypatch):
+    assert grid.grid_shape(10) == (3, 4) and grid.grid_shape(1) == (1, 1) and grid.grid_shape(3) == (1, 3)
+    seen = {}
+    real = grid.show_samples
+
+    def spy(images, labels=None, **kw):
+        seen.update(labels=labels, **kw)
+        return real(images, labels, **kw)
+
+    monkeypatch.setattr(grid, "show_samples", spy)
+    path = grid.save_preview(_images(3), [1, 2, 0], tmp_path / "p.png", title="T", class_names=["x", "y", "z"])
+    assert seen == {"labels": [1, 2, 0], "class_names": ["x", "y", "z"], "title": "T"}
+    with Image.open(path) as im:  # 3 cells of 2.2 in at 100 dpi, plus the title's 0.4 in
+        assert im.format == "PNG" and im.size == (660, 260)
+
+
+def test_read_png_refuses_other_modes_shapes_and_garbage(tmp_path):
+    Image.fromarray(np.zeros((4, 4, 4), dtype=np.uint8), "RGBA").save(tmp_path / "a.png")
+    with pytest.raises(ReproError, match=rf"^{tmp_path / 'a.png'} is a RGBA image, expected RGB: delete it and run "
+                                         r"the same command again to re-sample it$"):
+        writer.read_png(tmp_path / "a.png")
+    writer.write_png(tmp_path / "b.png", _images(1, 4)[0])
+    with pytest.raises(ReproError, match=rf"^{tmp_path / 'b.png'} has shape \(4, 4, 3\), expected \(8, 8, 3\): it "
+                                         r"comes from another run; delete it \(or use a new --out\) and run again$"):
+        writer.read_png(tmp_path / "b.png", (8, 8, 3))
+    (tmp_path / "c.png").write_bytes(b"not a png")
+    with pytest.raises(ReproError, match=rf"^{tmp_path / 'c.png'} is not a readable PNG \(.*\): delete it and run the "
+                                         r"same command again$"):
+        writer.read_png(tmp_path / "c.png")
+
+
+def test_pack_npz_checks_every_image_and_the_labels(tmp_path):
+    images = _images(4)
+    for i, im in enumerate(images):
+        writer.write_png(tmp_path / f"{i:06d}.png", im)
+    one = writer.pack_npz(tmp_path, 1, tmp_path / "one.npz", labels=np.array([7], dtype=np.int32))
+    with np.load(one) as npz:  # a single image; labels stored as int64 whatever they came as
+        assert np.array_equal(npz["arr_0"], images[:1]) and npz["arr_1"].dtype == np.int64
+    with pytest.raises(ReproError, match=r"^pack_npz: 3 labels for 4 images$"):
+        writer.pack_npz(tmp_path, 4, tmp_path / "x.npz", labels=[0, 1, 2])
+    writer.write_png(tmp_path / "000002.png", _images(1, 4)[0])  # another run's size in the middle
+    with pytest.raises(ReproError, match=r"000002\.png has shape \(4, 4, 3\), expected \(8, 8, 3\)"):
+        writer.pack_npz(tmp_path, 4, tmp_path / "y.npz")
+    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "y.npz").exists()
+
+
+def test_writer_abort_finishes_the_batch_in_progress_and_drops_the_queue(tmp_path):
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def decode(batch):
+        started.set()
+        assert release.wait(60)
+        return batch
+
+    w = writer.ImageWriter(decode, max_pending=2)
+    batches = [_images(2, seed=s) for s in range(3)]
+    w.submit(batches[0], [tmp_path / "a0.png", tmp_path / "a1.png"])
+    assert started.wait(60)  # the thread is inside batch 0; 1 and 2 wait in the queue
+    w.submit(batches[1], [tmp_path / "b0.png", tmp_path / "b1.png"])
+    w.submit(batches[2], [tmp_path / "c0.png", tmp_path / "c1.png"])
+    aborter = threading.Thread(target=w.abort)
+    aborter.start()
+    for _ in range(6000):  # abort drains the queue before it waits for the batch in progress
+        if w._queue.unfinished_tasks <= 2 and w._queue.qsize() <= 1:
+            break
+        threading.Event().wait(0.01)
+    release.set()
+    aborter.join(60)
+    assert not aborter.is_alive() and not w._thread.is_alive()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a0.png", "a1.png"]
+    w.close()  # nothing left to raise: abort clears its own "aborted"
+    writer.ImageWriter(threaded=False).abort()  # no thread: nothing to stop
+
+
+def test_plan_golden_values_never_change():
+    """Image i's label and noise are functions of (seed, i) only, and stay so across versions (resume)."""
+    assert plan.plan_labels(6, 10, seed=0).tolist() == [6, 0, 1, 2, 9, 6]
+    assert plan.plan_labels(6, 10, seed=3).tolist() == [5, 4, 9, 3, 8, 7]
+    assert plan.noise_seed(0, 0) == 7825963189948464654
+    torch.testing.assert_close(plan.image_noise(0, 0, (3,)), torch.tensor([-0.42129257, -0.94074541, 0.41100883]))
+    assert plan.plan_labels(10, 5, seed=0, mode="balanced").tolist() == [1, 2, 3, 0, 1, 4, 4, 3, 0, 2]
+
+
+def test_check_labels_and_demo_labels():
+    plan.check_labels([0, 9, torch.tensor(3)], 10)
+    for bad in (torch.tensor([3]), 2.5):
+        with pytest.raises(ReproError, match=f"^{re.escape(f'label {bad!r} is not an integer class index')}$"):
+            plan.check_labels([bad], 10)
+    with pytest.raises(ReproError, match=r"^label 10 is outside \[0, 10\) \(data.num_classes = 10\); pass class "
+                                         r"indices between 0 and 9$"):
+        plan.check_labels([10], 10)
+    assert plan.demo_labels(1000) == (list(plan.DEMO_LABELS), "the official demo labels")
+    assert plan.demo_labels(10) == ([5, 3, 7, 7, 8, 8, 9, 9], "the official demo labels mod 10 (this model has 10 "
+                                                              "classes)")
+    assert plan.demo_labels(979)[0][6] == 0  # 979 itself is not a class of a 979-class model
+
+
+def test_existing_indices_count_only_finished_pngs(tmp_path):
+    assert plan.existing_indices(tmp_path / "missing") == set()
+    for name in ("000003.png", ".000004.png.ab12.tmp.png", "notes.txt", "abc.png", "000007.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    assert plan.existing_indices(tmp_path) == {3}
+
+
+class _Recorder(torch.nn.Module):
+    """Records each call's input shapes, dtypes and modes; returns x."""
+
+    num_classes = 10
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y):
+        self.calls.append(dict(x=x.clone(), t=t.clone(), y=y.clone(), inference=torch.is_inference_mode_enabled(),
+                               autocast=torch.is_autocast_cpu_enabled()))
+        return x
+
+
+def _compile_recorder(monkeypatch, fail: bool):
+    modes = []
+
+    def fake_compile(model, mode=None, **kw):
+        modes.append(mode)
+        if fail:
+            def broken(*a, **k):
+                raise RuntimeError("no backend here")
+            return broken
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return modes
+
+
+def test_compile_for_sampling_modes_and_its_cache_folder(tmp_path, monkeypatch):
+    from repro.sampling.engine import compile_for_sampling
+    from repro.utils.distributed import print0
+    from repro.utils.hardware import CompiledOrEager
+
+    monkeypatch.setenv("REPRO_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "placeholder")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")  # restored (absent) after the test
+    modes = _compile_recorder(monkeypatch, fail=False)
+    model = _Recorder()
+    assert compile_for_sampling(model, None, torch.device("cpu")) is model and modes == []  # CPU default: eager
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    wrapped = compile_for_sampling(model, None, torch.device("cuda"))  # GPU default: CUDA graphs
+    assert isinstance(wrapped, CompiledOrEager) and modes == ["reduce-overhead"] and wrapped.graphs
+    assert wrapped.eager is model and wrapped.what == "sampling" and wrapped.note is print0
+    cache = (tmp_path / "runs" / "compile_cache").resolve()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache) and cache.is_dir()
+    plain = compile_for_sampling(model, True, torch.device("cpu"))
+    assert isinstance(plain, CompiledOrEager) and modes[-1] is None and not plain.graphs
+
+
+@pytest.mark.parametrize("fail", [True, False])
+def test_warm_up_calls_each_shape_three_times_and_says_so(monkeypatch, capsys, fail):
+    from repro.sampling.engine import SamplerSetup, warm_up
+    from repro.utils.hardware import CompiledOrEager
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/cache")
+    _compile_recorder(monkeypatch, fail=fail)
+    inner = _Recorder()
+    cfg = Config()
+    cfg.sample.cfg_scale = 1.5
+    setup = SamplerSetup(cfg=cfg, model=CompiledOrEager(inner, "default", "sampling", note=print), eager_model=inner,
+                         vae=None, mean=None, std=None, device=torch.device("cpu"), precision="bf16",
+                         vae_precision="fp32", latent_shape=(3, 2, 5), num_classes=10)
+    seconds = warm_up(setup, 4)
+    assert isinstance(seconds, float) and seconds >= 0
+    assert [tuple(c["x"].shape) for c in inner.calls] == [(4, 3, 2, 5)] * 3 + [(8, 3, 2, 5)] * 3  # B, then 2B (CFG)
+    for c in inner.calls:
+        assert not c["x"].any() and c["t"].shape == c["x"].shape[:1] and c["t"].dtype == torch.float32
+        assert not c["t"].any() and c["y"].dtype == torch.int64 and not c["y"].any()
+        assert c["inference"] and c["autocast"]  # under inference mode and the transformer's precision
+    state = "eager after a compile failure" if fail else "compiled"
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"sampling model {state} at batch 4 in \d+\.\ds \(cache: /somewhere/cache\); this is paid "
+                        r"once per process", line), line
+    cfg.sample.cfg_scale = 1.0  # no guidance: B rows only
+    inner.calls.clear()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    warm_up(setup, 2)
+    assert [tuple(c["x"].shape) for c in inner.calls] == [(2, 3, 2, 5)] * 3
+    assert "(cache: torch default)" in capsys.readouterr().out
+    setup.model = inner  # an eager model: nothing to warm up
+    inner.calls.clear()
+    assert warm_up(setup, 2) is None and inner.calls == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: what sample_latents hands the samplers, the DDPM paths, x0 trajectories, decoding
+
+
+class _LinearField(torch.nn.Module):
+    """v (or ε) = a x + b t + c y, per element: cheap, label- and time-dependent."""
+
+    num_classes = 10
+
+    def forward(self, x, t, y):
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return 0.7 * x + 0.01 * t.view(shape) + 0.05 * y.to(x.dtype).view(shape)
+
+
+def _engine_setup(model=None, process: str = "flow", precision: str = "fp32", channels: int = 4, **sample):
+    from repro.sampling.engine import SamplerSetup
+
+    cfg = Config()
+    cfg.transport.process = process
+    for k, v in sample.items():
+        setattr(cfg.sample, k, v)
+    model = model or _LinearField()
+    return SamplerSetup(cfg=cfg, model=model, eager_model=model, vae=None, mean=None, std=None,
+                        device=torch.device("cpu"), precision=precision, vae_precision="fp32",
+                        latent_shape=(channels, 2, 2), num_classes=10)
+
+
+def test_sample_latents_hands_the_ode_every_setting_in_fp32_and_int64(monkeypatch):
+    from repro.sampling import engine
+
+    seen = {}
+
+    def spy(model, z, y, **kw):
+        seen.update(model=model, z=z, y=y, kw=kw, inference=torch.is_inference_mode_enabled(),
+                    autocast=torch.is_autocast_cpu_enabled())
+        return z.to(torch.bfloat16)
+
+    monkeypatch.setattr(engine, "sample_ode", spy)
+    setup = _engine_setup(precision="bf16", sampling_method="rk4", num_sampling_steps=7, timestep_shift=0.3,
+                          cfg_scale=2.0, cfg_interval_start=0.1, cfg_channels=2, atol=1e-4, rtol=1e-2)
+    noise, labels = torch.randn(3, 4, 2, 2, dtype=torch.float64), torch.tensor([1, 2, 3], dtype=torch.int32)
+    stats, other = {}, _LinearField()
+    x = engine.sample_latents(setup, noise, labels, stats)
+    assert x.dtype == torch.float32 and seen["model"] is setup.model and seen["inference"] and seen["autocast"]
+    assert seen["z"].dtype == torch.float32 and seen["y"].dtype == torch.int64 and seen["y"].tolist() == [1, 2, 3]
+    assert seen["kw"] == dict(method="rk4", num_steps=7, timestep_shift=0.3, cfg_scale=2.0, cfg_interval_start=0.1,
+                              null_class=10, cfg_channels=2, atol=1e-4, rtol=1e-2, stats=stats)
+    engine.sample_latents(setup, noise, labels, model=other)
+    assert seen["model"] is other
+
+
+@pytest.mark.parametrize("method, eta, stochastic", [("ddim", 0.0, False), ("ddim", 0.4, True), ("ddpm", 0.0, True)])
+def test_ddpm_sampling_through_the_engine(monkeypatch, method, eta, stochastic):
+    from repro.sampling import engine
+    from repro.transport import process
+    from repro.transport.ddpm import DiffusionSchedule, sample_ddpm
+
+    setup = _engine_setup(process="ddpm", sampling_method=method, num_sampling_steps=4, eta=eta, ddpm_variance="beta",
+                   cfg_scale=1.5, cfg_channels=None)
+    noise, labels = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0)), torch.tensor([4, 5, 6])
+    stats = {}
+    x = engine.sample_latents(setup, noise, labels, stats)
+    gens = engine.step_generators(noise) if stochastic else None
+    want = sample_ddpm(setup.model, noise, labels, schedule=DiffusionSchedule.from_config(setup.cfg.transport),
+                       method=method, num_steps=4, eta=eta, variance="beta", cfg_scale=1.5, null_class=10,
+                       cfg_channels=None, generators=gens)
+    assert torch.equal(x, want) and x.dtype == torch.float32 and stats == {"nfe": 4, "model_rows": 24}
+    # an image does not depend on its batch (its step noise comes from its own starting noise)
+    torch.testing.assert_close(engine.sample_latents(setup, noise[1:2], labels[1:2]), x[1:2], rtol=1e-5, atol=1e-5)
+    seen = {}
+    real = process.sample
+
+    def spy(model, z, y, transport_cfg, sample_cfg, **kw):
+        seen.update(model=model, z=z, kw=kw, inference=torch.is_inference_mode_enabled(),
+                    autocast=torch.is_autocast_cpu_enabled())
+        return real(model, z, y, transport_cfg, sample_cfg, **kw)
+
+    monkeypatch.setattr(process, "sample", spy)
+    other = _LinearField()
+    setup.precision = "bf16"
+    engine.sample_latents(setup, noise.double(), labels, model=other)
+    assert seen["model"] is other and seen["z"].dtype == torch.float32 and seen["inference"] and seen["autocast"]
+    assert seen["kw"]["null_class"] == 10 and seen["kw"]["on_clean"] is None
+    assert (seen["kw"]["generators"] is not None) == stochastic
+
+
+def test_step_generators_are_seeded_by_each_images_noise():
+    import hashlib
+
+    from repro.sampling.engine import step_generators
+    from repro.utils.seeding import seed_from
+
+    noise = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    seeds = [g.initial_seed() for g in step_generators(noise)]
+    assert seeds == [seed_from("repro-ddpm-steps", hashlib.sha256(r.numpy().tobytes()).hexdigest()) for r in noise]
+    assert len(set(seeds)) == 3 and [g.initial_seed() for g in step_generators(noise.double()[1:])] == seeds[1:]
+    assert all(g.device.type == "cpu" for g in step_generators(noise))
+
+
+def test_trajectory_steps_for_every_kind_of_sampler():
+    from repro.sampling.engine import trajectory_steps
+
+    assert trajectory_steps(10, 3) == [0, 4, 8]  # euler: 9 steps
+    assert trajectory_steps(10, 1) == [8] and trajectory_steps(10, 9) == list(range(9))
+    assert trajectory_steps(10, 3, "ddim") == [0, 4, 9] and trajectory_steps(10, 1, "ddpm") == [9]  # 10 steps
+    assert trajectory_steps(10, 2, "rk4") == [0, 8]
+    with pytest.raises(ReproError, match=r"^--trajectory reads the predicted sample at the grid points of a fixed-step "
+                                         r"sampler \(euler, midpoint, heun2, rk4\); sample.sampling_method is 'dopri5'$"):
+        trajectory_steps(10, 3, "dopri5")
+    for k, total in ((0, 9), (10, 9)):
+        with pytest.raises(ReproError, match=rf"^--trajectory {k}: choose 1 to {total} \(the sampler takes {total} "
+                                             rf"steps\)$"):
+            trajectory_steps(10, k)
+    with pytest.raises(ReproError, match=r"^--trajectory 11: choose 1 to 10"):
+        trajectory_steps(10, 11, "ddim")
+
+
+@pytest.mark.parametrize("method, cfg_scale", [("euler", 1.0), ("midpoint", 1.0), ("euler", 2.0)])
+def test_flow_trajectory_keeps_x_plus_one_minus_t_v_at_the_chosen_steps(method, cfg_scale):
+    from repro.sampling.engine import sample_latents, sample_latents_with_trajectory
+    from repro.transport import combine_cfg, sample_ode, time_grid
+
+    setup = _engine_setup(sampling_method=method, num_sampling_steps=6, cfg_scale=cfg_scale, cfg_channels=2,
+                          timestep_shift=0.3)
+    noise, labels = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(2)), torch.tensor([1, 7])
+    x, kept = sample_latents_with_trajectory(setup, noise, labels, [0, 2, 4])
+    assert torch.equal(x, sample_latents(setup, noise, labels)) and kept.shape == (2, 3, 4, 2, 2)
+    # by hand: the state at each grid point (the conditional rows of the model's calls at that time) ...
+    states, model = {}, setup.model
+
+    def record(a, tt, yy):
+        states.setdefault(round(float(tt[0]), 6), a[:2].clone())
+        return model(a, tt, yy)
+
+    sample_ode(record, noise, labels, method=method, num_steps=6, timestep_shift=0.3, cfg_scale=cfg_scale,
+               cfg_channels=2, null_class=10)
+    # ... and x1_hat = x_t + (1 - t) v there, v guided as the sampler guides it
+    for j, step in enumerate([0, 2, 4]):
+        t = float(time_grid(6, 0.3)[step])
+        xs, tt = states[round(t, 6)], torch.full((2,), t)
+        v = model(xs, tt, labels)
+        if cfg_scale > 1:
+            v = combine_cfg(v, model(xs, tt, torch.full_like(labels, 10)), cfg_scale, 2)
+        torch.testing.assert_close(kept[:, j], xs + (1 - t) * v, rtol=1e-5, atol=1e-5)
+
+
+def test_ddpm_trajectory_keeps_the_samplers_own_x_hat():
+    from repro.sampling.engine import sample_latents, sample_latents_with_trajectory
+    from repro.transport.ddpm import DiffusionSchedule, sample_ddpm
+
+    setup = _engine_setup(process="ddpm", sampling_method="ddim", num_sampling_steps=5)
+    noise, labels = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 9])
+    x, kept = sample_latents_with_trajectory(setup, noise, labels, [0, 3, 4])
+    assert torch.equal(x, sample_latents(setup, noise, labels))
+    cleans = []
+    sample_ddpm(setup.model, noise, labels, schedule=DiffusionSchedule.from_config(setup.cfg.transport),
+                num_steps=5, on_clean=lambda i, xh: cleans.append(xh.clone()))
+    assert kept.shape == (2, 3, 4, 2, 2)
+    for j, step in enumerate([0, 3, 4]):
+        torch.testing.assert_close(kept[:, j], cleans[step])
+
+
+class _PatternVAE(torch.nn.Module):
+    """decode: (N, C, h, w) -> (N, 3, 4h, 4w) images whose pixels are tanh of the first channel, upsampled."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def decode(self, z):
+        self.calls.append((z.shape[0], torch.is_inference_mode_enabled()))
+        img = torch.tanh(z[:, :1]).repeat_interleave(4, -1).repeat_interleave(4, -2)
+        return img.expand(-1, 3, -1, -1)
+
+
+def test_decode_to_uint8_in_chunks_and_decode_strips_side_by_side():
+    from repro.sampling.engine import decode_strips, decode_to_uint8
+    from repro.tokenizer.images import to_uint8
+
+    setup = _engine_setup()
+    setup.vae = _PatternVAE()
+    setup.cfg.data.latent_norm, setup.cfg.data.latent_multiplier = False, 0.5
+    lat = torch.randn(5, 4, 2, 2, generator=torch.Generator().manual_seed(4))
+    whole = to_uint8(setup.vae.decode(lat / 0.5)).numpy()  # de-normalised before decoding
+    setup.vae.calls.clear()
+    assert np.array_equal(decode_to_uint8(setup, lat, chunk=2), whole)
+    assert setup.vae.calls == [(2, True), (2, True), (1, True)]
+    setup.vae.calls.clear()
+    assert np.array_equal(decode_to_uint8(setup, lat), whole) and setup.vae.calls == [(5, True)]  # 16 a chunk
+    strips = decode_strips(setup, lat[:4].view(2, 2, 4, 2, 2))  # (B=2, K=2): left = first step
+    assert strips.shape == (2, 8, 16, 3)
+    for b in range(2):
+        for k in range(2):
+            assert np.array_equal(strips[b, :, 8 * k:8 * (k + 1)], whole[2 * b + k])
+
+
+def test_check_finite_latents_names_the_images_and_the_precision():
+    from repro.sampling.engine import check_finite_latents, decode_strips
+
+    setup = _engine_setup()
+    x = torch.zeros(12, 4, 2, 2)
+    check_finite_latents(setup, x)
+    x[1, 0, 0, 0], x[3, 2, 1, 1] = float("nan"), float("inf")
+    with pytest.raises(ReproError, match=r"^the sampler produced NaN/inf latents for image\(s\) 101, 103 \(fp32 "
+                                         r"transformer\); nothing was written for them: ckpt_path or the latent "
+                                         r"statistics in data.data_path hold NaN/inf values, or the sampler settings "
+                                         r"diverge \(sample.cfg_scale, sample.timestep_shift\)$"):
+        check_finite_latents(setup, x, first_index=100)
+    x[:] = float("nan")
+    setup.precision = "fp16"
+    with pytest.raises(ReproError, match=r"image\(s\) 0, 1, 2, 3, 4, 5, 6, 7 and 4 more \(fp16 transformer\); nothing "
+                                         r"was written for them: fp16 overflowed \(GPUs without bf16, e\.g\. T4/P100\): "
+                                         r"sample with --precision fp32 into a new --out$"):
+        check_finite_latents(setup, x)
+    setup.precision = "bf16"
+    with pytest.raises(ReproError, match=r"\(bf16 transformer\); nothing was written for them: sample with --precision "
+                                         r"fp32 into a new --out; if fp32 fails too"):
+        check_finite_latents(setup, x[:1])
+    # a strip (B, K, ...) names its image, not the flattened (image, step) row
+    setup.vae = _PatternVAE()
+    strips = torch.zeros(3, 2, 4, 2, 2)
+    strips[2, 1, 0, 0, 0] = float("inf")
+    with pytest.raises(ReproError, match=r"latents for image\(s\) 12 \("):
+        decode_strips(setup, strips, first_index=10)
+
+
+def test_stats_path_and_the_global_latent_scale(tmp_path):
+    from repro.data.stats import SCALE_NAME, write_scale_file
+    from repro.sampling.engine import latent_scale_of, sampler_from_parts, stats_path
+
+    cfg = Config()
+    with pytest.raises(ReproError, match=r"^config key 'data.data_path' is not set: point it at the folder holding "
+                                         r"latents_stats.pt \(python -m steps.step2_download --only latents-stats\)$"):
+        stats_path(cfg)
+    cfg.data.data_path = str(tmp_path / "mine.pt")
+    assert stats_path(cfg) == tmp_path / "mine.pt"
+    cfg.data.data_path = str(tmp_path)
+    assert stats_path(cfg) == tmp_path / "latents_stats.pt"
+    assert latent_scale_of(cfg) is None  # channel statistics
+    cfg.data.latent_scaling = "global"
+    with pytest.raises(ReproError, match=rf"^data.latent_scaling is global and data.latent_scale is null, but "
+                                         rf"{tmp_path / SCALE_NAME} does not exist: set data.latent_scale to the factor "
+                                         r"the model was trained with \(its run's config.yaml records it\), or write "
+                                         r"the file with step 5 --recompute on the latent shards$"):
+        latent_scale_of(cfg)
+    write_scale_file(tmp_path / SCALE_NAME, {"global": {"scale": 0.25}, "global_means": {"scale": 0.5}})
+    assert latent_scale_of(cfg) == 0.25
+    cfg.data.latent_scaling = "global_means"
+    assert latent_scale_of(cfg) == 0.5
+    cfg.data.latent_scale = 2
+    assert latent_scale_of(cfg) == 2.0 and isinstance(latent_scale_of(cfg), float)
+    # sampler_from_parts: the config's factor (or the one given), for global scalings only
+    cfg.data.latent_scale = None
+    with pytest.raises(ReproError, match=r"^data.latent_scaling is global_means but data.latent_scale is null: give "
+                                         r"the factor the model was trained with$"):
+        sampler_from_parts(cfg, _LinearField(), device=torch.device("cpu"))
+    cfg.data.latent_scale = 4
+    setup = sampler_from_parts(cfg, _LinearField(), device=torch.device("cpu"))
+    assert setup.scale == 4.0 and isinstance(setup.scale, float)
+    assert sampler_from_parts(cfg, _LinearField(), device=torch.device("cpu"), scale=8.0).scale == 8.0
+    cfg.data.latent_scaling = "channel"
+    assert sampler_from_parts(cfg, _LinearField(), device=torch.device("cpu"), scale=8.0).scale is None
+
+
+def test_auto_batch_size_on_the_cpu_is_upstreams_four():
+    from repro.sampling.engine import auto_batch_size
+
+    setup = _engine_setup()
+    assert auto_batch_size(setup, 100) == (4, "CPU: upstream's per-process batch 4")
+    assert auto_batch_size(setup, 3)[0] == 3 and auto_batch_size(setup, 0)[0] == 1
+
+
+def test_plan_labels_defaults_edges_and_messages():
+    assert torch.equal(plan.plan_labels(6, 10), plan.plan_labels(6, 10, seed=0, mode="uniform"))  # defaults
+    assert plan.plan_labels(1, 10).tolist() == [6]
+    assert plan.plan_labels(3, 10, labels=[4]).tolist() == [4, 4, 4]
+    assert torch.equal(plan.plan_labels(3, 10, labels=[]), plan.plan_labels(3, 10))  # no labels: uniform
+    with pytest.raises(ReproError, match=r"^--num-samples must be >= 1, got 0$"):
+        plan.plan_labels(0, 10)
+    with pytest.raises(ReproError, match=r"^--class-balanced needs --num-samples to be a multiple of data.num_classes "
+                                         r"\(10\); got 25 \(use 20 or 30\)$"):
+        plan.plan_labels(25, 10, mode="balanced")
+    with pytest.raises(ReproError, match=r"^unknown label mode 'sorted' \(choose one of uniform, balanced\)$"):
+        plan.plan_labels(4, 2, mode="sorted")
+
+
+# ---------------------------------------------------------------------------------------------
+# check_inputs and build_sampler on the tiny profile's files
+
+
+def _tiny_files_config(tmp_path, *extra):
+    from repro.config import load_config
+    from tests.conftest import PROJECT_ROOT
+    from tests.tiny_assets import write_tiny_assets
+
+    files = write_tiny_assets(tmp_path / "weights")
+    cfg = load_config(PROJECT_ROOT / "configs" / "tiny.yaml", [
+        f"ckpt_path={files['lightningdit-xl-800ep']}", f"vae.ckpt_path={files['vavae-f16d32']}",
+        f"data.data_path={files['latents-stats'].parent}", "sample.num_sampling_steps=2", *extra])
+    return cfg, files
+
+
+def test_check_inputs_names_each_missing_file_and_refuses_unknown_settings(tmp_path):
+    import copy
+
+    from repro.sampling.engine import VFM_DIT_HINT, check_inputs
+
+    cfg, files = _tiny_files_config(tmp_path)
+    check_inputs(cfg)
+
+    def refused(message, **changes):
+        c = copy.deepcopy(cfg)
+        for key, value in changes.items():
+            section, _, leaf = key.rpartition("__")
+            setattr(getattr(c, section) if section else c, leaf, value)
+        with pytest.raises(ReproError, match=f"^{re.escape(message)}$"):
+            check_inputs(c)
+
+    refused("config key 'ckpt_path' is not set: give the file, or run `python -m steps.step2_download --only "
+            "lightningdit-xl-800ep` and step 3", ckpt_path=None)
+    refused(f"vae.ckpt_path not found: {tmp_path / 'x.pt'} (config key 'vae.ckpt_path'); fix the path or run `python -m "
+            "steps.step2_download --only vavae-f16d32`", vae__ckpt_path=str(tmp_path / "x.pt"))
+    refused(f"config key 'ckpt_path' is not set: give the file, or {VFM_DIT_HINT} and step 3", ckpt_path=None,
+            vae__model_name="vfm_vae_f16d32")
+    refused("config key 'vae.ckpt_path' is not set: give the file, or run `python -m steps.step2_download --only "
+            "vfm-vae` and step 3", vae__ckpt_path=None, vae__model_name="vfm_vae_f16d32")
+    refused(f"latent statistics not found: {tmp_path / 'none' / 'latents_stats.pt'} (config key 'data.data_path'); run "
+            "`python -m steps.step2_download --only latents-stats` or step 5 to compute them",
+            data__data_path=str(tmp_path / "none"))
+    scale_file = files["latents-stats"].parent / "latents_scale.json"
+    refused(f"data.latent_scaling is global and data.latent_scale is null, but {scale_file} does not exist: set "
+            "data.latent_scale to the factor the model was trained with (its run's config.yaml records it), or write "
+            "the file with step 5 --recompute on the latent shards",
+            data__latent_scaling="global")  # a global scaling needs its factor, not the statistics
+    refused("config key 'sample.mode' is 'SDE': only 'ODE' sampling exists (as upstream)", sample__mode="SDE")
+    refused("config key 'sample.sampling_method' is 'ddim'; choose one of euler, midpoint, heun2, rk4, dopri5",
+            sample__sampling_method="ddim")
+    refused("config key 'sample.sampling_method' is 'euler'; choose one of ddim, ddpm", transport__process="ddpm")
+    for key in ("reverse", "likelihood"):
+        refused("config keys 'sample.reverse' / 'sample.likelihood' must be false to generate images",
+                **{f"sample__{key}": True})
+    refused("config key 'sample.num_sampling_steps' must be >= 2, got 1", sample__num_sampling_steps=1)
+    refused("config key 'sample.cfg_channels' must be in [1, 32] or null, got 0", sample__cfg_channels=0)
+    refused("config key 'sample.cfg_channels' must be in [1, 32] or null, got 33", sample__cfg_channels=33)
+    for ok in (dict(num_sampling_steps=1, sampling_method="dopri5"), dict(num_sampling_steps=2),
+               dict(cfg_channels=None), dict(cfg_channels=1), dict(cfg_channels=32)):
+        c = copy.deepcopy(cfg)
+        for key, value in ok.items():
+            setattr(c.sample, key, value)
+        check_inputs(c)
+    c = copy.deepcopy(cfg)
+    c.transport.process, c.sample.sampling_method, c.sample.num_sampling_steps = "ddpm", "ddim", 1
+    check_inputs(c)  # one DDIM step is a sampler
+
+
+def test_build_sampler_loads_what_the_config_names(tmp_path, monkeypatch):
+    import copy
+
+    from repro.data.stats import SCALE_NAME, write_scale_file
+    from repro.sampling.engine import build_sampler
+    from repro.tokenizer import loader
+
+    cfg, files = _tiny_files_config(tmp_path, "sample.precision=fp16")
+    calls = []
+    real = loader.load_vae
+
+    def spy(vae_cfg, device="cpu", encoder=True):
+        calls.append((vae_cfg.ckpt_path, device, encoder))
+        return real(vae_cfg, device=device, encoder=encoder)
+
+    monkeypatch.setattr(loader, "load_vae", spy)
+    setup = build_sampler(cfg, device="cpu")
+    assert calls == [(cfg.vae.ckpt_path, torch.device("cpu"), False)]  # decoding only
+    assert setup.device == torch.device("cpu") and setup.precision == "fp16"  # sample.precision
+    assert setup.eager_model is setup.model and not setup.model.training
+    assert not any(p.requires_grad for p in setup.model.parameters())
+    stats = torch.load(files["latents-stats"], weights_only=True)
+    torch.testing.assert_close(setup.mean, stats["mean"]) and torch.testing.assert_close(setup.std, stats["std"])
+    assert build_sampler(cfg, device="cpu", precision="fp32").precision == "fp32"  # --precision wins
+    for key, bad, message in (("sample", "half", "sample.precision='half' is not a precision"),
+                              ("vae", "half", "vae.precision='half' is not a precision")):
+        c = copy.deepcopy(cfg)
+        getattr(c, key).precision = bad
+        calls.clear()
+        with pytest.raises(ReproError, match=re.escape(message)):
+            build_sampler(c, device="cpu")
+        assert calls == []  # refused before anything loads
+    with pytest.raises(ReproError, match=re.escape("--precision='half' is not a precision")):
+        build_sampler(cfg, device="cpu", precision="half")
+    # a global scaling: its factor from latents_scale.json, no statistics read
+    folder = tmp_path / "scaled"
+    folder.mkdir()
+    write_scale_file(folder / SCALE_NAME, {"global": {"scale": 0.5}})
+    c = copy.deepcopy(cfg)
+    c.data.data_path, c.data.latent_scaling, c.data.latent_norm = str(folder), "global", False
+    scaled = build_sampler(c, device="cpu")
+    assert scaled.scale == 0.5 and scaled.mean is None and scaled.std is None
+
+    # a tokenizer whose latents have another channel count than the model's
+    class Narrow(torch.nn.Module):
+        embed_dim = 16
+
+    monkeypatch.setattr(loader, "load_vae", lambda *a, **k: Narrow())
+    with pytest.raises(ReproError, match=rf"^the tokenizer {re.escape(cfg.vae.ckpt_path)} makes 16-channel latents but "
+                                         r"model.in_chans is 32: set model.in_chans=16$"):
+        build_sampler(cfg, device="cpu")
+    monkeypatch.setattr(loader, "load_vae", lambda *a, **k: torch.nn.Identity())  # no embed_dim: not checked
+    build_sampler(cfg, device="cpu")
+
+
+def test_build_sampler_builds_the_denoiser_for_the_process(tmp_path):
+    from repro.models.denoisers import build_denoiser
+    from repro.sampling.engine import build_sampler
+
+    cfg, _ = _tiny_files_config(tmp_path, "model.model_type=UNet-T", "transport.process=ddpm",
+                                "sample.sampling_method=ddim", "transport.prediction=noise",
+                                "transport.use_cosine_loss=false", "transport.use_lognorm=false",
+                                "sample.timestep_shift=0.0", "sample.cfg_interval_start=0.0")
+    unet = build_denoiser(cfg.model, 4, cfg.data.num_classes, "ddpm")
+    torch.save({"ema": unet.state_dict()}, tmp_path / "unet.pt")
+    cfg.ckpt_path = str(tmp_path / "unet.pt")
+    assert build_sampler(cfg, device="cpu").eager_model.time_scale == 1.0  # DDPM's k, not flow's t * 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole run (repro.sampling.run) in-process on the tiny files: what it records, prints, returns and refuses
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPRO_RUNS_DIR", str(tmp_path / "runs"))
+    cfg, files = _tiny_files_config(tmp_path, "sample.num_sampling_steps=3")  # 2 Euler steps, the 2nd guided
+    return cfg, files
+
+
+class _Bar:
+    def __init__(self, **kw):
+        self.kw, self.updates, self.closed = kw, [], False
+
+    def update(self, n):
+        self.updates.append(n)
+
+    def close(self):
+        self.closed = True
+
+
+def test_run_sampling_returns_records_and_prints_what_it_did(tiny_run, tmp_path, monkeypatch, capsys):
+    from repro.config import load_config
+    from repro.sampling import run as run_mod
+    from repro.utils import progress
+    from repro.utils.io import sha256_file
+
+    cfg, files = tiny_run
+    out = tmp_path / "fid"
+    bars, previews = [], []
+    monkeypatch.setattr(progress, "progress_bar", lambda **kw: bars.append(_Bar(**kw)) or bars[-1])
+    real_preview = run_mod.save_preview
+
+    def preview_spy(images, labels, path, title=None, class_names=None):
+        previews.append(dict(n=len(images), labels=labels, path=path, title=title, class_names=class_names))
+        return real_preview(images, labels, path, title, class_names=class_names)
+
+    monkeypatch.setattr(run_mod, "save_preview", preview_spy)
+    names = [f"c{i}" for i in range(10)]
+    capsys.readouterr()
+    r = run_mod.run_sampling(cfg, out_dir=str(out), num_samples=5, batch_size=2, seed=3, device="cpu",
+                             config_header=("hello",), class_names=names)
+    labels = plan.plan_labels(5, 10, seed=3).tolist()
+    summary = r.pop("summary")
+    timing = {k: r.pop(k) for k in ("images_per_s", "seconds", "peak_memory_bytes")}
+    assert r == {"out_dir": str(out), "images_dir": str(out / "images"), "config": str(out / "config.yaml"),
+                 "record": str(out / "run.json"), "num_samples": 5, "new_images": 5, "existing_images": 0,
+                 "batch_size": 2, "world_size": 1, "precision": "fp32", "seed": 3, "labels": labels,
+                 "npz": str(out / "samples.npz"), "grid": None, "preview": str(out / "preview.png"),
+                 "class_names": names, "trajectories_dir": None, "trajectory_steps": None,
+                 "nfe_per_image": 2.0, "model_rows_per_image": 3.0, "peak_memory_kind": "process peak RSS"}
+    assert timing["images_per_s"] > 0 and timing["seconds"] > 0 and timing["peak_memory_bytes"] > 2 ** 20
+    assert isinstance(timing["peak_memory_bytes"], int)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(rf"sampling 5 images into {re.escape(str(out))}: 0 already there; batch 2 x 1 process\(es\), "
+                        r"fp32 on cpu \(.*\), vavae_f16d32 decode fp32", lines[-4]), lines
+    assert re.fullmatch(r"first batch: \d+\.\ds for 2 image\(s\) per process -> about \d+ s for this run, \d+\.\d\d h "
+                        r"for 50,000 images on 1 process\(es\) \(cpu .*\)", lines[-3]), lines
+    assert lines[-2] == summary and re.fullmatch(
+        rf"5 images \(5 new\) in {re.escape(str(out))}: 2 NFE per image, \S+ images/s, peak memory \d+\.\d\d GiB "
+        r"\(process peak RSS\), fp32, batch 2 x 1 process\(es\); 50,000 images at this rate: \d+\.\d\d h", summary)
+    assert lines[-1] == (f"wrote: {out / 'samples.npz'}, {out / 'preview.png'}, {out / 'images'}/ (5 PNGs), "
+                         f"{out / 'config.yaml'}, {out / 'run.json'}")
+    s = cfg.sample
+    assert json.loads((out / "run.json").read_text()) == {
+        "trajectory": None, "seed": 3, "batch_size": 2, "num_samples": 5, "label_mode": "uniform", "labels": None,
+        "precision": "fp32", "vae_precision": "fp32", "ckpt": files["lightningdit-xl-800ep"].name,
+        "sample": {k: getattr(s, k) for k in ("mode", "sampling_method", "atol", "rtol", "num_sampling_steps",
+                                              "cfg_scale", "cfg_interval_start", "timestep_shift", "cfg_channels")},
+        "model_type": "LightningDiT-T/1", "image_size": 64, "num_classes": 10,
+        "inputs": {key: {"file": str(files[name]), "sha256": sha256_file(files[name])} for key, name in
+                   (("ckpt_path", "lightningdit-xl-800ep"), ("vae.ckpt_path", "vavae-f16d32"),
+                    ("data.data_path", "latents-stats"))}}
+    header = (out / "config.yaml").read_text().splitlines()[:2]
+    assert header == ["# Resolved config of this sampling run (step 4)", "# hello"]
+    assert load_config(out / "config.yaml").sample.num_sampling_steps == 3
+    with np.load(out / "samples.npz") as npz:
+        assert npz["arr_1"].tolist() == labels
+        assert all(np.array_equal(npz["arr_0"][i], writer.read_png(out / "images" / f"{i:06d}.png")) for i in range(5))
+    assert [(b.kw, b.updates, b.closed) for b in bars] == [(dict(total=5, unit="img", desc="sampling",
+                                                                 dynamic_ncols=True, smoothing=0.1), [2, 2, 1], True)]
+    assert previews == [dict(n=5, labels=labels, path=out / "preview.png", title="LightningDiT-T/1, cfg 4, 3 steps",
+                             class_names=names)]
+
+    # the same command with more images: the folder's batch size; batches [4, 5] and [6] are sampled
+    before = np.load(out / "samples.npz")["arr_0"]
+    r = run_mod.run_sampling(cfg, out_dir=str(out), num_samples=7, seed=3, progress=False, device="cpu")
+    assert (r["batch_size"], r["existing_images"], r["new_images"]) == (2, 5, 3)
+    assert "sampling 7 images into" in capsys.readouterr().out and json.loads((out / "run.json").read_text())[
+        "num_samples"] == 7
+    with np.load(out / "samples.npz") as npz:
+        assert np.array_equal(npz["arr_0"][:5], before) and len(npz["arr_1"]) == 7
+    # ... and once more: nothing to sample, samples.npz untouched, no rates
+    stamp = (out / "samples.npz").stat().st_mtime_ns
+    r = run_mod.run_sampling(cfg, out_dir=str(out), num_samples=7, seed=3, progress=False, device="cpu")
+    assert r["new_images"] == 0 and r["nfe_per_image"] is None and r["model_rows_per_image"] is None
+    assert r["images_per_s"] is None and (out / "samples.npz").stat().st_mtime_ns == stamp
+    assert re.search(r": - NFE per image, - images/s, peak memory", r["summary"]) and "at this rate" not in r["summary"]
+    (out / "samples.npz").write_bytes(b"torn")  # a broken npz is packed again even with nothing new
+    run_mod.run_sampling(cfg, out_dir=str(out), num_samples=7, seed=3, progress=False, device="cpu")
+    with np.load(out / "samples.npz") as npz:
+        assert len(npz["arr_0"]) == 7
+
+
+def test_run_sampling_refuses_what_would_mix_or_make_no_sense(tiny_run, tmp_path):
+    import copy
+
+    from repro.sampling.run import run_sampling
+
+    cfg, _ = tiny_run
+    out = tmp_path / "fid"
+    kw = dict(progress=False, device="cpu", threaded_writer=False)
+    run_sampling(cfg, out_dir=str(out), num_samples=2, batch_size=1, seed=3, **kw)  # batch 1 is a batch
+    with pytest.raises(ReproError, match=f"^{re.escape(str(out))} holds samples made with seed=3 "
+                                         rf"\({re.escape(str(out / 'run.json'))}\); this run asks for seed=4: run with "
+                                         r"the old value to resume, or choose a new --out$"):
+        run_sampling(cfg, out_dir=str(out), num_samples=2, seed=4, **kw)
+    other = copy.deepcopy(cfg)
+    other.sample.num_sampling_steps = 4
+    with pytest.raises(ReproError, match=r"made with sample.num_sampling_steps=3 .*asks for "
+                                         r"sample.num_sampling_steps=4"):
+        run_sampling(other, out_dir=str(out), num_samples=2, seed=3, **kw)
+    with pytest.raises(ReproError, match=r"^--batch-size must be >= 1, got 0$"):
+        run_sampling(cfg, out_dir=str(tmp_path / "b0"), num_samples=2, batch_size=0, **kw)
+    with pytest.raises(ReproError, match=r"^--labels and --class-balanced exclude each other: give one$"):
+        run_sampling(cfg, out_dir=str(tmp_path / "lb"), num_samples=10, labels=[1], class_balanced=True, **kw)
+    (out / "run.json").write_text("{torn")
+    with pytest.raises(ReproError, match=rf"^{re.escape(str(out / 'run.json'))} is unreadable \(.*\): delete it \(the "
+                                         r"PNGs stay\) and run again$"):
+        run_sampling(cfg, out_dir=str(out), num_samples=2, seed=3, **kw)
+
+
+def test_run_sampling_class_balanced_and_named_labels(tiny_run, tmp_path, capsys):
+    from repro.sampling.run import run_sampling
+
+    cfg, _ = tiny_run
+    kw = dict(progress=False, device="cpu", threaded_writer=False, batch_size=4)
+    r = run_sampling(cfg, out_dir=str(tmp_path / "bal"), num_samples=10, class_balanced=True, **kw)
+    assert sorted(r["labels"]) == list(range(10)) and r["labels"] == plan.plan_labels(10, 10, 0, "balanced").tolist()
+    assert json.loads((tmp_path / "bal" / "run.json").read_text())["label_mode"] == "balanced"
+    names = [f"c{i}" for i in range(10)]
+    capsys.readouterr()
+    r = run_sampling(cfg, out_dir=str(tmp_path / "named"), num_samples=3, labels=["c3", "c1"], class_names=names, **kw)
+    assert r["labels"] == [3, 1, 3] and "labels: 3 c3, 1 c1" in capsys.readouterr().out.splitlines()
+    record = json.loads((tmp_path / "named" / "run.json").read_text())
+    assert record["labels"] == [3, 1] and record["label_mode"] == "fixed"
+
+
+def test_run_sampling_demo_grid_and_its_replacement(tiny_run, tmp_path, capsys):
+    from repro.paths import runs_dir
+    from repro.sampling.run import run_sampling
+
+    cfg, _ = tiny_run
+    kw = dict(progress=False, device="cpu", threaded_writer=False)
+    capsys.readouterr()
+    r = run_sampling(cfg, demo=True, **kw)  # the default folder: runs/demo
+    out = runs_dir() / "demo"
+    assert r["out_dir"] == str(out) and r["num_samples"] == 8 and r["labels"] == [5, 3, 7, 7, 8, 8, 9, 9]
+    printed = capsys.readouterr().out
+    assert ("demo labels: 5, 3, 7, 7, 8, 8, 9, 9 (the official demo labels mod 10 (this model has 10 classes))"
+            in printed.splitlines())
+    assert r["npz"] is None and r["grid"] == str(out / "demo_samples.png") and "at this rate" not in r["summary"]
+    with Image.open(out / "demo_samples.png") as im:
+        assert im.size == (4 * 64, 2 * 64)
+    assert f"wrote: {out / 'demo_samples.png'}, {out / 'preview.png'}" in printed
+    first = writer.read_png(out / "images" / "000000.png")
+    (out / "images" / "000009.png").write_bytes(b"")  # a stale image of another demo: removed on replacement
+    r = run_sampling(cfg, demo=True, seed=5, **kw)
+    assert f"note: replacing the demo in {out}, made with seed=0" in capsys.readouterr().out
+    assert r["new_images"] == 8 and not np.array_equal(writer.read_png(out / "images" / "000000.png"), first)
+    assert not (out / "images" / "000009.png").exists()
+    r = run_sampling(cfg, demo=True, seed=5, num_samples=5, **kw)  # 5 images: a 2 x 4 grid's first row and one
+    with Image.open(r["grid"]) as im:
+        assert im.size == (4 * 64, 2 * 64)
+
+
+def test_run_sampling_trajectories_and_latent_shards(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from repro.sampling.run import run_sampling
+
+    cfg, _ = tiny_run
+    out = tmp_path / "traj"
+    kw = dict(progress=False, device="cpu", threaded_writer=False, batch_size=2)
+    r = run_sampling(cfg, out_dir=str(out), num_samples=3, trajectory=2, latent_shards=True, **kw)
+    assert r["trajectories_dir"] == str(out / "trajectories") and r["trajectory_steps"] == [0, 1]
+    assert r["latent_shards"] == [str(out / "samples_rank00_shard000.safetensors")]
+    for i in range(3):
+        assert writer.read_png(out / "trajectories" / f"{i:06d}.png").shape == (64, 2 * 64, 3)
+    shard = load_file(r["latent_shards"][0])
+    assert shard["latents"].shape == (3, 32, 4, 4) and shard["labels"].tolist() == r["labels"]
+    assert json.loads((out / "run.json").read_text())["trajectory"] == 2
+    # a strip missing: its batch is sampled again; a run without --trajectory keeps the folder's K in run.json
+    (out / "trajectories" / "000002.png").unlink()
+    r = run_sampling(cfg, out_dir=str(out), num_samples=3, trajectory=2, **kw)
+    assert r["new_images"] == 1 and (out / "trajectories" / "000002.png").is_file()
+    assert run_sampling(cfg, out_dir=str(out), num_samples=3, **kw)["new_images"] == 0
+    assert json.loads((out / "run.json").read_text())["trajectory"] == 2
+    # a batch without its latents is sampled again when --latent-shards asks for them
+    for p in (out / "latent_batches").glob("0000002_*"):
+        p.unlink()
+    assert run_sampling(cfg, out_dir=str(out), num_samples=3, latent_shards=True, **kw)["new_images"] == 1
+
+
+def test_sigterm_mid_run_drops_the_batch_in_flight_and_resumes(tiny_run, tmp_path, monkeypatch):
+    import signal
+
+    from repro.errors import Preempted
+    from repro.sampling import engine
+    from repro.sampling.run import _stop_if_signalled, run_sampling
+
+    cfg, _ = tiny_run
+    out = tmp_path / "term"
+    real, calls = engine.sample_latents, []
+
+    def stopped_in_batch_two(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # inside the droppable block: the batch is dropped
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "sample_latents", stopped_in_batch_two)
+    kw = dict(progress=False, device="cpu", threaded_writer=False, batch_size=2, num_samples=6)
+    with pytest.raises(Preempted) as err:
+        run_sampling(cfg, out_dir=str(out), **kw)
+    assert err.value.signum == signal.SIGTERM and str(err.value) == (
+        f"stopped by SIGTERM: 2 of 6 images are written in {out / 'images'} (a batch in flight, if any, was dropped); "
+        "resume with the same command")
+    assert plan.existing_indices(out / "images") == {0, 1} and not (out / "samples.npz").exists()
+    assert run_sampling(cfg, out_dir=str(out), **kw)["new_images"] == 4
+    assert _stop_if_signalled(None, out / "images", 6) is None and _stop_if_signalled(0, out / "images", 6) is None
+    with pytest.raises(Preempted, match=r"^stopped by SIGINT: 6 of 6 images"):
+        _stop_if_signalled(signal.SIGINT, out / "images", 6)
+
+
+def test_default_out_dir_and_the_record_comparisons(tmp_path, monkeypatch):
+    from repro.sampling.run import _changed_input, _legacy_record_check, _mismatch, default_out_dir
+
+    monkeypatch.setenv("REPRO_RUNS_DIR", str(tmp_path / "runs"))
+    cfg = Config()
+    cfg.model.model_type, cfg.ckpt_path = "LightningDiT-XL/1", "/w/Step-0800000.pt"
+    cfg.sample.sampling_method, cfg.sample.num_sampling_steps = "euler", 250
+    assert default_out_dir(cfg, True) == tmp_path / "runs" / "demo"
+    assert default_out_dir(cfg, False) == (tmp_path / "runs" / "samples" /
+                                           "lightningdit-xl-1-ckpt-step-0800000-euler-250")
+    cfg.sample.cfg_scale, cfg.sample.cfg_interval_start, cfg.sample.timestep_shift = 6.7, 0.125, 0.3
+    cfg.ckpt_path = None
+    assert default_out_dir(cfg, False).name == "lightningdit-xl-1-ckpt-model-euler-250-interval0.12-cfg6.70-shift0.30"
+
+    old = {"seed": 0, "num_samples": 8, "label_mode": "uniform", "ckpt": "a.pt", "sample": {"cfg_scale": 4.0}}
+    assert _mismatch(old, {**old, "num_samples": 16}) is None  # uniform: image i is the same whatever N is
+    assert _mismatch(old, {**old, "seed": 1}) == ("seed", 0, 1)
+    assert _mismatch(old, {**old, "sample": {"cfg_scale": 2.0}}) == ("sample.cfg_scale", 4.0, 2.0)
+    assert _mismatch(old, {**old, "new_key": 1}) is None  # a key the old record lacks: not a difference
+    balanced = {**old, "label_mode": "balanced"}
+    assert _mismatch(balanced, {**balanced, "num_samples": 16}) == ("num_samples", 8, 16)
+    hashed = {**old, "inputs": {"ckpt_path": {"file": "/w/a.pt", "sha256": "aa"}}}
+    assert _mismatch(hashed, {**hashed, "ckpt": "b.pt"}) is None  # with hashes the content counts, not the name
+    assert _mismatch(old, {**old, "ckpt": "b.pt"}) == ("ckpt", "a.pt", "b.pt")
+
+    new = {"inputs": {"ckpt_path": {"file": "/w/b.pt", "sha256": "bb"}}}
+    assert _changed_input(hashed, {"inputs": {"ckpt_path": {"file": "/x.pt", "sha256": "aa"}}}, tmp_path) is None
+    assert _changed_input(old, new, tmp_path) is None  # no hashes recorded: nothing to compare
+    assert _changed_input(hashed, new, tmp_path) == (
+        f"{tmp_path} holds samples made from ckpt_path /w/a.pt with sha256 aa; this run's /w/b.pt has sha256 bb: run "
+        "with the old file to resume, or choose a new --out")
+
+    images = tmp_path / "images"
+    images.mkdir()
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"m")
+    legacy_new = {"inputs": {"ckpt_path": {"file": str(model), "sha256": "mm"}}}
+    _legacy_record_check(old, legacy_new, images, tmp_path / "run.json")  # no images yet: nothing to check
+    (images / "000000.png").write_bytes(b"")
+    t = (images / "000000.png").stat().st_mtime
+    os.utime(model, (t + 10, t + 10))
+    with pytest.raises(ReproError, match=rf"^{re.escape(str(tmp_path / 'run.json'))} predates input hashes and "
+                                         rf"{re.escape(str(model))} \(ckpt_path\) was modified after the first image in "
+                                         rf"{re.escape(str(images))} was written, so the folder may mix two models: "
+                                         r"choose a new --out \(or delete that folder to sample it again\)$"):
+        _legacy_record_check(old, legacy_new, images, tmp_path / "run.json")
+    _legacy_record_check(hashed, legacy_new, images, tmp_path / "run.json")  # a record with hashes: not legacy
+    os.utime(model, (t - 10, t - 10))
+    _legacy_record_check(old, legacy_new, images, tmp_path / "run.json")
+
+
+def test_latent_shards_pack_in_index_order_across_shards(tmp_path):
+    from safetensors.torch import load_file
+
+    from repro.sampling import latent_shards as shards
+
+    assert shards.shard_name(1, 12) == "samples_rank01_shard012.safetensors"
+    assert shards.batch_path(tmp_path, 4, 6) == tmp_path / "latent_batches" / "0000004_0000006.safetensors"
+    assert shards.done_indices(tmp_path) == set()
+    lat = torch.arange(5 * 2, dtype=torch.float64).view(5, 2, 1, 1)
+    shards.save_batch(tmp_path, 3, lat[3:], torch.tensor([3, 4]))  # written out of order, float64 and int64
+    shards.save_batch(tmp_path, 0, lat[:3], torch.tensor([0, 1, 2]))
+    assert shards.done_indices(tmp_path) == {0, 1, 2, 3, 4}
+    part = load_file(str(shards.batch_path(tmp_path, 3, 5)))
+    assert part["latents"].dtype == torch.float32 and part["labels"].dtype == torch.int32
+    written = shards.pack_shards(tmp_path, 4, shard_images=3)  # images 0..3 of 5: shards of 3 and 1
+    assert written == [tmp_path / shards.shard_name(0, 0), tmp_path / shards.shard_name(0, 1)]
+    a, b = (load_file(str(p)) for p in written)
+    torch.testing.assert_close(torch.cat([a["latents"], b["latents"]]), lat[:4].float())
+    assert torch.cat([a["labels"], b["labels"]]).tolist() == [0, 1, 2, 3]
+    assert len(shards.pack_shards(tmp_path, 5)) == 1  # 10,000 a shard by default
+    (shards.batch_path(tmp_path, 0, 3)).unlink()
+    with pytest.raises(ReproError, match=rf"^{re.escape(str(tmp_path))}: no saved latents for image 0 \(3 missing\): "
+                                         r"its PNGs were sampled without --latent-shards; sample into a new --out with "
+                                         r"--latent-shards$"):
+        shards.pack_shards(tmp_path, 5)

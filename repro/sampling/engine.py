@@ -325,6 +325,7 @@ def sample_latents_with_trajectory(setup: SamplerSetup, noise: torch.Tensor, lab
 def decode_strips(setup: SamplerSetup, predictions: torch.Tensor, first_index: int = 0) -> np.ndarray:
     """(B, K, C, h, w) predicted latents -> (B, H, K * W, 3) uint8 strips, left = noisiest step."""
     b, k = predictions.shape[:2]
+    check_finite_latents(setup, predictions, first_index)  # per image: rows of the flattened (B*K) are not images
     pixels = decode_to_uint8(setup, predictions.flatten(0, 1), first_index=first_index)  # (B*K, H, W, 3)
     h, w = pixels.shape[1:3]
     return pixels.reshape(b, k, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(b, h, k * w, 3)
