@@ -486,6 +486,7 @@ class _PatternVAE(torch.nn.Module):
 
     def decode(self, z):
         self.calls.append((z.shape[0], torch.is_inference_mode_enabled()))
+        self.seen = (z.dtype, torch.is_autocast_cpu_enabled())
         img = torch.tanh(z[:, :1]).repeat_interleave(4, -1).repeat_interleave(4, -2)
         return img.expand(-1, 3, -1, -1)
 
@@ -504,6 +505,15 @@ def test_decode_to_uint8_in_chunks_and_decode_strips_side_by_side():
     assert setup.vae.calls == [(2, True), (2, True), (1, True)]
     setup.vae.calls.clear()
     assert np.array_equal(decode_to_uint8(setup, lat), whole) and setup.vae.calls == [(5, True)]  # 16 a chunk
+    assert setup.vae.seen == (torch.float32, False)
+    setup.vae_precision = "bf16"  # the VA-VAE's own precision, float32 latents in
+    decode_to_uint8(setup, lat.double())
+    assert setup.vae.seen == (torch.float32, True)
+    setup.vae_precision = "fp32"
+    bad = lat.clone()
+    bad[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ReproError, match=r"latents for image\(s\) 13 \("):
+        decode_to_uint8(setup, bad, first_index=10)
     strips = decode_strips(setup, lat[:4].view(2, 2, 4, 2, 2))  # (B=2, K=2): left = first step
     assert strips.shape == (2, 8, 16, 3)
     for b in range(2):
@@ -529,9 +539,15 @@ def test_check_finite_latents_names_the_images_and_the_precision():
                                          r"was written for them: fp16 overflowed \(GPUs without bf16, e\.g\. T4/P100\): "
                                          r"sample with --precision fp32 into a new --out$"):
         check_finite_latents(setup, x)
+    for n, shown in ((8, "0, 1, 2, 3, 4, 5, 6, 7 ("), (9, "0, 1, 2, 3, 4, 5, 6, 7 and 1 more (")):
+        with pytest.raises(ReproError, match=re.escape(f"image(s) {shown}")):
+            check_finite_latents(setup, x[:n])
     setup.precision = "bf16"
     with pytest.raises(ReproError, match=r"\(bf16 transformer\); nothing was written for them: sample with --precision "
                                          r"fp32 into a new --out; if fp32 fails too"):
+        check_finite_latents(setup, x[:1])
+    setup.precision = "tf32"  # no hint for a precision the kit does not have: nothing after the colon
+    with pytest.raises(ReproError, match=r"\(tf32 transformer\); nothing was written for them: $"):
         check_finite_latents(setup, x[:1])
     # a strip (B, K, ...) names its image, not the flattened (image, step) row
     setup.vae = _PatternVAE()
@@ -543,7 +559,7 @@ def test_check_finite_latents_names_the_images_and_the_precision():
 
 def test_stats_path_and_the_global_latent_scale(tmp_path):
     from repro.data.stats import SCALE_NAME, write_scale_file
-    from repro.sampling.engine import latent_scale_of, sampler_from_parts, stats_path
+    from repro.sampling.engine import denormalize, latent_scale_of, sampler_from_parts, stats_path
 
     cfg = Config()
     with pytest.raises(ReproError, match=r"^config key 'data.data_path' is not set: point it at the folder holding "
@@ -575,8 +591,24 @@ def test_stats_path_and_the_global_latent_scale(tmp_path):
     setup = sampler_from_parts(cfg, _LinearField(), device=torch.device("cpu"))
     assert setup.scale == 4.0 and isinstance(setup.scale, float)
     assert sampler_from_parts(cfg, _LinearField(), device=torch.device("cpu"), scale=8.0).scale == 8.0
+    lat = torch.tensor([2.0, -4.0]).view(1, 2, 1, 1)
+    cfg.data.latent_norm, cfg.data.latent_multiplier = False, 0.5
+    torch.testing.assert_close(denormalize(setup, lat), lat / 0.5 / 4.0)  # the dataset's x * scale * m undone
     cfg.data.latent_scaling = "channel"
     assert sampler_from_parts(cfg, _LinearField(), device=torch.device("cpu"), scale=8.0).scale is None
+    # the rest of the setup: defaults, the model twice, the class count, the VA-VAE's precision
+    model = _LinearField()
+    cfg.data.num_classes, cfg.vae.precision = 7, "fp16"
+    setup = sampler_from_parts(cfg, model, device=torch.device("cpu"), stats=(torch.ones(1, 2, 1, 1),
+                                                                               torch.full((1, 2, 1, 1), 3.0)))
+    assert setup.precision == "fp32" and setup.model is model and setup.eager_model is model
+    assert setup.num_classes == 7 and setup.vae_precision == "fp16" and setup.vae is None
+    assert setup.mean.flatten().tolist() == [1.0, 1.0] and setup.std.flatten().tolist() == [3.0, 3.0]
+    cfg.vae.precision = "auto"
+    assert sampler_from_parts(cfg, model, device=torch.device("cpu")).vae_precision == "fp32"  # auto: fp32 on CPU
+    cfg.vae.precision = "half"
+    with pytest.raises(ReproError, match=r"^vae.precision='half' is not a precision; choose auto, fp32, bf16 or fp16$"):
+        sampler_from_parts(cfg, model, device=torch.device("cpu"))
 
 
 def test_auto_batch_size_on_the_cpu_is_upstreams_four():
@@ -761,6 +793,40 @@ class _Bar:
         self.closed = True
 
 
+def _fast_engine(monkeypatch, fail_at=None, error=None):
+    """engine.sample_latents / decode_to_uint8 as stubs (the noise itself; 2 x 2 images): the run's bookkeeping, fast.
+    `fail_at`: the call (1-based) of sample_latents that raises `error`."""
+    from repro.sampling import engine
+
+    calls = []
+
+    def sample(setup, noise, labels, stats=None, model=None):
+        calls.append(len(noise))
+        if fail_at is not None and len(calls) == fail_at:
+            raise error
+        stats["nfe"] = stats.get("nfe", 0) + 1
+        stats["model_rows"] = stats.get("model_rows", 0) + len(noise)
+        return noise.clone()
+
+    def decode(setup, x, first_index=0):  # 2 x 2 images from the first 12 latent values
+        return (x.flatten(1)[:, :12].reshape(-1, 2, 2, 3) * 40 + 128).clamp(0, 255).to(torch.uint8).numpy()
+
+    real_build, built = engine.build_sampler, []
+
+    def build(cfg, **kw):  # the files are checked and loaded once; later runs reuse them under their own config
+        import dataclasses
+
+        engine.check_inputs(cfg)
+        if not built:
+            built.append(real_build(cfg, **kw))
+        return dataclasses.replace(built[0], cfg=cfg)
+
+    monkeypatch.setattr(engine, "sample_latents", sample)
+    monkeypatch.setattr(engine, "decode_to_uint8", decode)
+    monkeypatch.setattr(engine, "build_sampler", build)
+    return calls
+
+
 def test_run_sampling_returns_records_and_prints_what_it_did(tiny_run, tmp_path, monkeypatch, capsys):
     from repro.config import load_config
     from repro.sampling import run as run_mod
@@ -778,10 +844,18 @@ def test_run_sampling_returns_records_and_prints_what_it_did(tiny_run, tmp_path,
         return real_preview(images, labels, path, title, class_names=class_names)
 
     monkeypatch.setattr(run_mod, "save_preview", preview_spy)
+    builds, warmups, writers = [], [], []
+    real_build, real_warm, real_writer = run_mod.engine.build_sampler, run_mod.engine.warm_up, run_mod.ImageWriter
+    monkeypatch.setattr(run_mod.engine, "build_sampler", lambda c, **kw: builds.append(kw) or real_build(c, **kw))
+    monkeypatch.setattr(run_mod.engine, "warm_up", lambda st, b: warmups.append(b) or real_warm(st, b))
+    monkeypatch.setattr(run_mod, "ImageWriter", lambda *a, **kw: writers.append(kw) or real_writer(*a, **kw))
+    monkeypatch.setattr(run_mod, "time", _Clock(1.0))  # the first batch takes 1 s, the whole run 2 s
     names = [f"c{i}" for i in range(10)]
     capsys.readouterr()
     r = run_mod.run_sampling(cfg, out_dir=str(out), num_samples=5, batch_size=2, seed=3, device="cpu",
-                             config_header=("hello",), class_names=names)
+                             config_header=("hello",), class_names=names, precision="fp32", compile="none")
+    assert builds == [dict(device="cpu", precision="fp32", compile="none")] and warmups == [2]
+    assert writers == [dict(threaded=True)] and not (out / "latent_batches").exists()
     labels = plan.plan_labels(5, 10, seed=3).tolist()
     summary = r.pop("summary")
     timing = {k: r.pop(k) for k in ("images_per_s", "seconds", "peak_memory_bytes")}
@@ -791,16 +865,17 @@ def test_run_sampling_returns_records_and_prints_what_it_did(tiny_run, tmp_path,
                  "npz": str(out / "samples.npz"), "grid": None, "preview": str(out / "preview.png"),
                  "class_names": names, "trajectories_dir": None, "trajectory_steps": None,
                  "nfe_per_image": 2.0, "model_rows_per_image": 3.0, "peak_memory_kind": "process peak RSS"}
-    assert timing["images_per_s"] > 0 and timing["seconds"] > 0 and timing["peak_memory_bytes"] > 2 ** 20
-    assert isinstance(timing["peak_memory_bytes"], int)
+    assert timing["images_per_s"] == 2.5 and timing["seconds"] == 2.0  # 5 images in 2 s
+    peak = timing["peak_memory_bytes"]
+    assert isinstance(peak, int) and peak > 2 ** 20
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(rf"sampling 5 images into {re.escape(str(out))}: 0 already there; batch 2 x 1 process\(es\), "
                         r"fp32 on cpu \(.*\), vavae_f16d32 decode fp32", lines[-4]), lines
-    assert re.fullmatch(r"first batch: \d+\.\ds for 2 image\(s\) per process -> about \d+ s for this run, \d+\.\d\d h "
+    assert re.fullmatch(r"first batch: 1\.0s for 2 image\(s\) per process -> about 2 s for this run, 6\.94 h "
                         r"for 50,000 images on 1 process\(es\) \(cpu .*\)", lines[-3]), lines
-    assert lines[-2] == summary and re.fullmatch(
-        rf"5 images \(5 new\) in {re.escape(str(out))}: 2 NFE per image, \S+ images/s, peak memory \d+\.\d\d GiB "
-        r"\(process peak RSS\), fp32, batch 2 x 1 process\(es\); 50,000 images at this rate: \d+\.\d\d h", summary)
+    assert lines[-2] == summary == (
+        f"5 images (5 new) in {out}: 2 NFE per image, 2.5 images/s, peak memory {peak / 2 ** 30:.2f} GiB "
+        "(process peak RSS), fp32, batch 2 x 1 process(es); 50,000 images at this rate: 5.56 h")
     assert lines[-1] == (f"wrote: {out / 'samples.npz'}, {out / 'preview.png'}, {out / 'images'}/ (5 PNGs), "
                          f"{out / 'config.yaml'}, {out / 'run.json'}")
     s = cfg.sample
@@ -828,8 +903,8 @@ def test_run_sampling_returns_records_and_prints_what_it_did(tiny_run, tmp_path,
     before = np.load(out / "samples.npz")["arr_0"]
     r = run_mod.run_sampling(cfg, out_dir=str(out), num_samples=7, seed=3, progress=False, device="cpu")
     assert (r["batch_size"], r["existing_images"], r["new_images"]) == (2, 5, 3)
-    assert "sampling 7 images into" in capsys.readouterr().out and json.loads((out / "run.json").read_text())[
-        "num_samples"] == 7
+    assert f"sampling 7 images into {out}: 5 already there; batch 2 x 1" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["num_samples"] == 7 and len(bars) == 1  # progress=False
     with np.load(out / "samples.npz") as npz:
         assert np.array_equal(npz["arr_0"][:5], before) and len(npz["arr_1"]) == 7
     # ... and once more: nothing to sample, samples.npz untouched, no rates
@@ -837,6 +912,7 @@ def test_run_sampling_returns_records_and_prints_what_it_did(tiny_run, tmp_path,
     r = run_mod.run_sampling(cfg, out_dir=str(out), num_samples=7, seed=3, progress=False, device="cpu")
     assert r["new_images"] == 0 and r["nfe_per_image"] is None and r["model_rows_per_image"] is None
     assert r["images_per_s"] is None and (out / "samples.npz").stat().st_mtime_ns == stamp
+    assert warmups == [2, 2]  # nothing to sample: no warm-up
     assert re.search(r": - NFE per image, - images/s, peak memory", r["summary"]) and "at this rate" not in r["summary"]
     (out / "samples.npz").write_bytes(b"torn")  # a broken npz is packed again even with nothing new
     run_mod.run_sampling(cfg, out_dir=str(out), num_samples=7, seed=3, progress=False, device="cpu")
@@ -844,12 +920,13 @@ def test_run_sampling_returns_records_and_prints_what_it_did(tiny_run, tmp_path,
         assert len(npz["arr_0"]) == 7
 
 
-def test_run_sampling_refuses_what_would_mix_or_make_no_sense(tiny_run, tmp_path):
+def test_run_sampling_refuses_what_would_mix_or_make_no_sense(tiny_run, tmp_path, monkeypatch):
     import copy
 
     from repro.sampling.run import run_sampling
 
     cfg, _ = tiny_run
+    _fast_engine(monkeypatch)
     out = tmp_path / "fid"
     kw = dict(progress=False, device="cpu", threaded_writer=False)
     run_sampling(cfg, out_dir=str(out), num_samples=2, batch_size=1, seed=3, **kw)  # batch 1 is a batch
@@ -872,10 +949,11 @@ def test_run_sampling_refuses_what_would_mix_or_make_no_sense(tiny_run, tmp_path
         run_sampling(cfg, out_dir=str(out), num_samples=2, seed=3, **kw)
 
 
-def test_run_sampling_class_balanced_and_named_labels(tiny_run, tmp_path, capsys):
+def test_run_sampling_class_balanced_and_named_labels(tiny_run, tmp_path, capsys, monkeypatch):
     from repro.sampling.run import run_sampling
 
     cfg, _ = tiny_run
+    _fast_engine(monkeypatch)
     kw = dict(progress=False, device="cpu", threaded_writer=False, batch_size=4)
     r = run_sampling(cfg, out_dir=str(tmp_path / "bal"), num_samples=10, class_balanced=True, **kw)
     assert sorted(r["labels"]) == list(range(10)) and r["labels"] == plan.plan_labels(10, 10, 0, "balanced").tolist()
@@ -888,11 +966,12 @@ def test_run_sampling_class_balanced_and_named_labels(tiny_run, tmp_path, capsys
     assert record["labels"] == [3, 1] and record["label_mode"] == "fixed"
 
 
-def test_run_sampling_demo_grid_and_its_replacement(tiny_run, tmp_path, capsys):
+def test_run_sampling_demo_grid_and_its_replacement(tiny_run, tmp_path, capsys, monkeypatch):
     from repro.paths import runs_dir
     from repro.sampling.run import run_sampling
 
     cfg, _ = tiny_run
+    _fast_engine(monkeypatch)  # 2 x 2 images
     kw = dict(progress=False, device="cpu", threaded_writer=False)
     capsys.readouterr()
     r = run_sampling(cfg, demo=True, **kw)  # the default folder: runs/demo
@@ -903,7 +982,7 @@ def test_run_sampling_demo_grid_and_its_replacement(tiny_run, tmp_path, capsys):
             in printed.splitlines())
     assert r["npz"] is None and r["grid"] == str(out / "demo_samples.png") and "at this rate" not in r["summary"]
     with Image.open(out / "demo_samples.png") as im:
-        assert im.size == (4 * 64, 2 * 64)
+        assert im.size == (4 * 2, 2 * 2)
     assert f"wrote: {out / 'demo_samples.png'}, {out / 'preview.png'}" in printed
     first = writer.read_png(out / "images" / "000000.png")
     (out / "images" / "000009.png").write_bytes(b"")  # a stale image of another demo: removed on replacement
@@ -911,9 +990,10 @@ def test_run_sampling_demo_grid_and_its_replacement(tiny_run, tmp_path, capsys):
     assert f"note: replacing the demo in {out}, made with seed=0" in capsys.readouterr().out
     assert r["new_images"] == 8 and not np.array_equal(writer.read_png(out / "images" / "000000.png"), first)
     assert not (out / "images" / "000009.png").exists()
-    r = run_sampling(cfg, demo=True, seed=5, num_samples=5, **kw)  # 5 images: a 2 x 4 grid's first row and one
+    r = run_sampling(cfg, demo=True, seed=5, num_samples=9, **kw)  # 9 images: a 3 x 4 grid, every image read
     with Image.open(r["grid"]) as im:
-        assert im.size == (4 * 64, 2 * 64)
+        assert im.size == (4 * 2, 3 * 2)
+        assert np.array_equal(np.asarray(im)[4:, :2], writer.read_png(out / "images" / "000008.png"))
 
 
 def test_run_sampling_trajectories_and_latent_shards(tiny_run, tmp_path):
@@ -942,6 +1022,10 @@ def test_run_sampling_trajectories_and_latent_shards(tiny_run, tmp_path):
     for p in (out / "latent_batches").glob("0000002_*"):
         p.unlink()
     assert run_sampling(cfg, out_dir=str(out), num_samples=3, latent_shards=True, **kw)["new_images"] == 1
+    # an image missing while its strip and latents exist: sampled again too
+    (out / "images" / "000000.png").unlink()
+    r = run_sampling(cfg, out_dir=str(out), num_samples=3, trajectory=2, latent_shards=True, **kw)
+    assert r["new_images"] == 2 and (out / "images" / "000000.png").is_file()
 
 
 def test_sigterm_mid_run_drops_the_batch_in_flight_and_resumes(tiny_run, tmp_path, monkeypatch):
@@ -952,6 +1036,7 @@ def test_sigterm_mid_run_drops_the_batch_in_flight_and_resumes(tiny_run, tmp_pat
     from repro.sampling.run import _stop_if_signalled, run_sampling
 
     cfg, _ = tiny_run
+    _fast_engine(monkeypatch)
     out = tmp_path / "term"
     real, calls = engine.sample_latents, []
 
@@ -1051,3 +1136,235 @@ def test_latent_shards_pack_in_index_order_across_shards(tmp_path):
                                          r"its PNGs were sampled without --latent-shards; sample into a new --out with "
                                          r"--latent-shards$"):
         shards.pack_shards(tmp_path, 5)
+
+
+def test_image_writer_defaults_counts_and_checks(tmp_path):
+    import threading
+
+    w = writer.ImageWriter()
+    assert w._queue.maxsize == 2 and w._thread.name == "repro-image-writer" and w._thread.daemon
+    w.close()
+    assert writer.ImageWriter(max_pending=1, threaded=False)._queue.maxsize == 1
+    assert writer.ImageWriter(max_pending=0, threaded=False)._queue.maxsize == 1
+    done = []
+    inline = writer.ImageWriter(threaded=False, on_written=done.append)
+    inline.submit(_images(3), [tmp_path / f"i{j}.png" for j in range(3)])
+    assert (tmp_path / "i2.png").is_file() and inline.written == 3 and done == [3]  # inline: written at once
+    threaded = writer.ImageWriter(on_written=done.append)
+    assert threaded._thread is not threading.current_thread() and threaded._thread.is_alive()
+    for k in range(2):
+        threaded.submit(_images(2, seed=k), [tmp_path / f"t{k}{j}.png" for j in range(2)])
+    threaded.close()
+    assert threaded.written == 4 and done == [3, 2, 2] and not threaded._thread.is_alive()
+    assert np.array_equal(writer.read_png(tmp_path / "t10.png"), _images(2, seed=1)[0])
+    for bad, what in ((_images(2), "uint8 (2, 8, 8, 3) for 3 paths"),
+                      (_images(3).astype(np.float32), "float32 (3, 8, 8, 3) for 3 paths"),
+                      (_images(3)[:, 0], "uint8 (3, 8, 3) for 3 paths")):
+        w = writer.ImageWriter(lambda _x, bad=bad: bad, threaded=False)
+        with pytest.raises(RuntimeError, match=rf"^decode returned {re.escape(what)}$"):
+            w.submit(None, [tmp_path / f"x{j}.png" for j in range(3)])
+    assert not (tmp_path / "x0.png").exists()
+
+
+def test_make_grid_and_save_grid():
+    import tempfile
+    from pathlib import Path
+
+    images = _images(8, size=2)
+    g = grid.make_grid(images[:6])  # 2 x 4 by default; two black cells
+    assert g.shape == (4, 8, 3) and g.dtype == np.uint8
+    for k in range(8):
+        r, c = divmod(k, 4)
+        cell = g[2 * r:2 * r + 2, 2 * c:2 * c + 2]
+        assert np.array_equal(cell, images[k]) if k < 6 else not cell.any()
+    assert grid.make_grid(images, 4, 2).shape == (8, 4, 3) and np.array_equal(grid.make_grid(images, 4, 2)[2:4, :2],
+                                                                               images[2])
+    with pytest.raises(ReproError, match=r"^9 images do not fit a 2x4 grid$"):
+        grid.make_grid(_images(9, size=2))
+    for bad in (images[0], images[..., :2], images.astype(np.int16)):
+        with pytest.raises(ReproError, match=re.escape(f"make_grid expects (N, H, W, 3) uint8 images, got {bad.dtype} "
+                                                       f"{bad.shape}")):
+            grid.make_grid(bad)
+    with tempfile.TemporaryDirectory() as d:
+        path = grid.save_grid(images[:5], Path(d) / "g.png")
+        assert path == Path(d) / "g.png"
+        with Image.open(path) as im:
+            assert im.format == "PNG" and np.array_equal(np.asarray(im), grid.make_grid(images[:5]))
+
+
+def test_oom_error_says_where_and_what_to_lower():
+    from repro.sampling.engine import oom_error
+
+    cpu = _engine_setup()
+    e = oom_error(5, cpu, RuntimeError("  CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail"))
+    assert str(e) == ("a batch of 5 images per process does not fit in CPU RAM (CUDA out of memory. Tried to allocate "
+                      "2.00 GiB): lower --batch-size (e.g. --batch-size 2)")
+    assert "(MemoryError): lower --batch-size (e.g. --batch-size 1)" in str(oom_error(1, cpu, MemoryError()))
+    assert f"({'x' * 160})" in str(oom_error(2, cpu, RuntimeError("x" * 300)))
+    gpu = _engine_setup()
+    gpu.device = torch.device("cuda")
+    assert str(oom_error(8, gpu, RuntimeError("oom"))) == ("a batch of 8 images per process does not fit in GPU (oom): "
+                                                          "lower --batch-size (e.g. --batch-size 4), or --precision "
+                                                          "bf16/fp16")
+    gpu.precision = "bf16"
+    assert str(oom_error(8, gpu, RuntimeError("oom"))).endswith("lower --batch-size (e.g. --batch-size 4)")
+
+
+class _Clock:
+    """time.perf_counter stand-in: each call is `step` seconds after the previous one."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 1000.0, step
+
+    def perf_counter(self):
+        self.now += self.step
+        return self.now
+
+
+def test_estimate_of_the_run_and_of_fid_50k(monkeypatch, capsys):
+    from repro.sampling import run as run_mod
+
+    setup = _engine_setup()
+    where = re.escape(f"({run_mod.describe_device(setup.device)})")
+    monkeypatch.setattr(run_mod, "time", _Clock(4.0))
+    run_mod._estimate(setup, 1000.0, 2, 10, 1)  # 2 images in 4 s: 0.5 img/s; 10 left: 20 s; 50,000: 27.78 h
+    assert re.fullmatch(r"first batch: 4\.0s for 2 image\(s\) per process -> about 20 s for this run, 27\.78 h for "
+                        rf"50,000 images on 1 process\(es\) {where}\n", capsys.readouterr().out)
+    monkeypatch.setattr(run_mod, "time", _Clock(100.0))
+    run_mod._estimate(setup, 1000.0, 2, 10, 2, fid=False)  # 2 x 2 images in 100 s: 0.04 img/s; 10 x 2 left: 500 s
+    assert re.fullmatch(r"first batch: 100\.0s for 2 image\(s\) per process -> about 8\.3 min for this run on 2 "
+                        rf"process\(es\) {where}\n", capsys.readouterr().out)
+    monkeypatch.setattr(run_mod, "time", _Clock(60.0))
+    run_mod._estimate(setup, 1000.0, 1, 1, 1, fid=False)  # exactly 60 s left: minutes
+    assert "about 1.0 min for this run" in capsys.readouterr().out
+    monkeypatch.setattr(run_mod, "time", _Clock(0.5))
+    run_mod._estimate(setup, 1000.0, 1, 1, 1, fid=False)  # under a second is still a time
+    assert "first batch: 0.5s" in capsys.readouterr().out
+    run_mod._estimate(setup, 1000.0, 0, 1, 1)  # no images, or no time: nothing to say
+    monkeypatch.setattr(run_mod, "time", _Clock(0.0))
+    run_mod._estimate(setup, 1000.0, 2, 1, 1)
+    assert capsys.readouterr().out == ""
+
+
+def test_progress_bar_only_when_asked_and_there_is_work(monkeypatch):
+    from repro.sampling.run import _progress
+    from repro.utils import progress
+
+    bars = []
+    monkeypatch.setattr(progress, "progress_bar", lambda **kw: bars.append(kw) or kw)
+    assert _progress(0, True, 1) is None and _progress(5, False, 1) is None and bars == []
+    assert _progress(1, True, 1) == dict(total=1, unit="img", desc="sampling", dynamic_ncols=True, smoothing=0.1)
+    assert _progress(5, True, 2)["desc"] == "sampling (rank 0 of 2)"
+
+
+def test_run_sampling_lists_labels_up_to_64_images_and_reads_fid_num(tiny_run, tmp_path, monkeypatch):
+    import copy
+
+    from repro.sampling.run import run_sampling
+
+    cfg, _ = tiny_run
+    _fast_engine(monkeypatch)
+    kw = dict(progress=False, device="cpu", threaded_writer=False, batch_size=64)
+    assert len(run_sampling(cfg, out_dir=str(tmp_path / "a"), num_samples=64, **kw)["labels"]) == 64
+    assert run_sampling(cfg, out_dir=str(tmp_path / "a"), num_samples=65, **kw)["labels"] is None
+    c = copy.deepcopy(cfg)
+    c.sample.fid_num = 3
+    assert run_sampling(c, out_dir=str(tmp_path / "b"), **kw)["num_samples"] == 3  # no --num-samples: fid_num
+
+
+def test_run_sampling_turns_out_of_memory_into_advice_and_stops_at_a_second_signal(tiny_run, tmp_path,
+                                                                                    monkeypatch):
+    import signal
+
+    from repro.errors import Preempted
+    from repro.sampling.run import run_sampling
+    from repro.utils.preemption import StopNow
+
+    cfg, _ = tiny_run
+    kw = dict(progress=False, device="cpu", threaded_writer=False, batch_size=2, num_samples=6)
+    _fast_engine(monkeypatch, fail_at=2, error=RuntimeError("CUDA out of memory. Tried to allocate 1 GiB\nmore"))
+    with pytest.raises(ReproError, match=r"^a batch of 2 images per process does not fit in CPU RAM \(CUDA out of "
+                                         r"memory. Tried to allocate 1 GiB\): lower --batch-size \(e.g. --batch-size "
+                                         r"1\)$"):
+        run_sampling(cfg, out_dir=str(tmp_path / "oom"), **kw)
+    _fast_engine(monkeypatch, fail_at=1, error=RuntimeError("something else"))
+    with pytest.raises(RuntimeError, match=r"^something else$"):
+        run_sampling(cfg, out_dir=str(tmp_path / "other"), **kw)
+    _fast_engine(monkeypatch, fail_at=2, error=StopNow(signal.SIGTERM))
+    out = tmp_path / "now"
+    with pytest.raises(Preempted) as err:
+        run_sampling(cfg, out_dir=str(out), **kw)
+    assert err.value.signum == signal.SIGTERM and str(err.value) == (
+        f"stopped at once by a second SIGTERM: 2 of 6 images are written in {out / 'images'} (queued ones were "
+        "dropped); resume with the same command")
+
+
+def test_a_signal_between_batches_stops_after_the_batch(tiny_run, tmp_path, monkeypatch, capfd):
+    import signal
+
+    from repro.errors import Preempted
+    from repro.sampling.run import run_sampling
+    from repro.utils import progress
+
+    cfg, _ = tiny_run
+    calls = _fast_engine(monkeypatch)
+
+    class SignallingBar(_Bar):
+        def update(self, n):  # outside the droppable block: the batch is kept, the loop stops before the next
+            super().update(n)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(progress, "progress_bar", lambda **kw: SignallingBar(**kw))
+    out = tmp_path / "between"
+    with pytest.raises(Preempted, match=rf"^stopped by SIGTERM: 2 of 6 images are written in "
+                                        rf"{re.escape(str(out / 'images'))} "):
+        run_sampling(cfg, out_dir=str(out), progress=True, device="cpu", threaded_writer=False, batch_size=2,
+                     num_samples=6)
+    assert calls == [2] and ("SIGTERM received: dropping the batch in flight, writing the finished images (send it "
+                             "again to stop at once)") in capfd.readouterr().err
+
+
+def test_run_sampling_folder_bookkeeping(tiny_run, tmp_path, monkeypatch, capsys):
+    import copy
+
+    from repro.data.extract import REPORT_NAME
+    from repro.sampling.run import run_sampling
+    from tests.tiny_assets import tiny_model
+
+    cfg, files = tiny_run
+    _fast_engine(monkeypatch)
+    kw = dict(progress=False, device="cpu", threaded_writer=False)
+    # class names recorded by step 6 beside the data; an unknown name says where the names came from
+    names = [f"n{i}" for i in range(10)]
+    (files["latents-stats"].parent / REPORT_NAME).write_text(json.dumps({"class_names": names}))
+    r = run_sampling(cfg, out_dir=str(tmp_path / "named"), num_samples=2, labels=["n2"], batch_size="auto", **kw)
+    assert r["class_names"] == names and r["labels"] == [2, 2] and r["batch_size"] == 2
+    assert "batch size 2 per process (CPU: upstream's per-process batch 4)" in capsys.readouterr().out
+    with pytest.raises(ReproError, match=r"^label 'zebra' is not a class name in --class-names "):
+        run_sampling(cfg, out_dir=str(tmp_path / "x"), num_samples=2, labels=["zebra"], class_names=names, **kw)
+    # half-written files of a killed run are removed; a run.json from before the hashes is extended
+    out = tmp_path / "fid"
+    run_sampling(cfg, out_dir=str(out), num_samples=4, batch_size=2, **kw)
+    (out / "images" / ".000001.png.ab12.tmp.png").write_bytes(b"")
+    (out / ".run.json.cd34.tmp.json").write_bytes(b"")
+    record = json.loads((out / "run.json").read_text())
+    del record["inputs"]
+    (out / "run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    run_sampling(cfg, out_dir=str(out), num_samples=4, **kw)
+    printed = capsys.readouterr().out
+    assert "removed 2 half-written file(s) left by an interrupted run" in printed
+    assert "predates input hashes; the input files are older than the folder's first image" in printed
+    assert not list(out.rglob(".*.tmp*")) and "inputs" in json.loads((out / "run.json").read_text())
+    # another checkpoint under the same name: refused for samples, replaced for a demo
+    run_sampling(cfg, demo=True, **kw)
+    torch.save({"ema": tiny_model(seed=1).state_dict()}, files["lightningdit-xl-800ep"])
+    with pytest.raises(ReproError, match=rf"^{re.escape(str(out))} holds samples made from ckpt_path "):
+        run_sampling(cfg, out_dir=str(out), num_samples=4, **kw)
+    capsys.readouterr()
+    run_sampling(cfg, demo=True, **kw)
+    assert "made with other input files (sha256 differs)" in capsys.readouterr().out
+    c = copy.deepcopy(cfg)
+    c.sample.cfg_scale = 2.0
+    run_sampling(c, demo=True, **kw)
+    assert "made with sample.cfg_scale=4.0" in capsys.readouterr().out
