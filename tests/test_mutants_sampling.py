@@ -906,7 +906,10 @@ def test_run_sampling_returns_records_and_prints_what_it_did(tiny_run, tmp_path,
     assert f"sampling 7 images into {out}: 5 already there; batch 2 x 1" in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["num_samples"] == 7 and len(bars) == 1  # progress=False
     with np.load(out / "samples.npz") as npz:
-        assert np.array_equal(npz["arr_0"][:5], before) and len(npz["arr_1"]) == 7
+        # images 0-3 are kept as written; image 4 is drawn again in the batch [4, 5] an uninterrupted run of 7
+        # would have, from the same noise, so it matches up to the arithmetic of a batch of 2 vs 1 (threads)
+        assert np.array_equal(npz["arr_0"][:4], before[:4]) and len(npz["arr_1"]) == 7
+        assert np.abs(npz["arr_0"][4].astype(int) - before[4]).max() <= 3
     # ... and once more: nothing to sample, samples.npz untouched, no rates
     stamp = (out / "samples.npz").stat().st_mtime_ns
     r = run_mod.run_sampling(cfg, out_dir=str(out), num_samples=7, seed=3, progress=False, device="cpu")
