@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -112,15 +113,35 @@ def parse_results(text: str) -> dict[str, str]:
     return out
 
 
+def prune_pytest_temps(root: Path, stop: threading.Event, age_s: float = 900.0, every_s: float = 60.0) -> None:
+    """Remove pytest's numbered tmp_path folders under `root` once they are `age_s` old, until `stop` is set.
+
+    mutmut's forked test runs end without pytest's own clean-up (their .lock files stay, so no later session
+    deletes them), and each run's tmp_path folders would stay behind: tens of GB for a target whose tests write
+    checkpoints (sampling: ~20 MB a run, ~2,000 runs). A run is over long before its folder is `age_s` old."""
+    while not stop.wait(every_s):
+        for folder in root.glob("pytest-of-*/pytest-[0-9]*"):
+            try:
+                if time.time() - folder.stat().st_mtime > age_s:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except OSError:
+                pass
+
+
 def run_target(name: str, max_children: int, show: bool, keep: bool) -> dict:
     files, selection = TARGETS[name]
     work = Path(tempfile.mkdtemp(prefix=f"repro-mutation-{name}-"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    temps = work / ".pytest-tmp"  # the tests' tmp_path folders: pruned while mutmut runs, removed with `work`
+    temps.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTEST_DEBUG_TEMPROOT=str(temps))
+    stop = threading.Event()
+    pruner = threading.Thread(target=prune_pytest_temps, args=(temps, stop), daemon=True)
     try:
         copy_checkout(work)
         pyproject = work / "pyproject.toml"
         pyproject.write_text(with_target(pyproject.read_text(), files, selection))
         t0 = time.monotonic()
+        pruner.start()
         run = subprocess.run(["mutmut", "run", "--max-children", str(max_children)], cwd=work, env=env,
                              capture_output=True, text=True)
         seconds = time.monotonic() - t0
@@ -156,6 +177,7 @@ def run_target(name: str, max_children: int, show: bool, keep: bool) -> dict:
                 print(f"--- survived: {mutant}\n{diff}")
         return summary
     finally:
+        stop.set()
         if keep:
             print(f"(kept {work})")
         else:

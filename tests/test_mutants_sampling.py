@@ -1263,6 +1263,7 @@ def test_progress_bar_only_when_asked_and_there_is_work(monkeypatch):
 def test_run_sampling_lists_labels_up_to_64_images_and_reads_fid_num(tiny_run, tmp_path, monkeypatch):
     import copy
 
+    from repro.sampling import run as run_mod
     from repro.sampling.run import run_sampling
 
     cfg, _ = tiny_run
@@ -1272,7 +1273,10 @@ def test_run_sampling_lists_labels_up_to_64_images_and_reads_fid_num(tiny_run, t
     assert run_sampling(cfg, out_dir=str(tmp_path / "a"), num_samples=65, **kw)["labels"] is None
     c = copy.deepcopy(cfg)
     c.sample.fid_num = 3
-    assert run_sampling(c, out_dir=str(tmp_path / "b"), **kw)["num_samples"] == 3  # no --num-samples: fid_num
+    monkeypatch.setattr(run_mod, "time", _Clock(0.0))  # a clock that does not move: no rate to show
+    r = run_sampling(c, out_dir=str(tmp_path / "b"), **kw)
+    assert r["num_samples"] == 3 and r["images_per_s"] is None  # no --num-samples: fid_num
+    assert ": 1 NFE per image, - images/s" in r["summary"] and "at this rate" not in r["summary"]
 
 
 def test_run_sampling_turns_out_of_memory_into_advice_and_stops_at_a_second_signal(tiny_run, tmp_path,
@@ -1371,3 +1375,32 @@ def test_run_sampling_folder_bookkeeping(tiny_run, tmp_path, monkeypatch, capsys
     c.sample.cfg_scale = 2.0
     run_sampling(c, demo=True, **kw)
     assert "made with sample.cfg_scale=4.0" in capsys.readouterr().out
+
+
+def test_non_finite_latents_of_a_later_batch_name_their_images(tiny_run, tmp_path, monkeypatch):
+    from repro.sampling import engine
+    from repro.sampling.run import run_sampling
+
+    cfg, _ = tiny_run
+    calls = []
+
+    def nan_in_batch_two(setup, noise, labels, stats=None, model=None):
+        calls.append(1)
+        x = torch.zeros(len(noise), *setup.latent_shape)
+        return x.fill_(float("nan")) if len(calls) == 2 else x
+
+    def strips_nan_in_batch_two(setup, noise, labels, steps, stats=None):
+        calls.append(1)
+        x, strips = torch.zeros(len(noise), *setup.latent_shape), torch.zeros(len(noise), 2, *setup.latent_shape)
+        if len(calls) == 2:
+            strips[1, 1] = float("inf")
+        return x, strips
+
+    monkeypatch.setattr(engine, "sample_latents", nan_in_batch_two)
+    monkeypatch.setattr(engine, "sample_latents_with_trajectory", strips_nan_in_batch_two)
+    kw = dict(progress=False, device="cpu", threaded_writer=False, batch_size=2, num_samples=6)
+    with pytest.raises(ReproError, match=r"NaN/inf latents for image\(s\) 2, 3 \(fp32 transformer\)"):
+        run_sampling(cfg, out_dir=str(tmp_path / "a"), **kw)
+    calls.clear()
+    with pytest.raises(ReproError, match=r"NaN/inf latents for image\(s\) 3 \(fp32 transformer\)"):  # its strip
+        run_sampling(cfg, out_dir=str(tmp_path / "b"), trajectory=2, **kw)
