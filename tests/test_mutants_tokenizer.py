@@ -213,3 +213,25 @@ def test_options_reach_the_loss_mse_vanilla_zero_factor_and_a_batch_of_two(lpips
     assert log["g_loss"] == pytest.approx(g, rel=1e-5)
     off = TokenizerLoss(TokenizerLossConfig(disc_start=0, disc_factor=0.0), discriminator=disc)
     assert not off.gan_active(10)
+
+
+def test_bad_options_and_missing_inputs_are_named_in_their_messages(batch):
+    # each message names the key or the missing input and what to use instead (found by mutation testing:
+    # every one of them could be blanked or re-cased with no test noticing)
+    from repro.errors import ConfigError
+    from repro.tokenizer.losses import reconstruction_loss
+
+    vae, images, post, rec = batch
+    assert torch.equal(reconstruction_loss(images, rec), (images - rec).abs())  # L1 by default, as upstream
+    with pytest.raises(ConfigError, match=r"^unknown reconstruction loss 'l3'; choose one of l1, mse$"):
+        reconstruction_loss(images, rec, "l3")
+    with pytest.raises(ConfigError, match=r"^rec_loss 'l2' is not one of l1, mse$"):
+        TokenizerLossConfig(rec_loss="l2")
+    with pytest.raises(ConfigError, match=r"^disc_loss 'wgan' is not one of hinge, vanilla$"):
+        TokenizerLossConfig(disc_loss="wgan")
+    disc = NLayerDiscriminator(ndf=8, n_layers=1)
+    gan = TokenizerLoss(TokenizerLossConfig(disc_start=0), discriminator=disc)
+    with pytest.raises(ValueError, match=r"^the GAN term needs decoder_last_layer \(vae\.decoder\.conv_out\.weight\)$"):
+        gan.autoencoder_loss(images, rec, post, 1)
+    with pytest.raises(ValueError, match=r"^discriminator_loss called on a TokenizerLoss without a discriminator$"):
+        TokenizerLoss(TokenizerLossConfig()).discriminator_loss(images, rec, 1)
