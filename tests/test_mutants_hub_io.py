@@ -221,3 +221,52 @@ def test_sha256_file_reads_in_chunks_to_the_same_digest(tmp_path):
     assert rio.sha256_file(tmp_path / "f", chunk_size=7) == hashlib.sha256(data).hexdigest()
     (tmp_path / "e").write_bytes(b"")
     assert rio.sha256_file(tmp_path / "e") == hashlib.sha256(b"").hexdigest()
+
+
+def test_read_only_error_names_the_nearest_existing_folder_of_the_refused_path(tmp_path):
+    import errno
+
+    from repro.errors import ReproError
+
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "other").mkdir()
+    refused = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "ro" / "sub" / "f.txt"))
+    err = rio.read_only_error(tmp_path / "other", refused)  # the error's own path wins over the caller's folder
+    assert isinstance(err, ReproError) and str(err) == (
+        f"cannot write in {tmp_path / 'ro'} (Read-only file system): the folder is read-only (a dataset or input "
+        "mount is) or not yours; write elsewhere: --out DIR for this step's outputs, REPRO_RUNS_DIR=DIR for the "
+        "runs folder, or run from a folder you can write to")
+    nameless = OSError(errno.EACCES, "Permission denied")  # no filename: the caller's folder, walked up
+    assert str(rio.read_only_error(tmp_path / "other" / "x" / "y", nameless)).startswith(
+        f"cannot write in {tmp_path / 'other'} (Permission denied): ")
+    assert rio.read_only_error(tmp_path, OSError(errno.ENOSPC, "No space left on device")) is None
+    assert rio.read_only_error(tmp_path, ValueError("not an OSError")) is None
+
+
+def test_make_dirs_turns_only_a_refusal_into_one_line(tmp_path):
+    from repro.errors import ReproError
+
+    assert rio.make_dirs(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    with pytest.raises(ReproError, match=r"^cannot write in /sys \(Operation not permitted\): the folder is read-only"):
+        rio.make_dirs("/sys/repro-mutation-test/out")  # /sys refuses mkdir even to root (EPERM)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError) as caught:  # any other error is raised as it is
+        rio.make_dirs(tmp_path / "file" / "sub")
+    assert not isinstance(caught.value, ReproError)
+
+
+def test_remove_stale_temps_tolerates_a_temp_that_another_process_removed_first(tmp_path, monkeypatch):
+    (tmp_path / ".a.json.tmp1").write_text("x")
+
+    class Racing(type(tmp_path)):
+        def glob(self, pattern):  # a listing that still holds a file deleted in between
+            yield from super().glob(pattern)
+            yield self / ".gone.json.tmp2"
+
+    monkeypatch.setattr(rio, "Path", Racing)
+    assert rio.remove_stale_temps(tmp_path) == 1 and not (tmp_path / ".a.json.tmp1").exists()
+
+
+def test_wrote_line_joins_every_written_item_and_says_nothing_otherwise(tmp_path):
+    assert rio.wrote_line([tmp_path / "a.npz", None, "b.png", ""]) == f"wrote: {tmp_path / 'a.npz'}, b.png"
+    assert rio.wrote_line([None, ""]) == "wrote: nothing"
