@@ -32,6 +32,8 @@ VARIANTS = {
     "f2": ["model.ch_mult=[1,2]"],  # 16x16x4 latents (the DiT then sees 4x the tokens)
     "c8_fast": ["model.z_channels=8", "model.embed_dim=8", "train.lr=2e-3", "train.beta1=0.9",
                 "train.global_batch_size=16"],  # c8, faster optimiser, batch 16 (twice the steps per image seen)
+    "f2_fast": ["model.ch_mult=[1,2]", "train.lr=2e-3", "train.beta1=0.9",
+                "train.global_batch_size=16"],  # f2 (16x16x4 latents) with c8_fast's optimiser and batch
     "c8_gan": ["model.z_channels=8", "model.embed_dim=8", "loss.disc_start=STEPS60", "loss.disc_num_layers=2"],
 }
 

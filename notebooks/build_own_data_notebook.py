@@ -49,6 +49,7 @@ from repro.setup.own_data_plan import load_or_plan
 t0 = time.perf_counter()
 plan = load_or_plan(work / "plan.json", budget_s=time_budget_minutes * 60,
                     image_size=image_size, num_images=len(source), num_classes=num_classes,
+                    latent_side=latent_side, latent_channels=latent_channels,
                     tokenizer_config=tokenizer_config, samples_per_class=samples_per_class,
                     sampling_steps=sampling_steps, cfg_scale=guidance, check_steps=check_steps,
                     tokenizer_steps=tokenizer_steps or None,
@@ -195,6 +196,8 @@ def own_data_notebook() -> nbformat.NotebookNode:
             Param("image_folder", str, "", "one sub-folder per class; empty writes the digits folder"),
             Param("held_out_folder", str, "", "images for the tokenizer evaluation; empty uses the digits' rest"),
             Param("image_size", int, 32, "training resolution: 32 suits a CPU (16, 32, 64: latent grid 8x8)"),
+            Param("latent_side", int, 8, "latent grid side the tokenizer's factor aims at (16: f2 at 32 px, finer detail)"),
+            Param("latent_channels", int, 8, "latent channels of the tokenizer"),
             Param("images_per_class", int, 160, "digits per class (scikit-learn has about 175)"),
             Param("time_budget_minutes", float, 15.0, "the whole run's wall time: the plan sizes both models to it"),
             Param("tokenizer_config", str, "tokenizer/photos_f4", "step 9 preset or YAML (tokenizer/digits_f4: L1 only)"),

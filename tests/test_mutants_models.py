@@ -829,12 +829,13 @@ def test_checkpoint_a_file_written_on_another_device_loads_on_the_cpu(tmp_path, 
 # over every weight, so these build models from scratch: initialisation, the fixed position table, the LayerNorm /
 # GELU layout, learn_sigma, checkpointing, the CFG forward's edge cases, the registry and the builders)
 
+# depth, hidden, patch, heads (upstream's table + the kit's three)
 REGISTRY = {"LightningDiT-B/1": (12, 768, 1, 12), "LightningDiT-B/2": (12, 768, 2, 12),
             "LightningDiT-L/2": (24, 1024, 2, 16), "LightningDiT-XL/1": (28, 1152, 1, 16),
             "LightningDiT-XL/2": (28, 1152, 2, 16), "LightningDiT-1p0B/1": (24, 1536, 1, 24),
             "LightningDiT-1p0B/2": (24, 1536, 2, 24), "LightningDiT-1p6B/1": (28, 1792, 1, 28),
             "LightningDiT-1p6B/2": (28, 1792, 2, 28), "LightningDiT-T/1": (2, 64, 1, 4),
-            "LightningDiT-Mini/2": (4, 128, 2, 4)}  # depth, hidden, patch, heads (upstream's table + the kit's two)
+            "LightningDiT-Mini/2": (4, 128, 2, 4), "LightningDiT-Mini/4": (4, 128, 4, 4)}
 
 
 def hand_pos_embed(hidden: int, side: int) -> torch.Tensor:

@@ -15,6 +15,19 @@ def test_the_factor_brings_the_latents_to_8x8_and_the_ema_follows_the_run():
     assert ema_decay_for(100) == 0.99 and ema_decay_for(10 ** 7) == 0.9999 and 0.99 < ema_decay_for(3000) < 0.999
 
 
+def test_a_16x16_latent_grid_is_f2_with_a_wider_second_level_and_mini4_keeps_16_tokens():
+    assert [tokenizer_factor(s, latent_side=16) for s in (16, 32, 64)] == [2, 2, 4]
+    plan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS,
+                         latent_side=16, latent_channels=4)
+    assert "model.ch_mult=[1,2]" in plan.tokenizer_set and "model.embed_dim=4" in plan.tokenizer_set
+    assert "model.model_type=LightningDiT-Mini/4" in plan.dit_set
+    assert "tokenizer f2, 4 latent channels (16x16x4 latents)" in plan.lines[1]
+    assert "DiT LightningDiT-Mini/4 on 16x16 latents" in plan.lines[2]
+    explicit = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS,
+                             latent_side=16, model_type="LightningDiT-Mini/2")
+    assert "model.model_type=LightningDiT-Mini/2" in explicit.dit_set  # a model the caller names is kept
+
+
 def test_the_plan_fills_the_budget_and_says_so():
     plan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
     total = sum(plan.estimate_s.values())  # the whole notebook, fixed costs included, with a safety margin

@@ -357,6 +357,8 @@ LIGHTNINGDIT_MODELS = {
     "LightningDiT-T/1": _size(2, 64, 1, 4),
     # Kit-only: a small model for your own small images on a CPU (notebook 04: 32 px digits, f4 latents, 1.3M).
     "LightningDiT-Mini/2": _size(4, 128, 2, 4),
+    # Kit-only: the same on a 16x16 latent grid (notebook 04 with f2 at 32 px): 4x4 patches keep 16 tokens.
+    "LightningDiT-Mini/4": _size(4, 128, 4, 4),
 }
 
 

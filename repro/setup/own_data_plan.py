@@ -4,12 +4,13 @@ A new user knows how long they can wait, not how many steps an f4 autoencoder ne
 the budget (seconds), the image size, the number of images and classes, and measures on this machine what
 one optimizer step of each model costs (a few real steps on random data, seconds in all); it then chooses
 
-- the tokenizer: downsampling factor so the latent grid is 8x8 (f2 at 16 px, f4 at 32 px, f8 at 64 px),
+- the tokenizer: downsampling factor so the latent grid is `latent_side` square, 8x8 by default (f2 at 16 px,
+  f4 at 32 px, f8 at 64 px; 16x16 gives f2 at 32 px, which keeps fine texture: benchmarks/RESULTS.md),
   latent channels (`latent_channels`, 8 by default: at 32 px f4 c8 keeps 4x more than c4 for the same step
   cost, the difference between blurred and sharp colour photographs in benchmarks/RESULTS.md), width 32;
   steps to fill its share, a 5% linear warm-up and a cosine decay to 0 (no EMA: in a run this short the
   weights still improve fast to the end, and the decayed learning rate already averages the last steps);
-- the DiT: LightningDiT-Mini/2 on the 8x8 latents (16 tokens), steps to fill the rest, an EMA decay with a
+- the DiT: LightningDiT-Mini/2 on 8x8 latents, Mini/4 on 16x16 (16 tokens either way), steps to fill the rest, an EMA decay with a
   horizon of about a tenth of the run (so the short runs of a CPU average enough steps but not stale ones);
 - the fixed costs first (reading, extraction, sampling, the tokenizer's evaluation and the classifier
   check), estimated from the same measurements, so the whole notebook fits the budget.
@@ -51,19 +52,22 @@ class OwnDataPlan:
     lines: list[str] = field(default_factory=list)
 
 
-def tokenizer_factor(image_size: int) -> int:
-    """The downsampling factor that brings `image_size` to an 8x8 latent grid (2, 4, 8 or 16)."""
+def tokenizer_factor(image_size: int, latent_side: int = LATENT_SIDE) -> int:
+    """The downsampling factor that brings `image_size` to a `latent_side` grid (2, 4, 8 or 16)."""
     for factor in (2, 4, 8, 16):
-        if image_size // factor <= LATENT_SIDE:
+        if image_size // factor <= latent_side:
             return factor
     return 16
 
 
-def tokenizer_overrides(image_size: int, latent_channels: int = 8, width: int = 32) -> list[str]:
+# width multipliers per factor; f2 widens its second level (bench_own_data_ablations' f2_fast)
+CH_MULT = {2: [1, 2], 4: [1, 1, 2], 8: [1, 1, 2, 2], 16: [1, 1, 2, 2, 4]}
+
+
+def tokenizer_overrides(image_size: int, latent_channels: int = 8, width: int = 32,
+                        latent_side: int = LATENT_SIDE) -> list[str]:
     """Step 9 `--set` lines of the tokenizer's architecture for `image_size`."""
-    factor = tokenizer_factor(image_size)
-    levels = int(math.log2(factor)) + 1
-    ch_mult = [1, 1, 2, 2, 4][:levels]
+    ch_mult = CH_MULT[tokenizer_factor(image_size, latent_side)]
     return [f"model.ch={width}", f"model.ch_mult=[{','.join(map(str, ch_mult))}]", f"model.z_channels={latent_channels}",
             f"model.embed_dim={latent_channels}", f"model.resolution={image_size}", f"data.image_size={image_size}"]
 
@@ -145,8 +149,8 @@ def measure_check_step(image_size: int, num_classes: int) -> float:
 
 
 def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_classes: int,
-                  tokenizer_config: str = "tokenizer/photos_f4", model_type: str = "LightningDiT-Mini/2",
-                  latent_channels: int = 8, samples_per_class: int = 20, sampling_steps: int = 50,
+                  tokenizer_config: str = "tokenizer/photos_f4", model_type: Optional[str] = None,
+                  latent_channels: int = 8, latent_side: int = LATENT_SIDE, samples_per_class: int = 20, sampling_steps: int = 50,
                   cfg_scale: float = 3.0, check_steps: int = 400, tokenizer_share: float = TOKENIZER_SHARE,
                   tokenizer_steps: Optional[int] = None, dit_steps: Optional[int] = None,
                   step_seconds: Optional[dict] = None) -> OwnDataPlan:
@@ -159,11 +163,13 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
 
     preset = load_tokenizer_config(find_config(tokenizer_config))
     gan, batch = preset.loss.disc_start is not None, preset.train.global_batch_size
-    factor = tokenizer_factor(image_size)
+    factor = tokenizer_factor(image_size, latent_side)
     if image_size % factor:
         raise ReproError(f"image_size {image_size} is not a multiple of the tokenizer's factor {factor}")
     side = image_size // factor
-    tok_set = tokenizer_overrides(image_size, latent_channels)
+    tok_set = tokenizer_overrides(image_size, latent_channels, latent_side=latent_side)
+    # LightningDiT-Mini with the patch that makes a 4x4 token grid (Mini/2 on 8x8, Mini/4 on 16x16 latents)
+    model_type = model_type or f"LightningDiT-Mini/{max(1, side // 4)}"
     # 1. what a step costs here, now (measured unless given)
     if step_seconds is None:
         dit_train, dit_forward = measure_dit_step(model_type, latent_channels, side, num_classes)
