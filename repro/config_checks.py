@@ -41,7 +41,7 @@ UPSTREAM_WHEN_MISSING: dict[str, Any] = {
 MODEL_TYPES = ("LightningDiT-B/1", "LightningDiT-B/2", "LightningDiT-L/2", "LightningDiT-XL/1",
                "LightningDiT-XL/2", "LightningDiT-1p0B/1", "LightningDiT-1p0B/2", "LightningDiT-1p6B/1",
                "LightningDiT-1p6B/2", "LightningDiT-T/1",
-               "LightningDiT-Mini/2",  # = repro.models.lightningdit.LIGHTNINGDIT_MODELS
+               "LightningDiT-Mini/2", "LightningDiT-Mini/4",  # = repro.models.lightningdit.LIGHTNINGDIT_MODELS
                "UNet-T", "UNet-Mini", "UNet-S", "UNet-B", "UNet-L")  # kit (issue 23): repro.models.unet.UNET_MODELS
 SAMPLING_METHODS = ("euler", "midpoint", "heun2", "rk4", "dopri5")  # = repro.transport.METHODS
 # upstream passes sample.sampling_method to torchdiffeq.odeint, which also knows these
