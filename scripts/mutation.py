@@ -72,7 +72,15 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
                   "or too_big or compiled or gpu or vae_decode_precision)"]),
     "losses": (["repro/tokenizer/losses.py"],
                ["tests/test_tokenizer_losses.py", "tests/test_mutants_tokenizer.py", "-k", "not the_run_logs"]),
-    "step": (["repro/training/step.py"], ["tests/test_training.py", "tests/test_mutants_training.py"]),
+    # test_training.py's SIGKILL-resume and notebook tests train only in subprocesses (a step7 child, a papermill
+    # kernel): mutmut's stats never tie them to step.py, so they would run in its whole-selection passes only
+    # (~30 s each). Every in-process training run stays, the time-budget and torchrun ones included; lr_factor's
+    # own tests live beside the tokenizer trainer that uses it. The unit tests come first: `--recheck` runs the
+    # files in this order and stops at the first failure, before the ~45 s of training runs.
+    "step": (["repro/training/step.py"],
+             ["tests/test_mutants_training.py", "tests/test_training.py",
+              "tests/test_mutants_tokenizer.py::test_warm_up_is_linear_from_the_first_step",
+              "tests/test_image_reader.py::test_lr_factor_warms_up_then_decays", "-k", "not (sigkill or notebook)"]),
     "assets": (["repro/hub/assets.py"], ["tests/test_download.py", "tests/test_mutants_hub_io.py"]),
 }
 _PATHS = {files[0]: name for name, (files, _) in TARGETS.items()}
