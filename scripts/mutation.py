@@ -6,6 +6,8 @@
     python scripts/mutation.py --list                 # the targets and the tests each runs
     python scripts/mutation.py io --show              # also print the diff of every surviving mutant
     python scripts/mutation.py unet --recheck _size   # apply the last run's survivors by hand, run the tests
+    python scripts/mutation.py sampling --rerun       # mutmut again on the last run's survivors and timeouts
+    python scripts/mutation.py sampling --rerun "*auto_batch_size*"   # ... and on every mutant of a changed function
 
 Not part of the test suite (pytest never collects scripts/). Each target runs in a fresh copy of the
 checkout (tracked and untracked-not-ignored files) under a temp folder, so the working tree never gets a
@@ -24,6 +26,7 @@ explains each survivor that is kept (equivalent mutants).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import re
@@ -172,7 +175,7 @@ def run_target(name: str, max_children: int, show: bool, keep: bool) -> dict:
                                            text=True).stdout
         summary = {"target": name, "files": files, "tests": selection, "counts": counts, "total": len(status),
                    "kill_rate": killed / executed if executed else None, "seconds": round(seconds),
-                   "survivors": survivors, "survivor_diffs": diffs, "other": other}
+                   "survivors": survivors, "survivor_diffs": diffs, "other": other, "status": status}
         out = ROOT / "runs" / "mutation"
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -240,6 +243,70 @@ def recheck(name: str, only: list[str]) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def rerun(name: str, patterns: list[str], max_children: int) -> dict:
+    """mutmut run again, in a fresh copy of the checkout (its current tests), on the last run's survivors and
+    timeouts and on every mutant whose name matches one of `patterns` (fnmatch: the functions changed since,
+    whose mutants are numbered anew). The last run's other results stand: a killed mutant stays killed when
+    tests are added. runs/mutation/<name>.json gets the merged counts, and the rerun's own in "rerun"."""
+    path = ROOT / "runs" / "mutation" / f"{name}.json"
+    last = json.loads(path.read_text())
+    killed_unlisted = last.get("killed_unlisted", 0)
+    if "status" not in last:  # a summary from before "status" was kept: its killed mutants are a count only
+        if patterns:  # the killed mutants of a changed function could not be taken out of the count
+            raise SystemExit(f"{path} does not list its killed mutants: run the whole target again instead")
+        last["status"] = {**{m: "survived" for m in last["survivors"]}, **last["other"]}
+        killed_unlisted = last["counts"].get("killed", 0)
+    status = {m: s for m, s in last["status"].items() if not any(fnmatch.fnmatch(m, p) for p in patterns)}
+    again = sorted(m for m, s in status.items() if s not in KILLED and s != "no tests") + list(patterns)
+    files, selection = TARGETS[name]
+    work = Path(tempfile.mkdtemp(prefix=f"repro-rerun-{name}-"))
+    temps = work / ".pytest-tmp"
+    temps.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTEST_DEBUG_TEMPROOT=str(temps))
+    try:
+        copy_checkout(work)
+        pyproject = work / "pyproject.toml"
+        pyproject.write_text(with_target(pyproject.read_text(), files, selection))
+        t0 = time.monotonic()
+        run = subprocess.run(["mutmut", "run", "--max-children", str(max_children), *again], cwd=work, env=env,
+                             capture_output=True, text=True)
+        seconds = time.monotonic() - t0
+        now = parse_results(subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, env=env,
+                                           capture_output=True, text=True).stdout)
+        if run.returncode != 0 or not now:
+            tail = "\n".join((run.stdout + run.stderr).splitlines()[-30:])
+            raise SystemExit(f"mutmut failed for {name} (exit {run.returncode}) in {work}:\n{tail}")
+        ran = {m: s for m, s in now.items()
+               if (m in status or any(fnmatch.fnmatch(m, p) for p in patterns)) and s != "not checked"}
+        status.update(ran)
+        counts: dict[str, int] = {}
+        for s in status.values():
+            counts[s] = counts.get(s, 0) + 1
+        counts["killed"] = counts.get("killed", 0) + killed_unlisted
+        executed = sum(counts.get(s, 0) for s in DETECTED_OR_NOT)
+        killed = sum(counts.get(s, 0) for s in KILLED)
+        survivors = sorted(m for m, s in status.items() if s == "survived")
+        diffs = {m: subprocess.run(["mutmut", "show", m], cwd=work, env=env, capture_output=True, text=True).stdout
+                 for m in survivors}
+        rerun_counts: dict[str, int] = {}
+        for s in ran.values():
+            rerun_counts[s] = rerun_counts.get(s, 0) + 1
+        summary = {**last, "counts": counts, "total": sum(counts.values()),
+                   "kill_rate": killed / executed if executed else None, "survivors": survivors,
+                   "survivor_diffs": diffs, "other": {m: s for m, s in sorted(status.items())
+                                                      if s not in ("killed", "survived")},
+                   "status": status, "killed_unlisted": killed_unlisted, "rerun": {"patterns": patterns, "ran": len(ran), "counts": rerun_counts,
+                                               "seconds": round(seconds)}}
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"{name} rerun: {len(ran)} mutants run again ("
+              + ", ".join(f"{k} {v}" for k, v in sorted(rerun_counts.items())) + f"), {seconds:.0f} s; now "
+              + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+              + f"; kill rate {100 * summary['kill_rate']:.1f}% of the {executed} executed", flush=True)
+        return summary
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("targets", nargs="*", help="short names or module paths (see --list)")
@@ -251,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recheck", nargs="*", metavar="PART", default=None,
                         help="apply the last run's survivors (those whose name contains a PART; all without one) "
                              "by hand, one at a time, and run the target's tests: killed or survived")
+    parser.add_argument("--rerun", nargs="*", metavar="PATTERN", default=None,
+                        help="mutmut again on the last run's survivors and timeouts, and on the mutants matching "
+                             "each PATTERN (fnmatch: functions changed since the last run)")
     args = parser.parse_args(argv)
     if shutil.which("mutmut") is None and args.recheck is None:
         print("mutmut is not installed: pip install mutmut", file=sys.stderr)
@@ -267,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if args.recheck is not None:
             recheck(name, args.recheck)
+        elif args.rerun is not None:
+            rerun(name, args.rerun, args.max_children)
         else:
             run_target(name, args.max_children, args.show, args.keep)
     return 0

@@ -477,6 +477,34 @@ def test_ddpm_trajectory_keeps_the_samplers_own_x_hat():
         torch.testing.assert_close(kept[:, j], cleans[step])
 
 
+@pytest.mark.parametrize("process", ["ddpm", "flow"])
+def test_a_trajectory_of_more_images_than_channels_passes_the_noise_and_the_stats_on(process):
+    from repro.sampling.engine import sample_latents, sample_latents_with_trajectory
+
+    # 5 images of 4 channels, guided: every row of the batch is kept (not as many as there are channels),
+    # DDPM with eta > 0 draws its per-step noise from the images' own generators, and `stats` is filled
+    sample = dict(sampling_method="ddim", eta=0.5) if process == "ddpm" else dict(sampling_method="euler")
+    setup = _engine_setup(process=process, num_sampling_steps=4, cfg_scale=2.0, **sample)
+    noise, labels = torch.randn(5, 4, 2, 2, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 1, 2, 3, 4])
+    stats, stats_ref = {}, {}
+    x, kept = sample_latents_with_trajectory(setup, noise, labels, [0, 2], stats=stats)
+    assert torch.equal(x, sample_latents(setup, noise, labels, stats=stats_ref))
+    assert kept.shape == (5, 2, 4, 2, 2) and stats == stats_ref and stats
+
+
+def test_decoding_names_images_from_zero_unless_told():
+    from repro.sampling.engine import decode_strips, decode_to_uint8
+
+    setup = _engine_setup()
+    setup.vae = _PatternVAE()
+    bad = torch.zeros(4, 4, 2, 2)
+    bad[0, 1, 0, 0] = float("nan")
+    with pytest.raises(ReproError, match=r"latents for image\(s\) 0 \("):
+        decode_to_uint8(setup, bad)
+    with pytest.raises(ReproError, match=r"latents for image\(s\) 0 \("):
+        decode_strips(setup, bad.view(2, 2, 4, 2, 2))
+
+
 class _PatternVAE(torch.nn.Module):
     """decode: (N, C, h, w) -> (N, 3, 4h, 4w) images whose pixels are tanh of the first channel, upsampled."""
 
@@ -617,6 +645,50 @@ def test_auto_batch_size_on_the_cpu_is_upstreams_four():
     setup = _engine_setup()
     assert auto_batch_size(setup, 100) == (4, "CPU: upstream's per-process batch 4")
     assert auto_batch_size(setup, 3)[0] == 3 and auto_batch_size(setup, 0)[0] == 1
+
+
+def test_the_batch_that_fits_free_memory_by_hand():
+    from repro.sampling.engine import MAX_AUTO_BATCH, batch_that_fits
+
+    mib, gib = 2**20, 2**30
+    # 0.85 x 2000 B - 300 B of decode = 1400 B, 100 B an image: 14 (under 16, not rounded to a multiple of 8)
+    assert batch_that_fits(2000, 100, 300, False, 1000)[0] == 14
+    assert batch_that_fits(2000, 50, 300, True, 1000)[0] == 14  # guidance doubles the rows of each image
+    assert batch_that_fits(2000, 100, 300, False, 9)[0] == 9  # the cap
+    assert batch_that_fits(2000, 100, 300, False, 0)[0] == 1
+    # 16 and up: rounded down to a multiple of 8 (here 0.85 x 10 GiB - 1 GiB = 7,680 MiB, 100 MiB an image: 76)
+    batch, why = batch_that_fits(10 * gib, 100 * mib, gib, False, 1000)
+    assert (batch, why) == (72, "10.0 GiB free: 100 MiB per image, decode 1.0 GiB")
+    batch, why = batch_that_fits(10 * gib, 100 * mib, gib, True, 1000)
+    assert (batch, why) == (32, "10.0 GiB free: 200 MiB per image, decode 1.0 GiB")  # 38 rounded down
+    assert batch_that_fits(10 * gib, 100 * mib, gib, False, 50)[0] == 50  # capped after the rounding
+    assert batch_that_fits(1700, 100, 0, False, 1000)[0] == 14  # 14.45 images: 14
+    assert batch_that_fits(1800, 100, 0, False, 1000)[0] == 15
+    assert batch_that_fits(1900, 100, 0, False, 1000)[0] == 16
+    # less free than the decode needs: one image (the sampler then reports an out-of-memory as advice)
+    assert batch_that_fits(gib, 100 * mib, gib, False, 1000)[0] == 1
+    # a model with no measurable activations: the kit's ceiling, not a division by zero
+    assert batch_that_fits(80 * gib, 0, 0, False, 10**6)[0] == MAX_AUTO_BATCH == 1024
+    assert batch_that_fits(80 * gib, 0.25, 0, True, 10**6)[0] == 1024
+
+
+@pytest.mark.gpu
+def test_auto_batch_size_on_a_gpu_measures_a_batch_that_runs():
+    from repro.sampling.engine import auto_batch_size, sample_latents
+
+    setup = _engine_setup(cfg_scale=2.0)
+    setup.device = torch.device("cuda")
+    setup.model = setup.eager_model = setup.model.cuda()
+
+    class _Decoder(torch.nn.Module):  # latents (B, 4, 2, 2) -> images (B, 3, 8, 8) in [-1, 1]
+        def decode(self, z):
+            return torch.tanh(z[:, :3].repeat_interleave(4, -1).repeat_interleave(4, -2))
+
+    setup.vae = _Decoder()
+    batch, why = auto_batch_size(setup, 64)
+    assert 1 <= batch <= 64 and " GiB free: " in why and why.endswith(" GiB")
+    noise = torch.randn(batch, *setup.latent_shape, device="cuda")
+    assert sample_latents(setup, noise, torch.zeros(batch, dtype=torch.int64, device="cuda")).shape == noise.shape
 
 
 def test_plan_labels_defaults_edges_and_messages():
@@ -1063,7 +1135,7 @@ def test_sigterm_mid_run_drops_the_batch_in_flight_and_resumes(tiny_run, tmp_pat
         _stop_if_signalled(signal.SIGINT, out / "images", 6)
 
 
-def test_default_out_dir_and_the_record_comparisons(tmp_path, monkeypatch):
+def test_default_out_dir_and_the_record_comparisons(tmp_path, monkeypatch, capsys):
     from repro.sampling.run import _changed_input, _legacy_record_check, _mismatch, default_out_dir
 
     monkeypatch.setenv("REPRO_RUNS_DIR", str(tmp_path / "runs"))
@@ -1076,6 +1148,8 @@ def test_default_out_dir_and_the_record_comparisons(tmp_path, monkeypatch):
     cfg.sample.cfg_scale, cfg.sample.cfg_interval_start, cfg.sample.timestep_shift = 6.7, 0.125, 0.3
     cfg.ckpt_path = None
     assert default_out_dir(cfg, False).name == "lightningdit-xl-1-ckpt-model-euler-250-interval0.12-cfg6.70-shift0.30"
+    cfg.sample.cfg_scale = 1.5  # any guidance names its settings
+    assert default_out_dir(cfg, False).name == "lightningdit-xl-1-ckpt-model-euler-250-interval0.12-cfg1.50-shift0.30"
 
     old = {"seed": 0, "num_samples": 8, "label_mode": "uniform", "ckpt": "a.pt", "sample": {"cfg_scale": 4.0}}
     assert _mismatch(old, {**old, "num_samples": 16}) is None  # uniform: image i is the same whatever N is
@@ -1087,6 +1161,9 @@ def test_default_out_dir_and_the_record_comparisons(tmp_path, monkeypatch):
     hashed = {**old, "inputs": {"ckpt_path": {"file": "/w/a.pt", "sha256": "aa"}}}
     assert _mismatch(hashed, {**hashed, "ckpt": "b.pt"}) is None  # with hashes the content counts, not the name
     assert _mismatch(old, {**old, "ckpt": "b.pt"}) == ("ckpt", "a.pt", "b.pt")
+    # a record written by hand or by an older kit may lack "sample" or "ckpt": compared on what it has
+    assert _mismatch({"seed": 0}, {**old, "seed": 0}) is None
+    assert _mismatch({"seed": 0, "inputs": hashed["inputs"]}, {**hashed, "seed": 2}) == ("seed", 0, 2)
 
     new = {"inputs": {"ckpt_path": {"file": "/w/b.pt", "sha256": "bb"}}}
     assert _changed_input(hashed, {"inputs": {"ckpt_path": {"file": "/x.pt", "sha256": "aa"}}}, tmp_path) is None
@@ -1112,6 +1189,12 @@ def test_default_out_dir_and_the_record_comparisons(tmp_path, monkeypatch):
     _legacy_record_check(hashed, legacy_new, images, tmp_path / "run.json")  # a record with hashes: not legacy
     os.utime(model, (t - 10, t - 10))
     _legacy_record_check(old, legacy_new, images, tmp_path / "run.json")
+    os.utime(model, (t, t))  # written in the same instant as the first image: not after it
+    capsys.readouterr()
+    _legacy_record_check(old, legacy_new, images, tmp_path / "run.json")
+    assert capsys.readouterr().out == (f"note: {tmp_path / 'run.json'} predates input hashes; the input files are older "
+                                       "than the folder's first image, so it is extended, and their sha256 are "
+                                       "recorded from now on\n")
 
 
 def test_latent_shards_pack_in_index_order_across_shards(tmp_path):
@@ -1124,6 +1207,7 @@ def test_latent_shards_pack_in_index_order_across_shards(tmp_path):
     assert shards.done_indices(tmp_path) == set()
     lat = torch.arange(5 * 2, dtype=torch.float64).view(5, 2, 1, 1)
     shards.save_batch(tmp_path, 3, lat[3:], torch.tensor([3, 4]))  # written out of order, float64 and int64
+    assert shards.done_indices(tmp_path) == {3, 4}  # images 0-2 are not done because 3-4 are
     shards.save_batch(tmp_path, 0, lat[:3], torch.tensor([0, 1, 2]))
     assert shards.done_indices(tmp_path) == {0, 1, 2, 3, 4}
     part = load_file(str(shards.batch_path(tmp_path, 3, 5)))
@@ -1169,6 +1253,41 @@ def test_image_writer_defaults_counts_and_checks(tmp_path):
     assert not (tmp_path / "x0.png").exists()
 
 
+def test_abort_waits_for_the_batch_in_progress_through_a_ctrl_c(tmp_path):
+    import signal
+    import threading
+    import time
+
+    from repro.sampling.writer import ImageWriter
+
+    started = threading.Event()
+
+    def slow(batch):
+        started.set()
+        time.sleep(0.8)
+        return batch
+
+    writer = ImageWriter(decode=slow)
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    writer.submit(images, [tmp_path / "a.png", tmp_path / "b.png"])
+    writer.submit(images, [tmp_path / "c.png", tmp_path / "d.png"])  # queued: dropped by the abort
+    assert started.wait(10)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)  # a second Ctrl-C while abort waits for the batch
+        writer.abort()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert not writer._thread.is_alive()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["a.png", "b.png"]  # the batch in progress, whole
+    writer.close()  # the abort leaves no error behind
+
+
 def test_make_grid_and_save_grid():
     import tempfile
     from pathlib import Path
@@ -1193,6 +1312,9 @@ def test_make_grid_and_save_grid():
         assert path == Path(d) / "g.png"
         with Image.open(path) as im:
             assert im.format == "PNG" and np.array_equal(np.asarray(im), grid.make_grid(images[:5]))
+        path = grid.save_grid(images[:6], Path(d) / "h.png", rows=2, cols=3)  # rows and columns both passed on
+        with Image.open(path) as im:
+            assert np.array_equal(np.asarray(im), grid.make_grid(images[:6], 2, 3)) and im.size == (6, 4)
 
 
 def test_oom_error_says_where_and_what_to_lower():

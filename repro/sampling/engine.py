@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -412,12 +412,17 @@ def auto_batch_size(setup: SamplerSetup, limit: int) -> tuple[int, str]:
     decode_to_uint8(setup, torch.zeros(1, c, h, w, device=dev))
     decode = (torch.cuda.max_memory_allocated(dev) - base) * DECODE_CHUNK  # one decode chunk runs alongside
     torch.cuda.empty_cache()
-    rows_per_image = 2 if setup.cfg.sample.cfg_scale > 1.0 else 1
+    return batch_that_fits(free, per_row, decode, setup.cfg.sample.cfg_scale > 1.0, limit)
+
+
+def batch_that_fits(free: float, per_row: float, decode: float, guided: bool, limit: int) -> tuple[int, str]:
+    """The batch for `free` bytes: each image takes `per_row` bytes of activations (twice that with guidance,
+    which doubles the rows), one decode chunk (`decode` bytes) runs beside it; a multiple of 8 from 16 up."""
+    per_image = per_row * (2 if guided else 1)
     budget = 0.85 * free - decode  # headroom for fragmentation and the writer's queued latents
-    batch = int(budget // max(per_row * rows_per_image, 1))
+    batch = int(budget // max(per_image, 1))
     batch = max(1, min(batch, MAX_AUTO_BATCH))
     if batch >= 16:
         batch = batch // 8 * 8
-    why = (f"{free / GiB:.1f} GiB free: {per_row * rows_per_image / 2**20:.0f} MiB per image, "
-           f"decode {decode / GiB:.1f} GiB")
+    why = f"{free / GiB:.1f} GiB free: {per_image / 2**20:.0f} MiB per image, decode {decode / GiB:.1f} GiB"
     return max(1, min(batch, limit)), why

@@ -71,6 +71,7 @@ class ImageWriter:
         self._threaded = threaded
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
         self._thread: Optional[threading.Thread] = None
+        self._finished = threading.Event()  # set by the thread as it ends (see abort)
         if threaded:
             self._thread = threading.Thread(target=self._run, name="repro-image-writer", daemon=True)
             self._thread.start()
@@ -89,17 +90,20 @@ class ImageWriter:
             self.on_written(len(paths))
 
     def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                if job is _STOP:
-                    return
-                if self._error is None:  # after a failure, drain without working so submit never blocks
-                    self._work(*job)
-            except BaseException as e:  # noqa: BLE001 -- handed to the producer thread
-                self._error = e
-            finally:
-                self._queue.task_done()
+        try:
+            while True:
+                job = self._queue.get()
+                try:
+                    if job is _STOP:
+                        return
+                    if self._error is None:  # after a failure, drain without working so submit never blocks
+                        self._work(*job)
+                except BaseException as e:  # noqa: BLE001 -- handed to the producer thread
+                    self._error = e
+                finally:
+                    self._queue.task_done()
+        finally:
+            self._finished.set()
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -138,10 +142,11 @@ class ImageWriter:
                 break
         self._queue.put(_STOP)
         # Wait for the batch in progress (a few PNGs) even through further signals: a daemon thread left
-        # inside torch when the interpreter exits aborts the whole process (exit -6, no message).
-        while self._thread.is_alive():
+        # inside torch when the interpreter exits aborts the whole process (exit -6, no message). An event, not
+        # join(): Python 3.11's join, interrupted by a signal, marks a running thread as stopped (bpo-45274's fix).
+        while not self._finished.is_set():
             try:
-                self._thread.join()
+                self._finished.wait()
             except KeyboardInterrupt:
                 continue
         self._error = None
@@ -172,9 +177,7 @@ def pack_npz(images_dir: str | os.PathLike, num_samples: int, out_path: str | os
     if missing:
         raise ReproError(f"cannot pack {out_path}: {len(missing)} of {num_samples} PNGs are missing in "
                          f"{images_dir} (first: {missing[0]}); run the sampling command again to finish them")
-    first = read_png(paths[0])
-    if first.ndim != 3 or first.shape[2] != 3:
-        raise ReproError(f"{paths[0]} has shape {first.shape}, expected (H, W, 3)")
+    first = read_png(paths[0])  # (H, W, 3): read_png refuses anything but RGB
     if labels is not None and len(labels) != num_samples:
         raise ReproError(f"pack_npz: {len(labels)} labels for {num_samples} images")
 
