@@ -9,6 +9,7 @@ without statistics; sampling must invert exactly that. Every config of the kit u
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,8 @@ def test_show_samples_lays_out_titles_and_sizes_the_figure():
     plain = grid.show_samples(_images(9))
     assert tuple(plain.get_size_inches()) == pytest.approx((8.8, 4.4)) and plain._suptitle is None
     assert len(plain.axes) == 8 and all(ax.get_title() == "" for ax in plain.axes)
+    three = grid.show_samples(images, cols=3)  # 5 images, 3 columns: 2 rows
+    assert tuple(three.get_size_inches()) == pytest.approx((3 * 2.2, 2 * 2.2)) and len(three.axes) == 6
     one = grid.show_samples(_images(1), [3])
     assert tuple(one.get_size_inches()) == pytest.approx((2.2, 2.2)) and one.axes[0].get_title() == "class 3"
     with pytest.raises(ReproError, match=r"^show_samples: no images to show$"):
@@ -293,8 +296,9 @@ def test_warm_up_calls_each_shape_three_times_and_says_so(monkeypatch, capsys, f
     setup = SamplerSetup(cfg=cfg, model=CompiledOrEager(inner, "default", "sampling", note=print), eager_model=inner,
                          vae=None, mean=None, std=None, device=torch.device("cpu"), precision="bf16",
                          vae_precision="fp32", latent_shape=(3, 2, 5), num_classes=10)
+    t0 = time.perf_counter()
     seconds = warm_up(setup, 4)
-    assert isinstance(seconds, float) and seconds >= 0
+    assert isinstance(seconds, float) and 0 <= seconds <= time.perf_counter() - t0  # the time it took
     assert [tuple(c["x"].shape) for c in inner.calls] == [(4, 3, 2, 5)] * 3 + [(8, 3, 2, 5)] * 3  # B, then 2B (CFG)
     for c in inner.calls:
         assert not c["x"].any() and c["t"].shape == c["x"].shape[:1] and c["t"].dtype == torch.float32
@@ -1043,7 +1047,7 @@ def test_run_sampling_class_balanced_and_named_labels(tiny_run, tmp_path, capsys
 
 def test_run_sampling_demo_grid_and_its_replacement(tiny_run, tmp_path, capsys, monkeypatch):
     from repro.paths import runs_dir
-    from repro.sampling.run import run_sampling
+    from repro.sampling.run import default_out_dir, run_sampling
 
     cfg, _ = tiny_run
     _fast_engine(monkeypatch)  # 2 x 2 images
@@ -1069,6 +1073,22 @@ def test_run_sampling_demo_grid_and_its_replacement(tiny_run, tmp_path, capsys, 
     with Image.open(r["grid"]) as im:
         assert im.size == (4 * 2, 3 * 2)
         assert np.array_equal(np.asarray(im)[4:, :2], writer.read_png(out / "images" / "000008.png"))
+    capsys.readouterr()
+    run_sampling(cfg, demo=True, seed=5, class_names=[f"c{i}" for i in range(10)], **kw)  # named classes
+    assert any(line.startswith("demo labels: 5 c5, 3 c3, 7 c7, 7 c7, 8 c8, 8 c8, 9 c9, 9 c9 (")
+               for line in capsys.readouterr().out.splitlines())
+    r = run_sampling(cfg, num_samples=2, **kw)  # neither --out nor demo: runs/samples/<upstream-style name>
+    assert r["out_dir"] == str(default_out_dir(cfg, False)) and Path(r["out_dir"]).parent == runs_dir() / "samples"
+
+
+def test_run_sampling_reads_a_ddpm_trajectory_at_its_own_steps(tiny_run, tmp_path):
+    from repro.sampling.run import run_sampling
+
+    cfg, _ = tiny_run
+    cfg.transport.process, cfg.sample.sampling_method = "ddpm", "ddim"
+    r = run_sampling(cfg, out_dir=str(tmp_path / "t"), num_samples=1, trajectory=2, progress=False, device="cpu",
+                     threaded_writer=False)
+    assert r["trajectory_steps"] == [0, 2]  # DDIM's 3 steps, each with its x̂ (Euler's 2-step grid: [0, 1])
 
 
 def test_run_sampling_trajectories_and_latent_shards(tiny_run, tmp_path):
@@ -1133,6 +1153,10 @@ def test_sigterm_mid_run_drops_the_batch_in_flight_and_resumes(tiny_run, tmp_pat
     assert _stop_if_signalled(None, out / "images", 6) is None and _stop_if_signalled(0, out / "images", 6) is None
     with pytest.raises(Preempted, match=r"^stopped by SIGINT: 6 of 6 images"):
         _stop_if_signalled(signal.SIGINT, out / "images", 6)
+    with pytest.raises(Preempted) as err:  # images past the run's n are not counted
+        _stop_if_signalled(signal.SIGINT, out / "images", 5)
+    assert str(err.value) == (f"stopped by SIGINT: 5 of 5 images are written in {out / 'images'} (a batch in flight, "
+                              "if any, was dropped); resume with the same command")
 
 
 def test_default_out_dir_and_the_record_comparisons(tmp_path, monkeypatch, capsys):
