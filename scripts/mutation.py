@@ -71,8 +71,8 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
                    "-k", "unet_shapes or built_as_before or flow_refuses or mutants_models"]),
     "sampling": (["repro/sampling/*"],
                  ["tests/test_sampling.py", "tests/test_inference.py", "tests/test_mutants_sampling.py", "-k",
-                  "not (command_line or notebook or npz_format or torchrun or sigkill or sigterm or other_batch_size "
-                  "or too_big or compiled or gpu or vae_decode_precision)"]),
+                  "not (command_line or notebook or npz_format or torchrun or sigkill or sigterm_drops "
+                  "or other_batch_size or too_big or compiled or gpu or vae_decode_precision)"]),
     "losses": (["repro/tokenizer/losses.py"],
                ["tests/test_tokenizer_losses.py", "tests/test_mutants_tokenizer.py", "-k", "not the_run_logs"]),
     # test_training.py's SIGKILL-resume and notebook tests train only in subprocesses (a step7 child, a papermill

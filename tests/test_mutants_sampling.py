@@ -1081,6 +1081,23 @@ def test_run_sampling_demo_grid_and_its_replacement(tiny_run, tmp_path, capsys, 
     assert r["out_dir"] == str(default_out_dir(cfg, False)) and Path(r["out_dir"]).parent == runs_dir() / "samples"
 
 
+def test_run_sampling_extends_a_folder_from_before_input_hashes_and_says_so(tiny_run, tmp_path, monkeypatch, capsys):
+    from repro.sampling.run import run_sampling
+
+    cfg, _ = tiny_run
+    _fast_engine(monkeypatch)
+    out, kw = tmp_path / "old", dict(progress=False, device="cpu", threaded_writer=False, batch_size=2)
+    run_sampling(cfg, out_dir=str(out), num_samples=2, **kw)
+    record = json.loads((out / "run.json").read_text())
+    del record["inputs"]  # as a kit before input hashes wrote it
+    (out / "run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert run_sampling(cfg, out_dir=str(out), num_samples=3, **kw)["new_images"] == 1
+    assert (f"note: {out / 'run.json'} predates input hashes; the input files are older than the folder's first "
+            "image, so it is extended, and their sha256 are recorded from now on") in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["inputs"]
+
+
 def test_run_sampling_reads_a_ddpm_trajectory_at_its_own_steps(tiny_run, tmp_path):
     from repro.sampling.run import run_sampling
 
@@ -1089,6 +1106,9 @@ def test_run_sampling_reads_a_ddpm_trajectory_at_its_own_steps(tiny_run, tmp_pat
     r = run_sampling(cfg, out_dir=str(tmp_path / "t"), num_samples=1, trajectory=2, progress=False, device="cpu",
                      threaded_writer=False)
     assert r["trajectory_steps"] == [0, 2]  # DDIM's 3 steps, each with its x̂ (Euler's 2-step grid: [0, 1])
+    plain = run_sampling(cfg, out_dir=str(tmp_path / "p"), num_samples=1, progress=False, device="cpu",
+                         threaded_writer=False)
+    assert r["nfe_per_image"] == plain["nfe_per_image"] > 0  # the trajectory's model calls are counted too
 
 
 def test_run_sampling_trajectories_and_latent_shards(tiny_run, tmp_path):
@@ -1445,6 +1465,8 @@ def test_run_sampling_turns_out_of_memory_into_advice_and_stops_at_a_second_sign
         run_sampling(cfg, out_dir=str(tmp_path / "other"), **kw)
     _fast_engine(monkeypatch, fail_at=2, error=StopNow(signal.SIGTERM))
     out = tmp_path / "now"
+    (out / "images").mkdir(parents=True)
+    writer.write_png(out / "images" / "000006.png", _images(1, size=2)[0])  # past this run's 6: not counted
     with pytest.raises(Preempted) as err:
         run_sampling(cfg, out_dir=str(out), **kw)
     assert err.value.signum == signal.SIGTERM and str(err.value) == (
