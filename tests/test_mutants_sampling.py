@@ -608,6 +608,10 @@ def test_stats_path_and_the_global_latent_scale(tmp_path):
                                          r"the model was trained with \(its run's config.yaml records it\), or write "
                                          r"the file with step 5 --recompute on the latent shards$"):
         latent_scale_of(cfg)
+    write_scale_file(tmp_path / SCALE_NAME, {"global": {"scale": -1.0}})  # the file is named in its errors
+    with pytest.raises(ReproError, match=rf"^{re.escape(str(tmp_path / SCALE_NAME))}\['global'\]\['scale'\] is "
+                                         r"-1\.0, expected a finite number > 0$"):
+        latent_scale_of(cfg)
     write_scale_file(tmp_path / SCALE_NAME, {"global": {"scale": 0.25}, "global_means": {"scale": 0.5}})
     assert latent_scale_of(cfg) == 0.25
     cfg.data.latent_scaling = "global_means"
@@ -834,7 +838,7 @@ def test_build_sampler_loads_what_the_config_names(tmp_path, monkeypatch):
 
 
 def test_build_sampler_builds_the_denoiser_for_the_process(tmp_path):
-    from repro.models.denoisers import build_denoiser
+    from repro.models.denoisers import FLOW_TIME_SCALE, build_denoiser
     from repro.sampling.engine import build_sampler
 
     cfg, _ = _tiny_files_config(tmp_path, "model.model_type=UNet-T", "transport.process=ddpm",
@@ -845,6 +849,11 @@ def test_build_sampler_builds_the_denoiser_for_the_process(tmp_path):
     torch.save({"ema": unet.state_dict()}, tmp_path / "unet.pt")
     cfg.ckpt_path = str(tmp_path / "unet.pt")
     assert build_sampler(cfg, device="cpu").eager_model.time_scale == 1.0  # DDPM's k, not flow's t * 1000
+    (tmp_path / "f").mkdir()
+    flow, _ = _tiny_files_config(tmp_path / "f", "model.model_type=UNet-T")
+    torch.save({"ema": build_denoiser(flow.model, 4, flow.data.num_classes, "flow").state_dict()}, tmp_path / "f.pt")
+    flow.ckpt_path = str(tmp_path / "f.pt")
+    assert build_sampler(flow, device="cpu").eager_model.time_scale == FLOW_TIME_SCALE  # flow's t * 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1098,13 +1107,15 @@ def test_run_sampling_extends_a_folder_from_before_input_hashes_and_says_so(tiny
     assert json.loads((out / "run.json").read_text())["inputs"]
 
 
-def test_run_sampling_reads_a_ddpm_trajectory_at_its_own_steps(tiny_run, tmp_path):
+def test_run_sampling_reads_a_ddpm_trajectory_at_its_own_steps(tiny_run, tmp_path, capsys):
     from repro.sampling.run import run_sampling
 
     cfg, _ = tiny_run
     cfg.transport.process, cfg.sample.sampling_method = "ddpm", "ddim"
+    capsys.readouterr()
     r = run_sampling(cfg, out_dir=str(tmp_path / "t"), num_samples=1, trajectory=2, progress=False, device="cpu",
                      threaded_writer=False)
+    assert f"{tmp_path / 't' / 'trajectories'}/ (x0 strips)" in capsys.readouterr().out  # in the "wrote:" line
     assert r["trajectory_steps"] == [0, 2]  # DDIM's 3 steps, each with its x̂ (Euler's 2-step grid: [0, 1])
     plain = run_sampling(cfg, out_dir=str(tmp_path / "p"), num_samples=1, progress=False, device="cpu",
                          threaded_writer=False)
