@@ -195,14 +195,14 @@ def own_data_notebook() -> nbformat.NotebookNode:
         parameters_cell([
             Param("image_folder", str, "", "one sub-folder per class; empty writes the digits folder"),
             Param("held_out_folder", str, "", "images for the tokenizer evaluation; empty uses the digits' rest"),
-            Param("image_size", int, 32, "training resolution: 32 suits a CPU (16, 32, 64: latent grid 8x8)"),
-            Param("latent_side", int, 8, "latent grid side the tokenizer's factor aims at (16: f2 at 32 px, finer detail)"),
-            Param("latent_channels", int, 8, "latent channels of the tokenizer"),
+            Param("image_size", int, 32, "training resolution: 32 suits a CPU (16, 32, 64)"),
+            Param("latent_side", int, 16, "latent grid side the tokenizer's factor aims at (16: f2 at 32 px; 8: f4, faster)"),
+            Param("latent_channels", int, 4, "latent channels of the tokenizer"),
             Param("images_per_class", int, 160, "digits per class (scikit-learn has about 175)"),
             Param("time_budget_minutes", float, 15.0, "the whole run's wall time: the plan sizes both models to it"),
-            Param("tokenizer_config", str, "tokenizer/photos_f4", "step 9 preset or YAML (tokenizer/digits_f4: L1 only)"),
-            Param("dit_config", str, "train/own_data", "DiT preset or YAML (LightningDiT-Mini/2)"),
-            Param("denoiser", str, "dit", "dit (LightningDiT-Mini/2) or unet (UNet-Mini)"),
+            Param("tokenizer_config", str, "tokenizer/photos_no_gan", "step 9 preset or YAML (tokenizer/photos_f4: + PatchGAN)"),
+            Param("dit_config", str, "train/own_data", "DiT preset or YAML (LightningDiT-Mini, patch for a 4x4 token grid)"),
+            Param("denoiser", str, "dit", "dit (LightningDiT-Mini) or unet (UNet-Mini)"),
             Param("process", str, "", "flow or ddpm (ε, DDIM); empty: flow for dit, ddpm for unet"),
             Param("tokenizer_steps", int, 0, "tokenizer optimizer steps; 0: the plan's"),
             Param("dit_steps", int, 0, "DiT optimizer steps (batch 64); 0: the plan's"),
@@ -222,14 +222,15 @@ def own_data_notebook() -> nbformat.NotebookNode:
         new_markdown_cell("## The plan: one budget, split between the tokenizer and the DiT\nThe kit measures what "
                           "a step of each model costs on this machine now, sets aside sampling and the check, and "
                           "sizes the rest from the image size, the number of images and classes (factor and latent "
-                          "channels for an 8x8 latent grid, steps, warm-up and cosine decay, EMA, when the PatchGAN "
-                          "starts). It is saved in `own_data/plan.json`: a rerun resumes with the same plan. "
+                          "channels for a 16x16 latent grid, steps, warm-up and cosine decay, EMA, when a PatchGAN "
+                          "starts if the preset has one). It is saved in `own_data/plan.json`: a rerun resumes with the same plan. "
                           "`tokenizer_steps` / `dit_steps` override it."),
         new_code_cell(PLAN),
-        new_markdown_cell("## Step 9: train the tokenizer\nThe plan's autoencoder (f4 with 8 latent channels at 32 px) with "
-                          "the photographs preset's losses: L1 + KL, LPIPS when its VGG weights are on disk (else a "
-                          "note, and training goes on without it), and a PatchGAN for the last 40% of the steps; "
-                          "`tokenizer/digits_f4` is L1 + KL only. "
+        new_markdown_cell("## Step 9: train the tokenizer\nThe plan's autoencoder (f2 with 4 latent channels at 32 px: "
+                          "16x16x4 latents keep fine texture) with the photographs preset's losses: L1 + KL, LPIPS "
+                          "when its VGG weights are on disk (else a note, and training goes on without it), and no "
+                          "PatchGAN: in a CPU budget it costs steps and PSNR (`tokenizer/photos_f4` has one for the "
+                          "last 40% of the steps; `tokenizer/digits_f4` is L1 + KL only). "
                           "Checkpoints and `tokenizer.safetensors` go to `own_data/tokenizer/`; the loss curve:"),
         new_code_cell(TOKENIZER),
         new_markdown_cell("## Step 10: evaluate the tokenizer\nPSNR, SSIM (and LPIPS / rFID when their weights are "

@@ -215,7 +215,7 @@ def test_notebook_04_runs_headless_with_tiny_parameters(tmp_path):
     text = "".join(o.get("text", "") for o in outputs)
     assert pngs >= 5, pngs  # tokenizer loss, reconstructions, DiT loss, sample grid, one x0 strip
     assert "recognised as the class asked for; real held-out images" in text and "feature distance" in text
-    assert "borders" in text and "tokenizer f4, 8 latent channels" in text
+    assert "borders" in text and "tokenizer f2, 4 latent channels" in text
 
 
 @pytest.mark.slow

@@ -10,8 +10,9 @@ from repro.setup.own_data_plan import ema_decay_for, load_or_plan, plan_own_data
 STEPS = {"tokenizer": 0.2, "dit": 0.1, "dit_forward_100": 0.05, "check": 0.05}
 
 
-def test_the_factor_brings_the_latents_to_8x8_and_the_ema_follows_the_run():
-    assert [tokenizer_factor(s) for s in (16, 32, 64, 128)] == [2, 4, 8, 16]
+def test_the_factor_brings_the_latents_to_16x16_and_the_ema_follows_the_run():
+    assert [tokenizer_factor(s) for s in (16, 32, 64, 128)] == [2, 2, 4, 8]
+    assert [tokenizer_factor(s, latent_side=8) for s in (16, 32, 64, 128)] == [2, 4, 8, 16]
     assert ema_decay_for(100) == 0.99 and ema_decay_for(10 ** 7) == 0.9999 and 0.99 < ema_decay_for(3000) < 0.999
 
 
@@ -33,16 +34,21 @@ def test_the_plan_fills_the_budget_and_says_so():
     total = sum(plan.estimate_s.values())  # the whole notebook, fixed costs included, with a safety margin
     assert 0.85 * 900 < total <= 900
     assert plan.estimate_s["tokenizer"] > 0.2 * 900 and plan.estimate_s["dit"] > 0.3 * 900
-    assert "model.ch_mult=[1,1,2]" in plan.tokenizer_set and "model.embed_dim=8" in plan.tokenizer_set
+    assert "model.ch_mult=[1,2]" in plan.tokenizer_set and "model.embed_dim=4" in plan.tokenizer_set  # 16x16x4
     assert f"train.max_steps={plan.tokenizer_steps}" in plan.tokenizer_set
-    assert any(s.startswith("loss.disc_start=") for s in plan.tokenizer_set)  # the photographs preset has a GAN
+    assert not any(s.startswith("loss.disc_start=") for s in plan.tokenizer_set)  # photos_no_gan: no PatchGAN
     assert f"train.max_steps={plan.dit_steps}" in plan.dit_set
-    assert "budget 15.0 min" in plan.lines[0] and "DiT LightningDiT-Mini/2" in plan.lines[2]
+    assert "budget 15.0 min" in plan.lines[0] and "DiT LightningDiT-Mini/4" in plan.lines[2]
+    gan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS,
+                        tokenizer_config="tokenizer/photos_f4", latent_side=8, latent_channels=8)
+    assert f"loss.disc_start={int(0.6 * gan.tokenizer_steps)}" in gan.tokenizer_set  # the last 40% of the run
+    assert "model.ch_mult=[1,1,2]" in gan.tokenizer_set and "DiT LightningDiT-Mini/2" in gan.lines[2]
+    assert gan.tokenizer_steps < plan.tokenizer_steps  # a GAN step costs GAN_STEP_COST plain ones
     longer = plan_own_data(budget_s=1800, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
     assert longer.dit_steps > 2 * plan.dit_steps - 100 and longer.tokenizer_steps > plan.tokenizer_steps
     l1_only = plan_own_data(budget_s=900, image_size=64, num_images=100, num_classes=1, step_seconds=STEPS,
                             tokenizer_config="tokenizer/digits_f4", dit_steps=50)
-    assert l1_only.dit_steps == 50 and "model.ch_mult=[1,1,2,2]" in l1_only.tokenizer_set
+    assert l1_only.dit_steps == 50 and "model.ch_mult=[1,1,2]" in l1_only.tokenizer_set  # 64 px: f4
     assert not any(s.startswith("loss.disc_start=") for s in l1_only.tokenizer_set)
     short = plan_own_data(budget_s=60, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
     assert "too short" in short.lines[-1]

@@ -4,13 +4,13 @@ A new user knows how long they can wait, not how many steps an f4 autoencoder ne
 the budget (seconds), the image size, the number of images and classes, and measures on this machine what
 one optimizer step of each model costs (a few real steps on random data, seconds in all); it then chooses
 
-- the tokenizer: downsampling factor so the latent grid is `latent_side` square, 8x8 by default (f2 at 16 px,
-  f4 at 32 px, f8 at 64 px; 16x16 gives f2 at 32 px, which keeps fine texture: benchmarks/RESULTS.md),
-  latent channels (`latent_channels`, 8 by default: at 32 px f4 c8 keeps 4x more than c4 for the same step
-  cost, the difference between blurred and sharp colour photographs in benchmarks/RESULTS.md), width 32;
+- the tokenizer: downsampling factor so the latent grid is `latent_side` square, 16x16 by default (f2 at 32 px,
+  f4 at 64 px: it keeps the fine texture that an 8x8 grid blurs, benchmarks/RESULTS.md), latent channels
+  (`latent_channels`, 4 by default), width 32, the preset's losses (`tokenizer/photos_no_gan`: no PatchGAN,
+  which in a CPU budget costs steps and PSNR);
   steps to fill its share, a 5% linear warm-up and a cosine decay to 0 (no EMA: in a run this short the
   weights still improve fast to the end, and the decayed learning rate already averages the last steps);
-- the DiT: LightningDiT-Mini/2 on 8x8 latents, Mini/4 on 16x16 (16 tokens either way), steps to fill the rest, an EMA decay with a
+- the DiT: LightningDiT-Mini/4 on 16x16 latents, Mini/2 on 8x8 (16 tokens either way), steps to fill the rest, an EMA decay with a
   horizon of about a tenth of the run (so the short runs of a CPU average enough steps but not stale ones);
 - the fixed costs first (reading, extraction, sampling, the tokenizer's evaluation and the classifier
   check), estimated from the same measurements, so the whole notebook fits the budget.
@@ -34,7 +34,7 @@ from repro.errors import ReproError
 
 TOKENIZER_SHARE = 0.4  # of the training time (tokenizer + DiT), the rest to the DiT
 DIT_BATCH = 64
-LATENT_SIDE = 8  # the latent grid the tokenizer's factor aims at (LightningDiT-Mini/2: 16 tokens)
+LATENT_SIDE = 16  # the latent grid the tokenizer's factor aims at (LightningDiT-Mini/4: 16 tokens)
 MIN_TOKENIZER_STEPS, MIN_DIT_STEPS = 100, 300
 GAN_STEP_COST = 1.5  # a tokenizer step with the PatchGAN (its passes, the adaptive weight): 0.31 vs 0.21 s at 32 px
 SAFETY = 0.92  # of the budget planned: the machine's other jobs come and go (step times varied 2x in one run)
@@ -64,7 +64,7 @@ def tokenizer_factor(image_size: int, latent_side: int = LATENT_SIDE) -> int:
 CH_MULT = {2: [1, 2], 4: [1, 1, 2], 8: [1, 1, 2, 2], 16: [1, 1, 2, 2, 4]}
 
 
-def tokenizer_overrides(image_size: int, latent_channels: int = 8, width: int = 32,
+def tokenizer_overrides(image_size: int, latent_channels: int = 4, width: int = 32,
                         latent_side: int = LATENT_SIDE) -> list[str]:
     """Step 9 `--set` lines of the tokenizer's architecture for `image_size`."""
     ch_mult = CH_MULT[tokenizer_factor(image_size, latent_side)]
@@ -149,8 +149,8 @@ def measure_check_step(image_size: int, num_classes: int) -> float:
 
 
 def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_classes: int,
-                  tokenizer_config: str = "tokenizer/photos_f4", model_type: Optional[str] = None,
-                  latent_channels: int = 8, latent_side: int = LATENT_SIDE, samples_per_class: int = 20, sampling_steps: int = 50,
+                  tokenizer_config: str = "tokenizer/photos_no_gan", model_type: Optional[str] = None,
+                  latent_channels: int = 4, latent_side: int = LATENT_SIDE, samples_per_class: int = 20, sampling_steps: int = 50,
                   cfg_scale: float = 3.0, check_steps: int = 400, tokenizer_share: float = TOKENIZER_SHARE,
                   tokenizer_steps: Optional[int] = None, dit_steps: Optional[int] = None,
                   step_seconds: Optional[dict] = None) -> OwnDataPlan:
