@@ -1068,6 +1068,7 @@ def test_run_sampling_demo_grid_and_its_replacement(tiny_run, tmp_path, capsys, 
     printed = capsys.readouterr().out
     assert ("demo labels: 5, 3, 7, 7, 8, 8, 9, 9 (the official demo labels mod 10 (this model has 10 classes))"
             in printed.splitlines())
+    assert "first batch: " in printed and "for 50,000 images" not in printed  # a demo's pace says nothing of FID
     assert r["npz"] is None and r["grid"] == str(out / "demo_samples.png") and "at this rate" not in r["summary"]
     with Image.open(out / "demo_samples.png") as im:
         assert im.size == (4 * 2, 2 * 2)
