@@ -223,7 +223,8 @@ def own_data_notebook() -> nbformat.NotebookNode:
                           "a step of each model costs on this machine now, sets aside sampling and the check, and "
                           "sizes the rest from the image size, the number of images and classes (factor and latent "
                           "channels for a 16x16 latent grid, steps, warm-up and cosine decay, EMA, when a PatchGAN "
-                          "starts if the preset has one). It is saved in `own_data/plan.json`: a rerun resumes with the same plan. "
+                          "starts if the preset has one). It is saved in `own_data/plan.json`: a rerun resumes with "
+                          "the same plan. "
                           "`tokenizer_steps` / `dit_steps` override it."),
         new_code_cell(PLAN),
         new_markdown_cell("## Step 9: train the tokenizer\nThe plan's autoencoder (f2 with 4 latent channels at 32 px: "

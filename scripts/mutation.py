@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,9 +140,12 @@ def prune_pytest_temps(root: Path, stop: threading.Event, age_s: float = 900.0, 
                 pass
 
 
-def run_target(name: str, max_children: int, show: bool, keep: bool) -> dict:
+@contextmanager
+def mutmut_copy(name: str, prefix: str, keep: bool = False):
+    """(work folder, environment): a fresh copy of the checkout with the target's [tool.mutmut] keys, its tests'
+    tmp_path folders pruned while it is in use; removed afterwards unless `keep`."""
     files, selection = TARGETS[name]
-    work = Path(tempfile.mkdtemp(prefix=f"repro-mutation-{name}-"))
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-{name}-"))
     temps = work / ".pytest-tmp"  # the tests' tmp_path folders: pruned while mutmut runs, removed with `work`
     temps.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTEST_DEBUG_TEMPROOT=str(temps))
@@ -151,48 +155,73 @@ def run_target(name: str, max_children: int, show: bool, keep: bool) -> dict:
         copy_checkout(work)
         pyproject = work / "pyproject.toml"
         pyproject.write_text(with_target(pyproject.read_text(), files, selection))
-        t0 = time.monotonic()
         pruner.start()
-        run = subprocess.run(["mutmut", "run", "--max-children", str(max_children)], cwd=work, env=env,
-                             capture_output=True, text=True)
-        seconds = time.monotonic() - t0
-        results = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, env=env, capture_output=True,
-                                 text=True).stdout
-        status = parse_results(results)
-        if run.returncode != 0 or not status:
-            tail = "\n".join((run.stdout + run.stderr).splitlines()[-30:])
-            raise SystemExit(f"mutmut failed for {name} (exit {run.returncode}) in {work}:\n{tail}")
-        counts: dict[str, int] = {}
-        for s in status.values():
-            counts[s] = counts.get(s, 0) + 1
-        executed = sum(counts.get(s, 0) for s in DETECTED_OR_NOT)
-        killed = sum(counts.get(s, 0) for s in KILLED)
-        survivors = sorted(k for k, s in status.items() if s == "survived")
-        other = {k: s for k, s in sorted(status.items()) if s not in ("killed", "survived")}
-        diffs = {}
-        for mutant in survivors:
-            diffs[mutant] = subprocess.run(["mutmut", "show", mutant], cwd=work, env=env, capture_output=True,
-                                           text=True).stdout
-        summary = {"target": name, "files": files, "tests": selection, "counts": counts, "total": len(status),
-                   "kill_rate": killed / executed if executed else None, "seconds": round(seconds),
-                   "survivors": survivors, "survivor_diffs": diffs, "other": other, "status": status}
-        out = ROOT / "runs" / "mutation"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
-        rate = f"{100 * summary['kill_rate']:.1f}%" if executed else "n/a"
-        print(f"{name}: {len(status)} mutants, " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-              + f"; kill rate {rate} of the {executed} executed; {seconds:.0f} s; summary runs/mutation/{name}.json",
-              flush=True)
-        if show:
-            for mutant, diff in diffs.items():
-                print(f"--- survived: {mutant}\n{diff}")
-        return summary
+        yield work, env
     finally:
         stop.set()
         if keep:
             print(f"(kept {work})")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def mutmut_run(name: str, work: Path, env: dict, max_children: int, mutants: list[str]) -> tuple[dict, float]:
+    """`mutmut run` (on `mutants` only, fnmatch patterns allowed, where given) in `work`: (every mutant's status
+    as `mutmut results` prints it, seconds)."""
+    t0 = time.monotonic()
+    run = subprocess.run(["mutmut", "run", "--max-children", str(max_children), *mutants], cwd=work, env=env,
+                         capture_output=True, text=True)
+    seconds = time.monotonic() - t0
+    status = parse_results(subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, env=env,
+                                          capture_output=True, text=True).stdout)
+    if run.returncode != 0 or not status:
+        tail = "\n".join((run.stdout + run.stderr).splitlines()[-30:])
+        raise SystemExit(f"mutmut failed for {name} (exit {run.returncode}) in {work}:\n{tail}")
+    return status, seconds
+
+
+def tally(status: dict, killed_unlisted: int = 0) -> dict:
+    """The summary's counts from every mutant's status (`killed_unlisted`: killed mutants known by count only)."""
+    counts: dict[str, int] = {}
+    for s in status.values():
+        counts[s] = counts.get(s, 0) + 1
+    if killed_unlisted:
+        counts["killed"] = counts.get("killed", 0) + killed_unlisted
+    executed = sum(counts.get(s, 0) for s in DETECTED_OR_NOT)
+    killed = sum(counts.get(s, 0) for s in KILLED)
+    return {"counts": counts, "total": sum(counts.values()), "kill_rate": killed / executed if executed else None,
+            "executed": executed, "survivors": sorted(m for m, s in status.items() if s == "survived"),
+            "other": {m: s for m, s in sorted(status.items()) if s not in ("killed", "survived")}}
+
+
+def survivor_diffs(work: Path, env: dict, survivors: list[str]) -> dict[str, str]:
+    return {m: subprocess.run(["mutmut", "show", m], cwd=work, env=env, capture_output=True, text=True).stdout
+            for m in survivors}
+
+
+def write_summary(name: str, summary: dict) -> None:
+    out = ROOT / "runs" / "mutation"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def run_target(name: str, max_children: int, show: bool, keep: bool) -> dict:
+    files, selection = TARGETS[name]
+    with mutmut_copy(name, "repro-mutation", keep) as (work, env):
+        status, seconds = mutmut_run(name, work, env, max_children, [])
+        t = tally(status)
+        executed = t.pop("executed")
+        summary = {"target": name, "files": files, "tests": selection, **t, "seconds": round(seconds),
+                   "survivor_diffs": survivor_diffs(work, env, t["survivors"]), "status": status}
+        write_summary(name, summary)
+        rate = f"{100 * summary['kill_rate']:.1f}%" if executed else "n/a"
+        print(f"{name}: {len(status)} mutants, " + ", ".join(f"{k} {v}" for k, v in sorted(t["counts"].items()))
+              + f"; kill rate {rate} of the {executed} executed; {seconds:.0f} s; summary runs/mutation/{name}.json",
+              flush=True)
+        if show:
+            for mutant, diff in summary["survivor_diffs"].items():
+                print(f"--- survived: {mutant}\n{diff}")
+        return summary
 
 
 def apply_diff(source: str, diff: str) -> str | None:
@@ -256,55 +285,25 @@ def rerun(name: str, patterns: list[str], max_children: int) -> dict:
             raise SystemExit(f"{path} does not list its killed mutants: run the whole target again instead")
         last["status"] = {**{m: "survived" for m in last["survivors"]}, **last["other"]}
         killed_unlisted = last["counts"].get("killed", 0)
-    status = {m: s for m, s in last["status"].items() if not any(fnmatch.fnmatch(m, p) for p in patterns)}
+    changed = lambda m: any(fnmatch.fnmatch(m, p) for p in patterns)  # noqa: E731
+    status = {m: s for m, s in last["status"].items() if not changed(m)}
     again = sorted(m for m, s in status.items() if s not in KILLED and s != "no tests") + list(patterns)
-    files, selection = TARGETS[name]
-    work = Path(tempfile.mkdtemp(prefix=f"repro-rerun-{name}-"))
-    temps = work / ".pytest-tmp"
-    temps.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTEST_DEBUG_TEMPROOT=str(temps))
-    try:
-        copy_checkout(work)
-        pyproject = work / "pyproject.toml"
-        pyproject.write_text(with_target(pyproject.read_text(), files, selection))
-        t0 = time.monotonic()
-        run = subprocess.run(["mutmut", "run", "--max-children", str(max_children), *again], cwd=work, env=env,
-                             capture_output=True, text=True)
-        seconds = time.monotonic() - t0
-        now = parse_results(subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, env=env,
-                                           capture_output=True, text=True).stdout)
-        if run.returncode != 0 or not now:
-            tail = "\n".join((run.stdout + run.stderr).splitlines()[-30:])
-            raise SystemExit(f"mutmut failed for {name} (exit {run.returncode}) in {work}:\n{tail}")
-        ran = {m: s for m, s in now.items()
-               if (m in status or any(fnmatch.fnmatch(m, p) for p in patterns)) and s != "not checked"}
+    with mutmut_copy(name, "repro-rerun") as (work, env):
+        now, seconds = mutmut_run(name, work, env, max_children, again)
+        ran = {m: s for m, s in now.items() if (m in status or changed(m)) and s != "not checked"}
         status.update(ran)
-        counts: dict[str, int] = {}
-        for s in status.values():
-            counts[s] = counts.get(s, 0) + 1
-        counts["killed"] = counts.get("killed", 0) + killed_unlisted
-        executed = sum(counts.get(s, 0) for s in DETECTED_OR_NOT)
-        killed = sum(counts.get(s, 0) for s in KILLED)
-        survivors = sorted(m for m, s in status.items() if s == "survived")
-        diffs = {m: subprocess.run(["mutmut", "show", m], cwd=work, env=env, capture_output=True, text=True).stdout
-                 for m in survivors}
-        rerun_counts: dict[str, int] = {}
-        for s in ran.values():
-            rerun_counts[s] = rerun_counts.get(s, 0) + 1
-        summary = {**last, "counts": counts, "total": sum(counts.values()),
-                   "kill_rate": killed / executed if executed else None, "survivors": survivors,
-                   "survivor_diffs": diffs, "other": {m: s for m, s in sorted(status.items())
-                                                      if s not in ("killed", "survived")},
-                   "status": status, "killed_unlisted": killed_unlisted, "rerun": {"patterns": patterns, "ran": len(ran), "counts": rerun_counts,
-                                               "seconds": round(seconds)}}
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        t = tally(status, killed_unlisted)
+        executed = t.pop("executed")
+        rerun_counts = tally(ran)["counts"]
+        summary = {**last, **t, "survivor_diffs": survivor_diffs(work, env, t["survivors"]), "status": status,
+                   "killed_unlisted": killed_unlisted,
+                   "rerun": {"patterns": patterns, "ran": len(ran), "counts": rerun_counts, "seconds": round(seconds)}}
+        write_summary(name, summary)
         print(f"{name} rerun: {len(ran)} mutants run again ("
               + ", ".join(f"{k} {v}" for k, v in sorted(rerun_counts.items())) + f"), {seconds:.0f} s; now "
-              + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+              + ", ".join(f"{k} {v}" for k, v in sorted(t["counts"].items()))
               + f"; kill rate {100 * summary['kill_rate']:.1f}% of the {executed} executed", flush=True)
         return summary
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
