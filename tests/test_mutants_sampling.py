@@ -673,6 +673,7 @@ def test_the_batch_that_fits_free_memory_by_hand():
     assert batch_that_fits(1700, 100, 0, False, 1000)[0] == 14  # 14.45 images: 14
     assert batch_that_fits(1800, 100, 0, False, 1000)[0] == 15
     assert batch_that_fits(1900, 100, 0, False, 1000)[0] == 16
+    assert batch_that_fits(2500, 100, 0, False, 1000)[0] == 16  # 21: from 16 up, a multiple of 8
     # less free than the decode needs: one image (the sampler then reports an out-of-memory as advice)
     assert batch_that_fits(gib, 100 * mib, gib, False, 1000)[0] == 1
     # a model with no measurable activations: the kit's ceiling, not a division by zero

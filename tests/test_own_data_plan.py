@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from repro.errors import ReproError
-from repro.setup.own_data_plan import ema_decay_for, load_or_plan, plan_own_data, tokenizer_factor
+from repro.setup.own_data_plan import (ema_decay_for, load_or_plan, plan_own_data, tokenizer_factor,
+                                      tokenizer_overrides)
 
 STEPS = {"tokenizer": 0.2, "dit": 0.1, "dit_forward_100": 0.05, "check": 0.05}
 
@@ -35,6 +36,7 @@ def test_the_plan_fills_the_budget_and_says_so():
     assert 0.85 * 900 < total <= 900
     assert plan.estimate_s["tokenizer"] > 0.2 * 900 and plan.estimate_s["dit"] > 0.3 * 900
     assert "model.ch_mult=[1,2]" in plan.tokenizer_set and "model.embed_dim=4" in plan.tokenizer_set  # 16x16x4
+    assert tokenizer_overrides(32) == [s for s in plan.tokenizer_set if s.startswith(("model.", "data."))]
     assert f"train.max_steps={plan.tokenizer_steps}" in plan.tokenizer_set
     assert not any(s.startswith("loss.disc_start=") for s in plan.tokenizer_set)  # photos_no_gan: no PatchGAN
     assert f"train.max_steps={plan.dit_steps}" in plan.dit_set
