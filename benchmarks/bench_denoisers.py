@@ -1,24 +1,26 @@
-"""Denoiser families at the same CPU wall budget: LightningDiT + flow, UNet + DDIM, LightningDiT + DDPM (issue 23).
+"""Denoiser families in notebook 04's budget: LightningDiT + flow, UNet + DDIM, LightningDiT + DDPM (issue 23).
 
-    python benchmarks/bench_denoisers.py                                  # digits and colour shapes, 300 s each
-    python benchmarks/bench_denoisers.py --train-seconds 20 --tokenizer-steps 20 --samples-per-class 2 --no-record
-    python benchmarks/bench_denoisers.py --datasets digits --combos unet-ddpm --train-seconds 600
+    python benchmarks/bench_denoisers.py                                       # 3 families x 3 sets, 15 min each
+    python benchmarks/bench_denoisers.py --sets digits --combos unet-ddpm --keep /tmp/bd --no-record
+    python benchmarks/bench_denoisers.py --sets digits -p time_budget_minutes 3 --no-record     # a short try
 
-Per data set (notebook 04's digits folder; a colour-shapes folder from repro.data.synthetic.make_demo_images), the
-notebook's stages up to the latents run once and are shared: step 9 trains the tokenizer (configs/tokenizer/
-digits_f4.yaml), step 6 extracts posterior means. Then each combination (`repro.models.denoisers.
-combination_overrides` on configs/train/own_data.yaml) trains with step 7 for the same wall budget (`--time-budget`;
-max_steps out of reach), samples `samples-per-class` images per class with step 4 (cfg 3, 50 steps: Euler for
-flow, DDIM for DDPM) and is scored by notebook 04's check (`repro.evaluation.recognition.recognition_check`: the
-share of samples a classifier fitted on the real images recognises as the class asked for). Reported: steps
-reached, training images/s, sampling images/s, recognised share (classifier held-out accuracy), load average
-(the machine is shared: the numbers mean little without it). Appends a table to benchmarks/RESULTS.md unless
---no-record.
+Each (combination, data set) is one headless run of `notebooks/04_own_data.ipynb` (benchmarks/bench_own_data.py's
+`run_once`: the same data sets, digits, photo_patches and textured_shapes) with `-p denoiser D -p process P` on top
+of the notebook's defaults: the plan times the chosen denoiser on this machine and gives it the steps that fit the
+same wall budget (15 minutes for the whole notebook), so a slower family trains fewer steps, not longer. Sampling is
+the notebook's: 20 images per class, cfg 3, 50 steps (Euler for flow, DDIM eta 0 for DDPM).
+
+Reported per run: wall time, the denoiser's steps, training images/s (steps x batch 64 / its stage time), sampling
+images/s (images / its stage time, guided), the share of samples the check's classifier recognises as the class
+asked for vs its real held-out accuracy (overall ratio and the worst class's), load average before the run (the
+machine is shared: the numbers mean little without it). Appends the table to benchmarks/RESULTS.md unless
+--no-record. The issue's bar: every family >= 90% recognised within the default budget on 2 idle cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -26,106 +28,76 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+from bench_own_data import SETS, run_once  # noqa: E402
 from common import append_results  # noqa: E402
 
 COMBOS = {"dit-flow": ("dit", "flow"), "unet-ddpm": ("unet", "ddpm"), "dit-ddpm": ("dit", "ddpm"),
           "unet-flow": ("unet", "flow")}
+BATCH = 64  # the plan's denoiser batch (repro.setup.own_data_plan.DIT_BATCH)
 
 
-def make_dataset(name: str, work: Path, size: int, per_class: int) -> tuple[Path, int]:
-    from repro.data.synthetic import make_demo_images, make_digits_folder
+def row(combo: str, result: dict) -> dict:
+    import numpy as np
 
-    if name == "digits":
-        folder = Path(make_digits_folder(work / "digits", size=size, per_class=per_class,
-                                         held_out=work / "digits_held_out")["folder"])
-        return folder, 10
-    if name == "colour":
-        classes = 6  # colour x shape combinations of the demo images
-        make_demo_images(work / "colour", num_classes=classes, per_class=per_class, size=size)
-        return work / "colour", classes
-    raise SystemExit(f"unknown data set {name!r}: digits or colour")
-
-
-def prepare_latents(folder: Path, classes: int, work: Path, a) -> Path:
-    """Tokenizer (step 9) and latents (step 6), as notebook 04; returns the DiT config they imply."""
-    from repro.config import load_config, save_config
-    from repro.resources import find_config
-    from steps import step6_extract, step9_train_tokenizer
-
-    tok = step9_train_tokenizer.main(config="tokenizer/digits_f4", set=[
-        f"data.image_folder={folder}", f"data.image_size={a.image_size}", f"train.max_steps={a.tokenizer_steps}",
-        f"train.output_dir={work}", "train.exp_name=tokenizer"])
-    base = work / "base.yaml"
-    save_config(load_config(find_config("train/own_data"), tok["dit_overrides"] + [
-        f"data.data_path={work / 'latents'}", f"train.output_dir={work}", f"data.num_classes={classes}",
-        "train.max_steps=1000000", f"sample.cfg_scale={a.cfg_scale}", "sample.num_sampling_steps=50"]), base)
-    step6_extract.main(config=str(base), source=str(folder), out=str(work / "latents"), store="mean", batch_size=64)
-    return base
+    s, plan = result["summary"], result["plan"]
+    check, times = s.get("check") or {}, s["times"]
+    samples = 0
+    if s.get("samples_npz"):
+        with np.load(s["samples_npz"]) as f:
+            samples = len(f["arr_1"])
+    return {"combo": combo, "set": result["set"], "wall": result["wall"], "load": result["load_before"][0],
+            "steps": plan["dit_steps"], "train_ips": plan["dit_steps"] * BATCH / times["dit"] if "dit" in times else None,
+            "sample_ips": samples / times["sampling"] if "sampling" in times else None,
+            "recognised": check.get("recognised"), "heldout": check.get("heldout_accuracy"),
+            "ratio": check.get("ratio"), "worst": check.get("worst_ratio")}
 
 
-def run_combo(base: Path, folder: Path, classes: int, combo: str, work: Path, a) -> dict:
-    from repro.evaluation.recognition import recognition_check
-    from repro.models.denoisers import combination_overrides
-    from steps import step4_inference, step7_train
-
-    denoiser, process = COMBOS[combo]
-    overrides = combination_overrides(denoiser, process) + [f"train.exp_name={combo}"]
-    t0 = time.perf_counter()
-    trained = step7_train.main(config=str(base), set=overrides, time_budget=a.train_seconds)
-    train_wall = time.perf_counter() - t0
-    batch = 64  # configs/train/own_data.yaml's global batch
-    t0 = time.perf_counter()
-    samples = step4_inference.main(config=str(base), out=str(work / f"samples_{combo}"),
-                                   num_samples=a.samples_per_class * classes, class_balanced=True, batch_size=100,
-                                   set=overrides + [f"ckpt_path={trained['checkpoint']}"], progress=False)
-    sample_wall = time.perf_counter() - t0
-    check = recognition_check(folder, samples["npz"], a.image_size)
-    return {"combo": combo, "steps": trained["step"], "train_ips": trained["step"] * batch / train_wall,
-            "sample_ips": a.samples_per_class * classes / sample_wall, "recognised": check["recognised"],
-            "heldout": check["heldout_accuracy"], "load": os.getloadavg()[0]}
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--datasets", nargs="+", default=["digits", "colour"])
-    p.add_argument("--combos", nargs="+", default=["dit-flow", "unet-ddpm", "dit-ddpm"], choices=sorted(COMBOS))
-    p.add_argument("--train-seconds", type=float, default=300.0, help="step 7's wall budget per combination")
-    p.add_argument("--tokenizer-steps", type=int, default=300)
-    p.add_argument("--images-per-class", type=int, default=160)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--samples-per-class", type=int, default=20)
-    p.add_argument("--cfg-scale", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (notebook 04's default)")
-    p.add_argument("--work", default=None, help="work folder to keep (default: a temporary one)")
-    p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
-    a = p.parse_args(argv)
-
+def report(rows: list[dict], params: list[str], threads: int) -> list[str]:
     import torch
 
-    torch.set_num_threads(a.threads)
-    root = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench_denoisers_"))
-    os.environ.setdefault("REPRO_RUNS_DIR", str(root / "runs"))
-    rows = []
-    for name in a.datasets:
-        work = root / name
-        folder, classes = make_dataset(name, work, a.image_size, a.images_per_class)
-        base = prepare_latents(folder, classes, work, a)
-        for combo in a.combos:
-            rows.append({"dataset": name, **run_combo(base, folder, classes, combo, work, a)})
-            print(rows[-1], flush=True)
-    lines = [f"## bench_denoisers {time.strftime('%Y-%m-%d')}: {a.train_seconds:.0f} s of step 7 per combination, "
-             f"{a.tokenizer_steps} tokenizer steps, {a.samples_per_class} samples per class, cfg {a.cfg_scale:g}, "
-             f"cpu ({os.cpu_count()} cores, {a.threads} torch thread(s)), torch {torch.__version__}", "",
-             "| data set | combination | steps in budget | training img/s | sampling img/s | recognised (classifier "
-             "held-out) | load avg |", "|---|---|---|---|---|---|---|"]
+    lines = [f"## bench_denoisers {time.strftime('%Y-%m-%d %H:%M')}: notebook 04 "
+             f"{' '.join(params) or '(defaults)'} per family, cpu ({os.cpu_count()} cores, {threads} torch thread(s)), "
+             f"torch {torch.__version__}", "",
+             "| set | combination | wall (min) | load avg before | denoiser steps | training img/s | sampling img/s | "
+             "recognised: samples / real held-out (ratio) | worst class ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['dataset']} | {r['combo']} | {r['steps']} | {r['train_ips']:.0f} | {r['sample_ips']:.1f} | "
-                     f"{r['recognised']:.1%} ({r['heldout']:.1%}) | {r['load']:.1f} |")
+        rec = "-" if r["recognised"] is None else f"{r['recognised']:.1%} / {r['heldout']:.1%} ({r['ratio']:.2f})"
+        lines.append(f"| {r['set']} | {r['combo']} | {r['wall'] / 60:.1f} | {r['load']:.1f} | {r['steps']} | "
+                     f"{_num(r['train_ips'], '.0f')} | {_num(r['sample_ips'], '.1f')} | {rec} | "
+                     f"{_num(r['worst'], '.2f')} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS, help="data sets (bench_own_data's)")
+    p.add_argument("--combos", nargs="+", default=["dit-flow", "unet-ddpm", "dit-ddpm"], choices=sorted(COMBOS))
+    p.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="another notebook parameter, for every run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the notebook (its `threads`)")
+    p.add_argument("--keep", default=None, help="work folder to keep (one sub-folder per combination and set)")
+    p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
+    a = p.parse_args(argv)
+    extra = [x for name, value in a.p for x in ("-p", name, value)]
+    root = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench_denoisers_"))
+    rows = []
+    for combo in a.combos:
+        denoiser, process = COMBOS[combo]
+        for name in a.sets:
+            params = ["-p", "denoiser", denoiser, "-p", "process", process, *extra]
+            rows.append(row(combo, run_once(name, params, a.threads, root / combo / name)))
+            print(json.dumps(rows[-1]), flush=True)
+    lines = report(rows, [f"{n}={v}" for n, v in a.p], a.threads)
     print("\n".join(lines))
     if not a.no_record:
         append_results(lines)
+    return rows
 
 
 if __name__ == "__main__":

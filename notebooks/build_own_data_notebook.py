@@ -50,7 +50,7 @@ t0 = time.perf_counter()
 plan = load_or_plan(work / "plan.json", budget_s=time_budget_minutes * 60,
                     image_size=image_size, num_images=len(source), num_classes=num_classes,
                     latent_side=latent_side, latent_channels=latent_channels,
-                    tokenizer_config=tokenizer_config, samples_per_class=samples_per_class,
+                    tokenizer_config=tokenizer_config, denoiser=denoiser, samples_per_class=samples_per_class,
                     sampling_steps=sampling_steps, cfg_scale=guidance, check_steps=check_steps,
                     tokenizer_steps=tokenizer_steps or None,
                     dit_steps=dit_steps or None)
@@ -87,8 +87,8 @@ from repro.resources import find_config
 from steps import step6_extract
 dit_yaml = work / "dit.yaml"
 process = process or {"dit": "flow", "unet": "ddpm"}[denoiser]  # each family's own process unless set
-# the plan sizes the DiT; a UNet (or DDPM) takes the family's model and process keys over it
-family = [o for o in combination_overrides(denoiser, process) if denoiser == "unet" or not o.startswith("model.model_type=")]
+# the plan chose (and timed) the denoiser; the process's keys (DDPM: ε, linear schedule, DDIM) come from the family table
+family = [o for o in combination_overrides(denoiser, process) if not o.startswith("model.model_type=")]
 dit_set = tok["dit_overrides"] + plan.dit_set + family + [f"data.data_path={work / 'latents'}", f"train.output_dir={work}",
                                                          "train.exp_name=dit", f"data.num_classes={num_classes}",
                                   f"sample.cfg_scale={guidance}", f"sample.num_sampling_steps={sampling_steps}"]

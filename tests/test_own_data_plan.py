@@ -68,3 +68,23 @@ def test_a_rerun_reuses_the_saved_plan_and_measuring_works(tmp_path):
     again = load_or_plan(tmp_path / "plan.json", **inputs)
     assert (again.tokenizer_steps, again.dit_steps) == (first.tokenizer_steps, first.dit_steps)
     assert "saved, reused" in again.lines[0]
+
+
+def test_a_unet_plan_times_the_unet_so_its_fewer_steps_fit_the_same_budget():
+    """Notebook 04 with denoiser=unet: the plan measured the DiT and gave the UNet (3.5x slower a step on 16x16
+    latents) the DiT's step count, so the run took three times its budget."""
+    import torch
+
+    from repro.setup.own_data_plan import measure_dit_step
+
+    torch.set_num_threads(1)
+    dit = measure_dit_step("LightningDiT-Mini/4", 4, 16, 4)
+    unet = measure_dit_step("UNet-Mini", 4, 16, 4)
+    assert unet[0] > 1.5 * dit[0]  # a UNet step, timed as a UNet (not as the DiT)
+    steps = dict(STEPS, dit=unet[0], dit_forward_100=unet[1])
+    plan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=steps,
+                         denoiser="unet")
+    assert "model.model_type=UNet-Mini" in plan.dit_set and "UNet UNet-Mini on 16x16 latents" in plan.lines[2]
+    assert plan.estimate_s["dit"] == pytest.approx(plan.dit_steps * unet[0])
+    with pytest.raises(ReproError, match="denoiser 'vit'"):
+        plan_own_data(budget_s=900, image_size=32, num_images=10, num_classes=2, step_seconds=STEPS, denoiser="vit")

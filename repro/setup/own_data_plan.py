@@ -10,8 +10,9 @@ one optimizer step of each model costs (a few real steps on random data, seconds
   which in a CPU budget costs steps and PSNR);
   steps to fill its share, a 5% linear warm-up and a cosine decay to 0 (no EMA: in a run this short the
   weights still improve fast to the end, and the decayed learning rate already averages the last steps);
-- the DiT: LightningDiT-Mini/4 on 16x16 latents, Mini/2 on 8x8 (16 tokens either way), steps to fill the rest, an EMA decay with a
-  horizon of about a tenth of the run (so the short runs of a CPU average enough steps but not stale ones);
+- the denoiser: LightningDiT-Mini/4 on 16x16 latents, Mini/2 on 8x8 (16 tokens either way), or UNet-Mini
+  (`denoiser="unet"`, whose step costs 3.5x the DiT's on 16x16 latents: timed like the DiT's, so fewer steps fill
+  the same time); steps to fill the rest, an EMA decay with a horizon of about a tenth of the run (so the short runs of a CPU average enough steps but not stale ones);
 - the fixed costs first (reading, extraction, sampling, the tokenizer's evaluation and the classifier
   check), estimated from the same measurements, so the whole notebook fits the budget.
 
@@ -107,12 +108,18 @@ def measure_tokenizer_step(tokenizer_config: str, overrides: list[str], image_si
 
 
 def measure_dit_step(model_type: str, latent_channels: int, latent_side: int, num_classes: int) -> tuple[float, float]:
-    """(seconds per optimizer step at batch 64, seconds per forward pass of a batch of 100) of the DiT."""
+    """(seconds per optimizer step at batch 64, seconds per forward pass of a batch of 100) of the denoiser
+    `model_type` names (a LightningDiT or a UNet of repro.models.unet's registry)."""
     from repro.models.lightningdit import create_model
+    from repro.models.unet import UNET_MODELS
 
     torch.manual_seed(0)
-    model = create_model(model_type, input_size=latent_side, in_channels=latent_channels,
-                         num_classes=max(num_classes, 1), use_swiglu=True, use_rope=True, use_rmsnorm=True)
+    if model_type in UNET_MODELS:
+        model = UNET_MODELS[model_type](input_size=latent_side, in_channels=latent_channels,
+                                        num_classes=max(num_classes, 1))
+    else:
+        model = create_model(model_type, input_size=latent_side, in_channels=latent_channels,
+                             num_classes=max(num_classes, 1), use_swiglu=True, use_rope=True, use_rmsnorm=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(DIT_BATCH, latent_channels, latent_side, latent_side)
     t, y = torch.rand(DIT_BATCH), torch.randint(0, max(num_classes, 1), (DIT_BATCH,))
@@ -149,13 +156,15 @@ def measure_check_step(image_size: int, num_classes: int) -> float:
 
 
 def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_classes: int,
-                  tokenizer_config: str = "tokenizer/photos_no_gan", model_type: Optional[str] = None,
+                  tokenizer_config: str = "tokenizer/photos_no_gan", denoiser: str = "dit",
+                  model_type: Optional[str] = None,
                   latent_channels: int = 4, latent_side: int = LATENT_SIDE, samples_per_class: int = 20, sampling_steps: int = 50,
                   cfg_scale: float = 3.0, check_steps: int = 400, tokenizer_share: float = TOKENIZER_SHARE,
                   tokenizer_steps: Optional[int] = None, dit_steps: Optional[int] = None,
                   step_seconds: Optional[dict] = None) -> OwnDataPlan:
     """The recipe for a folder of `num_images` images of `num_classes` classes at `image_size` px in
-    `budget_s` seconds; explicit `tokenizer_steps` / `dit_steps` are kept; `step_seconds` skips measuring."""
+    `budget_s` seconds, for a `denoiser` of that family ("dit" or "unet"); explicit `tokenizer_steps` /
+    `dit_steps` are kept; `step_seconds` skips measuring."""
     if budget_s <= 0:
         raise ReproError(f"time budget {budget_s} s: give the notebook a positive budget in minutes")
     from repro.resources import find_config
@@ -168,8 +177,11 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
         raise ReproError(f"image_size {image_size} is not a multiple of the tokenizer's factor {factor}")
     side = image_size // factor
     tok_set = tokenizer_overrides(image_size, latent_channels, latent_side=latent_side)
-    # LightningDiT-Mini with the patch that makes a 4x4 token grid (Mini/2 on 8x8, Mini/4 on 16x16 latents)
-    model_type = model_type or f"LightningDiT-Mini/{max(1, side // 4)}"
+    if denoiser not in ("dit", "unet"):
+        raise ReproError(f"denoiser {denoiser!r}: dit (LightningDiT) or unet")
+    # LightningDiT-Mini with the patch that makes a 4x4 token grid (Mini/2 on 8x8, Mini/4 on 16x16 latents); the
+    # UNet family's small size otherwise: its steps are timed, so the plan's step count fits whichever it is
+    model_type = model_type or (f"LightningDiT-Mini/{max(1, side // 4)}" if denoiser == "dit" else "UNet-Mini")
     # 1. what a step costs here, now (measured unless given)
     if step_seconds is None:
         dit_train, dit_forward = measure_dit_step(model_type, latent_channels, side, num_classes)
@@ -201,10 +213,10 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
     dit_set = [f"model.model_type={model_type}", f"train.max_steps={dit_steps}", f"train.ema_decay={dit_ema}",
                f"train.ckpt_every={max(500, dit_steps // 4)}", f"train.global_batch_size={DIT_BATCH}"]
     lines = [f"plan for {num_images} images, {num_classes} class(es), {image_size} px, budget {budget_s / 60:.1f} min "
-             f"(measured here: tokenizer {tok_s:.2f} s/step, DiT {dit_s:.2f} s/step):",
+             f"(measured here: tokenizer {tok_s:.2f} s/step, {model_type} {dit_s:.2f} s/step):",
              f"  tokenizer f{factor}, {latent_channels} latent channels ({side}x{side}x{latent_channels} latents), width 32: "
              f"{tokenizer_steps} steps of {batch}, cosine learning rate, ~{estimate['tokenizer'] / 60:.1f} min",
-             f"  DiT {model_type} on {side}x{side} latents: {dit_steps} steps of {DIT_BATCH}, EMA decay {dit_ema:.4f}, "
+             f"  {'DiT' if denoiser == 'dit' else 'UNet'} {model_type} on {side}x{side} latents: {dit_steps} steps of {DIT_BATCH}, EMA decay {dit_ema:.4f}, "
              f"~{estimate['dit'] / 60:.1f} min",
              f"  fixed: sampling {num_samples} images ~{fixed['sampling'] / 60:.1f} min, check ~{fixed['check'] / 60:.1f} "
              f"min, extraction and evaluation ~{fixed['extract_and_eval'] / 60:.1f} min; total "
