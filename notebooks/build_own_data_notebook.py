@@ -87,8 +87,9 @@ from repro.resources import find_config
 from steps import step6_extract
 dit_yaml = work / "dit.yaml"
 process = process or {"dit": "flow", "unet": "ddpm"}[denoiser]  # each family's own process unless set
-# the plan chose (and timed) the denoiser; the process's keys (DDPM: ε, linear schedule, DDIM) come from the family table
-family = [o for o in combination_overrides(denoiser, process) if not o.startswith("model.model_type=")]
+# the plan chose (and timed) the denoiser; the process keys (DDPM: v or ε, linear schedule, DDIM) come from the family table
+family = [o for o in combination_overrides(denoiser, process, prediction=prediction or "velocity")
+          if not o.startswith("model.model_type=")]
 dit_set = tok["dit_overrides"] + plan.dit_set + family + [f"data.data_path={work / 'latents'}", f"train.output_dir={work}",
                                                          "train.exp_name=dit", f"data.num_classes={num_classes}",
                                   f"sample.cfg_scale={guidance}", f"sample.num_sampling_steps={sampling_steps}"]
@@ -203,7 +204,8 @@ def own_data_notebook() -> nbformat.NotebookNode:
             Param("tokenizer_config", str, "tokenizer/photos_no_gan", "step 9 preset or YAML (tokenizer/photos_f4: + PatchGAN)"),
             Param("dit_config", str, "train/own_data", "DiT preset or YAML (LightningDiT-Mini, patch for a 4x4 token grid)"),
             Param("denoiser", str, "dit", "dit (LightningDiT-Mini) or unet (UNet-Mini)"),
-            Param("process", str, "", "flow or ddpm (ε, DDIM); empty: flow for dit, ddpm for unet"),
+            Param("process", str, "", "flow or ddpm (DDIM sampling); empty: flow for dit, ddpm for unet"),
+            Param("prediction", str, "", "DDPM's target: velocity (v) or noise (ε, lightdiff's); empty: velocity"),
             Param("tokenizer_steps", int, 0, "tokenizer optimizer steps; 0: the plan's"),
             Param("dit_steps", int, 0, "DiT optimizer steps (batch 64); 0: the plan's"),
             Param("samples_per_class", int, 20, "samples per class for the grid and the check"),

@@ -47,15 +47,20 @@ def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
 SMALL_MODELS = {"dit": "LightningDiT-Mini/2", "unet": "UNet-Mini"}
 DDPM_KEYS = ["transport.process=ddpm", "transport.prediction=noise", "transport.schedule=linear",
              "transport.num_timesteps=1000", "transport.use_cosine_loss=false", "transport.use_lognorm=false"]
+PREDICTIONS = ("noise", "velocity")
 
 
-def combination_overrides(denoiser: str, process: str, sampler: str = "ddim") -> list[str]:
-    """Overrides that turn the own-data preset (LightningDiT-Mini/2 + flow) into `denoiser` + `process`."""
+def combination_overrides(denoiser: str, process: str, sampler: str = "ddim", prediction: str = "noise") -> list[str]:
+    """Overrides that turn the own-data preset (LightningDiT-Mini/2 + flow) into `denoiser` + `process`; DDPM's
+    target is `prediction`: noise (ε, lightdiff's and DiT-PyTorch's) or velocity (v, Salimans & Ho 2022)."""
     if denoiser not in SMALL_MODELS:
         raise ValueError(f"denoiser must be one of {', '.join(SMALL_MODELS)}, got {denoiser!r}")
     if process not in ("flow", "ddpm"):
         raise ValueError(f"process must be flow or ddpm, got {process!r}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be noise or velocity, got {prediction!r}")
     out = [f"model.model_type={SMALL_MODELS[denoiser]}"]
     if process == "ddpm":
-        out += DDPM_KEYS + [f"sample.sampling_method={sampler}"]
+        keys = [k if k != "transport.prediction=noise" else f"transport.prediction={prediction}" for k in DDPM_KEYS]
+        out += keys + [f"sample.sampling_method={sampler}"]
     return out
