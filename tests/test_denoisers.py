@@ -239,6 +239,7 @@ def test_notebook_04_runs_headless_with_a_unet_and_ddim(tmp_path):
                               dit_steps=3, samples_per_class=2, sampling_steps=4, trajectory=2, rfid_images=0)
     dit_yaml = load_config(tmp_path / "w" / "own_data" / "dit.yaml")
     assert dit_yaml.model.model_type == "UNet-Mini" and dit_yaml.transport.process == "ddpm"
+    assert dit_yaml.transport.prediction == "velocity"  # notebook 04's DDPM default (ε: `prediction=noise`)
     assert dit_yaml.sample.sampling_method == "ddim"
     with np.load(summary["samples_npz"]) as f:
         assert f["arr_0"].shape == (20, 32, 32, 3)

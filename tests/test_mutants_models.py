@@ -327,6 +327,12 @@ def test_denoisers_combination_overrides_are_these_lists():
                                                                "sample.sampling_method=ddim"]
     assert denoisers.combination_overrides("dit", "ddpm", "ddpm") == ["model.model_type=LightningDiT-Mini/2", *ddpm,
                                                                       "sample.sampling_method=ddpm"]
+    v = [k.replace("prediction=noise", "prediction=velocity") for k in ddpm]
+    assert denoisers.combination_overrides("unet", "ddpm", prediction="velocity") == ["model.model_type=UNet-Mini", *v,
+                                                                                     "sample.sampling_method=ddim"]
+    assert denoisers.combination_overrides("dit", "flow", prediction="velocity") == ["model.model_type=LightningDiT-Mini/2"]
+    with pytest.raises(ValueError, match=r"^prediction must be noise or velocity, got 'x0'$"):
+        denoisers.combination_overrides("dit", "ddpm", prediction="x0")
     with pytest.raises(ValueError, match=r"^denoiser must be one of dit, unet, got 'vit'$"):
         denoisers.combination_overrides("vit", "flow")
     with pytest.raises(ValueError, match=r"^process must be flow or ddpm, got 'sde'$"):
