@@ -35,6 +35,8 @@ def test_the_plan_fills_the_budget_and_says_so():
     total = sum(plan.estimate_s.values())  # the whole notebook, fixed costs included, with a safety margin
     assert 0.85 * 900 < total <= 900
     assert plan.estimate_s["tokenizer"] > 0.2 * 900 and plan.estimate_s["dit"] > 0.3 * 900
+    # TOKENIZER_SHARE: half the training time each (within one DiT step)
+    assert abs(plan.estimate_s["tokenizer"] - plan.estimate_s["dit"]) <= STEPS["dit"] + STEPS["tokenizer"]
     assert "model.ch_mult=[1,2]" in plan.tokenizer_set and "model.embed_dim=4" in plan.tokenizer_set  # 16x16x4
     assert tokenizer_overrides(32) == [s for s in plan.tokenizer_set if s.startswith(("model.", "data."))]
     assert f"train.max_steps={plan.tokenizer_steps}" in plan.tokenizer_set
