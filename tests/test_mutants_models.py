@@ -331,6 +331,8 @@ def test_denoisers_combination_overrides_are_these_lists():
     assert denoisers.combination_overrides("unet", "ddpm", prediction="velocity") == ["model.model_type=UNet-Mini", *v,
                                                                                      "sample.sampling_method=ddim"]
     assert denoisers.combination_overrides("dit", "flow", prediction="velocity") == ["model.model_type=LightningDiT-Mini/2"]
+    with pytest.raises(ValueError, match=r"^flow matching predicts the velocity; prediction=noise needs process=ddpm$"):
+        denoisers.combination_overrides("unet", "flow", prediction="noise")
     with pytest.raises(ValueError, match=r"^prediction must be noise or velocity, got 'x0'$"):
         denoisers.combination_overrides("dit", "ddpm", prediction="x0")
     with pytest.raises(ValueError, match=r"^denoiser must be one of dit, unet, got 'vit'$"):

@@ -15,6 +15,8 @@ flow matching (t in [0, 1]) and the timestep index under DDPM (0..T-1), so both 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from repro.models.lightningdit import LIGHTNINGDIT_MODELS, build_model
@@ -50,15 +52,20 @@ DDPM_KEYS = ["transport.process=ddpm", "transport.prediction=noise", "transport.
 PREDICTIONS = ("noise", "velocity")
 
 
-def combination_overrides(denoiser: str, process: str, sampler: str = "ddim", prediction: str = "noise") -> list[str]:
+def combination_overrides(denoiser: str, process: str, sampler: str = "ddim",
+                          prediction: Optional[str] = None) -> list[str]:
     """Overrides that turn the own-data preset (LightningDiT-Mini/2 + flow) into `denoiser` + `process`; DDPM's
-    target is `prediction`: noise (ε, lightdiff's and DiT-PyTorch's) or velocity (v, Salimans & Ho 2022)."""
+    target is `prediction`: noise (ε, lightdiff's and DiT-PyTorch's; None) or velocity (v, Salimans & Ho 2022).
+    Flow matching predicts the velocity: any other prediction with it is refused."""
     if denoiser not in SMALL_MODELS:
         raise ValueError(f"denoiser must be one of {', '.join(SMALL_MODELS)}, got {denoiser!r}")
     if process not in ("flow", "ddpm"):
         raise ValueError(f"process must be flow or ddpm, got {process!r}")
-    if prediction not in PREDICTIONS:
+    if prediction not in (None, *PREDICTIONS):
         raise ValueError(f"prediction must be noise or velocity, got {prediction!r}")
+    if process == "flow" and prediction not in (None, "velocity"):
+        raise ValueError(f"flow matching predicts the velocity; prediction={prediction} needs process=ddpm")
+    prediction = prediction or "noise"
     out = [f"model.model_type={SMALL_MODELS[denoiser]}"]
     if process == "ddpm":
         keys = [k if k != "transport.prediction=noise" else f"transport.prediction={prediction}" for k in DDPM_KEYS]
