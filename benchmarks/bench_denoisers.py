@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 from bench_own_data import SETS, run_once  # noqa: E402
 from common import append_results  # noqa: E402
+from repro.setup.own_data_plan import DIT_BATCH as BATCH  # noqa: E402  the plan's denoiser batch
 
 COMBOS = {"dit-flow": ("dit", "flow"), "unet-ddpm": ("unet", "ddpm"), "dit-ddpm": ("dit", "ddpm"),
           "unet-flow": ("unet", "flow")}
-BATCH = 64  # the plan's denoiser batch (repro.setup.own_data_plan.DIT_BATCH)
 
 
 def row(combo: str, result: dict) -> dict:
@@ -49,7 +49,8 @@ def row(combo: str, result: dict) -> dict:
         with np.load(s["samples_npz"]) as f:
             samples = len(f["arr_1"])
     return {"combo": combo, "set": result["set"], "wall": result["wall"], "load": result["load_before"][0],
-            "steps": plan["dit_steps"], "train_ips": plan["dit_steps"] * BATCH / times["dit"] if "dit" in times else None,
+            "steps": plan["dit_steps"],
+            "train_ips": plan["dit_steps"] * BATCH / times["dit"] if "dit" in times else None,
             "sample_ips": samples / times["sampling"] if "sampling" in times else None,
             "recognised": check.get("recognised"), "heldout": check.get("heldout_accuracy"),
             "ratio": check.get("ratio"), "worst": check.get("worst_ratio")}

@@ -12,7 +12,8 @@ one optimizer step of each model costs (a few real steps on random data, seconds
   weights still improve fast to the end, and the decayed learning rate already averages the last steps);
 - the denoiser: LightningDiT-Mini/4 on 16x16 latents, Mini/2 on 8x8 (16 tokens either way), or UNet-Mini
   (`denoiser="unet"`, whose step costs 3.5x the DiT's on 16x16 latents: timed like the DiT's, so fewer steps fill
-  the same time); steps to fill the rest, an EMA decay with a horizon of about a tenth of the run (so the short runs of a CPU average enough steps but not stale ones);
+  the same time); steps to fill the rest, an EMA decay with a horizon of about a tenth of the run (so the short
+  runs of a CPU average enough steps but not stale ones);
 - the fixed costs first (reading, extraction, sampling, the tokenizer's evaluation and the classifier
   check), estimated from the same measurements, so the whole notebook fits the budget.
 
@@ -112,13 +113,13 @@ def measure_tokenizer_step(tokenizer_config: str, overrides: list[str], image_si
 def measure_dit_step(model_type: str, latent_channels: int, latent_side: int, num_classes: int) -> tuple[float, float]:
     """(seconds per optimizer step at batch 64, seconds per forward pass of a batch of 100) of the denoiser
     `model_type` names (a LightningDiT or a UNet of repro.models.unet's registry)."""
+    from repro.models.denoisers import FAMILIES, family_of
     from repro.models.lightningdit import create_model
-    from repro.models.unet import UNET_MODELS
 
     torch.manual_seed(0)
-    if model_type in UNET_MODELS:
-        model = UNET_MODELS[model_type](input_size=latent_side, in_channels=latent_channels,
-                                        num_classes=max(num_classes, 1))
+    if family_of(model_type) == "unet":
+        model = FAMILIES["unet"][model_type](input_size=latent_side, in_channels=latent_channels,
+                                             num_classes=max(num_classes, 1))
     else:
         model = create_model(model_type, input_size=latent_side, in_channels=latent_channels,
                              num_classes=max(num_classes, 1), use_swiglu=True, use_rope=True, use_rmsnorm=True)
@@ -179,11 +180,13 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
         raise ReproError(f"image_size {image_size} is not a multiple of the tokenizer's factor {factor}")
     side = image_size // factor
     tok_set = tokenizer_overrides(image_size, latent_channels, latent_side=latent_side)
-    if denoiser not in ("dit", "unet"):
+    from repro.models.denoisers import SMALL_MODELS
+
+    if denoiser not in SMALL_MODELS:
         raise ReproError(f"denoiser {denoiser!r}: dit (LightningDiT) or unet")
     # LightningDiT-Mini with the patch that makes a 4x4 token grid (Mini/2 on 8x8, Mini/4 on 16x16 latents); the
     # UNet family's small size otherwise: its steps are timed, so the plan's step count fits whichever it is
-    model_type = model_type or (f"LightningDiT-Mini/{max(1, side // 4)}" if denoiser == "dit" else "UNet-Mini")
+    model_type = model_type or (f"LightningDiT-Mini/{max(1, side // 4)}" if denoiser == "dit" else SMALL_MODELS["unet"])
     # 1. what a step costs here, now (measured unless given)
     if step_seconds is None:
         dit_train, dit_forward = measure_dit_step(model_type, latent_channels, side, num_classes)
@@ -218,7 +221,8 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
              f"(measured here: tokenizer {tok_s:.2f} s/step, {model_type} {dit_s:.2f} s/step):",
              f"  tokenizer f{factor}, {latent_channels} latent channels ({side}x{side}x{latent_channels} latents), width 32: "
              f"{tokenizer_steps} steps of {batch}, cosine learning rate, ~{estimate['tokenizer'] / 60:.1f} min",
-             f"  {'DiT' if denoiser == 'dit' else 'UNet'} {model_type} on {side}x{side} latents: {dit_steps} steps of {DIT_BATCH}, EMA decay {dit_ema:.4f}, "
+             f"  {'DiT' if denoiser == 'dit' else 'UNet'} {model_type} on {side}x{side} latents: {dit_steps} steps of "
+             f"{DIT_BATCH}, EMA decay {dit_ema:.4f}, "
              f"~{estimate['dit'] / 60:.1f} min",
              f"  fixed: sampling {num_samples} images ~{fixed['sampling'] / 60:.1f} min, check ~{fixed['check'] / 60:.1f} "
              f"min, extraction and evaluation ~{fixed['extract_and_eval'] / 60:.1f} min; total "
