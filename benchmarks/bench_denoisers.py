@@ -49,7 +49,7 @@ def row(combo: str, result: dict) -> dict:
         with np.load(s["samples_npz"]) as f:
             samples = len(f["arr_1"])
     return {"combo": combo, "set": result["set"], "wall": result["wall"], "load": result["load_before"][0],
-            "steps": plan["dit_steps"],
+            "steps": plan["dit_steps"], "threads": plan.get("threads"),
             "train_ips": plan["dit_steps"] * BATCH / times["dit"] if "dit" in times else None,
             "sample_ips": samples / times["sampling"] if "sampling" in times else None,
             "recognised": check.get("recognised"), "heldout": check.get("heldout_accuracy"),
@@ -60,17 +60,17 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def report(rows: list[dict], params: list[str], threads: int) -> list[str]:
+def report(rows: list[dict], params: list[str]) -> list[str]:
     import torch
 
     lines = [f"## bench_denoisers {time.strftime('%Y-%m-%d %H:%M')}: notebook 04 "
-             f"{' '.join(params) or '(defaults)'} per family, cpu ({os.cpu_count()} cores, {threads} torch thread(s)), "
+             f"{' '.join(params) or '(defaults)'} per family, cpu ({os.cpu_count()} cores), "
              f"torch {torch.__version__}", "",
-             "| set | combination | wall (min) | load avg before | denoiser steps | training img/s | sampling img/s | "
-             "recognised: samples / real held-out (ratio) | worst class ratio |", "|---|---|---|---|---|---|---|---|---|"]
+             "| set | combination | wall (min) | load avg before | torch threads | denoiser steps | training img/s | sampling img/s | "
+             "recognised: samples / real held-out (ratio) | worst class ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rec = "-" if r["recognised"] is None else f"{r['recognised']:.1%} / {r['heldout']:.1%} ({r['ratio']:.2f})"
-        lines.append(f"| {r['set']} | {r['combo']} | {r['wall'] / 60:.1f} | {r['load']:.1f} | {r['steps']} | "
+        lines.append(f"| {r['set']} | {r['combo']} | {r['wall'] / 60:.1f} | {r['load']:.1f} | {r.get('threads') or '-'} | {r['steps']} | "
                      f"{_num(r['train_ips'], '.0f')} | {_num(r['sample_ips'], '.1f')} | {rec} | "
                      f"{_num(r['worst'], '.2f')} |")
     return lines
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--combos", nargs="+", default=["dit-flow", "unet-ddpm", "dit-ddpm"], choices=sorted(COMBOS))
     p.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="another notebook parameter, for every run")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the notebook (its `threads`)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the notebook (its `threads`; 0, its default: the plan times and chooses)")
     p.add_argument("--keep", default=None, help="work folder to keep (one sub-folder per combination and set)")
     p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     a = p.parse_args(argv)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             params = ["-p", "denoiser", denoiser, "-p", "process", process, *extra]
             rows.append(row(combo, run_once(name, params, a.threads, root / combo / name)))
             print(json.dumps(rows[-1]), flush=True)
-    lines = report(rows, [f"{n}={v}" for n, v in a.p], a.threads)
+    lines = report(rows, [f"{n}={v}" for n, v in a.p])
     print("\n".join(lines))
     if not a.no_record:
         append_results(lines)

@@ -78,9 +78,9 @@ def report(results: list[dict], params: list[str]) -> list[str]:
 
     lines = [f"## bench_own_data {time.strftime('%Y-%m-%d %H:%M')}: notebook 04 "
              f"{'(defaults)' if not params else ' '.join(params)}, cpu ({os.cpu_count()} cores), torch {torch.__version__}",
-             "", "| set | wall (min) | load avg before -> after | plan: tokenizer / DiT steps | PSNR dB | recognised: "
+             "", "| set | wall (min) | load avg before -> after | torch threads | plan: tokenizer / DiT steps | PSNR dB | recognised: "
              "samples / real held-out (ratio) | worst class ratio | per class samples/real | FD (real floor) | "
-             "KID (real floor) | borders |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "KID (real floor) | borders |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s, c = r["summary"], r["summary"].get("check") or {}
         tok, d = s.get("tokenizer") or {}, c.get("distance") or {}
@@ -90,7 +90,7 @@ def report(results: list[dict], params: list[str]) -> list[str]:
         kid = f"{d['kid']:.4f} ({d['kid_floor']:.4f})" if d.get("kid") is not None else "-"
         border = "ok" if (c.get("border") or {}).get("ok") else "; ".join((c.get("border") or {}).get("problems", [])[:2])
         lines.append(f"| {r['set']} | {r['wall'] / 60:.1f} | {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f} | "
-                     f"{r['plan']['tokenizer_steps']} / {r['plan']['dit_steps']} | {tok.get('psnr', float('nan')):.2f} | "
+                     f"{r['plan'].get('threads') or '-'} | {r['plan']['tokenizer_steps']} / {r['plan']['dit_steps']} | {tok.get('psnr', float('nan')):.2f} | "
                      f"{rec} | {_ratio(c.get('worst_ratio'))} | {per} | {fd} | {kid} | {border} |")
     return lines
 
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS, help="data sets, one run each")
     p.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="a notebook parameter")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the notebook (its `threads`)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the notebook (its `threads`; 0, its default: the plan times and chooses)")
     p.add_argument("--keep", default=None, help="work folder to keep (one sub-folder per set)")
     p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     a = p.parse_args(argv)

@@ -16,6 +16,7 @@ import json, time
 import torch
 from repro.data.image_sources import list_images
 from repro.data.synthetic import make_digits_folder
+from repro.setup.own_data_plan import horizontal_flip_for
 
 if threads > 0:
     torch.set_num_threads(threads)
@@ -40,6 +41,8 @@ for problem in source.problems[:5]:
 if num_classes < 1:
     raise RuntimeError(f"{folder} needs one sub-folder per class (a single sub-folder trains an unconditional model)")
 guidance = cfg_scale if num_classes > 1 else 1.0
+flip = horizontal_flip_for(horizontal_flip, own_folder=bool(image_folder))
+print(f"horizontal flips {'on' if flip else 'off'} (horizontal_flip={horizontal_flip})")
 if num_classes == 1:
     print("one class: an unconditional model, sampled without classifier-free guidance")
 times["data"] = time.perf_counter() - t0'''
@@ -53,7 +56,9 @@ plan = load_or_plan(work / "plan.json", budget_s=time_budget_minutes * 60,
                     tokenizer_config=tokenizer_config, denoiser=denoiser, samples_per_class=samples_per_class,
                     sampling_steps=sampling_steps, cfg_scale=guidance, check_steps=check_steps,
                     tokenizer_steps=tokenizer_steps or None,
-                    dit_steps=dit_steps or None)
+                    dit_steps=dit_steps or None, threads=threads or None)
+if plan.threads:  # the plan's thread count (the faster one it timed, or `threads`), also when a rerun reuses it
+    torch.set_num_threads(plan.threads)
 print("\\n".join(plan.lines))
 times["plan"] = time.perf_counter() - t0'''
 
@@ -92,6 +97,7 @@ family = [o for o in combination_overrides(denoiser, process, prediction=predict
           if not o.startswith("model.model_type=")]
 dit_set = tok["dit_overrides"] + plan.dit_set + family + [f"data.data_path={work / 'latents'}", f"train.output_dir={work}",
                                                          "train.exp_name=dit", f"data.num_classes={num_classes}",
+                                  f"data.horizontal_flip={str(flip).lower()}",
                                   f"sample.cfg_scale={guidance}", f"sample.num_sampling_steps={sampling_steps}"]
 save_config(load_config(find_config(dit_config), dit_set), dit_yaml, header="notebook 04: the DiT config of this run")
 report = None
@@ -208,6 +214,7 @@ def own_data_notebook() -> nbformat.NotebookNode:
             Param("prediction", str, "", "DDPM's target: velocity (v) or noise (ε, lightdiff's); empty: velocity"),
             Param("tokenizer_steps", int, 0, "tokenizer optimizer steps; 0: the plan's"),
             Param("dit_steps", int, 0, "DiT optimizer steps (batch 64); 0: the plan's"),
+            Param("horizontal_flip", str, "auto", "mirrored copies in training: auto (your folder yes, digits no), true, false"),
             Param("samples_per_class", int, 20, "samples per class for the grid and the check"),
             Param("cfg_scale", float, 3.0, "classifier-free guidance on all channels (1 class: none)"),
             Param("sampling_steps", int, 50, "Euler grid points (DDIM: steps)"),
@@ -216,7 +223,7 @@ def own_data_notebook() -> nbformat.NotebookNode:
             Param("rfid_images", int, 500, "rFID on this many held-out images when the Inception weights exist"),
             Param("tokenizer_time_budget", float, 0.0, "seconds: stop the tokenizer stage early (0: the plan's steps)"),
             Param("dit_time_budget", float, 0.0, "seconds: stop the DiT stage early (0: the plan's steps)"),
-            Param("threads", int, 1, "torch CPU threads (1 was fastest on a busy 2-core machine); 0 keeps torch's"),
+            Param("threads", int, 0, "torch CPU threads; 0: the plan times 1, torch's default and every CPU, and keeps the fastest"),
         ]),
         setup_cell(),
         new_markdown_cell(IMAGES_ON_COLAB_KAGGLE),
@@ -244,7 +251,8 @@ def own_data_notebook() -> nbformat.NotebookNode:
                           "are the posterior means (`--store mean`: a small tokenizer's posterior is wide, and the "
                           "DiT learns its draws much more slowly)."),
         new_code_cell(EXTRACT),
-        new_markdown_cell("## Step 7: train LightningDiT\nNo horizontal flips (`data.horizontal_flip: false`), "
+        new_markdown_cell("## Step 7: train LightningDiT\nMirrored latents (`data.horizontal_flip`, as upstream) for your "
+                          "folder, none for the digits (a mirrored 2 is not a 2; parameter `horizontal_flip`), "
                           "label dropout 0.1 for guidance; the loss curve:"),
         new_code_cell(TRAIN),
         new_markdown_cell("## Step 4: sample, with class names and x0 trajectories\n`samples.npz` holds `arr_0` "

@@ -15,7 +15,10 @@ one optimizer step of each model costs (a few real steps on random data, seconds
   the same time); steps to fill the rest, an EMA decay with a horizon of about a tenth of the run (so the short
   runs of a CPU average enough steps but not stale ones);
 - the fixed costs first (reading, extraction, sampling, the tokenizer's evaluation and the classifier
-  check), estimated from the same measurements, so the whole notebook fits the budget.
+  check), estimated from the same measurements, so the whole notebook fits the budget;
+- torch's CPU threads, unless the notebook fixes them: the denoiser's step is timed with one thread, torch's
+  default and every usable CPU, and the fastest is kept (all of 2 idle cores: 1.6-1.7x the steps; one thread
+  when other jobs share the cores), before the other measurements.
 
 The plan is printed as a few lines (`plan.lines`) and carried as `--set` overrides for steps 9 and 7.
 
@@ -25,7 +28,7 @@ The plan is printed as a few lines (`plan.lines`) and carried as `--set` overrid
 
 from __future__ import annotations
 
-import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -41,6 +44,9 @@ DIT_BATCH = 64
 LATENT_SIDE = 16  # the latent grid the tokenizer's factor aims at (LightningDiT-Mini/4: 16 tokens)
 MIN_TOKENIZER_STEPS, MIN_DIT_STEPS = 100, 300
 GAN_STEP_COST = 1.5  # a tokenizer step with the PatchGAN (its passes, the adaptive weight): 0.31 vs 0.21 s at 32 px
+# a training step in the loop over the bare step the plan times (data stream, EMA, logs, checkpoints): 1.11x (DiT)
+# and 1.15x (tokenizer) in the first log rows of a 2-thread run; without it that run took 17.0 of its 15 minutes
+TRAIN_OVERHEAD = 1.12
 SAFETY = 0.92  # of the budget planned: the machine's other jobs come and go (step times varied 2x in one run)
 
 
@@ -54,6 +60,7 @@ class OwnDataPlan:
     step_seconds: dict
     estimate_s: dict
     lines: list[str] = field(default_factory=list)
+    threads: Optional[int] = None  # torch's CPU threads the steps were timed with (None: a plan saved before them)
 
 
 def tokenizer_factor(image_size: int, latent_side: int = LATENT_SIDE) -> int:
@@ -74,6 +81,16 @@ def tokenizer_overrides(image_size: int, latent_channels: int = 4, width: int = 
     ch_mult = CH_MULT[tokenizer_factor(image_size, latent_side)]
     return [f"model.ch={width}", f"model.ch_mult=[{','.join(map(str, ch_mult))}]", f"model.z_channels={latent_channels}",
             f"model.embed_dim={latent_channels}", f"model.resolution={image_size}", f"data.image_size={image_size}"]
+
+
+def horizontal_flip_for(setting: str, own_folder: bool) -> bool:
+    """Notebook 04's `horizontal_flip`: "true", "false", or "auto" = mirrored latents for the user's folder and none
+    for the bundled digits (a mirrored 2 is not a 2). Flips doubled textured_shapes' data and lifted its dotted
+    triangles from 0.76 to 0.88 of the real rate (benchmarks/RESULTS.md 2026-12-06); upstream trains with them."""
+    if setting not in ("auto", "true", "false"):
+        raise ReproError(f"horizontal_flip={setting!r}: choose auto (flips for your folder, none for the digits), "
+                         "true or false")
+    return own_folder if setting == "auto" else setting == "true"
 
 
 def ema_decay_for(steps: int, horizon: float = 0.1, lo: float = 0.99, hi: float = 0.9999) -> float:
@@ -140,6 +157,23 @@ def measure_dit_step(model_type: str, latent_channels: int, latent_side: int, nu
     return train, forward
 
 
+def fastest_threads(time_step, candidates: Optional[list[int]] = None, rounds: int = 2) -> tuple[int, dict]:
+    """The thread count whose `time_step()` is fastest, and every timing; leaves torch at that count. By default
+    1, torch's current count and the CPUs this process may use (a rerun in a kernel left at 1 still tries all).
+    Each count is timed `rounds` times, interleaved, and keeps its fastest: a moment of load on one core slows 2
+    threads 30x (measured), and one such moment must not decide the whole run."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    candidates = sorted(set(candidates or [1, torch.get_num_threads(), usable]))
+    timings: dict[int, float] = {}
+    for _ in range(rounds):
+        for n in candidates:
+            torch.set_num_threads(n)
+            timings[n] = min(timings.get(n, float("inf")), time_step())
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    return best, timings
+
+
 def measure_check_step(image_size: int, num_classes: int) -> float:
     """Seconds per training step of the check's classifier (repro.evaluation.feature_classifier, batch 64)."""
     from repro.evaluation.feature_classifier import SmallConvNet
@@ -164,10 +198,11 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
                   latent_channels: int = 4, latent_side: int = LATENT_SIDE, samples_per_class: int = 20, sampling_steps: int = 50,
                   cfg_scale: float = 3.0, check_steps: int = 400, tokenizer_share: float = TOKENIZER_SHARE,
                   tokenizer_steps: Optional[int] = None, dit_steps: Optional[int] = None,
-                  step_seconds: Optional[dict] = None) -> OwnDataPlan:
+                  step_seconds: Optional[dict] = None, threads: Optional[int] = None) -> OwnDataPlan:
     """The recipe for a folder of `num_images` images of `num_classes` classes at `image_size` px in
     `budget_s` seconds, for a `denoiser` of that family ("dit" or "unet"); explicit `tokenizer_steps` /
-    `dit_steps` are kept; `step_seconds` skips measuring."""
+    `dit_steps` are kept; `step_seconds` skips measuring; `threads` fixes torch's CPU threads (None: the
+    fastest count `fastest_threads` times with the denoiser's step; torch is left at the plan's `threads`)."""
     if budget_s <= 0:
         raise ReproError(f"time budget {budget_s} s: give the notebook a positive budget in minutes")
     from repro.resources import find_config
@@ -187,15 +222,22 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
     # LightningDiT-Mini with the patch that makes a 4x4 token grid (Mini/2 on 8x8, Mini/4 on 16x16 latents); the
     # UNet family's small size otherwise: its steps are timed, so the plan's step count fits whichever it is
     model_type = model_type or (f"LightningDiT-Mini/{max(1, side // 4)}" if denoiser == "dit" else SMALL_MODELS["unet"])
-    # 1. what a step costs here, now (measured unless given)
+    # 1. what a step costs here, now (measured unless given), with the threads that make it cheapest
+    thread_seconds = {}
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif step_seconds is None:
+        threads, thread_seconds = fastest_threads(lambda: measure_dit_step(model_type, latent_channels, side,
+                                                                           num_classes)[0])
+    threads = threads or torch.get_num_threads()
     if step_seconds is None:
         dit_train, dit_forward = measure_dit_step(model_type, latent_channels, side, num_classes)
         step_seconds = {"tokenizer": measure_tokenizer_step(tokenizer_config, tok_set, image_size),
                         "dit": dit_train, "dit_forward_100": dit_forward,
                         "check": measure_check_step(image_size, num_classes)}
     # the PatchGAN's steps (from 60% of the run on) cost about GAN_STEP_COST of a plain step
-    tok_s = step_seconds["tokenizer"] * (1 + 0.4 * (GAN_STEP_COST - 1) if gan else 1.0)
-    dit_s = step_seconds["dit"]
+    tok_s = step_seconds["tokenizer"] * TRAIN_OVERHEAD * (1 + 0.4 * (GAN_STEP_COST - 1) if gan else 1.0)
+    dit_s = step_seconds["dit"] * TRAIN_OVERHEAD
     # 2. the fixed costs: the classifier check, sampling (guided: two rows per image), extraction, evaluation
     num_samples = samples_per_class * max(num_classes, 1)
     guided = 2 if num_classes > 1 and cfg_scale != 1.0 else 1
@@ -218,7 +260,8 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
     dit_set = [f"model.model_type={model_type}", f"train.max_steps={dit_steps}", f"train.ema_decay={dit_ema}",
                f"train.ckpt_every={max(500, dit_steps // 4)}", f"train.global_batch_size={DIT_BATCH}"]
     lines = [f"plan for {num_images} images, {num_classes} class(es), {image_size} px, budget {budget_s / 60:.1f} min "
-             f"(measured here: tokenizer {tok_s:.2f} s/step, {model_type} {dit_s:.2f} s/step):",
+             f"(measured here with {threads} torch thread(s): tokenizer {step_seconds['tokenizer']:.2f} s/step, "
+             f"{model_type} {step_seconds['dit']:.2f} s/step; planned with {TRAIN_OVERHEAD}x for the loop's own work):",
              f"  tokenizer f{factor}, {latent_channels} latent channels ({side}x{side}x{latent_channels} latents), width 32: "
              f"{tokenizer_steps} steps of {batch}, cosine learning rate, ~{estimate['tokenizer'] / 60:.1f} min",
              f"  {'DiT' if denoiser == 'dit' else 'UNet'} {model_type} on {side}x{side} latents: {dit_steps} steps of "
@@ -227,10 +270,13 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
              f"  fixed: sampling {num_samples} images ~{fixed['sampling'] / 60:.1f} min, check ~{fixed['check'] / 60:.1f} "
              f"min, extraction and evaluation ~{fixed['extract_and_eval'] / 60:.1f} min; total "
              f"~{sum(estimate.values()) / 60:.1f} min"]
+    if len(thread_seconds) > 1:
+        lines.append("  torch threads timed (denoiser step): " + ", ".join(
+            f"{n}: {v:.3f} s" for n, v in sorted(thread_seconds.items())) + f"; {threads} kept")
     if train_s < (MIN_TOKENIZER_STEPS * tok_s + MIN_DIT_STEPS * dit_s):
         lines.append(f"  the budget is too short for these images: the minimum run takes ~{sum(estimate.values()) / 60:.0f}"
                      " min; quality will be low (raise the budget)")
-    return OwnDataPlan(budget_s, tok_set, dit_set, tokenizer_steps, dit_steps, step_seconds, estimate, lines)
+    return OwnDataPlan(budget_s, tok_set, dit_set, tokenizer_steps, dit_steps, step_seconds, estimate, lines, threads)
 
 
 def load_or_plan(path, **inputs) -> OwnDataPlan:
