@@ -223,7 +223,7 @@ def own_data_notebook() -> nbformat.NotebookNode:
             Param("rfid_images", int, 500, "rFID on this many held-out images when the Inception weights exist"),
             Param("tokenizer_time_budget", float, 0.0, "seconds: stop the tokenizer stage early (0: the plan's steps)"),
             Param("dit_time_budget", float, 0.0, "seconds: stop the DiT stage early (0: the plan's steps)"),
-            Param("threads", int, 0, "torch CPU threads; 0: the plan times 1, torch's default and every CPU, and keeps the fastest"),
+            Param("threads", int, 0, "torch CPU threads; 0: the plan times 1, torch's default and every CPU, and keeps the fastest (1 if other jobs will share the cores)"),
         ]),
         setup_cell(),
         new_markdown_cell(IMAGES_ON_COLAB_KAGGLE),
