@@ -66,11 +66,13 @@ def report(rows: list[dict], params: list[str]) -> list[str]:
     lines = [f"## bench_denoisers {time.strftime('%Y-%m-%d %H:%M')}: notebook 04 "
              f"{' '.join(params) or '(defaults)'} per family, cpu ({os.cpu_count()} cores), "
              f"torch {torch.__version__}", "",
-             "| set | combination | wall (min) | load avg before | torch threads | denoiser steps | training img/s | sampling img/s | "
-             "recognised: samples / real held-out (ratio) | worst class ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| set | combination | wall (min) | load avg before | torch threads | denoiser steps | training img/s | "
+             "sampling img/s | recognised: samples / real held-out (ratio) | worst class ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rec = "-" if r["recognised"] is None else f"{r['recognised']:.1%} / {r['heldout']:.1%} ({r['ratio']:.2f})"
-        lines.append(f"| {r['set']} | {r['combo']} | {r['wall'] / 60:.1f} | {r['load']:.1f} | {r.get('threads') or '-'} | {r['steps']} | "
+        lines.append(f"| {r['set']} | {r['combo']} | {r['wall'] / 60:.1f} | {r['load']:.1f} | "
+                     f"{r.get('threads') or '-'} | {r['steps']} | "
                      f"{_num(r['train_ips'], '.0f')} | {_num(r['sample_ips'], '.1f')} | {rec} | "
                      f"{_num(r['worst'], '.2f')} |")
     return lines

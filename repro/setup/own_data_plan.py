@@ -261,7 +261,8 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
                f"train.ckpt_every={max(500, dit_steps // 4)}", f"train.global_batch_size={DIT_BATCH}"]
     lines = [f"plan for {num_images} images, {num_classes} class(es), {image_size} px, budget {budget_s / 60:.1f} min "
              f"(measured here with {threads} torch thread(s): tokenizer {step_seconds['tokenizer']:.2f} s/step, "
-             f"{model_type} {step_seconds['dit']:.2f} s/step; planned with {TRAIN_OVERHEAD}x for the loop's own work):",
+             f"{model_type} {step_seconds['dit']:.2f} s/step; planned with {TRAIN_OVERHEAD}x for the loop's "
+             "own work):",
              f"  tokenizer f{factor}, {latent_channels} latent channels ({side}x{side}x{latent_channels} latents), width 32: "
              f"{tokenizer_steps} steps of {batch}, cosine learning rate, ~{estimate['tokenizer'] / 60:.1f} min",
              f"  {'DiT' if denoiser == 'dit' else 'UNet'} {model_type} on {side}x{side} latents: {dit_steps} steps of "
