@@ -78,7 +78,8 @@ def report(results: list[dict], params: list[str]) -> list[str]:
 
     lines = [f"## bench_own_data {time.strftime('%Y-%m-%d %H:%M')}: notebook 04 "
              f"{'(defaults)' if not params else ' '.join(params)}, cpu ({os.cpu_count()} cores), torch {torch.__version__}",
-             "", "| set | wall (min) | load avg before -> after | torch threads | plan: tokenizer / DiT steps | PSNR dB | recognised: "
+             "", "| set | wall (min) | load avg before -> after | torch threads | plan: tokenizer / DiT steps | "
+             "PSNR dB | recognised: "
              "samples / real held-out (ratio) | worst class ratio | per class samples/real | FD (real floor) | "
              "KID (real floor) | borders |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -90,7 +91,8 @@ def report(results: list[dict], params: list[str]) -> list[str]:
         kid = f"{d['kid']:.4f} ({d['kid_floor']:.4f})" if d.get("kid") is not None else "-"
         border = "ok" if (c.get("border") or {}).get("ok") else "; ".join((c.get("border") or {}).get("problems", [])[:2])
         lines.append(f"| {r['set']} | {r['wall'] / 60:.1f} | {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f} | "
-                     f"{r['plan'].get('threads') or '-'} | {r['plan']['tokenizer_steps']} / {r['plan']['dit_steps']} | {tok.get('psnr', float('nan')):.2f} | "
+                     f"{r['plan'].get('threads') or '-'} | {r['plan']['tokenizer_steps']} / {r['plan']['dit_steps']} | "
+                     f"{tok.get('psnr', float('nan')):.2f} | "
                      f"{rec} | {_ratio(c.get('worst_ratio'))} | {per} | {fd} | {kid} | {border} |")
     return lines
 

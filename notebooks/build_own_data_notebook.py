@@ -18,8 +18,6 @@ from repro.data.image_sources import list_images
 from repro.data.synthetic import make_digits_folder
 from repro.setup.own_data_plan import horizontal_flip_for
 
-if threads > 0:
-    torch.set_num_threads(threads)
 work = env.root / "own_data"
 times = {}
 t_start = t0 = time.perf_counter()

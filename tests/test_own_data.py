@@ -196,7 +196,7 @@ def test_odd_images_are_converted_and_unreadable_ones_reported(tmp_path):
 def test_notebook_04_runs_headless_with_tiny_parameters(tmp_path):
     out = tmp_path / "out.ipynb"
     params = dict(workdir=tmp_path / "w", images_per_class=7, tokenizer_steps=3, dit_steps=3, samples_per_class=2,
-                  sampling_steps=4, trajectory=2, rfid_images=0, check_steps=10)
+                  sampling_steps=4, trajectory=2, rfid_images=0, check_steps=10, horizontal_flip="true")
     cmd = [sys.executable, "-m", "papermill", str(PROJECT_ROOT / "notebooks" / "04_own_data.ipynb"), str(out),
            "--no-progress-bar", *[a for k, v in params.items() for a in ("-p", k, str(v))]]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
@@ -207,6 +207,9 @@ def test_notebook_04_runs_headless_with_tiny_parameters(tmp_path):
     assert set(summary["times"]) >= {"data", "plan", "tokenizer", "tokenizer_eval", "extract", "dit", "sampling",
                                      "evaluation", "total"}
     assert summary["plan"][0].startswith("plan for 70 images, 10 class(es), 32 px, budget 15.0 min")
+    assert "torch thread(s)" in summary["plan"][0]  # the plan's thread count (timed: `threads` 0)
+    # horizontal_flip reaches step 7's config (auto is off for the digits: here it is asked for)
+    assert "horizontal_flip: true" in (work / "dit.yaml").read_text()
     with np.load(summary["samples_npz"]) as f:
         assert f["arr_0"].shape == (20, 32, 32, 3) and f["arr_0"].dtype == np.uint8 and f["arr_1"].max() == 9
     import nbformat
@@ -216,6 +219,7 @@ def test_notebook_04_runs_headless_with_tiny_parameters(tmp_path):
     assert pngs >= 5, pngs  # tokenizer loss, reconstructions, DiT loss, sample grid, one x0 strip
     assert "recognised as the class asked for; real held-out images" in text and "feature distance" in text
     assert "borders" in text and "tokenizer f2, 4 latent channels" in text
+    assert "horizontal flips on (horizontal_flip=true)" in text
 
 
 @pytest.mark.slow

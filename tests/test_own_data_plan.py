@@ -36,7 +36,7 @@ def test_the_plan_fills_the_budget_and_says_so():
     assert 0.85 * 900 < total <= 900
     assert plan.estimate_s["tokenizer"] > 0.2 * 900 and plan.estimate_s["dit"] > 0.3 * 900
     # TOKENIZER_SHARE: half the training time each (within one step of each)
-    assert abs(plan.estimate_s["tokenizer"] - plan.estimate_s["dit"]) <= (STEPS["dit"] + STEPS["tokenizer"]) * 1.2
+    assert abs(plan.estimate_s["tokenizer"] - plan.estimate_s["dit"]) <= (STEPS["dit"] + STEPS["tokenizer"]) * TRAIN_OVERHEAD
     # a step in the training loop costs more than the bare step timed (a 2-thread run took 17.0 of its 15 min)
     assert TRAIN_OVERHEAD >= 1.1
     assert plan.estimate_s["dit"] == pytest.approx(plan.dit_steps * STEPS["dit"] * TRAIN_OVERHEAD)
