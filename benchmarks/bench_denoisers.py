@@ -8,8 +8,9 @@ Each (combination, data set) is one headless run of `notebooks/04_own_data.ipynb
 `run_once`: the same data sets, digits, photo_patches and textured_shapes) with `-p denoiser D -p process P` on top
 of the notebook's defaults: the plan times the chosen denoiser on this machine and gives it the steps that fit the
 same wall budget (15 minutes for the whole notebook), so a slower family trains fewer steps, not longer. Sampling is
-the notebook's: 20 images per class, cfg 3, 50 steps (Euler for flow, DDIM eta 0 for DDPM, which predicts v: the
-notebook's `prediction` default; `-p prediction noise` gives ε, benchmarks/RESULTS.md says why it is not the default).
+the notebook's: 20 images per class, cfg 3, 50 steps (Euler for flow, DDIM eta 0 for DDPM, which predicts v with the
+cosine schedule: the notebook's `prediction` and `schedule` defaults; `-p prediction noise -p schedule linear` gives
+lightdiff's ε and linear schedule, benchmarks/RESULTS.md says why they are not the defaults).
 
 Reported per run: wall time, the denoiser's steps, training images/s (steps x batch 64 / its stage time), sampling
 images/s (images / its stage time, guided), the share of samples the check's classifier recognises as the class

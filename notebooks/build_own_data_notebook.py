@@ -16,7 +16,6 @@ import json, time
 import torch
 from repro.data.image_sources import list_images
 from repro.data.synthetic import make_digits_folder
-from repro.setup.own_data_plan import horizontal_flip_for
 
 work = env.root / "own_data"
 times = {}
@@ -39,14 +38,12 @@ for problem in source.problems[:5]:
 if num_classes < 1:
     raise RuntimeError(f"{folder} needs one sub-folder per class (a single sub-folder trains an unconditional model)")
 guidance = cfg_scale if num_classes > 1 else 1.0
-flip = horizontal_flip_for(horizontal_flip, own_folder=bool(image_folder))
-print(f"horizontal flips {'on' if flip else 'off'} (horizontal_flip={horizontal_flip})")
 if num_classes == 1:
     print("one class: an unconditional model, sampled without classifier-free guidance")
 times["data"] = time.perf_counter() - t0'''
 
 PLAN = '''\
-from repro.setup.own_data_plan import load_or_plan
+from repro.setup.own_data_plan import DIT_BATCH, FLIP_MIN_EPOCHS, horizontal_flip_for, load_or_plan
 t0 = time.perf_counter()
 plan = load_or_plan(work / "plan.json", budget_s=time_budget_minutes * 60,
                     image_size=image_size, num_images=len(source), num_classes=num_classes,
@@ -58,6 +55,10 @@ plan = load_or_plan(work / "plan.json", budget_s=time_budget_minutes * 60,
 if plan.threads:  # the plan's thread count (the faster one it timed, or `threads`), also when a rerun reuses it
     torch.set_num_threads(plan.threads)
 print("\\n".join(plan.lines))
+epochs = plan.dit_steps * DIT_BATCH / max(len(source), 1)
+flip = horizontal_flip_for(horizontal_flip, own_folder=bool(image_folder), epochs=epochs)
+print(f"horizontal flips {'on' if flip else 'off'} (horizontal_flip={horizontal_flip}; the denoiser sees each image "
+      f"~{epochs:.0f} times, auto flips from {FLIP_MIN_EPOCHS})")
 times["plan"] = time.perf_counter() - t0'''
 
 TOKENIZER = '''\
@@ -85,14 +86,13 @@ if tok_eval:
 
 EXTRACT = '''\
 from repro.config import load_config, save_config
-from repro.models.denoisers import combination_overrides
+from repro.models.denoisers import own_data_overrides
 from repro.resources import find_config
 from steps import step6_extract
 dit_yaml = work / "dit.yaml"
-process = process or {"dit": "flow", "unet": "ddpm"}[denoiser]  # each family's own process unless set
-# the plan chose (and timed) the denoiser; the process keys (DDPM: v or ε, linear schedule, DDIM) come from the family table
-family = [o for o in combination_overrides(denoiser, process, prediction=prediction or "velocity")
-          if not o.startswith("model.model_type=")]
+# the plan chose (and timed) the denoiser; the process keys: its family's own process unless set, DDPM with v on the
+# cosine schedule unless `prediction` / `schedule` say otherwise
+process, family = own_data_overrides(denoiser, process, prediction, schedule)
 dit_set = tok["dit_overrides"] + plan.dit_set + family + [f"data.data_path={work / 'latents'}", f"train.output_dir={work}",
                                                          "train.exp_name=dit", f"data.num_classes={num_classes}",
                                   f"data.horizontal_flip={str(flip).lower()}",
@@ -210,9 +210,12 @@ def own_data_notebook() -> nbformat.NotebookNode:
             Param("denoiser", str, "dit", "dit (LightningDiT-Mini) or unet (UNet-Mini)"),
             Param("process", str, "", "flow or ddpm (DDIM sampling); empty: flow for dit, ddpm for unet"),
             Param("prediction", str, "", "DDPM's target: velocity (v) or noise (ε, lightdiff's); empty: velocity"),
+            Param("schedule", str, "", "DDPM's noise schedule: cosine, linear (lightdiff's default) or scaled_linear; "
+                  "empty: cosine"),
             Param("tokenizer_steps", int, 0, "tokenizer optimizer steps; 0: the plan's"),
             Param("dit_steps", int, 0, "DiT optimizer steps (batch 64); 0: the plan's"),
-            Param("horizontal_flip", str, "auto", "mirrored copies in training: auto (your folder yes, digits no), true, false"),
+            Param("horizontal_flip", str, "auto", "mirrored copies in training: auto (your folder in a run of 100+ "
+                  "epochs, digits no), true, false"),
             Param("samples_per_class", int, 20, "samples per class for the grid and the check"),
             Param("cfg_scale", float, 3.0, "classifier-free guidance on all channels (1 class: none)"),
             Param("sampling_steps", int, 50, "Euler grid points (DDIM: steps)"),
@@ -250,7 +253,8 @@ def own_data_notebook() -> nbformat.NotebookNode:
                           "DiT learns its draws much more slowly)."),
         new_code_cell(EXTRACT),
         new_markdown_cell("## Step 7: train LightningDiT\nMirrored latents (`data.horizontal_flip`, as upstream) for your "
-                          "folder, none for the digits (a mirrored 2 is not a 2; parameter `horizontal_flip`), "
+                          "folder when the plan shows each image 100+ times (a shorter run is short of steps, not "
+                          "data), none for the digits (a mirrored 2 is not a 2; parameter `horizontal_flip`), "
                           "label dropout 0.1 for guidance; the loss curve:"),
         new_code_cell(TRAIN),
         new_markdown_cell("## Step 4: sample, with class names and x0 trajectories\n`samples.npz` holds `arr_0` "

@@ -240,6 +240,7 @@ def test_notebook_04_runs_headless_with_a_unet_and_ddim(tmp_path):
     dit_yaml = load_config(tmp_path / "w" / "own_data" / "dit.yaml")
     assert dit_yaml.model.model_type == "UNet-Mini" and dit_yaml.transport.process == "ddpm"
     assert dit_yaml.transport.prediction == "velocity"  # notebook 04's DDPM default (ε: `prediction=noise`)
+    assert dit_yaml.transport.schedule == "cosine"  # ... and its schedule (lightdiff's default: `schedule=linear`)
     assert dit_yaml.sample.sampling_method == "ddim"
     with np.load(summary["samples_npz"]) as f:
         assert f["arr_0"].shape == (20, 32, 32, 3)
@@ -247,7 +248,7 @@ def test_notebook_04_runs_headless_with_a_unet_and_ddim(tmp_path):
 
 @pytest.mark.slow
 def test_acceptance_notebook_04_with_a_unet_recognises_at_least_90_percent(tmp_path):
-    """The full default run with denoiser=unet (UNet-Mini, DDPM ε, DDIM 50 steps)."""
+    """The full default run with denoiser=unet (UNet-Mini, DDPM v on the cosine schedule, DDIM 50 steps)."""
     summary = run_notebook_04(tmp_path, workdir=tmp_path / "w", denoiser="unet")
     check = summary["check"]
     print(check["summary"], f"stage times {summary['times']}")

@@ -331,6 +331,21 @@ def test_denoisers_combination_overrides_are_these_lists():
     assert denoisers.combination_overrides("unet", "ddpm", prediction="velocity") == ["model.model_type=UNet-Mini", *v,
                                                                                      "sample.sampling_method=ddim"]
     assert denoisers.combination_overrides("dit", "flow", prediction="velocity") == ["model.model_type=LightningDiT-Mini/2"]
+    cos = [k.replace("schedule=linear", "schedule=cosine") for k in ddpm]
+    # notebook 04's defaults: each family's process; DDPM with v on the cosine schedule, unless given
+    v_cos = [k.replace("prediction=noise", "prediction=velocity") for k in cos]
+    assert denoisers.own_data_overrides("unet") == ("ddpm", [*v_cos, "sample.sampling_method=ddim"])
+    assert denoisers.own_data_overrides("dit", "ddpm") == ("ddpm", [*v_cos, "sample.sampling_method=ddim"])
+    assert denoisers.own_data_overrides("dit") == ("flow", []) == denoisers.own_data_overrides("unet", "flow")
+    assert denoisers.own_data_overrides("unet", "", "noise", "linear") == ("ddpm", [*ddpm, "sample.sampling_method=ddim"])
+    with pytest.raises(ValueError, match=r"^flow matching has no noise schedule; schedule=cosine needs process=ddpm$"):
+        denoisers.own_data_overrides("dit", "", "", "cosine")
+    assert denoisers.combination_overrides("dit", "ddpm", schedule="cosine") == ["model.model_type=LightningDiT-Mini/2",
+                                                                                *cos, "sample.sampling_method=ddim"]
+    with pytest.raises(ValueError, match=r"^flow matching has no noise schedule; schedule=linear needs process=ddpm$"):
+        denoisers.combination_overrides("dit", "flow", schedule="linear")
+    with pytest.raises(ValueError, match=r"^schedule must be one of linear, scaled_linear, cosine, got 'sigmoid'$"):
+        denoisers.combination_overrides("unet", "ddpm", schedule="sigmoid")
     with pytest.raises(ValueError, match=r"^flow matching predicts the velocity; prediction=noise needs process=ddpm$"):
         denoisers.combination_overrides("unet", "flow", prediction="noise")
     with pytest.raises(ValueError, match=r"^prediction must be noise or velocity, got 'x0'$"):

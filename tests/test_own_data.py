@@ -219,7 +219,7 @@ def test_notebook_04_runs_headless_with_tiny_parameters(tmp_path):
     assert pngs >= 5, pngs  # tokenizer loss, reconstructions, DiT loss, sample grid, one x0 strip
     assert "recognised as the class asked for; real held-out images" in text and "feature distance" in text
     assert "borders" in text and "tokenizer f2, 4 latent channels" in text
-    assert "horizontal flips on (horizontal_flip=true)" in text
+    assert "horizontal flips on (horizontal_flip=true; the denoiser sees each image" in text
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import torch
 
 from repro.models.lightningdit import LIGHTNINGDIT_MODELS, build_model
 from repro.models.unet import UNET_MODELS
+from repro.transport.ddpm import PREDICTIONS, SCHEDULES
 
 FAMILIES = {"dit": LIGHTNINGDIT_MODELS, "unet": UNET_MODELS}
 FLOW_TIME_SCALE = 1000.0  # a UNet under flow matching: t in [0, 1] -> the sinusoid's usual 0..1000 range
@@ -47,27 +48,47 @@ def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 # Notebook 04 and benchmarks/bench_denoisers.py: one combination as config overrides on configs/train/own_data.yaml.
 SMALL_MODELS = {"dit": "LightningDiT-Mini/2", "unet": "UNet-Mini"}
-DDPM_KEYS = ["transport.process=ddpm", "transport.prediction=noise", "transport.schedule=linear",
-             "transport.num_timesteps=1000", "transport.use_cosine_loss=false", "transport.use_lognorm=false"]
-PREDICTIONS = ("noise", "velocity")
+DDPM_KEYS = ["transport.num_timesteps=1000", "transport.use_cosine_loss=false", "transport.use_lognorm=false"]
 
 
 def combination_overrides(denoiser: str, process: str, sampler: str = "ddim",
-                          prediction: Optional[str] = None) -> list[str]:
+                          prediction: Optional[str] = None, schedule: Optional[str] = None) -> list[str]:
     """Overrides that turn the own-data preset (LightningDiT-Mini/2 + flow) into `denoiser` + `process`; DDPM's
-    target is `prediction`: noise (ε, lightdiff's and DiT-PyTorch's; None) or velocity (v, Salimans & Ho 2022).
-    Flow matching predicts the velocity: any other prediction with it is refused."""
+    target is `prediction`: noise (ε, lightdiff's and DiT-PyTorch's; None) or velocity (v, Salimans & Ho 2022),
+    and its noise `schedule`: linear (theirs; None), cosine (Nichol & Dhariwal 2021, lightdiff's option) or
+    scaled_linear. Flow matching predicts the velocity and has no β schedule: other values with it are refused."""
     if denoiser not in SMALL_MODELS:
         raise ValueError(f"denoiser must be one of {', '.join(SMALL_MODELS)}, got {denoiser!r}")
     if process not in ("flow", "ddpm"):
         raise ValueError(f"process must be flow or ddpm, got {process!r}")
     if prediction not in (None, *PREDICTIONS):
         raise ValueError(f"prediction must be noise or velocity, got {prediction!r}")
+    if schedule not in (None, *SCHEDULES):
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if process == "flow" and prediction not in (None, "velocity"):
         raise ValueError(f"flow matching predicts the velocity; prediction={prediction} needs process=ddpm")
-    prediction = prediction or "noise"
+    if process == "flow" and schedule is not None:
+        raise ValueError(f"flow matching has no noise schedule; schedule={schedule} needs process=ddpm")
     out = [f"model.model_type={SMALL_MODELS[denoiser]}"]
     if process == "ddpm":
-        keys = [k if k != "transport.prediction=noise" else f"transport.prediction={prediction}" for k in DDPM_KEYS]
-        out += keys + [f"sample.sampling_method={sampler}"]
+        out += ["transport.process=ddpm", f"transport.prediction={prediction or 'noise'}",
+                f"transport.schedule={schedule or 'linear'}", *DDPM_KEYS, f"sample.sampling_method={sampler}"]
     return out
+
+
+# Notebook 04's choices where it departs from upstream (benchmarks/RESULTS.md): each family's own process; DDPM
+# predicts v (ε's errors grow 156x at high noise) on the cosine schedule (the linear one leaves 40% of the steps
+# on all but pure noise)
+OWN_DATA_PROCESS = {"dit": "flow", "unet": "ddpm"}
+OWN_DATA_DDPM = {"prediction": "velocity", "schedule": "cosine"}
+
+
+def own_data_overrides(denoiser: str, process: str = "", prediction: str = "",
+                       schedule: str = "") -> tuple[str, list[str]]:
+    """Notebook 04's (process, its config overrides) for `denoiser`: an empty argument takes OWN_DATA_PROCESS and,
+    under DDPM, OWN_DATA_DDPM. The model type is the plan's, so it is left out."""
+    process = process or OWN_DATA_PROCESS.get(denoiser, "flow")
+    ddpm = OWN_DATA_DDPM if process == "ddpm" else {}
+    keys = combination_overrides(denoiser, process, prediction=prediction or ddpm.get("prediction"),
+                                 schedule=schedule or ddpm.get("schedule"))
+    return process, [k for k in keys if not k.startswith("model.model_type=")]

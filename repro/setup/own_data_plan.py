@@ -83,14 +83,21 @@ def tokenizer_overrides(image_size: int, latent_channels: int = 4, width: int = 
             f"model.embed_dim={latent_channels}", f"model.resolution={image_size}", f"data.image_size={image_size}"]
 
 
-def horizontal_flip_for(setting: str, own_folder: bool) -> bool:
-    """Notebook 04's `horizontal_flip`: "true", "false", or "auto" = mirrored latents for the user's folder and none
-    for the bundled digits (a mirrored 2 is not a 2). Flips doubled textured_shapes' data and lifted its dotted
-    triangles from 0.76 to 0.88 of the real rate (benchmarks/RESULTS.md 2026-12-06); upstream trains with them."""
+# "auto" flips only when the denoiser sees each image this often: a short run is not short of data, and mirrored
+# copies add modes the real images may lack (textured_shapes' one-way stripes; 2026-12-07, benchmarks/RESULTS.md)
+FLIP_MIN_EPOCHS = 100
+
+
+def horizontal_flip_for(setting: str, own_folder: bool, epochs: float) -> bool:
+    """Notebook 04's `horizontal_flip`: "true", "false", or "auto" = mirrored latents for the user's folder when the
+    denoiser's planned `epochs` (steps x batch / images) reach FLIP_MIN_EPOCHS, and none for the bundled digits (a
+    mirrored 2 is not a 2). On textured_shapes flips lifted LightningDiT's dotted triangles from 0.76 to 0.88 of the
+    real rate in 175 epochs, and cost the UNet's striped discs 1.00 -> 0.29 in 57 epochs (their stripes run one way:
+    the mirrored way is a second mode it has no time to learn, and it paints both, a checker); upstream flips."""
     if setting not in ("auto", "true", "false"):
-        raise ReproError(f"horizontal_flip={setting!r}: choose auto (flips for your folder, none for the digits), "
-                         "true or false")
-    return own_folder if setting == "auto" else setting == "true"
+        raise ReproError(f"horizontal_flip={setting!r}: choose auto (flips for your folder in a run of "
+                         f"{FLIP_MIN_EPOCHS}+ epochs, none for the digits), true or false")
+    return own_folder and epochs >= FLIP_MIN_EPOCHS if setting == "auto" else setting == "true"
 
 
 def ema_decay_for(steps: int, horizon: float = 0.1, lo: float = 0.99, hi: float = 0.9999) -> float:
