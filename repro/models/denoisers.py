@@ -77,7 +77,7 @@ def combination_overrides(denoiser: str, process: str, sampler: str = "ddim",
 
 
 # Notebook 04's choices where it departs from upstream (benchmarks/RESULTS.md): each family's own process; DDPM
-# predicts v (ε's errors grow 156x at high noise) on the cosine schedule (the linear one leaves 40% of the steps
+# predicts v (ε's errors grow 156x at high noise) on the cosine schedule (the linear one leaves 33% of the steps
 # on all but pure noise)
 OWN_DATA_PROCESS = {"dit": "flow", "unet": "ddpm"}
 OWN_DATA_DDPM = {"prediction": "velocity", "schedule": "cosine"}
