@@ -43,7 +43,7 @@ if num_classes == 1:
 times["data"] = time.perf_counter() - t0'''
 
 PLAN = '''\
-from repro.setup.own_data_plan import DIT_BATCH, FLIP_MIN_EPOCHS, horizontal_flip_for, load_or_plan
+from repro.setup.own_data_plan import FLIP_MIN_EPOCHS, horizontal_flip_for, load_or_plan, planned_epochs
 t0 = time.perf_counter()
 plan = load_or_plan(work / "plan.json", budget_s=time_budget_minutes * 60,
                     image_size=image_size, num_images=len(source), num_classes=num_classes,
@@ -55,7 +55,7 @@ plan = load_or_plan(work / "plan.json", budget_s=time_budget_minutes * 60,
 if plan.threads:  # the plan's thread count (the faster one it timed, or `threads`), also when a rerun reuses it
     torch.set_num_threads(plan.threads)
 print("\\n".join(plan.lines))
-epochs = plan.dit_steps * DIT_BATCH / max(len(source), 1)
+epochs = planned_epochs(plan.dit_steps, len(source))
 flip = horizontal_flip_for(horizontal_flip, own_folder=bool(image_folder), epochs=epochs)
 print(f"horizontal flips {'on' if flip else 'off'} (horizontal_flip={horizontal_flip}; the denoiser sees each image "
       f"~{epochs:.0f} times, auto flips from {FLIP_MIN_EPOCHS})")

@@ -6,7 +6,7 @@ import pytest
 
 from repro.errors import ReproError
 from repro.setup.own_data_plan import (FLIP_MIN_EPOCHS, TRAIN_OVERHEAD, ema_decay_for, horizontal_flip_for, load_or_plan,
-                                      plan_own_data, tokenizer_factor, tokenizer_overrides)
+                                      plan_own_data, planned_epochs, tokenizer_factor, tokenizer_overrides)
 
 STEPS = {"tokenizer": 0.2, "dit": 0.1, "dit_forward_100": 0.05, "check": 0.05}
 
@@ -127,6 +127,9 @@ def test_flips_are_on_for_a_folder_in_a_long_run_off_for_a_short_one_and_the_dig
     175 epochs and sank the UNet's one-way striped discs from 1.00 to 0.29 in its 57; a mirrored digit is another
     glyph, so "auto" keeps them off for the notebook's own digits."""
     assert FLIP_MIN_EPOCHS == 100
+    # the epochs the notebook weighs: LightningDiT's 3,940 steps of 64 on 1,440 images (175), the UNet's 1,285 (57)
+    assert planned_epochs(3940, 1440) == pytest.approx(175.11, abs=0.01)
+    assert planned_epochs(1285, 1440) == pytest.approx(57.11, abs=0.01)
     assert horizontal_flip_for("auto", own_folder=True, epochs=175) is True
     assert horizontal_flip_for("auto", own_folder=True, epochs=100) is True
     assert horizontal_flip_for("auto", own_folder=True, epochs=57) is False

@@ -88,6 +88,11 @@ def tokenizer_overrides(image_size: int, latent_channels: int = 4, width: int = 
 FLIP_MIN_EPOCHS = 100
 
 
+def planned_epochs(dit_steps: int, num_images: int) -> float:
+    """How many times the denoiser's planned steps (of DIT_BATCH) show it each image: what "auto" flips weigh."""
+    return dit_steps * DIT_BATCH / max(num_images, 1)
+
+
 def horizontal_flip_for(setting: str, own_folder: bool, epochs: float) -> bool:
     """Notebook 04's `horizontal_flip`: "true", "false", or "auto" = mirrored latents for the user's folder when the
     denoiser's planned `epochs` (steps x batch / images) reach FLIP_MIN_EPOCHS, and none for the bundled digits (a
