@@ -416,8 +416,10 @@ def test_ctrl_c_exits_130_with_the_resume_hint_and_the_rerun_finishes(kit, tmp_p
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "steps.step6_extract", "--config", str(kit["cfg"]), "--source", str(kit["images"]),
            "--out", str(out), "--batch-size", str(BATCH), "--shard-size", str(SHARD_SIZE), "--device", "cpu"]
+    # SIG_DFL: a suite started in the background (`pytest &`) hands its children SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: the extraction would finish instead (this test's "flake", 0 != 130)
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: os.nice(19))
+                            text=True, preexec_fn=lambda: (os.nice(19), signal.signal(signal.SIGINT, signal.SIG_DFL)))
     deadline = time.time() + 120
     while not list(out.glob("latents_rank*.safetensors")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)

@@ -192,6 +192,8 @@ def test_an_interrupted_notebook_cell_passes_ctrl_c_on_to_its_workers(tmp_path, 
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # a kernel turns SIGINT into KeyboardInterrupt; a suite started in the background (`pytest &`) ignores it
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     thread = threading.Thread(target=interrupt)
     thread.start()
     try:
@@ -199,5 +201,6 @@ def test_an_interrupted_notebook_cell_passes_ctrl_c_on_to_its_workers(tmp_path, 
             _stream([sys.executable, "-c", child, str(ready), str(got)], dict(os.environ), "worker")
     finally:
         thread.join()
+        signal.signal(signal.SIGINT, before)
     assert got.read_text() == "SIGINT"  # forwarded, and the worker has exited (the cell waited for it)
     assert "worker started" in capsys.readouterr().out
