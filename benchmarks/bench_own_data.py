@@ -60,7 +60,9 @@ def run_once(name: str, params: list[str], threads: int, work: Path) -> dict:
         raise SystemExit(f"notebook 04 failed on {name} (exit {proc.returncode}); its output notebook: {out}\n"
                          f"{proc.stderr[-3000:]}")
     summary = json.loads((work / "w" / "own_data" / "summary.json").read_text())
-    plan = json.loads((work / "w" / "own_data" / "plan.json").read_text())["plan"]
+    own = work / "w" / "own_data"
+    # the plan, with the denoiser's steps as planned again after the tokenizer when the notebook did
+    plan = json.loads((own / ("denoiser_plan.json" if (own / "denoiser_plan.json").is_file() else "plan.json")).read_text())["plan"]
     return {"set": name, "wall": wall, "load_before": load_before, "load_after": os.getloadavg(),
             "summary": summary, "plan": plan, "work": str(work)}
 

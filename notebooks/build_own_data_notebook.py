@@ -88,11 +88,15 @@ EXTRACT = '''\
 from repro.config import load_config, save_config
 from repro.models.denoisers import own_data_overrides
 from repro.resources import find_config
+from repro.setup.own_data_plan import load_or_replan
 from steps import step6_extract
 dit_yaml = work / "dit.yaml"
+if tokenizer_done and not dit_steps:  # the denoiser gets the time the tokenizer and the plan's margins left over
+    plan = load_or_replan(work / "denoiser_plan.json", plan, tokenizer_log=work / "tokenizer" / "log.jsonl")
+    print(plan.lines[-1].strip())
 # the plan chose (and timed) the denoiser; the process keys: its family's own process unless set, DDPM with v on the
-# cosine schedule unless `prediction` / `schedule` say otherwise
-process, family = own_data_overrides(denoiser, process, prediction, schedule)
+# cosine schedule (LightningDiT's timesteps logit-normal) unless `prediction` / `schedule` / `timesteps` say otherwise
+process, family = own_data_overrides(denoiser, process, prediction, schedule, timesteps)
 dit_set = tok["dit_overrides"] + plan.dit_set + family + [f"data.data_path={work / 'latents'}", f"train.output_dir={work}",
                                                          "train.exp_name=dit", f"data.num_classes={num_classes}",
                                   f"data.horizontal_flip={str(flip).lower()}",
@@ -212,6 +216,8 @@ def own_data_notebook() -> nbformat.NotebookNode:
             Param("prediction", str, "", "DDPM's target: velocity (v) or noise (ε, lightdiff's); empty: velocity"),
             Param("schedule", str, "", "DDPM's noise schedule: cosine, linear (lightdiff's default) or scaled_linear; "
                   "empty: cosine"),
+            Param("timesteps", str, "", "training timesteps: lognorm (logit-normal, LightningDiT's) or uniform "
+                  "(DDPM's, Ho et al.); empty: lognorm, and uniform for the UNet under DDPM"),
             Param("tokenizer_steps", int, 0, "tokenizer optimizer steps; 0: the plan's"),
             Param("dit_steps", int, 0, "DiT optimizer steps (batch 64); 0: the plan's"),
             Param("horizontal_flip", str, "auto", "mirrored copies in training: auto (your folder in a run of 100+ "
@@ -248,7 +254,9 @@ def own_data_notebook() -> nbformat.NotebookNode:
                           "on disk) on held-out images; originals above their reconstructions:"),
         new_code_cell(TOKENIZER_EVAL),
         new_markdown_cell("## Step 6: extract latents with your tokenizer\nThe DiT config (`own_data/dit.yaml`) "
-                          "names the tokenizer (`vae.model_name: custom`) and the class count of the folder; latents "
+                          "names the tokenizer (`vae.model_name: custom`) and the class count of the folder; the "
+                          "denoiser's steps are planned again from the time the tokenizer left (saved in "
+                          "`own_data/denoiser_plan.json`, `dit_steps` overrides it); latents "
                           "are the posterior means (`--store mean`: a small tokenizer's posterior is wide, and the "
                           "DiT learns its draws much more slowly)."),
         new_code_cell(EXTRACT),

@@ -185,9 +185,9 @@ def check_ddpm(cfg) -> None:
     _refuse("transport.beta_start", t.beta_start, f"β must rise within (0, 1), and beta_end is {t.beta_end}",
             "set transport.beta_start: 1.0e-4 and transport.beta_end: 0.02 (Ho et al.)",
             when=t.schedule != "cosine" and not 0 < t.beta_start < t.beta_end < 1)
-    for key, on in (("transport.use_cosine_loss", t.use_cosine_loss), ("transport.use_lognorm", t.use_lognorm)):
-        _refuse(key, True, "it belongs to flow matching; the DDPM loss is the MSE on ε (or v) at a uniform "
-                "timestep (Ho et al.)", f"set {key}: false", when=on)
+    # transport.use_lognorm is kept: the DDPM timestep index is floor(t T) of the trainer's t, uniform or logit-normal
+    _refuse("transport.use_cosine_loss", True, "it belongs to flow matching; the DDPM loss is the MSE on ε (or v) "
+            "(Ho et al.)", "set transport.use_cosine_loss: false", when=t.use_cosine_loss)
     if s.sampling_method not in DDPM_SAMPLING_METHODS:
         why = ("an ODE solver of flow matching" if s.sampling_method in SAMPLING_METHODS + TORCHDIFFEQ_ONLY_METHODS
                else "not a sampler of the DDPM process")

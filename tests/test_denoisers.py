@@ -134,6 +134,19 @@ def test_flow_refuses_ddpm_samplers_and_official_configs_are_unchanged():
             assert family_of(cfg.model.model_type) == denoiser and cfg.transport.process == process
 
 
+def test_ddpm_draws_its_timesteps_logit_normal_where_use_lognorm_says_so():
+    """Notebook 04's LightningDiT + DDPM draws t logit-normal, k = floor(t T): the middle half of the indices gets
+    73% of the draws (uniform: 50%); upstream DDPM (combination_overrides' default) stays uniform."""
+    from repro.models.denoisers import own_data_overrides
+    from repro.transport.ddpm import DiffusionSchedule
+    from repro.transport.path import sample_timesteps
+
+    for keys, share in ((own_data_overrides("dit", "ddpm")[1], 0.727), (combination_overrides("dit", "ddpm"), 0.5)):
+        t = load_config("configs/train/own_data.yaml", keys).transport
+        k = DiffusionSchedule.from_config(t).index_of(sample_timesteps(20000, t.use_lognorm, torch.Generator().manual_seed(0)))
+        assert t.process == "ddpm" and float(((k >= 250) & (k < 750)).double().mean()) == pytest.approx(share, abs=0.015)
+
+
 # ---------------------------------------------------------------------------------------------
 # training on the one engine
 

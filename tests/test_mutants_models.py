@@ -332,12 +332,22 @@ def test_denoisers_combination_overrides_are_these_lists():
                                                                                      "sample.sampling_method=ddim"]
     assert denoisers.combination_overrides("dit", "flow", prediction="velocity") == ["model.model_type=LightningDiT-Mini/2"]
     cos = [k.replace("schedule=linear", "schedule=cosine") for k in ddpm]
-    # notebook 04's defaults: each family's process; DDPM with v on the cosine schedule, unless given
+    # notebook 04's defaults: each family's process; DDPM with v on the cosine schedule, LightningDiT's t logit-normal
+    # and the UNet's uniform, unless given
     v_cos = [k.replace("prediction=noise", "prediction=velocity") for k in cos]
+    v_cos_ln = [k.replace("use_lognorm=false", "use_lognorm=true") for k in v_cos]
     assert denoisers.own_data_overrides("unet") == ("ddpm", [*v_cos, "sample.sampling_method=ddim"])
-    assert denoisers.own_data_overrides("dit", "ddpm") == ("ddpm", [*v_cos, "sample.sampling_method=ddim"])
+    assert denoisers.own_data_overrides("dit", "ddpm") == ("ddpm", [*v_cos_ln, "sample.sampling_method=ddim"])
+    assert denoisers.own_data_overrides("unet", "", "", "", "lognorm") == ("ddpm", [*v_cos_ln,
+                                                                                   "sample.sampling_method=ddim"])
     assert denoisers.own_data_overrides("dit") == ("flow", []) == denoisers.own_data_overrides("unet", "flow")
-    assert denoisers.own_data_overrides("unet", "", "noise", "linear") == ("ddpm", [*ddpm, "sample.sampling_method=ddim"])
+    assert denoisers.own_data_overrides("unet", "", "noise", "linear", "uniform") == ("ddpm", [*ddpm,
+                                                                                     "sample.sampling_method=ddim"])
+    assert denoisers.own_data_overrides("dit", "", "", "", "uniform") == ("flow", ["transport.use_lognorm=false"])
+    assert denoisers.combination_overrides("unet", "flow", timesteps="lognorm") == ["model.model_type=UNet-Mini",
+                                                                                    "transport.use_lognorm=true"]
+    with pytest.raises(ValueError, match=r"^timesteps must be uniform or lognorm, got 'beta'$"):
+        denoisers.combination_overrides("unet", "ddpm", timesteps="beta")
     with pytest.raises(ValueError, match=r"^flow matching has no noise schedule; schedule=cosine needs process=ddpm$"):
         denoisers.own_data_overrides("dit", "", "", "cosine")
     assert denoisers.combination_overrides("dit", "ddpm", schedule="cosine") == ["model.model_type=LightningDiT-Mini/2",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from repro.errors import ReproError
-from repro.setup.own_data_plan import (FLIP_MIN_EPOCHS, TRAIN_OVERHEAD, ema_decay_for, horizontal_flip_for, load_or_plan,
-                                      plan_own_data, planned_epochs, tokenizer_factor, tokenizer_overrides)
+from repro.setup.own_data_plan import (FLIP_MIN_EPOCHS, MIN_DIT_STEPS, SAFETY, TRAIN_OVERHEAD, ema_decay_for, horizontal_flip_for,
+                                      load_or_plan, load_or_replan, loop_ratio, plan_own_data, planned_epochs, replan_denoiser,
+                                      tokenizer_factor, tokenizer_overrides)
 
 STEPS = {"tokenizer": 0.2, "dit": 0.1, "dit_forward_100": 0.05, "check": 0.05}
 
@@ -75,6 +76,70 @@ def test_a_rerun_reuses_the_saved_plan_and_measuring_works(tmp_path):
     assert (again.tokenizer_steps, again.dit_steps) == (first.tokenizer_steps, first.dit_steps)
     assert "saved, reused" in again.lines[0]
     assert first.threads == again.threads == 1 == torch.get_num_threads() and "with 1 torch thread(s)" in first.lines[0]
+
+
+def test_the_denoiser_is_replanned_from_the_time_the_tokenizer_left():
+    """A LightningDiT + DDPM run took 11.7 of its 15 minutes: the tokenizer ran 321 s of the 387 planned, and the
+    plan's margins (SAFETY, TRAIN_OVERHEAD) had each been taken on the whole budget."""
+    plan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
+    fixed = sum(plan.estimate_s[k] for k in ("check", "sampling", "extract_and_eval"))
+    fast = replan_denoiser(plan, elapsed_s=330, ratio=1.05)  # the denoiser's step: the plan's 0.1 s x 1.05
+    assert fast.dit_steps == int((SAFETY * (900 - 330) - fixed) / (0.1 * 1.05)) > plan.dit_steps
+    assert f"train.max_steps={fast.dit_steps}" in fast.dit_set
+    assert f"train.ema_decay={ema_decay_for(fast.dit_steps)}" in fast.dit_set and fast.dit_set[0] == plan.dit_set[0]
+    assert f"train.ckpt_every={fast.dit_steps // 4}" in fast.dit_set
+    assert fast.estimate_s["dit"] == pytest.approx(fast.dit_steps * 0.1 * 1.05)
+    assert fast.tokenizer_set == plan.tokenizer_set and fast.tokenizer_steps == plan.tokenizer_steps
+    assert f"{fast.dit_steps} denoiser steps (planned {plan.dit_steps})" in fast.lines[-1]
+    assert "9.5 min of the budget left, a step at 1.05x the one timed" in fast.lines[-1] and fast.lines[-1].endswith("~7.8 min")
+    # a tokenizer that ran long (a machine slower than when planned) cuts the denoiser to fit, to MIN_DIT_STEPS at least
+    slow = replan_denoiser(plan, elapsed_s=480, ratio=1.24)
+    assert slow.dit_steps == int((SAFETY * (900 - 480) - fixed) / (0.1 * 1.24)) < plan.dit_steps
+    assert replan_denoiser(plan, elapsed_s=900, ratio=1.05).dit_steps == MIN_DIT_STEPS
+
+
+def _log(path, seconds_per_step):
+    import json
+
+    path.write_text("".join(json.dumps({"step": 25 * (i + 1), "seconds_per_step": s}) + "\n"
+                            for i, s in enumerate(seconds_per_step)))
+    return path
+
+
+def test_the_loop_ratio_is_train_overhead_or_the_tokenizer_logs_slower_mean_step_over_the_plans_bare_step(tmp_path):
+    """A digits run re-planned at the tokenizer's 1.02x; its denoiser's loop ran 1.14x and the notebook took 15.1 of
+    its 15 minutes: a ratio below TRAIN_OVERHEAD is the bare timing's noise, not a faster loop."""
+    plan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
+    # the first window (warm-up) is left out; the rest's mean (0.25 s) over the 0.2 s timed: a loaded machine
+    assert loop_ratio(plan, _log(tmp_path / "a.jsonl", [0.9, 0.24, 0.26])) == pytest.approx(1.25)
+    assert loop_ratio(plan, _log(tmp_path / "b.jsonl", [0.9, 0.204])) == TRAIN_OVERHEAD  # 1.02x: the floor
+    assert loop_ratio(plan, _log(tmp_path / "c.jsonl", [0.9])) == TRAIN_OVERHEAD  # no window after the warm-up
+    assert loop_ratio(plan, tmp_path / "missing.jsonl") == TRAIN_OVERHEAD
+    gan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS,
+                        tokenizer_config="tokenizer/photos_f4", latent_side=8, latent_channels=8)
+    # with a PatchGAN the plan's step is 1.2x the bare one (its last 40% at GAN_STEP_COST 1.5)
+    assert loop_ratio(gan, _log(tmp_path / "d.jsonl", [0.9, 0.3])) == pytest.approx(1.25)
+
+
+def test_a_rerun_reuses_the_replanned_denoiser_and_a_plan_saved_before_the_replan_is_kept(tmp_path):
+    import json
+
+    plan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
+    log = _log(tmp_path / "log.jsonl", [0.9, 0.25, 0.25])
+    first = load_or_replan(tmp_path / "denoiser_plan.json", plan, log)  # seconds after planning: much time left
+    assert first.dit_steps > plan.dit_steps and "a step at 1.25x the one timed" in first.lines[-1]
+    saved = json.loads((tmp_path / "denoiser_plan.json").read_text())
+    saved["plan"]["dit_steps"] = 12345  # what a rerun must read back, not compute again
+    (tmp_path / "denoiser_plan.json").write_text(json.dumps(saved))
+    assert load_or_replan(tmp_path / "denoiser_plan.json", plan, log).dit_steps == 12345
+    newer = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
+    newer.made_at = plan.made_at + 1  # a new plan: its re-plan is made again
+    assert load_or_replan(tmp_path / "denoiser_plan.json", newer, log).dit_steps != 12345
+    old = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
+    old.made_at = None  # a plan.json from before the re-plan
+    kept = load_or_replan(tmp_path / "other.json", old, log)
+    assert kept.dit_steps == old.dit_steps and "not re-planned" in kept.lines[-1]
+    assert not (tmp_path / "other.json").exists()
 
 
 def test_the_plan_keeps_the_thread_count_whose_step_is_fastest_and_reads_plans_saved_before_it(tmp_path):

@@ -20,7 +20,9 @@ one optimizer step of each model costs (a few real steps on random data, seconds
   default and every usable CPU, and the fastest is kept (all of 2 idle cores: 1.6-1.7x the steps; one thread
   when other jobs share the cores), before the other measurements.
 
-The plan is printed as a few lines (`plan.lines`) and carried as `--set` overrides for steps 9 and 7.
+The plan is printed as a few lines (`plan.lines`) and carried as `--set` overrides for steps 9 and 7. Once the
+tokenizer is trained, `load_or_replan` sizes the denoiser again from the time actually left: the plan's margins
+are taken on the whole budget, and its timing is one moment of a machine whose speed varies by 20%.
 
     plan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4)
     print("\\n".join(plan.lines)); plan.tokenizer_set, plan.dit_set
@@ -28,9 +30,11 @@ The plan is printed as a few lines (`plan.lines`) and carried as `--set` overrid
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -61,6 +65,7 @@ class OwnDataPlan:
     estimate_s: dict
     lines: list[str] = field(default_factory=list)
     threads: Optional[int] = None  # torch's CPU threads the steps were timed with (None: a plan saved before them)
+    made_at: Optional[float] = None  # time.time() when planning began: the re-plan counts the budget from it
 
 
 def tokenizer_factor(image_size: int, latent_side: int = LATENT_SIDE) -> int:
@@ -217,6 +222,7 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
     fastest count `fastest_threads` times with the denoiser's step; torch is left at the plan's `threads`)."""
     if budget_s <= 0:
         raise ReproError(f"time budget {budget_s} s: give the notebook a positive budget in minutes")
+    made_at = time.time()
     from repro.resources import find_config
     from repro.tokenizer_training.config import load_tokenizer_config
 
@@ -269,8 +275,7 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
     if gan:  # the adversarial term refines a tokenizer that already reconstructs: the last 40% of the run
         tok_set.append(f"loss.disc_start={int(0.6 * tokenizer_steps)}")
     dit_ema = ema_decay_for(dit_steps)
-    dit_set = [f"model.model_type={model_type}", f"train.max_steps={dit_steps}", f"train.ema_decay={dit_ema}",
-               f"train.ckpt_every={max(500, dit_steps // 4)}", f"train.global_batch_size={DIT_BATCH}"]
+    dit_set = _dit_set(model_type, dit_steps)
     lines = [f"plan for {num_images} images, {num_classes} class(es), {image_size} px, budget {budget_s / 60:.1f} min "
              f"(measured here with {threads} torch thread(s): tokenizer {step_seconds['tokenizer']:.2f} s/step, "
              f"{model_type} {step_seconds['dit']:.2f} s/step; planned with {TRAIN_OVERHEAD}x for the loop's "
@@ -289,15 +294,70 @@ def plan_own_data(*, budget_s: float, image_size: int, num_images: int, num_clas
     if train_s < (MIN_TOKENIZER_STEPS * tok_s + MIN_DIT_STEPS * dit_s):
         lines.append(f"  the budget is too short for these images: the minimum run takes ~{sum(estimate.values()) / 60:.0f}"
                      " min; quality will be low (raise the budget)")
-    return OwnDataPlan(budget_s, tok_set, dit_set, tokenizer_steps, dit_steps, step_seconds, estimate, lines, threads)
+    return OwnDataPlan(budget_s, tok_set, dit_set, tokenizer_steps, dit_steps, step_seconds, estimate, lines, threads,
+                       made_at)
+
+
+def _dit_set(model_type: str, dit_steps: int) -> list[str]:
+    return [f"model.model_type={model_type}", f"train.max_steps={dit_steps}", f"train.ema_decay={ema_decay_for(dit_steps)}",
+            f"train.ckpt_every={max(500, dit_steps // 4)}", f"train.global_batch_size={DIT_BATCH}"]
+
+
+def loop_ratio(plan: OwnDataPlan, tokenizer_log) -> float:
+    """What a denoiser step costs in the loop over the bare step the plan timed: the tokenizer's loop ratio in this
+    run (its log's mean seconds_per_step, the first window with its warm-up left out, over the plan's step) where
+    it exceeds TRAIN_OVERHEAD (a machine loaded since the plan: 1.15 against the denoiser's 1.11 in one run), else
+    TRAIN_OVERHEAD (the denoiser's loop ran 0.99-1.14x its bare step where the tokenizer's ran 0.93-1.08x: the bare
+    timing itself varies that much, 2026-12-07)."""
+    path = Path(tokenizer_log)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    seconds = [r["seconds_per_step"] for r in rows[1:] if "seconds_per_step" in r]
+    if not seconds:
+        return TRAIN_OVERHEAD
+    planned = plan.estimate_s["tokenizer"] / max(plan.tokenizer_steps, 1) / TRAIN_OVERHEAD  # bare (a PatchGAN included)
+    return max(TRAIN_OVERHEAD, sum(seconds) / len(seconds) / planned)
+
+
+def replan_denoiser(plan: OwnDataPlan, *, elapsed_s: float, ratio: float) -> OwnDataPlan:
+    """`plan` with the denoiser's steps re-planned, once the tokenizer is trained, from the time actually left:
+    SAFETY of (budget - `elapsed_s`), less the fixed costs still ahead, at the plan's step x `ratio` (`loop_ratio`:
+    TRAIN_OVERHEAD, or more where the tokenizer's loop ran slower in this run), at least MIN_DIT_STEPS. The plan's
+    margins are taken on the whole budget and its timing is one moment of the machine: one LightningDiT + DDPM run
+    took 11.7 of its 15 minutes, another, planned in a fast moment (its loops then ran 1.24x and 1.41x the steps
+    timed), 16.4 (2026-12-07): the re-plan gives the first more steps and would have given the second fewer."""
+    step_s = plan.step_seconds["dit"] * ratio
+    fixed = sum(plan.estimate_s[k] for k in ("check", "sampling", "extract_and_eval"))
+    dit_steps = max(MIN_DIT_STEPS, int((SAFETY * (plan.budget_s - elapsed_s) - fixed) / step_s))
+    model_type = next(s.split("=", 1)[1] for s in plan.dit_set if s.startswith("model.model_type="))
+    line = (f"  re-planned after the tokenizer: {(plan.budget_s - elapsed_s) / 60:.1f} min of the budget left, a step "
+            f"at {ratio:.2f}x the one timed: {dit_steps} denoiser steps (planned {plan.dit_steps}), EMA decay "
+            f"{ema_decay_for(dit_steps):.4f}, ~{dit_steps * step_s / 60:.1f} min")
+    return OwnDataPlan(**dict(plan.__dict__, dit_steps=dit_steps, dit_set=_dit_set(model_type, dit_steps),
+                              estimate_s=dict(plan.estimate_s, dit=dit_steps * step_s), lines=[*plan.lines, line]))
+
+
+def load_or_replan(path, plan: OwnDataPlan, tokenizer_log) -> OwnDataPlan:
+    """The re-planned denoiser saved at `path` for this `plan` (a rerun resumes with the same steps), else
+    `replan_denoiser` with the time since the plan began and the tokenizer's `loop_ratio` (its log.jsonl), saved
+    there. A plan saved before the re-plan existed is kept as it is."""
+    from repro.utils.io import atomic_write_json
+
+    path = Path(path)
+    if plan.made_at is None:
+        return OwnDataPlan(**dict(plan.__dict__, lines=[*plan.lines, "  not re-planned (a plan saved before the "
+                                                                     "re-plan): the planned steps"]))
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("plan_made_at") == plan.made_at:
+            return OwnDataPlan(**saved["plan"])
+    new = replan_denoiser(plan, elapsed_s=time.time() - plan.made_at, ratio=loop_ratio(plan, tokenizer_log))
+    atomic_write_json(path, {"plan_made_at": plan.made_at, "plan": new.__dict__})
+    return new
 
 
 def load_or_plan(path, **inputs) -> OwnDataPlan:
     """The plan saved at `path` when it was made for the same inputs (a rerun resumes with the same steps and
     schedules), else a new one, saved there."""
-    import json
-    from pathlib import Path
-
     from repro.utils.io import atomic_write_json
 
     path = Path(path)

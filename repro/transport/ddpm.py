@@ -5,7 +5,9 @@ nearly clean, k = T-1 nearly pure noise; x_k = sqrt(ᾱ_k) x + sqrt(1 - ᾱ_k) �
 The model is called as for flow matching, `model(x_k, k, y)`, with k a float index (as facebookresearch/DiT
 and explainingai-code/DiT-PyTorch feed the integer timestep to the sinusoidal embedding). The kit's training
 draws t ~ U[0, 1) per sample (`repro.training.data_order`, the same draw flow matching uses); DDPM turns it
-into k = floor(t T), so the data order, the noise and the resume rules are the flow trainer's.
+into k = floor(t T), so the data order, the noise and the resume rules are the flow trainer's. With
+`transport.use_lognorm` t is logit-normal instead (Esser et al. 2024, LightningDiT's flow draw): training
+concentrates on the middle indices, around ᾱ = 0.5 on the cosine schedule, where flow's draw puts it.
 
 Schedules: `linear` (β from beta_start to beta_end, Ho et al.: 1e-4 -> 0.02 over 1,000 steps), `scaled_linear`
 (sqrt(β) linear, the latent-diffusion schedule), `cosine` (Nichol & Dhariwal 2021, "Improved DDPM", eq. 17:
