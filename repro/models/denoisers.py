@@ -76,12 +76,12 @@ def combination_overrides(denoiser: str, process: str, sampler: str = "ddim",
     if process == "flow" and schedule is not None:
         raise ValueError(f"flow matching has no noise schedule; schedule={schedule} needs process=ddpm")
     out = [f"model.model_type={SMALL_MODELS[denoiser]}"]
+    draw = [f"transport.use_lognorm={str(timesteps == 'lognorm').lower()}"]
     if process == "ddpm":
         out += ["transport.process=ddpm", f"transport.prediction={prediction or 'noise'}",
-                f"transport.schedule={schedule or 'linear'}", *DDPM_KEYS,
-                f"transport.use_lognorm={str(timesteps == 'lognorm').lower()}", f"sample.sampling_method={sampler}"]
+                f"transport.schedule={schedule or 'linear'}", *DDPM_KEYS, *draw, f"sample.sampling_method={sampler}"]
     elif timesteps is not None:
-        out.append(f"transport.use_lognorm={str(timesteps == 'lognorm').lower()}")
+        out += draw
     return out
 
 
