@@ -59,10 +59,11 @@ def run_once(name: str, params: list[str], threads: int, work: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"notebook 04 failed on {name} (exit {proc.returncode}); its output notebook: {out}\n"
                          f"{proc.stderr[-3000:]}")
-    summary = json.loads((work / "w" / "own_data" / "summary.json").read_text())
     own = work / "w" / "own_data"
+    summary = json.loads((own / "summary.json").read_text())
     # the plan, with the denoiser's steps as planned again after the tokenizer when the notebook did
-    plan = json.loads((own / ("denoiser_plan.json" if (own / "denoiser_plan.json").is_file() else "plan.json")).read_text())["plan"]
+    plan_file = own / "denoiser_plan.json" if (own / "denoiser_plan.json").is_file() else own / "plan.json"
+    plan = json.loads(plan_file.read_text())["plan"]
     return {"set": name, "wall": wall, "load_before": load_before, "load_after": os.getloadavg(),
             "summary": summary, "plan": plan, "work": str(work)}
 

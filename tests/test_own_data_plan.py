@@ -112,6 +112,9 @@ def test_the_loop_ratio_is_train_overhead_or_the_tokenizer_logs_slower_mean_step
     plan = plan_own_data(budget_s=900, image_size=32, num_images=1440, num_classes=4, step_seconds=STEPS)
     # the first window (warm-up) is left out; the rest's mean (0.25 s) over the 0.2 s timed: a loaded machine
     assert loop_ratio(plan, _log(tmp_path / "a.jsonl", [0.9, 0.24, 0.26])) == pytest.approx(1.25)
+    with open(tmp_path / "a.jsonl", "a") as f:
+        f.write('{"step": 100, "seconds_per')  # the torn last line a killed run leaves
+    assert loop_ratio(plan, tmp_path / "a.jsonl") == pytest.approx(1.25)
     assert loop_ratio(plan, _log(tmp_path / "b.jsonl", [0.9, 0.204])) == TRAIN_OVERHEAD  # 1.02x: the floor
     assert loop_ratio(plan, _log(tmp_path / "c.jsonl", [0.9])) == TRAIN_OVERHEAD  # no window after the warm-up
     assert loop_ratio(plan, tmp_path / "missing.jsonl") == TRAIN_OVERHEAD

@@ -40,6 +40,8 @@ from typing import Optional
 import torch
 
 from repro.errors import ReproError
+from repro.training.logs import read_log_rows
+from repro.utils.io import atomic_write_json
 
 # of the training time (tokenizer + denoiser), the rest to the denoiser: 0.5 since the f2 default (0.4 left
 # textured_shapes at 25.6-25.8 dB; 0.5: 26.7 dB, recognised 0.90 -> 0.93, benchmarks/RESULTS.md 2026-12-06)
@@ -309,8 +311,7 @@ def loop_ratio(plan: OwnDataPlan, tokenizer_log) -> float:
     it exceeds TRAIN_OVERHEAD (a machine loaded since the plan: 1.15 against the denoiser's 1.11 in one run), else
     TRAIN_OVERHEAD (the denoiser's loop ran 0.99-1.14x its bare step where the tokenizer's ran 0.93-1.08x: the bare
     timing itself varies that much, 2026-12-07)."""
-    path = Path(tokenizer_log)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = read_log_rows(Path(tokenizer_log), last_step=plan.tokenizer_steps)  # a torn last line (a kill) is skipped
     seconds = [r["seconds_per_step"] for r in rows[1:] if "seconds_per_step" in r]
     if not seconds:
         return TRAIN_OVERHEAD
@@ -336,37 +337,33 @@ def replan_denoiser(plan: OwnDataPlan, *, elapsed_s: float, ratio: float) -> Own
                               estimate_s=dict(plan.estimate_s, dit=dit_steps * step_s), lines=[*plan.lines, line]))
 
 
-def load_or_replan(path, plan: OwnDataPlan, tokenizer_log) -> OwnDataPlan:
-    """The re-planned denoiser saved at `path` for this `plan` (a rerun resumes with the same steps), else
-    `replan_denoiser` with the time since the plan began and the tokenizer's `loop_ratio` (its log.jsonl), saved
-    there. A plan saved before the re-plan existed is kept as it is."""
-    from repro.utils.io import atomic_write_json
-
+def _saved_or_made(path, key: dict, make) -> tuple[OwnDataPlan, bool]:
+    """The plan saved at `path` with `key` (a rerun resumes with the same steps and schedules), else `make()`,
+    saved there with it; and whether it was the saved one."""
     path = Path(path)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if all(saved.get(k) == v for k, v in key.items()):
+            return OwnDataPlan(**saved["plan"]), True
+    plan = make()
+    atomic_write_json(path, {**key, "plan": plan.__dict__})
+    return plan, False
+
+
+def load_or_replan(path, plan: OwnDataPlan, tokenizer_log) -> OwnDataPlan:
+    """The re-planned denoiser saved at `path` for this `plan`, else `replan_denoiser` with the time since the plan
+    began and the tokenizer's `loop_ratio` (its log.jsonl), saved there. A plan saved before the re-plan existed is
+    kept as it is."""
     if plan.made_at is None:
         return OwnDataPlan(**dict(plan.__dict__, lines=[*plan.lines, "  not re-planned (a plan saved before the "
                                                                      "re-plan): the planned steps"]))
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("plan_made_at") == plan.made_at:
-            return OwnDataPlan(**saved["plan"])
-    new = replan_denoiser(plan, elapsed_s=time.time() - plan.made_at, ratio=loop_ratio(plan, tokenizer_log))
-    atomic_write_json(path, {"plan_made_at": plan.made_at, "plan": new.__dict__})
-    return new
+    return _saved_or_made(path, {"plan_made_at": plan.made_at}, lambda: replan_denoiser(
+        plan, elapsed_s=time.time() - plan.made_at, ratio=loop_ratio(plan, tokenizer_log)))[0]
 
 
 def load_or_plan(path, **inputs) -> OwnDataPlan:
-    """The plan saved at `path` when it was made for the same inputs (a rerun resumes with the same steps and
-    schedules), else a new one, saved there."""
-    from repro.utils.io import atomic_write_json
-
-    path = Path(path)
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("inputs") == inputs:
-            plan = OwnDataPlan(**saved["plan"])
-            plan.lines = [plan.lines[0].replace("plan for", "plan (saved, reused) for", 1), *plan.lines[1:]]
-            return plan
-    plan = plan_own_data(**inputs)
-    atomic_write_json(path, {"inputs": inputs, "plan": plan.__dict__})
+    """The plan saved at `path` when it was made for the same inputs, else a new one, saved there."""
+    plan, reused = _saved_or_made(path, {"inputs": inputs}, lambda: plan_own_data(**inputs))
+    if reused:
+        plan.lines = [plan.lines[0].replace("plan for", "plan (saved, reused) for", 1), *plan.lines[1:]]
     return plan
